@@ -1,0 +1,255 @@
+//! The event a Lambda function receives (SPEC.md, "The event a Lambda function receives").
+//!
+//! A [`Message`] is what the bridge keeps of an MQTT publish; [`encode_event`] turns a rule's
+//! batch of them into the JSON object sent to Lambda. Pure: no I/O, no clock.
+//!
+//! Payload rules: a payload that is valid JSON travels as JSON (verbatim, not re-serialized), a
+//! UTF-8 payload that is not JSON travels as a string, an empty payload is `""`, and anything else
+//! travels as `payload_base64`.
+
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+
+/// One MQTT message as the bridge keeps it, from the broker's publish to Lambda's acceptance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Assigned once on receipt and stored with the message, so it is the same in every retry
+    /// and after every restart: functions deduplicate on it.
+    pub id: String,
+    /// The concrete topic the message was published to.
+    pub topic: String,
+    /// The payload exactly as received.
+    pub payload: Vec<u8>,
+    /// The QoS the broker delivered it with.
+    pub qos: u8,
+    /// Whether the broker sent it as a retained message.
+    pub retain: bool,
+    /// Milliseconds since the Unix epoch at receipt.
+    pub received_at_ms: u64,
+}
+
+impl Message {
+    /// A message received now, with a fresh time-ordered id (UUIDv7).
+    pub fn received(
+        topic: String,
+        payload: Vec<u8>,
+        qos: u8,
+        retain: bool,
+        now: SystemTime,
+    ) -> Self {
+        let received_at_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            topic,
+            payload,
+            qos,
+            retain,
+            received_at_ms,
+        }
+    }
+
+    /// `received_at` as RFC 3339 with milliseconds, UTC: `2026-11-27T10:15:30.123Z`.
+    pub fn received_at(&self) -> String {
+        let at = UNIX_EPOCH + Duration::from_millis(self.received_at_ms);
+        humantime::format_rfc3339_millis(at).to_string()
+    }
+}
+
+/// Bytes the JSON around the messages takes at most: `{"rule":"…","messages":[]}` plus a rule
+/// name; used to decide whether one more message still fits under Lambda's limit.
+pub fn envelope_overhead(rule: &str) -> usize {
+    r#"{"rule":,"messages":[]}"#.len() + json_string_len(rule)
+}
+
+/// The encoded size of one message inside `messages[]`, comma included.
+pub fn encoded_message_len(message: &Message) -> usize {
+    let mut buf = Vec::new();
+    write_message(&mut buf, message);
+    buf.len() + 1
+}
+
+/// Encodes the event for `rule` carrying `messages`, in order.
+pub fn encode_event(rule: &str, messages: &[Message]) -> Vec<u8> {
+    let capacity = envelope_overhead(rule)
+        + messages
+            .iter()
+            .map(|m| m.payload.len() * 4 / 3 + m.topic.len() + 160)
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(capacity);
+    out.extend_from_slice(b"{\"rule\":");
+    write_json_string(&mut out, rule);
+    out.extend_from_slice(b",\"messages\":[");
+    for (i, message) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_message(&mut out, message);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+fn write_message(out: &mut Vec<u8>, m: &Message) {
+    out.extend_from_slice(b"{\"id\":");
+    write_json_string(out, &m.id);
+    out.extend_from_slice(b",\"topic\":");
+    write_json_string(out, &m.topic);
+    match classify_payload(&m.payload) {
+        Payload::Json => {
+            out.extend_from_slice(b",\"payload\":");
+            out.extend_from_slice(trim_json(&m.payload));
+        }
+        Payload::Text(text) => {
+            out.extend_from_slice(b",\"payload\":");
+            write_json_string(out, text);
+        }
+        Payload::Binary => {
+            out.extend_from_slice(b",\"payload_base64\":\"");
+            out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(&m.payload)
+                    .as_bytes(),
+            );
+            out.push(b'"');
+        }
+    }
+    // Writing to a Vec cannot fail.
+    let _ = write!(
+        out,
+        ",\"qos\":{},\"retain\":{},\"received_at\":\"{}\"}}",
+        m.qos,
+        m.retain,
+        m.received_at()
+    );
+}
+
+enum Payload<'a> {
+    Json,
+    Text(&'a str),
+    Binary,
+}
+
+fn classify_payload(payload: &[u8]) -> Payload<'_> {
+    match std::str::from_utf8(payload) {
+        Err(_) => Payload::Binary,
+        Ok(text) => {
+            if !text.trim().is_empty()
+                && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+            {
+                Payload::Json
+            } else {
+                Payload::Text(text)
+            }
+        }
+    }
+}
+
+/// JSON with surrounding whitespace removed, so the event stays compact.
+fn trim_json(payload: &[u8]) -> &[u8] {
+    let is_ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let start = payload
+        .iter()
+        .position(|b| !is_ws(b))
+        .unwrap_or(payload.len());
+    let end = payload
+        .iter()
+        .rposition(|b| !is_ws(b))
+        .map_or(start, |i| i + 1);
+    &payload[start..end]
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // serde_json's string escaping cannot fail when writing to a Vec.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn json_string_len(s: &str) -> usize {
+    let mut buf = Vec::new();
+    write_json_string(&mut buf, s);
+    buf.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn msg(payload: &[u8]) -> Message {
+        Message {
+            id: "0192-abc".into(),
+            topic: "sensors/dev1/temperature".into(),
+            payload: payload.to_vec(),
+            qos: 1,
+            retain: false,
+            received_at_ms: 1_795_774_530_123,
+        }
+    }
+
+    fn event(payloads: &[&[u8]]) -> Value {
+        let messages: Vec<Message> = payloads.iter().map(|p| msg(p)).collect();
+        serde_json::from_slice(&encode_event("temperature", &messages)).expect("valid JSON")
+    }
+
+    #[test]
+    fn json_payload_travels_as_json() {
+        let e = event(&[br#" {"c": 21.5} "#]);
+        assert_eq!(
+            e,
+            json!({
+                "rule": "temperature",
+                "messages": [{
+                    "id": "0192-abc",
+                    "topic": "sensors/dev1/temperature",
+                    "payload": {"c": 21.5},
+                    "qos": 1,
+                    "retain": false,
+                    "received_at": "2026-11-27T10:15:30.123Z"
+                }]
+            })
+        );
+    }
+
+    #[test]
+    fn text_empty_and_binary_payloads() {
+        let e = event(&[b"21.5 C", b"", &[0xff, 0x00, 0x10], b"42", b"  "]);
+        let m = &e["messages"];
+        assert_eq!(m[0]["payload"], json!("21.5 C"));
+        assert_eq!(m[1]["payload"], json!(""));
+        assert_eq!(m[2]["payload_base64"], json!("/wAQ"));
+        assert!(m[2].get("payload").is_none());
+        assert_eq!(m[3]["payload"], json!(42));
+        assert_eq!(m[4]["payload"], json!("  "));
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let mut m = msg(b"say \"hi\"\n");
+        m.topic = "a/\"b\"".into();
+        let e: Value = serde_json::from_slice(&encode_event("r\"1", &[m])).expect("valid JSON");
+        assert_eq!(e["rule"], json!("r\"1"));
+        assert_eq!(e["messages"][0]["topic"], json!("a/\"b\""));
+        assert_eq!(e["messages"][0]["payload"], json!("say \"hi\"\n"));
+    }
+
+    #[test]
+    fn sizes_add_up_to_the_encoded_event() {
+        let messages = vec![msg(b"{}"), msg(b"text"), msg(&[0xfe; 10])];
+        let predicted = envelope_overhead("temperature")
+            + messages.iter().map(encoded_message_len).sum::<usize>()
+            - 1;
+        assert_eq!(predicted, encode_event("temperature", &messages).len());
+    }
+
+    #[test]
+    fn ids_are_unique_and_time_ordered() {
+        let now = SystemTime::now();
+        let a = Message::received("t".into(), vec![], 1, false, now);
+        let b = Message::received("t".into(), vec![], 1, false, now);
+        assert_ne!(a.id, b.id);
+        assert!(a.id < b.id);
+    }
+}

@@ -1,0 +1,67 @@
+//! The per-rule queue between matching and invoking: the seam the durable buffer plugs into.
+//!
+//! Life cycle of a message in a rule's queue:
+//!
+//! ```text
+//! append ──► (durable) ──► MQTT ack ──► read ──► invoke ──► Lambda accepted ──► ack
+//!                                         ▲                        │ failure
+//!                                         └──── retried in place ◄─┘
+//! ```
+//!
+//! Invariants every implementation keeps:
+//! - `append` returns only when the messages are as durable as the implementation can make
+//!   them; the ingest loop acknowledges the MQTT publish only after that.
+//! - `read` hands out messages in append order, each once per process lifetime, with a sequence
+//!   number that grows by one per message.
+//! - `ack(seq)` releases every message up to and including `seq`; what is not acked when the
+//!   process stops is read again after a restart (for implementations that survive one).
+//!
+//! One queue per rule: a rule whose function fails stops reading its own queue only.
+
+mod memory;
+
+pub use memory::MemoryQueue;
+
+use std::future::Future;
+
+use crate::envelope::Message;
+
+/// Position of a message in its queue; grows by one per appended message.
+pub type Seq = u64;
+
+/// A message read from a queue, with the position to acknowledge it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Acknowledge through this to release the message.
+    pub seq: Seq,
+    /// The message itself.
+    pub message: Message,
+}
+
+/// Why a queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The queue was closed while an operation waited.
+    #[error("the queue is closed")]
+    Closed,
+    /// The storage underneath failed.
+    #[error("buffer I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A FIFO of messages for one rule.
+pub trait Queue: Send + Sync + 'static {
+    /// Adds `messages` at the tail; durable when it returns. It may wait for room.
+    fn append(&self, messages: Vec<Message>)
+    -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// Waits until at least one unread message exists, then returns up to `max` of them in
+    /// order.
+    fn read(&self, max: usize) -> impl Future<Output = Result<Vec<Entry>, QueueError>> + Send;
+
+    /// Returns up to `max` unread messages without waiting (possibly none).
+    fn try_read(&self, max: usize) -> Result<Vec<Entry>, QueueError>;
+
+    /// Releases every message up to and including `through`.
+    fn ack(&self, through: Seq) -> impl Future<Output = Result<(), QueueError>> + Send;
+}

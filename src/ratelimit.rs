@@ -1,0 +1,75 @@
+//! A token bucket that paces invocations: pure, with `now` passed in.
+//!
+//! It delays, never drops: a caller takes a token and waits the returned duration; the queue
+//! absorbs the wait. Tokens may go into debt, so callers that take tokens back to back are
+//! spaced exactly `1 / rate` apart.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    /// Tokens added per second.
+    rate: f64,
+    /// Most tokens saved up while idle.
+    burst: f64,
+    /// Tokens available now; negative when callers are waiting on future tokens.
+    tokens: f64,
+    /// When `tokens` was last brought up to date.
+    updated: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: f64, burst: u32, now: Instant) -> Self {
+        let burst = f64::from(burst.max(1));
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            updated: now,
+        }
+    }
+
+    /// Takes one token and says how long to wait before using it (zero when one was ready).
+    pub fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.updated = now;
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_is_free_then_calls_are_spaced_by_the_rate() {
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::new(2.0, 3, t0);
+        for _ in 0..3 {
+            assert_eq!(bucket.take(t0), Duration::ZERO);
+        }
+        assert_eq!(bucket.take(t0), Duration::from_millis(500));
+        assert_eq!(bucket.take(t0), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn idle_time_refills_up_to_burst_only() {
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::new(0.2, 1, t0);
+        assert_eq!(bucket.take(t0), Duration::ZERO);
+        assert_eq!(bucket.take(t0), Duration::from_secs(5));
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!(bucket.take(later), Duration::ZERO);
+        assert_eq!(bucket.take(later), Duration::from_secs(5));
+    }
+}
