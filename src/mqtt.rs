@@ -289,6 +289,7 @@ async fn ingest<Q: Queue>(
             return false;
         }
     }
+    tracing::debug!(publishes = publishes.len(), "buffered and acknowledged");
     true
 }
 

@@ -1,0 +1,94 @@
+//! The MQTT connection: persistent sessions, broker restarts, reconnect with backoff.
+
+mod support;
+
+use serde_json::json;
+use support::fake_lambda::FakeLambdaServer;
+use support::{Daemon, Mosquitto, Publisher, config};
+
+const RULES: &str = r#"
+[[rules]]
+name = "t"
+topic = "s/+/t"
+function = "f"
+"#;
+
+fn payloads(lambda: &FakeLambdaServer) -> Vec<serde_json::Value> {
+    lambda
+        .fake
+        .invocations()
+        .iter()
+        .map(|c| c.body["messages"][0]["payload"].clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn qos1_messages_published_while_the_daemon_is_stopped_arrive_after_it_starts() {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    // The same text twice: the same client id, so the same broker session.
+    let text = config(&broker.url(), &lambda.endpoint(), RULES);
+    let daemon = Daemon::start(&text).await;
+    daemon.wait_for_log("subscribed").await;
+    let (code, _) = daemon.terminate().await;
+    assert_eq!(code, Some(0));
+
+    // The broker holds the session (clean_start = false) and queues for it.
+    let publisher = Publisher::connect(broker.port).await;
+    for i in 0..10 {
+        publisher.publish("s/a/t", 1, format!("{i}")).await;
+    }
+    publisher.wait_acked(10).await;
+    assert!(lambda.fake.invocations().is_empty());
+
+    let daemon = Daemon::start(&text).await;
+    daemon.wait_for_log("session_present=true").await;
+    lambda.fake.wait_for_messages("f", 10).await;
+    assert_eq!(payloads(&lambda), (0..10).map(|i| json!(i)).collect::<Vec<_>>());
+    let (code, _) = daemon.terminate().await;
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test]
+async fn after_a_broker_restart_without_its_sessions_the_daemon_reconnects_and_resubscribes() {
+    let mut broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), RULES)).await;
+    daemon.wait_for_log("subscribed").await;
+    {
+        let publisher = Publisher::connect(broker.port).await;
+        publisher.publish("s/a/t", 1, "1").await;
+        lambda.fake.wait_for_messages("f", 1).await;
+    }
+
+    // SIGKILL loses the in-memory session: the broker comes back knowing nothing of us.
+    broker.restart().await;
+    daemon.wait_for_log_count("session_present=false", 2).await;
+    daemon.wait_for_log_count("subscribed", 2).await;
+    let publisher = Publisher::connect(broker.port).await;
+    publisher.publish("s/b/t", 1, "2").await;
+    lambda.fake.wait_for_messages("f", 2).await;
+    assert_eq!(payloads(&lambda), vec![json!(1), json!(2)]);
+    assert!(daemon.log_text().contains("MQTT connection failed; reconnecting with backoff"));
+    let (code, _) = daemon.terminate().await;
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_retried_with_backoff_and_shutdown_still_works() {
+    let port = support::free_port();
+    let lambda = FakeLambdaServer::start().await;
+    let daemon = Daemon::start(&config(
+        &format!("mqtt://127.0.0.1:{port}"),
+        &lambda.endpoint(),
+        RULES,
+    ))
+    .await;
+    daemon.wait_for_log("MQTT connection failed").await;
+    // Let it fail a few times: repeats go to debug, each with a growing delay.
+    daemon.wait_for_log_count("still cannot reach the MQTT broker", 2).await;
+    let attempts = daemon.count_log("still cannot reach") + 1;
+    assert!(attempts < 10, "no tight reconnect loop: {attempts} attempts");
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}

@@ -1,0 +1,280 @@
+//! An in-process fake of Lambda's Invoke API (`POST /2015-03-31/functions/{name}/invocations`)
+//! that records every request and answers from a script: accept, throttle, fail, be slow.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use tokio::sync::Notify;
+
+use super::PATIENCE;
+
+/// One request the fake received.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// The function as it appeared in the path (name, partial ARN or ARN).
+    pub function: String,
+    /// The `Qualifier` query parameter.
+    pub qualifier: Option<String>,
+    /// The `X-Amz-Invocation-Type` header.
+    pub invocation_type: Option<String>,
+    /// The `Authorization` header (SigV4).
+    pub authorization: Option<String>,
+    /// The event.
+    pub body: serde_json::Value,
+    /// The raw body length.
+    pub body_len: usize,
+}
+
+/// A scripted answer.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// 202 (Event) or 200 (RequestResponse).
+    Accept,
+    /// An AWS-style error.
+    Error {
+        status: u16,
+        code: &'static str,
+        message: &'static str,
+        retry_after: Option<&'static str>,
+    },
+    /// Wait, then accept.
+    Slow(Duration),
+}
+
+impl Reply {
+    pub fn throttle(retry_after: Option<&'static str>) -> Reply {
+        Reply::Error {
+            status: 429,
+            code: "TooManyRequestsException",
+            message: "Rate Exceeded.",
+            retry_after,
+        }
+    }
+
+    pub fn service_error() -> Reply {
+        Reply::Error {
+            status: 500,
+            code: "ServiceException",
+            message: "Lambda is having a bad day",
+            retry_after: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    invocations: Vec<Invocation>,
+    /// Answers still to give, per function (as in the path).
+    scripts: HashMap<String, VecDeque<Reply>>,
+    /// Functions answered with 404 ResourceNotFoundException, always.
+    missing: HashSet<String>,
+    /// Requests answered with an error, in all.
+    refused: usize,
+}
+
+/// The fake; clones share state.
+#[derive(Clone, Default)]
+pub struct FakeLambda {
+    inner: Arc<Mutex<Inner>>,
+    notify: Arc<Notify>,
+}
+
+/// A running fake server.
+pub struct FakeLambdaServer {
+    pub fake: FakeLambda,
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeLambdaServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeLambdaServer {
+    /// Serves on an ephemeral port.
+    pub async fn start() -> FakeLambdaServer {
+        Self::start_on(0, FakeLambda::default()).await
+    }
+
+    /// Serves `fake` on `port` (0: any); used to bring a "down" Lambda back on the same port.
+    pub async fn start_on(port: u16, fake: FakeLambda) -> FakeLambdaServer {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind fake lambda");
+        let port = listener.local_addr().expect("addr").port();
+        let app = Router::new()
+            .route("/2015-03-31/functions/{function}/invocations", post(invoke))
+            .with_state(fake.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeLambdaServer { fake, port, task }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl FakeLambda {
+    pub fn script(&self, function: &str, replies: impl IntoIterator<Item = Reply>) {
+        let mut inner = self.inner.lock().expect("lock");
+        inner
+            .scripts
+            .entry(function.to_owned())
+            .or_default()
+            .extend(replies);
+    }
+
+    pub fn missing(&self, function: &str) {
+        self.inner
+            .lock()
+            .expect("lock")
+            .missing
+            .insert(function.to_owned());
+    }
+
+    pub fn invocations(&self) -> Vec<Invocation> {
+        self.inner.lock().expect("lock").invocations.clone()
+    }
+
+    /// Accepted invocations of `function`, in order.
+    pub fn accepted_for(&self, function: &str) -> Vec<Invocation> {
+        self.invocations()
+            .into_iter()
+            .filter(|i| i.function == function)
+            .collect()
+    }
+
+    pub fn refused(&self) -> usize {
+        self.inner.lock().expect("lock").refused
+    }
+
+    /// Waits until `predicate` holds over the accepted invocations.
+    pub async fn wait_until(&self, what: &str, predicate: impl Fn(&[Invocation]) -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let waiting = self.notify.notified();
+            if predicate(&self.invocations()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                panic!(
+                    "fake Lambda never saw {what}; got {:#?}",
+                    self.invocations()
+                );
+            }
+        }
+    }
+
+    /// Waits until `n` messages in all reached `function`.
+    pub async fn wait_for_messages(&self, function: &str, n: usize) {
+        self.wait_until(&format!("{n} messages for {function}"), |all| {
+            all.iter()
+                .filter(|i| i.function == function)
+                .map(|i| i.body["messages"].as_array().map_or(0, Vec::len))
+                .sum::<usize>()
+                >= n
+        })
+        .await
+    }
+
+    /// Waits until `n` refused requests in all.
+    pub async fn wait_refused(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let waiting = self.notify.notified();
+            if self.refused() >= n {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                panic!("fake Lambda refused only {} of {n}", self.refused());
+            }
+        }
+    }
+}
+
+async fn invoke(
+    State(fake): State<FakeLambda>,
+    Path(function): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let invocation_type = header("x-amz-invocation-type");
+    let reply = {
+        let mut inner = fake.inner.lock().expect("lock");
+        if inner.missing.contains(&function) {
+            Reply::Error {
+                status: 404,
+                code: "ResourceNotFoundException",
+                message: "Function not found",
+                retry_after: None,
+            }
+        } else {
+            inner
+                .scripts
+                .get_mut(&function)
+                .and_then(VecDeque::pop_front)
+                .unwrap_or(Reply::Accept)
+        }
+    };
+    if let Reply::Slow(delay) = reply {
+        tokio::time::sleep(delay).await;
+    }
+    if let Reply::Error {
+        status,
+        code,
+        message,
+        retry_after,
+    } = reply
+    {
+        fake.inner.lock().expect("lock").refused += 1;
+        fake.notify.notify_waiters();
+        let mut response = (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            [
+                ("x-amzn-errortype", code),
+                ("content-type", "application/json"),
+            ],
+            format!(r#"{{"Type":"User","message":"{message}"}}"#),
+        )
+            .into_response();
+        if let Some(after) = retry_after {
+            response
+                .headers_mut()
+                .insert("retry-after", after.parse().expect("header value"));
+        }
+        return response;
+    }
+    let record = Invocation {
+        function,
+        qualifier: query.get("Qualifier").cloned(),
+        invocation_type: invocation_type.clone(),
+        authorization: header("authorization"),
+        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        body_len: body.len(),
+    };
+    fake.inner.lock().expect("lock").invocations.push(record);
+    fake.notify.notify_waiters();
+    if invocation_type.as_deref() == Some("RequestResponse") {
+        (StatusCode::OK, "null").into_response()
+    } else {
+        StatusCode::ACCEPTED.into_response()
+    }
+}

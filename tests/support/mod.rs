@@ -1,0 +1,377 @@
+//! Test harness: real mosquitto brokers, MiniStack, an in-process fake Lambda Invoke API, and
+//! the daemon binary itself, each on its own ephemeral 127.0.0.1 port.
+#![allow(dead_code)]
+
+pub mod fake_lambda;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+
+/// How long any awaited condition may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub async fn wait_for_port(port: u16) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing listens on port {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A mosquitto broker on its own port, killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    /// Starts a broker that keeps persistent sessions in memory.
+    pub async fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut broker = Mosquitto {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        broker.launch().await;
+        broker
+    }
+
+    async fn launch(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_inflight_messages 100\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\n",
+                self.port,
+                self.dir.path().display()
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start mosquitto (is it installed? .ci/run installs it)");
+        self.child = Some(child);
+        wait_for_port(self.port).await;
+    }
+
+    /// Stops the broker abruptly (SIGKILL): sessions not persisted to disk are lost.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Stops and starts the broker on the same port.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.launch().await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+fn mosquitto_binary() -> PathBuf {
+    for candidate in ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(candidate).exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    PathBuf::from("mosquitto")
+}
+
+/// A publishing client, connected and ready.
+pub struct Publisher {
+    pub client: rumqttc::AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+    acked: Arc<std::sync::atomic::AtomicUsize>,
+    ack_notify: Arc<Notify>,
+}
+
+impl Publisher {
+    pub async fn connect(port: u16) -> Publisher {
+        let id = format!("test-pub-{}", free_port());
+        let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        options.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
+        options.set_inflight(100);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10_000);
+        let connected = Arc::new(Notify::new());
+        let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ack_notify = Arc::new(Notify::new());
+        let task = {
+            let connected = connected.clone();
+            let acked = acked.clone();
+            let ack_notify = ack_notify.clone();
+            tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => {
+                            connected.notify_one()
+                        }
+                        Ok(rumqttc::Event::Incoming(
+                            rumqttc::Incoming::PubAck(_) | rumqttc::Incoming::PubComp(_),
+                        )) => {
+                            acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            ack_notify.notify_waiters();
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            })
+        };
+        tokio::time::timeout(PATIENCE, connected.notified())
+            .await
+            .expect("publisher connects");
+        Publisher {
+            client,
+            task,
+            acked,
+            ack_notify,
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, qos: u8, payload: impl Into<Vec<u8>>) {
+        let qos = match qos {
+            0 => rumqttc::QoS::AtMostOnce,
+            1 => rumqttc::QoS::AtLeastOnce,
+            _ => rumqttc::QoS::ExactlyOnce,
+        };
+        self.client
+            .publish(topic, qos, false, payload.into())
+            .await
+            .expect("queue publish");
+    }
+
+    /// Waits until the broker acknowledged `n` QoS 1/2 publishes in all.
+    pub async fn wait_acked(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let waiting = self.ack_notify.notified();
+            if self.acked.load(std::sync::atomic::Ordering::SeqCst) >= n {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                panic!(
+                    "broker acknowledged only {} of {n} publishes",
+                    self.acked.load(std::sync::atomic::Ordering::SeqCst)
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The daemon binary, running, with its log captured.
+pub struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    log_notify: Arc<Notify>,
+    pub config_path: PathBuf,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+/// Environment that isolates the daemon from the machine's AWS setup.
+pub fn aws_test_env(cmd: &mut Command) {
+    cmd.env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+        .env("AWS_SECRET_ACCESS_KEY", "test-secret")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION");
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_mqtt-lambda-bridge")
+}
+
+impl Daemon {
+    /// Writes `config` to a temp file and runs `mqtt-lambda-bridge run` on it.
+    pub async fn start(config: &str) -> Daemon {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        Self::start_at(config_path, dir).await
+    }
+
+    async fn start_at(config_path: PathBuf, dir: Arc<tempfile::TempDir>) -> Daemon {
+        let mut cmd = Command::new(binary());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,mqtt_lambda_bridge=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        aws_test_env(&mut cmd);
+        let mut child = cmd.spawn().expect("start the daemon");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log_notify = Arc::new(Notify::new());
+        if let Some(stderr) = child.stderr.take() {
+            let log = log.clone();
+            let notify = log_notify.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if std::env::var_os("TEST_DAEMON_LOG").is_some() {
+                        eprintln!("daemon: {line}");
+                    }
+                    log.lock().expect("log lock").push(line);
+                    notify.notify_waiters();
+                }
+                notify.notify_waiters();
+            });
+        }
+        Daemon {
+            child,
+            log,
+            log_notify,
+            config_path,
+            _dir: dir,
+        }
+    }
+
+    /// Starts the same config again after a stop.
+    pub async fn restart(self) -> Daemon {
+        let Daemon {
+            config_path, _dir, ..
+        } = self;
+        Self::start_at(config_path, _dir).await
+    }
+
+    /// Waits until `n` log lines contain `needle`.
+    pub async fn wait_for_log_count(&self, needle: &str, n: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let waiting = self.log_notify.notified();
+            if self.count_log(needle) >= n {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                panic!(
+                    "the daemon never logged {needle:?} {n} times; log:\n{}",
+                    self.log_text()
+                );
+            }
+        }
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        self.wait_for_log_count(needle, 1).await
+    }
+
+    /// Waits until the daemon has buffered and acknowledged `n` publishes in all.
+    pub async fn wait_buffered(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let waiting = self.log_notify.notified();
+            if self.buffered() >= n {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                panic!("the daemon buffered only {} of {n}; log:\n{}", self.buffered(), self.log_text());
+            }
+        }
+    }
+
+    /// Publishes the daemon has buffered and acknowledged so far (from its debug log).
+    pub fn buffered(&self) -> usize {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|l| l.contains("buffered and acknowledged"))
+            .filter_map(|l| l.split("publishes=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .filter_map(|n| n.parse::<usize>().ok())
+            .sum()
+    }
+
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub async fn terminate(mut self) -> (Option<i32>, String) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("the daemon exits after SIGTERM")
+            .expect("wait");
+        // Let the log reader drain.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (status.code(), self.log_text())
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub async fn kill(mut self) -> Daemon {
+        let _ = self.child.kill().await;
+        self
+    }
+}
+
+/// A daemon configuration for tests: `rules` is appended verbatim.
+pub fn config(mqtt_url: &str, lambda_endpoint: &str, rules: &str) -> String {
+    format!(
+        r#"shutdown_timeout = "5s"
+
+[mqtt]
+url = "{mqtt_url}"
+client_id = "bridge-under-test-{id}"
+
+[aws]
+region = "us-east-1"
+endpoint_url = "{lambda_endpoint}"
+
+{rules}
+"#,
+        id = free_port()
+    )
+}
