@@ -42,7 +42,9 @@ COPY --from=builder /src/target/release/mqtt-lambda-bridge /usr/local/bin/mqtt-l
 VOLUME /var/lib/mqtt-lambda-bridge
 
 # Mount the configuration at /etc/mqtt-lambda-bridge/config.toml (read-only is fine);
-# MLB_ environment variables override it, e.g. MLB_MQTT__PASSWORD.
+# MLB_ environment variables override it, e.g. MLB_MQTT__PASSWORD. Set mqtt.client_id there:
+# the default derives from the hostname, which changes with every new container, and the
+# broker keeps the persistent session under the client id.
 ENV RUST_LOG=info
 USER 10001:10001
 

@@ -4,6 +4,7 @@
 #
 # Needs Debian/Ubuntu with Rust (cargo) and python3; installs mosquitto and ministack when
 # missing. Everything runs on 127.0.0.1 on free ports and is stopped when the script exits.
+# DEMO_KEEP=1 keeps the temporary directory (logs, config, recorded events) afterwards.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -83,12 +84,16 @@ stop_group() {
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
+    [ "$OK" -eq 1 ] && say "stopping (the bridge first, with SIGTERM)"
     # The bridge first, with SIGTERM: it finishes in-flight invocations (shutdown_timeout).
     stop_group "$BRIDGE_PID" 12
     stop_group "$MINISTACK_PID" 5
     stop_group "$MOSQUITTO_PID" 5
-    if [ "$OK" -eq 1 ]; then
+    [ "$OK" -eq 1 ] && say "done"
+    if [ "$OK" -eq 1 ] && [ -z "${DEMO_KEEP:-}" ]; then
         rm -rf "$TMP"
+    elif [ "$OK" -eq 1 ]; then
+        echo "logs and files kept in $TMP"
     else
         for log in bridge.log ministack.log mosquitto.log; do
             if [ -s "$TMP/$log" ]; then
@@ -247,17 +252,17 @@ done
 
 echo
 echo "What the function received:"
-while IFS= read -r line; do
-    [ -n "$line" ] || continue
-    echo
-    if command -v jq >/dev/null 2>&1; then
-        printf '%s\n' "$line" | jq .
-    else
-        printf '%s\n' "$line" | python3 -m json.tool
-    fi
-done <"$RECORD"
+# In the order the messages arrived at the bridge: Event invocations may run in any order.
+python3 - "$RECORD" <<'PY'
+import json, sys
+with open(sys.argv[1], encoding="utf-8") as f:
+    events = [json.loads(line) for line in f if line.strip()]
+events.sort(key=lambda e: min((m.get("received_at", "") for m in e.get("messages", [])), default=""))
+for event in events:
+    print()
+    print(json.dumps(event, indent=2))
+PY
 echo
 say "$temperature temperature events (one message each), $status status messages in $batches batch(es); other/topic matched no rule"
 
-say "stopping"
 OK=1

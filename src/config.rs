@@ -703,6 +703,12 @@ fn figment_problem(err: figment::Error, file_name: &str, text: &str) -> Problem 
             }
             "is required but missing".to_owned()
         }
+        figment::error::Kind::UnknownVariant(found, expected) => {
+            format!(
+                "unknown value {found:?}; expected one of: {}",
+                expected.join(", ")
+            )
+        }
         other => other.to_string(),
     };
     let key = render_key(&path);
@@ -869,7 +875,7 @@ function = "ingest"
             ),
             (
                 "[[rules]]\nname = \"a\"\ntopic = \"a\"\nfunction = \"f\"\ninvocation = \"sync\"\n",
-                "rules[1].invocation: unknown variant: found `sync`",
+                "rules[1].invocation: unknown value \"sync\"; expected one of: event, request_response",
             ),
             (
                 "[[rules]]\nname = \"a b\"\ntopic = \"a\"\nfunction = \"f\"\n",
@@ -889,7 +895,7 @@ function = "ingest"
             ),
             (
                 "[buffer]\nwhen_full = \"panic\"\n",
-                "buffer.when_full: unknown variant: found `panic`",
+                "buffer.when_full: unknown value \"panic\"; expected one of: drop_oldest, drop_newest, block",
             ),
             (
                 "[aws]\nendpoint_url = \"localhost:4566\"\n",

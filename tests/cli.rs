@@ -26,7 +26,12 @@ fn write(dir: &Path, text: &str) -> std::path::PathBuf {
 fn the_example_config_is_valid() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
     let out = check(&example);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid (2 rules)"));
 }
 
@@ -42,7 +47,12 @@ fn the_demo_config_template_is_valid_once_filled() {
         .replace("@LAMBDA_PORT@", "4566")
         .replace("@BUFFER_DIR@", &dir.path().display().to_string());
     let out = check(&write(dir.path(), &text));
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -72,7 +82,9 @@ max_wait = "soon"
     let file = path.display().to_string();
     // A type error stops serde before validation: only that one is reported first.
     assert!(
-        stderr.contains(&format!("{file}:14: rules[1].batch.max_wait: invalid duration \"soon\"")),
+        stderr.contains(&format!(
+            "{file}:14: rules[1].batch.max_wait: invalid duration \"soon\""
+        )),
         "{stderr}"
     );
 
@@ -97,21 +109,54 @@ function = "f"
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 4, "{stderr}");
-    assert!(lines[0].starts_with(&format!("{file}:2: mqtt.url: ")), "{stderr}");
-    assert!(lines[1].starts_with(&format!("{file}:6: rules[0].topic: '#' must be the last level")), "{stderr}");
-    assert!(lines[2].starts_with(&format!("{file}:10: rules[1].name: \"t\" is used by an earlier rule")), "{stderr}");
-    assert!(lines[3].starts_with(&format!("{file}:11: rules[1].topic: '+' must be a whole level")), "{stderr}");
+    assert!(
+        lines[0].starts_with(&format!("{file}:2: mqtt.url: ")),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with(&format!(
+            "{file}:6: rules[0].topic: '#' must be the last level"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].starts_with(&format!(
+            "{file}:10: rules[1].name: \"t\" is used by an earlier rule"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        lines[3].starts_with(&format!(
+            "{file}:11: rules[1].topic: '+' must be a whole level"
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn check_never_panics_on_garbage() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for text in ["", "\u{0}\u{1}", "[[rules]]\n[[rules]]\n", "mqtt = 5", "[mqtt]\nurl = [1, 2]\n", "rules = \"x\""] {
+    for text in [
+        "",
+        "\u{0}\u{1}",
+        "[[rules]]\n[[rules]]\n",
+        "mqtt = 5",
+        "[mqtt]\nurl = [1, 2]\n",
+        "rules = \"x\"",
+    ] {
         let out = check(&write(dir.path(), text));
-        assert_eq!(out.status.code(), Some(78), "{text:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "{text:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("panicked"), "{stderr}");
-        assert!(stderr.starts_with(&dir.path().join("config.toml").display().to_string()), "{stderr}");
+        assert!(
+            stderr.starts_with(&dir.path().join("config.toml").display().to_string()),
+            "{stderr}"
+        );
     }
     let out = check(&dir.path().join("absent.toml"));
     assert_eq!(out.status.code(), Some(78));
@@ -134,7 +179,9 @@ fn environment_overrides_are_validated_and_named() {
     assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("environment variable MLB_BUFFER__WHEN_FULL: buffer.when_full: unknown variant"),
+        stderr.contains(
+            "environment variable MLB_BUFFER__WHEN_FULL: buffer.when_full: unknown value \"explode\"; expected one of: drop_oldest, drop_newest, block"
+        ),
         "{stderr}"
     );
 }
@@ -164,7 +211,10 @@ fn run_with_a_bad_config_exits_78_before_connecting() {
 
 #[test]
 fn version_and_help_are_printed() {
-    let out = Command::new(binary()).arg("--version").output().expect("run");
+    let out = Command::new(binary())
+        .arg("--version")
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),

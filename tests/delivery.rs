@@ -23,21 +23,34 @@ async fn qos1_messages_arrive_as_async_events_with_the_spec_envelope() {
     daemon.wait_for_log("subscribed").await;
 
     let publisher = Publisher::connect(broker.port).await;
-    publisher.publish("sensors/dev1/temperature", 1, r#"{"c": 21.5}"#).await;
-    publisher.publish("sensors/dev2/temperature", 1, "21.7 C").await;
-    publisher.publish("sensors/dev3/temperature", 1, vec![0xff, 0x00]).await;
+    publisher
+        .publish("sensors/dev1/temperature", 1, r#"{"c": 21.5}"#)
+        .await;
+    publisher
+        .publish("sensors/dev2/temperature", 1, "21.7 C")
+        .await;
+    publisher
+        .publish("sensors/dev3/temperature", 1, vec![0xff, 0x00])
+        .await;
     publisher.publish("sensors/dev4/temperature", 1, "").await;
     publisher.publish("sensors/dev5/humidity", 1, "40").await;
     publisher.wait_acked(5).await;
     lambda.fake.wait_for_messages("ingest-temperature", 4).await;
 
     let calls = lambda.fake.invocations();
-    assert_eq!(calls.len(), 4, "one event per message without batching: {calls:#?}");
+    assert_eq!(
+        calls.len(),
+        4,
+        "one event per message without batching: {calls:#?}"
+    );
     for call in &calls {
         assert_eq!(call.invocation_type.as_deref(), Some("Event"));
         assert_eq!(call.qualifier, None);
         let auth = call.authorization.as_deref().unwrap_or_default();
-        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDTEST/"), "{auth}");
+        assert!(
+            auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDTEST/"),
+            "{auth}"
+        );
         assert_eq!(call.body["rule"], json!("temperature"));
         let messages = call.body["messages"].as_array().expect("messages[]");
         assert_eq!(messages.len(), 1);
@@ -56,19 +69,36 @@ async fn qos1_messages_arrive_as_async_events_with_the_spec_envelope() {
             .cloned()
             .unwrap_or_else(|| panic!("no event for {topic}"))
     };
-    assert_eq!(by_topic("sensors/dev1/temperature")["payload"], json!({"c": 21.5}));
-    assert_eq!(by_topic("sensors/dev2/temperature")["payload"], json!("21.7 C"));
-    assert_eq!(by_topic("sensors/dev3/temperature")["payload_base64"], json!("/wA="));
+    assert_eq!(
+        by_topic("sensors/dev1/temperature")["payload"],
+        json!({"c": 21.5})
+    );
+    assert_eq!(
+        by_topic("sensors/dev2/temperature")["payload"],
+        json!("21.7 C")
+    );
+    assert_eq!(
+        by_topic("sensors/dev3/temperature")["payload_base64"],
+        json!("/wA=")
+    );
     assert_eq!(by_topic("sensors/dev4/temperature")["payload"], json!(""));
     let ids: HashSet<String> = calls
         .iter()
-        .map(|c| c.body["messages"][0]["id"].as_str().unwrap_or_default().to_owned())
+        .map(|c| {
+            c.body["messages"][0]["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .collect();
     assert_eq!(ids.len(), 4, "ids are unique");
 
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
-    assert!(!log.contains("test-secret"), "credentials must never be logged");
+    assert!(
+        !log.contains("test-secret"),
+        "credentials must never be logged"
+    );
 }
 
 #[tokio::test]
@@ -118,7 +148,10 @@ qos = 2
     assert_eq!(partial.len(), 1);
     assert_eq!(partial[0].body["messages"][0]["qos"], json!(2));
     let id = plain[0].body["messages"][0]["id"].clone();
-    assert_eq!(arn[0].body["messages"][0]["id"], id, "copies share the message id");
+    assert_eq!(
+        arn[0].body["messages"][0]["id"], id,
+        "copies share the message id"
+    );
     assert_eq!(partial[0].body["messages"][0]["id"], id);
     let (code, _) = daemon.terminate().await;
     assert_eq!(code, Some(0));
@@ -144,7 +177,9 @@ function = "works"
     daemon.wait_for_log_count("subscribed", 2).await;
     let publisher = Publisher::connect(broker.port).await;
     for i in 0..20 {
-        publisher.publish(&format!("a/{i}"), 1, format!("{i}")).await;
+        publisher
+            .publish(&format!("a/{i}"), 1, format!("{i}"))
+            .await;
     }
     publisher.wait_acked(20).await;
     lambda.fake.wait_for_messages("works", 20).await;
@@ -154,11 +189,21 @@ function = "works"
         .iter()
         .map(|c| c.body["messages"][0]["payload"].clone())
         .collect();
-    assert_eq!(payloads, (0..20).map(|i| json!(i)).collect::<Vec<_>>(), "FIFO per rule");
+    assert_eq!(
+        payloads,
+        (0..20).map(|i| json!(i)).collect::<Vec<_>>(),
+        "FIFO per rule"
+    );
     daemon.wait_for_log("ResourceNotFoundException").await;
-    assert!(daemon.log_text().contains("rule=broken"), "the log names the rule");
+    assert!(
+        daemon.log_text().contains("rule=broken"),
+        "the log names the rule"
+    );
     let refused_before = lambda.fake.refused();
-    assert!(refused_before < 10, "the broken rule backs off instead of spinning: {refused_before}");
+    assert!(
+        refused_before < 10,
+        "the broken rule backs off instead of spinning: {refused_before}"
+    );
     let (code, _) = daemon.terminate().await;
     assert_eq!(code, Some(0));
 }
@@ -205,7 +250,9 @@ async fn an_oversize_message_is_set_aside_and_the_next_ones_flow() {
     publisher
         .publish("sensors/big/temperature", 1, vec![b'x'; 1024 * 1024 + 10])
         .await;
-    publisher.publish("sensors/small/temperature", 1, "ok").await;
+    publisher
+        .publish("sensors/small/temperature", 1, "ok")
+        .await;
     publisher.wait_acked(2).await;
     lambda.fake.wait_for_messages("ingest-temperature", 1).await;
     daemon.wait_for_log("too large").await;
@@ -220,7 +267,10 @@ async fn an_oversize_message_is_set_aside_and_the_next_ones_flow() {
     assert!(line.contains("payload_bytes=1048586"), "{line}");
     let calls = lambda.fake.invocations();
     assert_eq!(calls.len(), 1);
-    assert_eq!(calls[0].body["messages"][0]["topic"], json!("sensors/small/temperature"));
+    assert_eq!(
+        calls[0].body["messages"][0]["topic"],
+        json!("sensors/small/temperature")
+    );
     let (code, _) = daemon.terminate().await;
     assert_eq!(code, Some(0));
 }
@@ -247,8 +297,16 @@ max_wait = "500ms"
     publisher.wait_acked(35).await;
     lambda.fake.wait_for_messages("batch-fn", 35).await;
     let calls = lambda.fake.invocations();
-    assert!(calls.iter().all(|c| c.body["messages"].as_array().map_or(0, Vec::len) <= 10));
-    assert!(calls.len() <= 8, "35 messages in at most a few batches: {}", calls.len());
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.body["messages"].as_array().map_or(0, Vec::len) <= 10)
+    );
+    assert!(
+        calls.len() <= 8,
+        "35 messages in at most a few batches: {}",
+        calls.len()
+    );
     let payloads: Vec<_> = calls
         .iter()
         .flat_map(|c| c.body["messages"].as_array().cloned().unwrap_or_default())
@@ -271,7 +329,9 @@ async fn sigterm_delivers_what_is_queued_then_exits_zero() {
     daemon.wait_for_log("subscribed").await;
     let publisher = Publisher::connect(broker.port).await;
     for i in 0..5 {
-        publisher.publish("sensors/d/temperature", 1, format!("{i}")).await;
+        publisher
+            .publish("sensors/d/temperature", 1, format!("{i}"))
+            .await;
     }
     publisher.wait_acked(5).await;
     daemon.wait_buffered(5).await;

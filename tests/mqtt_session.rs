@@ -44,7 +44,10 @@ async fn qos1_messages_published_while_the_daemon_is_stopped_arrive_after_it_sta
     let daemon = Daemon::start(&text).await;
     daemon.wait_for_log("session_present=true").await;
     lambda.fake.wait_for_messages("f", 10).await;
-    assert_eq!(payloads(&lambda), (0..10).map(|i| json!(i)).collect::<Vec<_>>());
+    assert_eq!(
+        payloads(&lambda),
+        (0..10).map(|i| json!(i)).collect::<Vec<_>>()
+    );
     let (code, _) = daemon.terminate().await;
     assert_eq!(code, Some(0));
 }
@@ -69,7 +72,11 @@ async fn after_a_broker_restart_without_its_sessions_the_daemon_reconnects_and_r
     publisher.publish("s/b/t", 1, "2").await;
     lambda.fake.wait_for_messages("f", 2).await;
     assert_eq!(payloads(&lambda), vec![json!(1), json!(2)]);
-    assert!(daemon.log_text().contains("MQTT connection failed; reconnecting with backoff"));
+    assert!(
+        daemon
+            .log_text()
+            .contains("MQTT connection failed; reconnecting with backoff")
+    );
     let (code, _) = daemon.terminate().await;
     assert_eq!(code, Some(0));
 }
@@ -86,9 +93,14 @@ async fn an_unreachable_broker_is_retried_with_backoff_and_shutdown_still_works(
     .await;
     daemon.wait_for_log("MQTT connection failed").await;
     // Let it fail a few times: repeats go to debug, each with a growing delay.
-    daemon.wait_for_log_count("still cannot reach the MQTT broker", 2).await;
+    daemon
+        .wait_for_log_count("still cannot reach the MQTT broker", 2)
+        .await;
     let attempts = daemon.count_log("still cannot reach") + 1;
-    assert!(attempts < 10, "no tight reconnect loop: {attempts} attempts");
+    assert!(
+        attempts < 10,
+        "no tight reconnect loop: {attempts} attempts"
+    );
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
 }

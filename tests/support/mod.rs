@@ -27,10 +27,16 @@ pub fn free_port() -> u16 {
 pub async fn wait_for_port(port: u16) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "nothing listens on port {port}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing listens on port {port}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -97,7 +103,11 @@ impl Mosquitto {
 }
 
 fn mosquitto_binary() -> PathBuf {
-    for candidate in ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto"] {
+    for candidate in [
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+    ] {
         if Path::new(candidate).exists() {
             return PathBuf::from(candidate);
         }
@@ -302,7 +312,11 @@ impl Daemon {
                 return;
             }
             if tokio::time::timeout_at(deadline, waiting).await.is_err() {
-                panic!("the daemon buffered only {} of {n}; log:\n{}", self.buffered(), self.log_text());
+                panic!(
+                    "the daemon buffered only {} of {n}; log:\n{}",
+                    self.buffered(),
+                    self.log_text()
+                );
             }
         }
     }
@@ -374,4 +388,93 @@ endpoint_url = "{lambda_endpoint}"
 "#,
         id = free_port()
     )
+}
+
+/// MiniStack (a local AWS emulator that runs real Python Lambda handlers) on its own port; its
+/// whole process group is killed on drop, Lambda workers included.
+pub struct MiniStack {
+    pub port: u16,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl MiniStack {
+    /// Starts MiniStack and waits until it answers HTTP.
+    pub async fn start() -> MiniStack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("ministack.log")).expect("log file");
+        let child = Command::new("ministack")
+            .env("BIND_HOST", "127.0.0.1")
+            .env("GATEWAY_PORT", port.to_string())
+            .env("IOT_MTLS_ENABLED", "0")
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start ministack (pip install ministack; .ci/run installs it)");
+        wait_for_port(port).await;
+        MiniStack { port, child, dir }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Deploys demo/handler.py as `name`; it appends each event to the returned file.
+    pub async fn deploy_recorder(&self, name: &str) -> PathBuf {
+        let record = self.dir.path().join(format!("{name}.jsonl"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/deploy_function.py");
+        let status = Command::new("python3")
+            .arg(script)
+            .args([
+                "--endpoint",
+                &self.endpoint(),
+                "--name",
+                name,
+                "--record-file",
+            ])
+            .arg(&record)
+            .status()
+            .await
+            .expect("run deploy_function.py");
+        assert!(status.success(), "deploying {name} to MiniStack failed");
+        record
+    }
+}
+
+impl Drop for MiniStack {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(format!("-{pid}"))
+                .status();
+        }
+    }
+}
+
+/// Reads the events a recorder function wrote, waiting until there are `n`.
+pub async fn wait_for_recorded(path: &Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    loop {
+        let events: Vec<serde_json::Value> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if events.len() >= n {
+            return events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the function recorded {} of {n} events",
+            events.len()
+        );
+        // The handler runs in MiniStack's worker process and writes a file: there is no event
+        // to await, so poll it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Measures the release binary's size and the daemon's idle memory with one rule connected.
+#   bench/footprint.sh            (needs mosquitto; prints a Markdown table row per figure)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --quiet
+bin=target/release/mqtt-lambda-bridge
+size=$(stat -c %s "$bin")
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$port" > "$work/mosquitto.conf"
+mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.05; done
+
+cat > "$work/config.toml" <<TOML
+[mqtt]
+url = "mqtt://127.0.0.1:$port"
+client_id = "footprint"
+[aws]
+region = "us-east-1"
+endpoint_url = "http://127.0.0.1:9"
+[buffer]
+dir = "$work/buffer"
+[[rules]]
+name = "t"
+topic = "sensors/+/temperature"
+function = "f"
+TOML
+
+AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x AWS_EC2_METADATA_DISABLED=true \
+    "$bin" run --config "$work/config.toml" 2> "$work/daemon.log" &
+daemon=$!
+pids+=($daemon)
+for _ in $(seq 200); do grep -q subscribed "$work/daemon.log" && break; sleep 0.05; done
+grep -q subscribed "$work/daemon.log" || { cat "$work/daemon.log"; exit 1; }
+sleep 5
+rss_kib=$(awk '/^VmRSS/ {print $2}' "/proc/$daemon/status")
+hwm_kib=$(awk '/^VmHWM/ {print $2}' "/proc/$daemon/status")
+
+awk -v s="$size" -v r="$rss_kib" -v h="$hwm_kib" 'BEGIN {
+    printf "| release binary (stripped) | %.2f MiB |\n", s / 1048576
+    printf "| idle RSS, one rule connected, after 5 s | %.2f MiB |\n", r / 1024
+    printf "| peak RSS since start (VmHWM) | %.2f MiB |\n", h / 1024
+}'
