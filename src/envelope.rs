@@ -17,7 +17,7 @@ use base64::Engine;
 pub struct Message {
     /// Assigned once on receipt and stored with the message, so it is the same in every retry
     /// and after every restart: functions deduplicate on it.
-    pub id: String,
+    pub id: uuid::Uuid,
     /// The concrete topic the message was published to.
     pub topic: String,
     /// The payload exactly as received.
@@ -43,7 +43,7 @@ impl Message {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         Message {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: uuid::Uuid::now_v7(),
             topic,
             payload,
             qos,
@@ -94,8 +94,10 @@ pub fn encode_event(rule: &str, messages: &[Message]) -> Vec<u8> {
 }
 
 fn write_message(out: &mut Vec<u8>, m: &Message) {
-    out.extend_from_slice(b"{\"id\":");
-    write_json_string(out, &m.id);
+    out.extend_from_slice(b"{\"id\":\"");
+    let mut id = uuid::Uuid::encode_buffer();
+    out.extend_from_slice(m.id.hyphenated().encode_lower(&mut id).as_bytes());
+    out.push(b'"');
     out.extend_from_slice(b",\"topic\":");
     write_json_string(out, &m.topic);
     match classify_payload(&m.payload) {
@@ -180,7 +182,7 @@ mod tests {
 
     fn msg(payload: &[u8]) -> Message {
         Message {
-            id: "0192-abc".into(),
+            id: uuid::Uuid::from_u128(0x0192_abcd_0000_7000_8000_0000_0000_0001),
             topic: "sensors/dev1/temperature".into(),
             payload: payload.to_vec(),
             qos: 1,
@@ -202,7 +204,7 @@ mod tests {
             json!({
                 "rule": "temperature",
                 "messages": [{
-                    "id": "0192-abc",
+                    "id": "0192abcd-0000-7000-8000-000000000001",
                     "topic": "sensors/dev1/temperature",
                     "payload": {"c": 21.5},
                     "qos": 1,

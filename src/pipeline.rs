@@ -88,7 +88,7 @@ impl RulePlan {
             + message.payload.len() / 3 * 4
             + 4
             + message.topic.len() * 6
-            + message.id.len()
+            + 36
             + 128;
         if bound <= limit {
             return None;

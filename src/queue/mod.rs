@@ -18,8 +18,12 @@
 //!
 //! One queue per rule: a rule whose function fails stops reading its own queue only.
 
+pub mod deadletter;
+pub mod disk;
 mod memory;
+pub mod record;
 
+pub use disk::{DiskQueue, DiskQueueConfig};
 pub use memory::MemoryQueue;
 
 use std::future::Future;

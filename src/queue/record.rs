@@ -1,0 +1,225 @@
+//! The on-disk record: one message, framed with its length and a CRC32C. Pure: bytes in, bytes
+//! out.
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  body length N, u32 little-endian (everything after the CRC)
+//!      4     4  CRC32C of the body, u32 little-endian
+//!      8     8  sequence number, u64 LE
+//!     16     8  received_at, milliseconds since the Unix epoch, u64 LE
+//!     24    16  message id (UUID bytes)
+//!     40     1  QoS
+//!     41     1  flags: bit 0 = retain
+//!     42     2  topic length T, u16 LE
+//!     44     T  topic, UTF-8
+//!   44+T     …  payload, to the end of the body
+//! ```
+//!
+//! **Do not change these fields or their order**: existing buffers on gateways must stay
+//! readable. A new format gets a new segment magic (see `disk.rs`).
+
+use crate::envelope::Message;
+
+use super::Seq;
+
+/// Length and CRC in front of the body.
+pub const HEADER_LEN: usize = 8;
+/// Fixed part of the body before the topic.
+const FIXED_BODY_LEN: usize = 8 + 8 + 16 + 1 + 1 + 2;
+/// Largest body accepted when reading: anything longer is a corrupt length field. Messages over
+/// Lambda's 6 MiB limit never reach the queue, so 64 MiB leaves ample room.
+pub const MAX_BODY_LEN: usize = 64 * 1024 * 1024;
+
+/// Bytes a message takes on disk, header included.
+pub fn encoded_len(message: &Message) -> usize {
+    HEADER_LEN + FIXED_BODY_LEN + message.topic.len() + message.payload.len()
+}
+
+/// Appends the record for `message` with sequence number `seq` to `out`.
+pub fn encode(seq: Seq, message: &Message, out: &mut Vec<u8>) {
+    let topic = message.topic.as_bytes();
+    // MQTT limits topics to 65535 bytes, so the cast cannot truncate.
+    let topic_len = topic.len().min(u16::MAX as usize);
+    let body_len = FIXED_BODY_LEN + topic_len + message.payload.len();
+    let start = out.len();
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&message.received_at_ms.to_le_bytes());
+    out.extend_from_slice(message.id.as_bytes());
+    out.push(message.qos);
+    out.push(u8::from(message.retain));
+    out.extend_from_slice(&(topic_len as u16).to_le_bytes());
+    out.extend_from_slice(&topic[..topic_len]);
+    out.extend_from_slice(&message.payload);
+    let crc = crc32c::crc32c(&out[start + HEADER_LEN..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// What the bytes at the start of a buffer hold.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// A whole, valid record of `len` bytes.
+    Record {
+        /// Its sequence number.
+        seq: Seq,
+        /// The message.
+        message: Message,
+        /// Bytes it took, header included.
+        len: usize,
+    },
+    /// The buffer ends before the record does (a torn write, or simply the end).
+    Incomplete,
+    /// The bytes are not a valid record: bad length, CRC mismatch, or a malformed body.
+    Corrupt,
+}
+
+/// Decodes the record at the start of `buf`.
+pub fn decode(buf: &[u8]) -> Decoded {
+    if buf.len() < HEADER_LEN {
+        return Decoded::Incomplete;
+    }
+    let body_len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if !(FIXED_BODY_LEN..=MAX_BODY_LEN).contains(&body_len) {
+        return Decoded::Corrupt;
+    }
+    let len = HEADER_LEN + body_len;
+    if buf.len() < len {
+        return Decoded::Incomplete;
+    }
+    let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let body = &buf[HEADER_LEN..len];
+    if crc32c::crc32c(body) != crc {
+        return Decoded::Corrupt;
+    }
+    match decode_body(body) {
+        Some((seq, message)) => Decoded::Record { seq, message, len },
+        None => Decoded::Corrupt,
+    }
+}
+
+/// Only the length a record claims and whether its header is plausible: lets a reader skip a
+/// record's payload without decoding it.
+pub fn claimed_len(header: &[u8]) -> Option<usize> {
+    let bytes: [u8; 4] = header.get(..4)?.try_into().ok()?;
+    let body_len = u32::from_le_bytes(bytes) as usize;
+    (FIXED_BODY_LEN..=MAX_BODY_LEN)
+        .contains(&body_len)
+        .then_some(HEADER_LEN + body_len)
+}
+
+fn decode_body(body: &[u8]) -> Option<(Seq, Message)> {
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?))
+    };
+    let seq = u64_at(0)?;
+    let received_at_ms = u64_at(8)?;
+    let id = uuid::Uuid::from_bytes(body.get(16..32)?.try_into().ok()?);
+    let qos = *body.get(32)?;
+    let flags = *body.get(33)?;
+    let topic_len = u16::from_le_bytes(body.get(34..36)?.try_into().ok()?) as usize;
+    let topic = std::str::from_utf8(body.get(36..36 + topic_len)?).ok()?;
+    let payload = body.get(36 + topic_len..)?;
+    if qos > 2 {
+        return None;
+    }
+    Some((
+        seq,
+        Message {
+            id,
+            topic: topic.to_owned(),
+            payload: payload.to_vec(),
+            qos,
+            retain: flags & 1 == 1,
+            received_at_ms,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn message(topic: &str, payload: &[u8]) -> Message {
+        Message {
+            id: uuid::Uuid::from_u128(0x0123_4567_89ab_7def_8123_4567_89ab_cdef),
+            topic: topic.to_owned(),
+            payload: payload.to_vec(),
+            qos: 1,
+            retain: true,
+            received_at_ms: 1_795_774_530_123,
+        }
+    }
+
+    #[test]
+    fn a_record_round_trips() {
+        let m = message("sensors/dev1/temperature", br#"{"c":21.5}"#);
+        let mut buf = Vec::new();
+        encode(42, &m, &mut buf);
+        assert_eq!(buf.len(), encoded_len(&m));
+        assert_eq!(
+            decode(&buf),
+            Decoded::Record {
+                seq: 42,
+                message: m,
+                len: buf.len()
+            }
+        );
+    }
+
+    #[test]
+    fn a_200_byte_message_costs_44_bytes_of_framing() {
+        let m = message("sensors/dev1/temperature", &[b'x'; 176]);
+        assert_eq!(encoded_len(&m) - 200, 44);
+    }
+
+    #[test]
+    fn every_truncation_is_incomplete_and_every_bit_flip_is_corrupt() {
+        let m = message("a/b", b"payload");
+        let mut buf = Vec::new();
+        encode(7, &m, &mut buf);
+        for cut in 0..buf.len() {
+            assert_eq!(decode(&buf[..cut]), Decoded::Incomplete, "cut at {cut}");
+        }
+        for byte in 4..buf.len() {
+            for bit in 0..8 {
+                let mut bad = buf.clone();
+                bad[byte] ^= 1 << bit;
+                assert_eq!(decode(&bad), Decoded::Corrupt, "byte {byte} bit {bit}");
+            }
+        }
+        // A flipped length either claims too much (incomplete) or too little (corrupt): never a
+        // record.
+        for bit in 0..32 {
+            let mut bad = buf.clone();
+            let len = u32::from_le_bytes([bad[0], bad[1], bad[2], bad[3]]) ^ (1 << bit);
+            bad[..4].copy_from_slice(&len.to_le_bytes());
+            assert!(!matches!(decode(&bad), Decoded::Record { .. }), "length bit {bit}");
+        }
+    }
+
+    #[test]
+    fn zeros_are_corrupt_not_a_record() {
+        assert_eq!(decode(&[0; 64]), Decoded::Corrupt);
+    }
+
+    proptest! {
+        #[test]
+        fn any_message_round_trips(
+            seq in any::<u64>(),
+            topic in "[a-z/+#$]{0,40}",
+            payload in prop::collection::vec(any::<u8>(), 0..512),
+            qos in 0u8..3,
+            retain in any::<bool>(),
+            at in any::<u64>(),
+            id in any::<u128>(),
+        ) {
+            let m = Message { id: uuid::Uuid::from_u128(id), topic, payload, qos, retain, received_at_ms: at };
+            let mut buf = vec![0xAA; 3];
+            encode(seq, &m, &mut buf);
+            let decoded = decode(&buf[3..]);
+            prop_assert_eq!(decoded, Decoded::Record { seq, message: m, len: buf.len() - 3 });
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The disk queue against damaged files: each known error is made on disk, then the queue is
+//! reopened and must recover as far as possible, count what it could not read, and go on.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mqtt_lambda_bridge::config::WhenFull;
+use mqtt_lambda_bridge::envelope::Message;
+use mqtt_lambda_bridge::queue::disk::segment_files;
+use mqtt_lambda_bridge::queue::{DiskQueue, DiskQueueConfig, Queue};
+
+fn config(dir: &Path) -> DiskQueueConfig {
+    DiskQueueConfig {
+        dir: dir.to_owned(),
+        segment_size: 1024,
+        max_size: 1 << 30,
+        when_full: WhenFull::Block,
+        max_age: None,
+    }
+}
+
+fn msg(n: u32) -> Message {
+    Message::received(
+        format!("t/{n}"),
+        format!("payload number {n:05} with some padding to make it longer").into_bytes(),
+        1,
+        false,
+        SystemTime::now(),
+    )
+}
+
+fn numbers(messages: &[Message]) -> Vec<u32> {
+    messages
+        .iter()
+        .map(|m| m.topic[2..].parse().expect("topic number"))
+        .collect()
+}
+
+async fn fill(dir: &Path, n: u32) {
+    let q = DiskQueue::open(config(dir)).expect("open");
+    for i in 0..n {
+        q.append(vec![msg(i)]).await.expect("append");
+    }
+    q.close().await;
+}
+
+fn drain(q: &DiskQueue) -> Vec<Message> {
+    let mut out = Vec::new();
+    loop {
+        let got = q.try_read(100).expect("read");
+        if got.is_empty() {
+            return out;
+        }
+        out.extend(got.into_iter().map(|e| e.message));
+    }
+}
+
+#[tokio::test]
+async fn a_clean_restart_resumes_at_the_ack_position_and_deletes_delivered_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fill(dir.path(), 50).await;
+    let before = segment_files(dir.path()).expect("list").len();
+    assert!(before > 3, "tiny segments roll over: {before}");
+    {
+        let q = DiskQueue::open(config(dir.path())).expect("open");
+        let got = q.try_read(30).expect("read");
+        assert_eq!(numbers(&got.iter().map(|e| e.message.clone()).collect::<Vec<_>>()), (0..30).collect::<Vec<_>>());
+        q.ack(got[29].seq).await.expect("ack");
+        q.close().await;
+    }
+    assert!(segment_files(dir.path()).expect("list").len() < before, "delivered segments deleted");
+    let q = DiskQueue::open(config(dir.path())).expect("open");
+    assert_eq!(numbers(&drain(&q)), (30..50).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_truncated_tail_is_cut_and_appending_continues() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fill(dir.path(), 20).await;
+    let newest = segment_files(dir.path()).expect("list").pop().expect("a segment");
+    let len = std::fs::metadata(&newest).expect("meta").len();
+    let file = std::fs::OpenOptions::new().write(true).open(&newest).expect("open");
+    file.set_len(len - 5).expect("truncate"); // power cut mid-write
+    drop(file);
+
+    let q = DiskQueue::open(config(dir.path())).expect("open");
+    assert!(q.counters().corrupt_bytes.load(Ordering::Relaxed) > 0);
+    q.append(vec![msg(100)]).await.expect("append after recovery");
+    let got = numbers(&drain(&q));
+    assert_eq!(got, (0..19).chain([100]).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn flipped_bytes_in_an_older_segment_lose_that_record_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fill(dir.path(), 30).await;
+    let first = segment_files(dir.path()).expect("list").remove(0);
+    let mut bytes = std::fs::read(&first).expect("read");
+    // Inside the second record's payload (the first starts after the 8-byte magic).
+    let flip = 8 + 100 + 60;
+    bytes[flip] ^= 0xff;
+    std::fs::write(&first, bytes).expect("write");
+
+    let q = DiskQueue::open(config(dir.path())).expect("open");
+    let got = numbers(&drain(&q));
+    assert_eq!(got.len(), 29, "{got:?}");
+    assert!(!got.contains(&1), "the damaged record is skipped: {got:?}");
+    assert_eq!(q.counters().lost.load(Ordering::Relaxed), 1);
+    assert!(q.counters().corrupt_bytes.load(Ordering::Relaxed) > 0);
+}
+
+#[tokio::test]
+async fn a_zero_length_newest_segment_is_recovered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fill(dir.path(), 10).await;
+    let newest = segment_files(dir.path()).expect("list").pop().expect("a segment");
+    std::fs::write(&newest, b"").expect("empty it");
+    let q = DiskQueue::open(config(dir.path())).expect("open");
+    q.append(vec![msg(200)]).await.expect("append");
+    let got = numbers(&drain(&q));
+    assert!(got.ends_with(&[200]), "{got:?}");
+    assert!(got.len() < 11);
+}
+
+#[tokio::test]
+async fn a_missing_segment_is_a_counted_gap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fill(dir.path(), 40).await;
+    let files = segment_files(dir.path()).expect("list");
+    assert!(files.len() >= 4);
+    std::fs::remove_file(&files[1]).expect("delete one");
+    let q = DiskQueue::open(config(dir.path())).expect("open");
+    let got = numbers(&drain(&q));
+    let lost = q.counters().lost.load(Ordering::Relaxed) as usize;
+    assert!(lost > 0);
+    assert_eq!(got.len() + lost, 40, "every record is delivered or counted");
+    assert!(got.starts_with(&[0]) && got.ends_with(&[39]));
+}
+
+#[tokio::test]
+async fn an_ack_file_from_the_future_means_everything_was_delivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fill(dir.path(), 10).await;
+    // Generation 9, first unacked sequence 1000, valid CRC.
+    let mut slot = [0u8; 24];
+    slot[0..8].copy_from_slice(&9u64.to_le_bytes());
+    slot[8..16].copy_from_slice(&1000u64.to_le_bytes());
+    let crc = crc32c::crc32c(&slot[0..16]);
+    slot[16..20].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(dir.path().join("ack"), slot).expect("write ack");
+
+    let q = DiskQueue::open(config(dir.path())).expect("open");
+    assert!(drain(&q).is_empty());
+    q.append(vec![msg(7)]).await.expect("append");
+    let got = q.try_read(10).expect("read");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].seq, 1000, "sequence numbers continue above the ack position");
+    q.close().await;
+    let q = DiskQueue::open(config(dir.path())).expect("reopen");
+    assert_eq!(numbers(&drain(&q)), vec![7]);
+}
+
+#[tokio::test]
+async fn a_garbage_ack_file_replays_from_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fill(dir.path(), 5).await;
+    std::fs::write(dir.path().join("ack"), [0xAB; 48]).expect("garbage");
+    let q = DiskQueue::open(config(dir.path())).expect("open");
+    assert_eq!(numbers(&drain(&q)), (0..5).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn garbage_after_the_magic_of_the_only_segment_never_stops_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path()).expect("dir");
+    let mut junk = b"MLBSEG01".to_vec();
+    junk.extend((0..5000u32).map(|i| (i * 7919 % 251) as u8));
+    std::fs::write(dir.path().join("segment-00000000000000000000.log"), junk).expect("write");
+    std::fs::write(dir.path().join("segment-notanumber.log"), b"x").expect("write");
+    let q = DiskQueue::open(config(dir.path())).expect("open");
+    assert!(drain(&q).is_empty());
+    q.append(vec![msg(1)]).await.expect("append");
+    assert_eq!(numbers(&drain(&q)), vec![1]);
+}
+
+#[tokio::test]
+async fn drop_oldest_deletes_whole_segments_and_counts_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.when_full = WhenFull::DropOldest;
+    c.max_size = 4096;
+    let q = DiskQueue::open(c).expect("open");
+    for i in 0..200 {
+        q.append(vec![msg(i)]).await.expect("append");
+    }
+    let stats = q.stats();
+    assert!(stats.bytes <= 4096 + 1024, "{stats:?}");
+    let dropped = q.counters().dropped_oldest.load(Ordering::Relaxed) as usize;
+    let got = numbers(&drain(&q));
+    assert!(dropped > 0);
+    assert_eq!(got.len() + dropped, 200, "kept + dropped = appended");
+    assert_eq!(*got.last().expect("newest kept"), 199);
+}
+
+#[tokio::test]
+async fn drop_newest_refuses_new_messages_and_counts_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.when_full = WhenFull::DropNewest;
+    c.max_size = 4096;
+    let q = DiskQueue::open(c).expect("open");
+    for i in 0..200 {
+        q.append(vec![msg(i)]).await.expect("append");
+    }
+    let dropped = q.counters().dropped_newest.load(Ordering::Relaxed) as usize;
+    let got = numbers(&drain(&q));
+    assert!(dropped > 0);
+    assert_eq!(got.len() + dropped, 200);
+    assert_eq!(got[0], 0, "the oldest are kept");
+}
+
+#[tokio::test]
+async fn block_waits_for_acks_instead_of_dropping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.when_full = WhenFull::Block;
+    c.max_size = 4096;
+    let q = std::sync::Arc::new(DiskQueue::open(c).expect("open"));
+    let writer = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                q.append(vec![msg(i)]).await.expect("append");
+            }
+        })
+    };
+    let mut got = Vec::new();
+    while got.len() < 200 {
+        let entries = tokio::time::timeout(Duration::from_secs(20), q.read(10))
+            .await
+            .expect("progress")
+            .expect("read");
+        assert!(q.stats().bytes <= 4096 + 2048, "{:?}", q.stats());
+        q.ack(entries.last().expect("entries").seq).await.expect("ack");
+        got.extend(entries.into_iter().map(|e| e.message));
+    }
+    writer.await.expect("writer");
+    assert_eq!(numbers(&got), (0..200).collect::<Vec<_>>());
+    assert_eq!(q.counters().dropped_oldest.load(Ordering::Relaxed), 0);
+    assert_eq!(q.counters().dropped_newest.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn messages_older_than_max_age_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.max_age = Some(Duration::from_secs(3600));
+    let q = DiskQueue::open(c).expect("open");
+    let mut old = msg(1);
+    old.received_at_ms = 0;
+    let _ = UNIX_EPOCH;
+    q.append(vec![old, msg(2)]).await.expect("append");
+    assert_eq!(numbers(&drain(&q)), vec![2]);
+    assert_eq!(q.counters().expired.load(Ordering::Relaxed), 1);
+}

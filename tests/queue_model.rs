@@ -1,0 +1,186 @@
+//! A model check of the disk queue: random appends, reads, acks, clean restarts and crashes,
+//! compared with a `VecDeque`. Nothing appended is lost; nothing is delivered twice unless a
+//! crash came in between (and then only what was acknowledged since the last ack write).
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::UNIX_EPOCH;
+
+use mqtt_lambda_bridge::config::WhenFull;
+use mqtt_lambda_bridge::envelope::Message;
+use mqtt_lambda_bridge::queue::{DiskQueue, DiskQueueConfig, Entry, Queue};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(u8),
+    Read(u8),
+    /// Acknowledge this many of the read-but-unacknowledged messages.
+    Ack(u8),
+    Restart,
+    Crash,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1u8..20).prop_map(Op::Append),
+        4 => (1u8..30).prop_map(Op::Read),
+        3 => (0u8..30).prop_map(Op::Ack),
+        1 => Just(Op::Restart),
+        1 => Just(Op::Crash),
+    ]
+}
+
+fn config(dir: &Path) -> DiskQueueConfig {
+    DiskQueueConfig {
+        dir: dir.to_owned(),
+        segment_size: 700,
+        max_size: 1 << 30,
+        when_full: WhenFull::Block,
+        max_age: None,
+    }
+}
+
+fn message(n: u64) -> Message {
+    Message::received(format!("m/{n}"), n.to_le_bytes().to_vec(), 1, false, UNIX_EPOCH)
+}
+
+fn number(entry: &Entry) -> u64 {
+    entry.message.topic[2..].parse().expect("number")
+}
+
+/// The model: what was appended, what is acknowledged, what is read and not yet acknowledged.
+#[derive(Default)]
+struct Model {
+    /// Appended and not acknowledged, oldest first.
+    unacked: VecDeque<u64>,
+    /// How many of `unacked` were read since the last restart.
+    read: usize,
+    next: u64,
+    /// Acknowledged since the last clean restart; a crash may deliver these again.
+    acked_since_durable: Vec<u64>,
+}
+
+async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut queue = DiskQueue::open(config(dir.path())).expect("open");
+    let mut model = Model::default();
+    let mut last_read: Vec<Entry> = Vec::new();
+    for op in ops {
+        match op {
+            Op::Append(n) => {
+                let messages: Vec<Message> = (0..n as u64).map(|i| message(model.next + i)).collect();
+                queue.append(messages).await.expect("append");
+                model.unacked.extend(model.next..model.next + n as u64);
+                model.next += n as u64;
+            }
+            Op::Read(max) => {
+                let entries = queue.try_read(max as usize).expect("read");
+                let got: Vec<u64> = entries.iter().map(number).collect();
+                let expected: Vec<u64> = model
+                    .unacked
+                    .iter()
+                    .skip(model.read)
+                    .take(max as usize)
+                    .copied()
+                    .collect();
+                prop_assert_eq!(&got, &expected, "read returns the next unread messages in order");
+                model.read += got.len();
+                last_read.extend(entries);
+            }
+            Op::Ack(k) => {
+                let k = (k as usize).min(model.read);
+                if k > 0 {
+                    let through = last_read[k - 1].seq;
+                    queue.ack(through).await.expect("ack");
+                    last_read.drain(..k);
+                    for _ in 0..k {
+                        if let Some(n) = model.unacked.pop_front() {
+                            model.acked_since_durable.push(n);
+                        }
+                    }
+                    model.read -= k;
+                }
+            }
+            Op::Restart => {
+                queue.close().await;
+                drop(queue);
+                queue = DiskQueue::open(config(dir.path())).expect("reopen");
+                model.read = 0;
+                model.acked_since_durable.clear();
+                last_read.clear();
+            }
+            Op::Crash => {
+                queue.abandon();
+                queue = DiskQueue::open(config(dir.path())).expect("reopen after crash");
+                // Everything unacknowledged must come back; some acknowledged messages may too.
+                let mut everything = Vec::new();
+                loop {
+                    let got = queue.try_read(1000).expect("read");
+                    if got.is_empty() {
+                        break;
+                    }
+                    everything.extend(got.iter().map(number));
+                }
+                let unacked: Vec<u64> = model.unacked.iter().copied().collect();
+                prop_assert!(
+                    everything.ends_with(&unacked),
+                    "after a crash every unacknowledged message is delivered: got {:?}, unacked {:?}",
+                    everything,
+                    unacked
+                );
+                let replayed = &everything[..everything.len() - unacked.len()];
+                prop_assert!(
+                    model.acked_since_durable.ends_with(replayed),
+                    "only recently acknowledged messages come back: {:?} vs {:?}",
+                    replayed,
+                    model.acked_since_durable
+                );
+                // Start this incarnation clean: acknowledge the replayed ones, re-read the rest.
+                queue.close().await;
+                drop(queue);
+                queue = DiskQueue::open(config(dir.path())).expect("reopen");
+                if !replayed.is_empty() {
+                    let skip = queue.try_read(replayed.len()).expect("read");
+                    let through = skip.last().map(|e| e.seq).unwrap_or_default();
+                    queue.ack(through).await.expect("ack");
+                    queue.close().await;
+                    drop(queue);
+                    queue = DiskQueue::open(config(dir.path())).expect("reopen");
+                }
+                model.read = 0;
+                model.acked_since_durable.clear();
+                last_read.clear();
+            }
+        }
+    }
+    // Finally: a clean restart returns exactly the unacknowledged messages.
+    queue.close().await;
+    drop(queue);
+    let queue = DiskQueue::open(config(dir.path())).expect("reopen");
+    let mut rest = Vec::new();
+    loop {
+        let got = queue.try_read(1000).expect("read");
+        if got.is_empty() {
+            break;
+        }
+        rest.extend(got.iter().map(number));
+    }
+    prop_assert_eq!(rest, model.unacked.iter().copied().collect::<Vec<_>>());
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_disk_queue_behaves_like_a_fifo_across_restarts_and_crashes(
+        ops in prop::collection::vec(op(), 1..60)
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(run(ops))?;
+    }
+}
