@@ -23,6 +23,8 @@ use crate::rules;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/mqtt-lambda-bridge/config.toml";
 /// Environment variables with this prefix override the file; `__` separates levels.
 pub const ENV_PREFIX: &str = "MLB_";
+/// Smallest share of `buffer.max_size` one rule may get.
+pub const MIN_QUEUE_SIZE: u64 = 64 * 1024;
 /// Lambda's payload limit for asynchronous (`Event`) invocations.
 pub const EVENT_PAYLOAD_LIMIT: u64 = 1024 * 1024;
 /// Lambda's payload limit for synchronous (`RequestResponse`) invocations.
@@ -133,6 +135,9 @@ pub struct BufferConfig {
     /// Messages older than this are dropped (and counted).
     #[serde(default = "defaults::max_age")]
     pub max_age: HumanDuration,
+    /// Size at which a new segment file starts.
+    #[serde(default = "defaults::segment_size")]
+    pub segment_size: Size,
 }
 
 impl Default for BufferConfig {
@@ -142,6 +147,7 @@ impl Default for BufferConfig {
             max_size: defaults::max_size(),
             when_full: WhenFull::default(),
             max_age: defaults::max_age(),
+            segment_size: defaults::segment_size(),
         }
     }
 }
@@ -264,6 +270,9 @@ mod defaults {
     }
     pub fn max_age() -> HumanDuration {
         HumanDuration(Duration::from_secs(7 * 24 * 3600))
+    }
+    pub fn segment_size() -> Size {
+        Size(8 * 1024 * 1024)
     }
     pub fn qos() -> u8 {
         1
@@ -489,8 +498,23 @@ impl Config {
         if self.aws.connect_timeout.0.is_zero() {
             report("aws.connect_timeout".into(), "must be above zero".into());
         }
-        if self.buffer.max_size.0 == 0 {
-            report("buffer.max_size".into(), "must be above zero".into());
+        let per_rule = self.buffer.max_size.0 / (self.rules.len().max(1) as u64);
+        if per_rule < MIN_QUEUE_SIZE {
+            report(
+                "buffer.max_size".into(),
+                format!(
+                    "{} bytes shared by {} rule(s) leaves each less than {} KiB; raise it",
+                    self.buffer.max_size.0,
+                    self.rules.len(),
+                    MIN_QUEUE_SIZE / 1024
+                ),
+            );
+        }
+        if self.buffer.segment_size.0 < 4096 {
+            report("buffer.segment_size".into(), "must be at least 4KiB".into());
+        }
+        if self.buffer.max_age.0.is_zero() {
+            report("buffer.max_age".into(), "must be above zero".into());
         }
 
         if self.rules.is_empty() {

@@ -37,13 +37,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use config::Config;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use config::{Config, RuleConfig};
 use invoker::{Invoke, LambdaInvoker};
 use pipeline::{RulePlan, RuleStats};
-use queue::MemoryQueue;
+use queue::deadletter::DeadLetters;
+use queue::{DiskQueue, DiskQueueConfig};
 use rules::RuleSet;
 
-/// Why the daemon could not start.
+/// Why the daemon (or a `buffer` command) could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The MQTT side could not be set up.
@@ -52,6 +56,89 @@ pub enum RunError {
     /// The Lambda client could not be set up.
     #[error(transparent)]
     Lambda(#[from] invoker::SetupError),
+    /// The buffer directory is unusable.
+    #[error("buffer.dir {path}: {source}")]
+    Buffer {
+        /// The directory or file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process (a running daemon) holds the buffer.
+    #[error(
+        "buffer.dir {0}: in use by another mqtt-lambda-bridge process (stop the daemon first, e.g. systemctl stop mqtt-lambda-bridge)"
+    )]
+    Locked(PathBuf),
+}
+
+/// Exclusive use of a buffer directory, held for the life of the daemon or a `buffer` command.
+#[derive(Debug)]
+pub struct BufferLock {
+    /// The open lock file; the lock goes with it.
+    _file: File,
+}
+
+impl BufferLock {
+    /// Takes the lock on `<dir>/lock`, creating the directory; fails at once if it is held.
+    pub fn acquire(dir: &Path) -> Result<BufferLock, RunError> {
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| RunError::Buffer { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let path = dir.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(BufferLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(RunError::Locked(dir.to_owned())),
+            Err(std::fs::TryLockError::Error(source)) => Err(RunError::Buffer { path, source }),
+        }
+    }
+}
+
+/// The queue settings of one rule: its own directory, and an equal share of `buffer.max_size`
+/// (so the total stays under the configured cap).
+pub fn queue_config(config: &Config, rule: &RuleConfig) -> DiskQueueConfig {
+    let share = config.buffer.max_size.0 / config.rules.len().max(1) as u64;
+    // At least four segments fit in a share, so drop_oldest frees space in steps of a quarter.
+    let segment_size = config
+        .buffer
+        .segment_size
+        .0
+        .min(share / 4)
+        .max(queue::disk::MIN_SEGMENT_SIZE);
+    DiskQueueConfig {
+        dir: rule_dir(config, &rule.name),
+        segment_size,
+        max_size: share,
+        when_full: config.buffer.when_full,
+        max_age: Some(config.buffer.max_age.0),
+    }
+}
+
+/// Where a rule's queue and dead letters live.
+pub fn rule_dir(config: &Config, rule: &str) -> PathBuf {
+    config.buffer.dir.join(rule)
+}
+
+/// Opens every rule's queue, in rule order.
+pub fn open_queues(config: &Config) -> Result<Vec<Arc<DiskQueue>>, RunError> {
+    config
+        .rules
+        .iter()
+        .map(|rule| {
+            let qc = queue_config(config, rule);
+            let dir = qc.dir.clone();
+            DiskQueue::open(qc)
+                .map(Arc::new)
+                .map_err(|source| RunError::Buffer { path: dir, source })
+        })
+        .collect()
 }
 
 /// Runs the daemon with the AWS SDK invoker until `shutdown` resolves, then stops gracefully.
@@ -67,20 +154,33 @@ pub async fn run_with<I: Invoke>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let options = mqtt::options(&config.mqtt)?;
+    let _lock = BufferLock::acquire(&config.buffer.dir)?;
     let plans: Vec<RulePlan> = config.rules.iter().map(RulePlan::from_config).collect();
-    let queues: Vec<Arc<MemoryQueue>> = plans.iter().map(|_| Arc::default()).collect();
+    let queues = open_queues(&config)?;
+    let letters: Vec<DeadLetters> = config
+        .rules
+        .iter()
+        .map(|r| DeadLetters::new(&rule_dir(&config, &r.name)))
+        .collect();
     let stats: Vec<Arc<RuleStats>> = plans.iter().map(|_| Arc::default()).collect();
+    for (plan, queue) in plans.iter().zip(&queues) {
+        let pending = queue.stats();
+        if pending.pending > 0 {
+            tracing::info!(rule = %plan.name, pending = pending.pending, bytes = pending.bytes, "buffered messages from before: delivering them");
+        }
+    }
 
     let (stop_ingest, ingest_shutdown) = shutdown::channel();
     let (stop_delivery, drain) = shutdown::channel();
 
     let mut deliveries = tokio::task::JoinSet::new();
-    for ((plan, queue), stats) in plans.iter().zip(&queues).zip(&stats) {
+    for (((plan, queue), stats), letters) in plans.iter().zip(&queues).zip(&stats).zip(&letters) {
         deliveries.spawn(pipeline::deliver(
             plan.clone(),
             queue.clone(),
             invoker.clone(),
             stats.clone(),
+            letters.clone(),
             drain.clone(),
         ));
     }
@@ -96,6 +196,7 @@ pub async fn run_with<I: Invoke>(
         plans: plans.clone(),
         queues: queues.clone(),
         stats: stats.clone(),
+        dead_letters: letters.clone(),
     };
     let filters = config
         .rules
@@ -132,6 +233,8 @@ pub async fn run_with<I: Invoke>(
         tracing::warn!("shutdown deadline reached with invocations still in flight");
     }
     for ((plan, stats), queue) in plans.iter().zip(&stats).zip(&queues) {
+        queue.close().await;
+        let counters = queue.counters();
         tracing::info!(
             rule = %plan.name,
             queued = stats.queued.load(Ordering::Relaxed),
@@ -139,7 +242,12 @@ pub async fn run_with<I: Invoke>(
             invocations = stats.invocations.load(Ordering::Relaxed),
             failed_attempts = stats.failed_attempts.load(Ordering::Relaxed),
             set_aside = stats.set_aside.load(Ordering::Relaxed),
-            left_in_queue = queue.len(),
+            dead_lettered = stats.dead_lettered.load(Ordering::Relaxed),
+            dropped_oldest = counters.dropped_oldest.load(Ordering::Relaxed),
+            dropped_newest = counters.dropped_newest.load(Ordering::Relaxed),
+            expired = counters.expired.load(Ordering::Relaxed),
+            lost_to_corruption = counters.lost.load(Ordering::Relaxed),
+            left_in_buffer = queue.stats().pending,
             "rule summary"
         );
     }

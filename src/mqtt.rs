@@ -23,6 +23,7 @@ use crate::config::{MqttConfig, parse_mqtt_url};
 use crate::envelope::Message;
 use crate::pipeline::{RulePlan, RuleStats};
 use crate::queue::Queue;
+use crate::queue::deadletter::{DeadLetter, DeadLetters, timestamp};
 use crate::rules::RuleSet;
 use crate::shutdown::Shutdown;
 
@@ -185,6 +186,8 @@ pub struct Sink<Q> {
     pub queues: Vec<Arc<Q>>,
     /// `stats[i]` counts rule `i`.
     pub stats: Vec<Arc<RuleStats>>,
+    /// `dead_letters[i]` keeps rule `i`'s messages that can never be invoked.
+    pub dead_letters: Vec<DeadLetters>,
 }
 
 /// Connects, subscribes and ingests until `shutdown`; then sends the last acks and disconnects.
@@ -257,15 +260,32 @@ async fn ingest<Q: Queue>(
         for i in matched {
             let plan = &sink.plans[i];
             if let Some(size) = plan.oversize(&message) {
-                sink.stats[i]
-                    .set_aside
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(
                     rule = %plan.name, topic = %message.topic, id = %message.id,
                     payload_bytes = message.payload.len(), event_bytes = size,
                     limit = plan.invocation.payload_limit(),
-                    "message too large for one Lambda invocation: set aside, not invoked"
+                    "message too large for one Lambda invocation: set aside in the dead-letter store, not invoked"
                 );
+                // Like the queue: until it is written somewhere, nothing is acknowledged.
+                let mut backoff = reconnect_backoff();
+                let mut failures = 0;
+                while let Err(err) = set_aside(&sink.dead_letters[i], plan, &message, size, now) {
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::error!(rule = %plan.name, error = %err, "cannot write the dead-letter store; not acknowledging, retrying");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next().unwrap_or(RECONNECT_MAX_DELAY)) => {}
+                        _ = shutdown.wait() => return false,
+                    }
+                }
+                let stats = &sink.stats[i];
+                stats
+                    .set_aside
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats
+                    .dead_lettered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }
             per_rule[i].push(message.clone());
@@ -293,6 +313,29 @@ async fn ingest<Q: Queue>(
     true
 }
 
+/// Writes a message too large for Lambda to the rule's dead-letter store.
+fn set_aside(
+    letters: &DeadLetters,
+    plan: &RulePlan,
+    message: &Message,
+    size: usize,
+    now: SystemTime,
+) -> Result<(), crate::queue::deadletter::DeadLetterError> {
+    let event = crate::envelope::encode_event(&plan.name, std::slice::from_ref(message));
+    letters.append(&DeadLetter {
+        rule: plan.name.clone(),
+        reason: format!(
+            "the event would be {size} bytes; Lambda accepts at most {} for this invocation type",
+            plan.invocation.payload_limit()
+        ),
+        code: "PayloadTooLarge".into(),
+        attempts: 0,
+        first_attempt_at: timestamp(now),
+        last_attempt_at: timestamp(now),
+        event: serde_json::from_slice(&event).unwrap_or(serde_json::Value::Null),
+    })
+}
+
 /// Appends, retrying a failing buffer until it works or shutdown; `false` on shutdown.
 async fn append_with_retry<Q: Queue>(
     queue: &Q,
@@ -301,12 +344,27 @@ async fn append_with_retry<Q: Queue>(
     shutdown: &Shutdown,
 ) -> bool {
     let mut backoff = reconnect_backoff();
+    let mut failures = 0u32;
     loop {
         match queue.append(messages.clone()).await {
-            Ok(()) => return true,
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(
+                        rule,
+                        failures,
+                        "buffering works again; acknowledging the held messages"
+                    );
+                }
+                return true;
+            }
             Err(err) => {
                 let delay = backoff.next().unwrap_or(RECONNECT_MAX_DELAY);
-                tracing::error!(rule, error = %err, "cannot buffer messages; not acknowledging them, retrying");
+                failures += 1;
+                if failures == 1 {
+                    tracing::error!(rule, error = %err, "cannot buffer messages: not acknowledging them (the broker keeps them); retrying");
+                } else {
+                    tracing::debug!(rule, error = %err, "still cannot buffer messages");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.wait() => return false,

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::Instant;
@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::config::{InvocationType, RuleConfig};
 use crate::envelope::{self, Message};
 use crate::invoker::{Invoke, InvokeError, InvokeRequest};
+use crate::queue::deadletter::{self, DeadLetter, DeadLetters};
 use crate::queue::{Entry, Queue, QueueError};
 use crate::ratelimit::TokenBucket;
 use crate::shutdown::Shutdown;
@@ -112,6 +113,8 @@ pub struct RuleStats {
     pub failed_attempts: AtomicU64,
     /// Messages set aside because their event would exceed Lambda's limit.
     pub set_aside: AtomicU64,
+    /// Messages moved to the dead-letter store (set-aside ones included).
+    pub dead_lettered: AtomicU64,
 }
 
 impl RuleStats {
@@ -139,6 +142,7 @@ pub async fn deliver<Q: Queue, I: Invoke>(
     queue: Arc<Q>,
     invoker: Arc<I>,
     stats: Arc<RuleStats>,
+    dead_letters: DeadLetters,
     drain: Shutdown,
 ) -> Result<(), DeliveryError> {
     let queue_err = |source| DeliveryError::Queue {
@@ -203,16 +207,67 @@ pub async fn deliver<Q: Queue, I: Invoke>(
         if batch.is_empty() {
             continue;
         }
-        let delivered = send_batch(&plan, &batch, &*invoker, &stats, bucket.as_mut(), &drain).await;
-        if !delivered {
-            // Draining and Lambda refuses: leave the rest in the queue for the next start.
-            return Ok(());
+        match send_batch(&plan, &batch, &*invoker, &stats, bucket.as_mut(), &drain).await {
+            Outcome::Delivered => {
+                RuleStats::add(&stats.delivered, batch.len() as u64);
+                RuleStats::add(&stats.invocations, 1);
+            }
+            Outcome::Refused(letter) => {
+                // Ack only once the dead letter is on disk; if it cannot be written, keep the
+                // batch and try again later rather than lose it.
+                if let Err(err) = dead_letters.append(&letter) {
+                    tracing::error!(rule = %plan.name, error = %err, "cannot write the dead-letter store; retrying later");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETRY_MAX_DELAY) => {}
+                        _ = drain.wait() => return Ok(()),
+                    }
+                    carry.extend(batch.into_iter().map(|e| {
+                        let len = envelope::encoded_message_len(&e.message);
+                        (e, len)
+                    }));
+                    continue;
+                }
+                RuleStats::add(&stats.dead_lettered, batch.len() as u64);
+                tracing::error!(
+                    rule = %plan.name, function = %plan.function, code = %letter.code,
+                    messages = batch.len(), attempts = letter.attempts, file = %dead_letters.path().display(),
+                    "moved to the dead-letter store: {}", letter.reason
+                );
+            }
+            Outcome::Interrupted => {
+                // Draining and Lambda refuses: leave the rest in the queue for the next start.
+                return Ok(());
+            }
         }
         if let Some(last) = batch.last() {
             queue.ack(last.seq).await.map_err(queue_err)?;
         }
-        RuleStats::add(&stats.delivered, batch.len() as u64);
-        RuleStats::add(&stats.invocations, 1);
+    }
+}
+
+/// How one batch ended.
+enum Outcome {
+    /// Lambda accepted it.
+    Delivered,
+    /// Lambda can never accept it: this dead letter records why.
+    Refused(Box<DeadLetter>),
+    /// Shutdown came while it was being retried.
+    Interrupted,
+}
+
+/// Failed attempts before an `AccessDeniedException` or a function error counts as permanent:
+/// a policy being attached or a function being fixed gets this long to take effect.
+pub const PERMANENT_AFTER_ATTEMPTS: u32 = 3;
+
+/// Whether this failure, at this attempt, means the batch can never be delivered.
+pub fn is_permanent(err: &InvokeError, attempt: u32) -> bool {
+    match err {
+        InvokeError::Permanent { code, .. } if code.starts_with("AccessDenied") => {
+            attempt >= PERMANENT_AFTER_ATTEMPTS
+        }
+        InvokeError::Permanent { .. } => true,
+        InvokeError::FunctionError { .. } => attempt >= PERMANENT_AFTER_ATTEMPTS,
+        InvokeError::Throttled { .. } | InvokeError::Transient { .. } => false,
     }
 }
 
@@ -223,7 +278,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Invokes until Lambda accepts the batch; `false` only when draining and an attempt failed.
+/// Invokes until Lambda accepts the batch, refuses it for good, or shutdown interrupts.
 async fn send_batch<I: Invoke>(
     plan: &RulePlan,
     batch: &[Entry],
@@ -231,7 +286,7 @@ async fn send_batch<I: Invoke>(
     stats: &RuleStats,
     mut bucket: Option<&mut TokenBucket>,
     drain: &Shutdown,
-) -> bool {
+) -> Outcome {
     let messages: Vec<Message> = batch.iter().map(|e| e.message.clone()).collect();
     let payload = envelope::encode_event(&plan.name, &messages);
     drop(messages);
@@ -243,6 +298,7 @@ async fn send_batch<I: Invoke>(
         .without_max_times()
         .build();
     let mut attempt: u32 = 0;
+    let first_attempt = SystemTime::now();
     loop {
         if let Some(bucket) = bucket.as_deref_mut() {
             let wait = bucket.take(Instant::now());
@@ -263,11 +319,29 @@ async fn send_batch<I: Invoke>(
                     tracing::info!(rule = %plan.name, attempts = attempt, "delivered after retrying");
                 }
                 tracing::debug!(rule = %plan.name, messages = batch.len(), bytes = payload.len(), "delivered");
-                return true;
+                return Outcome::Delivered;
             }
             Err(err) => err,
         };
         RuleStats::add(&stats.failed_attempts, 1);
+        if is_permanent(&err, attempt) {
+            let (code, reason) = match &err {
+                InvokeError::FunctionError { kind, detail } => (
+                    "FunctionError".to_owned(),
+                    format!("the function failed {attempt} times ({kind}): {detail}"),
+                ),
+                other => (other.code().to_owned(), other.to_string()),
+            };
+            return Outcome::Refused(Box::new(DeadLetter {
+                rule: plan.name.clone(),
+                reason,
+                code,
+                attempts: attempt,
+                first_attempt_at: deadletter::timestamp(first_attempt),
+                last_attempt_at: deadletter::timestamp(SystemTime::now()),
+                event: serde_json::from_slice(&payload).unwrap_or(serde_json::Value::Null),
+            }));
+        }
         let mut delay = backoff.next().unwrap_or(RETRY_MAX_DELAY);
         if let InvokeError::Throttled {
             retry_after: Some(after),
@@ -278,11 +352,11 @@ async fn send_batch<I: Invoke>(
         }
         log_failure(plan, &err, attempt, batch.len(), delay);
         if drain.is_triggered() {
-            return false;
+            return Outcome::Interrupted;
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = drain.wait() => return false,
+            _ = drain.wait() => return Outcome::Interrupted,
         }
     }
 }
@@ -292,7 +366,7 @@ fn log_failure(plan: &RulePlan, err: &InvokeError, attempt: u32, messages: usize
     match err {
         InvokeError::Permanent { code, message } => tracing::error!(
             rule = %plan.name, function = %plan.function, code = %code, attempt, messages,
-            "Lambda refused the invocation: {message}; fix the function name or its permissions — retrying in {retry_in}"
+            "Lambda refused the invocation: {message}; check the function name and the bridge's permissions — retrying in {retry_in}"
         ),
         InvokeError::FunctionError { kind, detail } => tracing::error!(
             rule = %plan.name, function = %plan.function, code = "FunctionError", attempt, messages,
@@ -368,9 +442,23 @@ mod tests {
         )
     }
 
+    fn letters() -> (tempfile::TempDir, DeadLetters) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let letters = DeadLetters::new(dir.path());
+        (dir, letters)
+    }
+
     async fn run_until_drained(plan: RulePlan, queue: Arc<MemoryQueue>, invoker: Arc<FakeInvoker>) {
+        let (_dir, letters) = letters();
         let (trigger, drain) = shutdown::channel();
-        let task = tokio::spawn(deliver(plan, queue.clone(), invoker, Arc::default(), drain));
+        let task = tokio::spawn(deliver(
+            plan,
+            queue.clone(),
+            invoker,
+            Arc::default(),
+            letters,
+            drain,
+        ));
         while !queue.is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -445,11 +533,13 @@ mod tests {
         let queue = Arc::new(MemoryQueue::new(100));
         let invoker = Arc::new(FakeInvoker::default());
         let (_trigger, drain) = shutdown::channel();
+        let (_dir, letters) = letters();
         let task = tokio::spawn(deliver(
             plan(10, Duration::from_secs(5)),
             queue.clone(),
             invoker.clone(),
             Arc::default(),
+            letters,
             drain,
         ));
         queue
@@ -497,18 +587,20 @@ mod tests {
         queue.append(vec![msg(1)]).await.expect("append");
         let invoker = Arc::new(FakeInvoker {
             fail_first: usize::MAX,
-            error: Some(InvokeError::Permanent {
-                code: "ResourceNotFoundException".into(),
-                message: "Function not found".into(),
+            error: Some(InvokeError::Transient {
+                code: "ServiceException".into(),
+                message: "try again".into(),
             }),
             ..Default::default()
         });
         let (trigger, drain) = shutdown::channel();
+        let (_dir, letters) = letters();
         let task = tokio::spawn(deliver(
             plan(1, Duration::ZERO),
             queue.clone(),
             invoker.clone(),
             Arc::default(),
+            letters,
             drain,
         ));
         tokio::time::sleep(Duration::from_secs(30)).await;
@@ -540,6 +632,80 @@ mod tests {
             elapsed >= Duration::from_secs(2) && elapsed < Duration::from_millis(2100),
             "{elapsed:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permanent_failure_goes_to_dead_letters_and_the_next_message_flows() {
+        let queue = Arc::new(MemoryQueue::new(100));
+        queue.append(vec![msg(1), msg(2)]).await.expect("append");
+        let invoker = Arc::new(FakeInvoker {
+            fail_first: 1,
+            error: Some(InvokeError::Permanent {
+                code: "ResourceNotFoundException".into(),
+                message: "Function not found".into(),
+            }),
+            ..Default::default()
+        });
+        let (dir, letters) = letters();
+        let (trigger, drain) = shutdown::channel();
+        let stats = Arc::new(RuleStats::default());
+        let task = tokio::spawn(deliver(
+            plan(1, Duration::ZERO),
+            queue.clone(),
+            invoker.clone(),
+            stats.clone(),
+            letters.clone(),
+            drain,
+        ));
+        while !queue.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        trigger.trigger();
+        task.await.expect("join").expect("deliver");
+        let dead = letters.list().expect("list");
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].code, "ResourceNotFoundException");
+        assert_eq!(dead[0].attempts, 1);
+        assert_eq!(
+            dead[0].event["messages"][0]["payload"],
+            serde_json::json!(1)
+        );
+        assert_eq!(
+            invoker
+                .events()
+                .last()
+                .map(|e| e["messages"][0]["payload"].clone()),
+            Some(serde_json::json!(2))
+        );
+        assert_eq!(
+            stats
+                .dead_lettered
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        drop(dir);
+    }
+
+    #[test]
+    fn access_denied_and_function_errors_become_permanent_after_a_few_attempts() {
+        let denied = InvokeError::Permanent {
+            code: "AccessDeniedException".into(),
+            message: String::new(),
+        };
+        assert!(!is_permanent(&denied, 1));
+        assert!(is_permanent(&denied, PERMANENT_AFTER_ATTEMPTS));
+        let failed = InvokeError::FunctionError {
+            kind: "Unhandled".into(),
+            detail: String::new(),
+        };
+        assert!(!is_permanent(&failed, 2));
+        assert!(is_permanent(&failed, 3));
+        let throttled = InvokeError::Throttled {
+            code: "x".into(),
+            message: String::new(),
+            retry_after: None,
+        };
+        assert!(!is_permanent(&throttled, 1000));
     }
 
     #[test]

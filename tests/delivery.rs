@@ -158,7 +158,7 @@ qos = 2
 }
 
 #[tokio::test]
-async fn a_missing_function_does_not_hold_up_other_rules() {
+async fn a_missing_function_goes_to_dead_letters_without_holding_up_other_rules() {
     let broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
     lambda.fake.missing("does-not-exist");
@@ -194,18 +194,38 @@ function = "works"
         (0..20).map(|i| json!(i)).collect::<Vec<_>>(),
         "FIFO per rule"
     );
-    daemon.wait_for_log("ResourceNotFoundException").await;
+    daemon
+        .wait_for_log_count("moved to the dead-letter store", 20)
+        .await;
+    let line = daemon
+        .log_text()
+        .lines()
+        .find(|l| l.contains("moved to the dead-letter store"))
+        .map(str::to_owned)
+        .unwrap_or_default();
     assert!(
-        daemon.log_text().contains("rule=broken"),
-        "the log names the rule"
+        line.contains("rule=broken") && line.contains("code=ResourceNotFoundException"),
+        "{line}"
     );
-    let refused_before = lambda.fake.refused();
-    assert!(
-        refused_before < 10,
-        "the broken rule backs off instead of spinning: {refused_before}"
+
+    let dead = std::fs::read_to_string(daemon.buffer_dir().join("broken/dead-letters.jsonl"))
+        .expect("dead letters written");
+    let dead: Vec<serde_json::Value> = dead
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(dead.len(), 20);
+    assert_eq!(dead[0]["code"], json!("ResourceNotFoundException"));
+    assert_eq!(dead[0]["rule"], json!("broken"));
+    assert_eq!(dead[0]["event"]["messages"][0]["payload"], json!(0));
+    assert_eq!(
+        lambda.fake.refused(),
+        20,
+        "one attempt each: not found is permanent"
     );
-    let (code, _) = daemon.terminate().await;
+    let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0));
+    assert!(log.contains("dead_lettered=20"), "{log}");
 }
 
 #[tokio::test]
@@ -265,6 +285,10 @@ async fn an_oversize_message_is_set_aside_and_the_next_ones_flow() {
     assert!(line.contains("rule=temperature"), "{line}");
     assert!(line.contains("topic=sensors/big/temperature"), "{line}");
     assert!(line.contains("payload_bytes=1048586"), "{line}");
+    let dead = std::fs::read_to_string(daemon.buffer_dir().join("temperature/dead-letters.jsonl"))
+        .expect("set aside in the dead-letter store");
+    assert_eq!(dead.lines().count(), 1);
+    assert!(dead.contains("PayloadTooLarge"));
     let calls = lambda.fake.invocations();
     assert_eq!(calls.len(), 1);
     assert_eq!(

@@ -65,11 +65,17 @@ async fn a_clean_restart_resumes_at_the_ack_position_and_deletes_delivered_segme
     {
         let q = DiskQueue::open(config(dir.path())).expect("open");
         let got = q.try_read(30).expect("read");
-        assert_eq!(numbers(&got.iter().map(|e| e.message.clone()).collect::<Vec<_>>()), (0..30).collect::<Vec<_>>());
+        assert_eq!(
+            numbers(&got.iter().map(|e| e.message.clone()).collect::<Vec<_>>()),
+            (0..30).collect::<Vec<_>>()
+        );
         q.ack(got[29].seq).await.expect("ack");
         q.close().await;
     }
-    assert!(segment_files(dir.path()).expect("list").len() < before, "delivered segments deleted");
+    assert!(
+        segment_files(dir.path()).expect("list").len() < before,
+        "delivered segments deleted"
+    );
     let q = DiskQueue::open(config(dir.path())).expect("open");
     assert_eq!(numbers(&drain(&q)), (30..50).collect::<Vec<_>>());
 }
@@ -78,15 +84,23 @@ async fn a_clean_restart_resumes_at_the_ack_position_and_deletes_delivered_segme
 async fn a_truncated_tail_is_cut_and_appending_continues() {
     let dir = tempfile::tempdir().expect("tempdir");
     fill(dir.path(), 20).await;
-    let newest = segment_files(dir.path()).expect("list").pop().expect("a segment");
+    let newest = segment_files(dir.path())
+        .expect("list")
+        .pop()
+        .expect("a segment");
     let len = std::fs::metadata(&newest).expect("meta").len();
-    let file = std::fs::OpenOptions::new().write(true).open(&newest).expect("open");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .expect("open");
     file.set_len(len - 5).expect("truncate"); // power cut mid-write
     drop(file);
 
     let q = DiskQueue::open(config(dir.path())).expect("open");
     assert!(q.counters().corrupt_bytes.load(Ordering::Relaxed) > 0);
-    q.append(vec![msg(100)]).await.expect("append after recovery");
+    q.append(vec![msg(100)])
+        .await
+        .expect("append after recovery");
     let got = numbers(&drain(&q));
     assert_eq!(got, (0..19).chain([100]).collect::<Vec<_>>());
 }
@@ -114,7 +128,10 @@ async fn flipped_bytes_in_an_older_segment_lose_that_record_only() {
 async fn a_zero_length_newest_segment_is_recovered() {
     let dir = tempfile::tempdir().expect("tempdir");
     fill(dir.path(), 10).await;
-    let newest = segment_files(dir.path()).expect("list").pop().expect("a segment");
+    let newest = segment_files(dir.path())
+        .expect("list")
+        .pop()
+        .expect("a segment");
     std::fs::write(&newest, b"").expect("empty it");
     let q = DiskQueue::open(config(dir.path())).expect("open");
     q.append(vec![msg(200)]).await.expect("append");
@@ -155,7 +172,10 @@ async fn an_ack_file_from_the_future_means_everything_was_delivered() {
     q.append(vec![msg(7)]).await.expect("append");
     let got = q.try_read(10).expect("read");
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].seq, 1000, "sequence numbers continue above the ack position");
+    assert_eq!(
+        got[0].seq, 1000,
+        "sequence numbers continue above the ack position"
+    );
     q.close().await;
     let q = DiskQueue::open(config(dir.path())).expect("reopen");
     assert_eq!(numbers(&drain(&q)), vec![7]);
@@ -242,7 +262,9 @@ async fn block_waits_for_acks_instead_of_dropping() {
             .expect("progress")
             .expect("read");
         assert!(q.stats().bytes <= 4096 + 2048, "{:?}", q.stats());
-        q.ack(entries.last().expect("entries").seq).await.expect("ack");
+        q.ack(entries.last().expect("entries").seq)
+            .await
+            .expect("ack");
         got.extend(entries.into_iter().map(|e| e.message));
     }
     writer.await.expect("writer");

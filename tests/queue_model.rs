@@ -42,7 +42,13 @@ fn config(dir: &Path) -> DiskQueueConfig {
 }
 
 fn message(n: u64) -> Message {
-    Message::received(format!("m/{n}"), n.to_le_bytes().to_vec(), 1, false, UNIX_EPOCH)
+    Message::received(
+        format!("m/{n}"),
+        n.to_le_bytes().to_vec(),
+        1,
+        false,
+        UNIX_EPOCH,
+    )
 }
 
 fn number(entry: &Entry) -> u64 {
@@ -69,7 +75,8 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     for op in ops {
         match op {
             Op::Append(n) => {
-                let messages: Vec<Message> = (0..n as u64).map(|i| message(model.next + i)).collect();
+                let messages: Vec<Message> =
+                    (0..n as u64).map(|i| message(model.next + i)).collect();
                 queue.append(messages).await.expect("append");
                 model.unacked.extend(model.next..model.next + n as u64);
                 model.next += n as u64;
@@ -84,7 +91,11 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .take(max as usize)
                     .copied()
                     .collect();
-                prop_assert_eq!(&got, &expected, "read returns the next unread messages in order");
+                prop_assert_eq!(
+                    &got,
+                    &expected,
+                    "read returns the next unread messages in order"
+                );
                 model.read += got.len();
                 last_read.extend(entries);
             }

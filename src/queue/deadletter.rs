@@ -197,7 +197,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = DeadLetters::new(dir.path());
         let messages = vec![
-            Message::received("a/json".into(), br#"{"c":1}"#.to_vec(), 1, false, UNIX_EPOCH),
+            Message::received(
+                "a/json".into(),
+                br#"{"c":1}"#.to_vec(),
+                1,
+                false,
+                UNIX_EPOCH,
+            ),
             Message::received("a/text".into(), b"hello".to_vec(), 2, true, UNIX_EPOCH),
             Message::received("a/bin".into(), vec![0xff, 0], 1, false, UNIX_EPOCH),
         ];

@@ -426,7 +426,12 @@ impl DiskQueue {
             config,
         });
         let (tx, rx) = mpsc::channel();
-        let writer = Writer::new(shared.clone(), next_seq, generation, ack.map(|(_, seq)| seq))?;
+        let writer = Writer::new(
+            shared.clone(),
+            next_seq,
+            generation,
+            ack.map(|(_, seq)| seq),
+        )?;
         let thread = std::thread::Builder::new()
             .name("buffer-writer".into())
             .spawn(move || writer.run(rx))?;
@@ -513,7 +518,11 @@ impl DiskQueue {
             let Some((segment, next_first)) = segment else {
                 break;
             };
-            if reader.open.as_ref().is_none_or(|(first, _, _)| *first != segment.first_seq) {
+            if reader
+                .open
+                .as_ref()
+                .is_none_or(|(first, _, _)| *first != segment.first_seq)
+            {
                 let file = File::open(&segment.path)?;
                 reader.open = Some((segment.first_seq, file, SEGMENT_MAGIC.len() as u64));
             }
@@ -525,7 +534,11 @@ impl DiskQueue {
                 match next_first {
                     Some(next) => {
                         if next > reader.next_seq {
-                            self.count_lost(next - reader.next_seq, &segment.path, "records missing at the end of the segment");
+                            self.count_lost(
+                                next - reader.next_seq,
+                                &segment.path,
+                                "records missing at the end of the segment",
+                            );
                         }
                         reader.next_seq = next;
                         reader.open = None;
@@ -541,7 +554,11 @@ impl DiskQueue {
                         continue;
                     }
                     if seq > reader.next_seq {
-                        self.count_lost(seq - reader.next_seq, &segment.path, "a gap in sequence numbers");
+                        self.count_lost(
+                            seq - reader.next_seq,
+                            &segment.path,
+                            "a gap in sequence numbers",
+                        );
                     }
                     reader.next_seq = seq + 1;
                     if let Some(max_age) = self.shared.config.max_age {
@@ -564,7 +581,10 @@ impl DiskQueue {
                 None => {
                     // Not a valid record here: scan for the next one.
                     let (skipped, next) = scan_forward(file, *offset, segment.len)?;
-                    self.shared.counters.corrupt_bytes.fetch_add(skipped, Ordering::Relaxed);
+                    self.shared
+                        .counters
+                        .corrupt_bytes
+                        .fetch_add(skipped, Ordering::Relaxed);
                     tracing::warn!(
                         file = %segment.path.display(), offset = *offset, skipped_bytes = skipped,
                         "buffer: corrupt record skipped"
@@ -583,7 +603,11 @@ impl DiskQueue {
 }
 
 /// Reads the record at `offset` if a valid one is there and ends by `limit`.
-fn read_record_at(file: &File, offset: u64, limit: u64) -> io::Result<Option<(Seq, Message, usize)>> {
+fn read_record_at(
+    file: &File,
+    offset: u64,
+    limit: u64,
+) -> io::Result<Option<(Seq, Message, usize)>> {
     let mut header = [0u8; record::HEADER_LEN];
     if offset + header.len() as u64 > limit {
         return Ok(None);
@@ -639,7 +663,9 @@ impl Queue for DiskQueue {
                         return Err(QueueError::Closed);
                     }
                     let live = state.bytes;
-                    if live + size <= self.shared.config.max_size || state.durable_seq == state.ack_next {
+                    if live + size <= self.shared.config.max_size
+                        || state.durable_seq == state.ack_next
+                    {
                         break;
                     }
                 }
@@ -866,7 +892,10 @@ impl Writer {
                 let Some(old) = state.segments.pop_front() else {
                     return Ok(());
                 };
-                let end = state.segments.front().map_or(self.next_seq, |s| s.first_seq);
+                let end = state
+                    .segments
+                    .front()
+                    .map_or(self.next_seq, |s| s.first_seq);
                 let unacked = end.saturating_sub(state.ack_next.max(old.first_seq));
                 state.ack_next = state.ack_next.max(end);
                 state.bytes -= old.len;
@@ -928,7 +957,11 @@ impl Writer {
     fn roll_over(&mut self) -> io::Result<()> {
         let dir = self.shared.config.dir.clone();
         let path = segment_path(&dir, self.next_seq);
-        let mut file = OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
         file.write_all(SEGMENT_MAGIC)?;
         file.sync_all()?;
         sync_dir(&dir)?;
@@ -967,7 +1000,10 @@ impl Writer {
         }
         // Everything acknowledged and the current segment big: start afresh so it can go too.
         let everything_acked = ack_next >= self.next_seq;
-        if everything_acked && self.len >= self.shared.config.segment_size / 2 && self.roll_over().is_ok() {
+        if everything_acked
+            && self.len >= self.shared.config.segment_size / 2
+            && self.roll_over().is_ok()
+        {
             let mut state = self.shared.lock();
             if state.segments.len() > 1
                 && let Some(old) = state.segments.pop_front()

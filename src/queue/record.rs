@@ -195,7 +195,10 @@ mod tests {
             let mut bad = buf.clone();
             let len = u32::from_le_bytes([bad[0], bad[1], bad[2], bad[3]]) ^ (1 << bit);
             bad[..4].copy_from_slice(&len.to_le_bytes());
-            assert!(!matches!(decode(&bad), Decoded::Record { .. }), "length bit {bit}");
+            assert!(
+                !matches!(decode(&bad), Decoded::Record { .. }),
+                "length bit {bit}"
+            );
         }
     }
 

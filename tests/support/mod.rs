@@ -229,11 +229,24 @@ pub fn binary() -> &'static str {
 
 impl Daemon {
     /// Writes `config` to a temp file and runs `mqtt-lambda-bridge run` on it.
+    /// Without a `[buffer]` table the buffer goes into the daemon's own temp dir.
     pub async fn start(config: &str) -> Daemon {
         let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
         let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, config).expect("write config");
+        let mut text = config.to_owned();
+        if !text.contains("[buffer]") {
+            text.push_str(&format!(
+                "\n[buffer]\ndir = \"{}\"\n",
+                dir.path().join("buffer").display()
+            ));
+        }
+        std::fs::write(&config_path, text).expect("write config");
         Self::start_at(config_path, dir).await
+    }
+
+    /// The buffer directory when `start` chose it.
+    pub fn buffer_dir(&self) -> PathBuf {
+        self._dir.path().join("buffer")
     }
 
     async fn start_at(config_path: PathBuf, dir: Arc<tempfile::TempDir>) -> Daemon {
@@ -351,7 +364,7 @@ impl Daemon {
     pub async fn terminate(mut self) -> (Option<i32>, String) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
-                .arg("-TERM")
+                .args(["-s", "TERM", "--"])
                 .arg(pid.to_string())
                 .status();
         }
@@ -449,7 +462,9 @@ impl Drop for MiniStack {
     fn drop(&mut self) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
-                .arg("-KILL")
+                // `--` matters: without it, kill(1) reads "-<pid>" as an option and may signal
+                // every process (-1).
+                .args(["-s", "KILL", "--"])
                 .arg(format!("-{pid}"))
                 .status();
         }
