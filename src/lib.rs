@@ -20,9 +20,11 @@
 //! - [`ratelimit`]: the token bucket (pure).
 //! - [`invoker`]: the [`invoker::Invoke`] seam, the AWS SDK client, failure classification.
 //! - [`shutdown`]: the stop signal shared by every task.
+//! - [`admin`]: the `buffer stats` and `buffer dead-letters` commands.
 //!
 //! [`run`] wires them together and takes the shutdown future, so tests can stop it.
 
+pub mod admin;
 pub mod config;
 pub mod envelope;
 pub mod invoker;

@@ -9,6 +9,10 @@ use mqtt_lambda_bridge::config::{Config, DEFAULT_CONFIG_PATH};
 
 /// sysexits.h EX_CONFIG: the configuration is wrong; restarting will not help.
 const EX_CONFIG: u8 = 78;
+/// sysexits.h EX_USAGE: a command-line argument is wrong.
+const EX_USAGE: u8 = 64;
+/// sysexits.h EX_TEMPFAIL: try again later (the daemon holds the buffer).
+const EX_TEMPFAIL: u8 = 75;
 
 /// Bridges MQTT topics to AWS Lambda functions: durable, rate-limited, asynchronous.
 #[derive(Debug, Parser)]
@@ -34,6 +38,51 @@ enum Command {
         /// The configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+    },
+    /// Inspect the disk buffer (while the daemon is stopped).
+    Buffer {
+        #[command(subcommand)]
+        command: BufferCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BufferCommand {
+    /// Per rule: pending messages and bytes, age of the oldest, dead letters.
+    Stats {
+        /// The configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// The dead-letter stores: events Lambda can never accept.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterCommand {
+    /// One line per dead letter: when, rule, error code, messages, reason.
+    List {
+        /// The configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Only this rule.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Print the stored JSON lines instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back into their rule's queue (same ids); the next `run` delivers them.
+    Replay {
+        /// The configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Only this rule.
+        #[arg(long)]
+        rule: Option<String>,
     },
 }
 
@@ -66,15 +115,11 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG)
             }
         },
+        Command::Buffer { command } => buffer_command(command),
         Command::Run { config } => {
-            let loaded = match Config::load(&config) {
+            let loaded = match load(&config) {
                 Ok(loaded) => loaded,
-                Err(err) => {
-                    for line in err.problems() {
-                        eprintln!("{line}");
-                    }
-                    return ExitCode::from(EX_CONFIG);
-                }
+                Err(code) => return code,
             };
             match run(loaded) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -83,6 +128,109 @@ fn main() -> ExitCode {
                     eprintln!("mqtt-lambda-bridge: {err:#}");
                     ExitCode::FAILURE
                 }
+            }
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|err| {
+        for line in err.problems() {
+            eprintln!("{line}");
+        }
+        ExitCode::from(EX_CONFIG)
+    })
+}
+
+fn buffer_command(command: BufferCommand) -> ExitCode {
+    use mqtt_lambda_bridge::admin::{self, AdminError};
+    let config_path = match &command {
+        BufferCommand::Stats { config } => config,
+        BufferCommand::DeadLetters {
+            command:
+                DeadLetterCommand::List { config, .. } | DeadLetterCommand::Replay { config, .. },
+        } => config,
+    };
+    let config = match load(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("mqtt-lambda-bridge: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: Result<(), AdminError> = runtime.block_on(async {
+        match command {
+            BufferCommand::Stats { .. } => {
+                let rows = admin::stats(&config).await?;
+                println!(
+                    "{:<24} {:>10} {:>12} {:>14} {:>12}",
+                    "RULE", "PENDING", "BYTES", "OLDEST", "DEAD LETTERS"
+                );
+                for row in rows {
+                    let oldest = row.oldest.map_or_else(
+                        || "-".to_owned(),
+                        |d| {
+                            humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
+                                .to_string()
+                        },
+                    );
+                    println!(
+                        "{:<24} {:>10} {:>12} {:>14} {:>12}",
+                        row.rule, row.pending, row.bytes, oldest, row.dead_letters
+                    );
+                }
+            }
+            BufferCommand::DeadLetters {
+                command: DeadLetterCommand::List { rule, json, .. },
+            } => {
+                let letters = admin::list_dead_letters(&config, rule.as_deref())?;
+                for letter in &letters {
+                    if json {
+                        println!("{}", serde_json::to_string(letter).unwrap_or_default());
+                        continue;
+                    }
+                    let messages = letter.event["messages"].as_array().map_or(0, Vec::len);
+                    println!(
+                        "{}  {}  {}  {} message(s), {} attempt(s): {}",
+                        letter.last_attempt_at,
+                        letter.rule,
+                        letter.code,
+                        messages,
+                        letter.attempts,
+                        letter.reason
+                    );
+                }
+                if !json {
+                    eprintln!("{} dead letter(s)", letters.len());
+                }
+            }
+            BufferCommand::DeadLetters {
+                command: DeadLetterCommand::Replay { rule, .. },
+            } => {
+                for (rule, count) in admin::replay_dead_letters(&config, rule.as_deref()).await? {
+                    println!("{rule}: {count} message(s) back in the queue");
+                }
+            }
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("mqtt-lambda-bridge: {err}");
+            match err {
+                AdminError::NoSuchRule(..) => ExitCode::from(EX_USAGE),
+                AdminError::Run(mqtt_lambda_bridge::RunError::Locked(_)) => {
+                    ExitCode::from(EX_TEMPFAIL)
+                }
+                _ => ExitCode::FAILURE,
             }
         }
     }

@@ -91,6 +91,24 @@ impl Mosquitto {
         }
     }
 
+    /// Stops the broker with SIGTERM: it saves its sessions and queued messages first.
+    pub async fn stop_gracefully(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-s", "TERM", "--"])
+                    .arg(pid.to_string())
+                    .status();
+            }
+            let _ = tokio::time::timeout(PATIENCE, child.wait()).await;
+        }
+    }
+
+    /// Starts the broker again on the same port and persistence file.
+    pub async fn start_again(&mut self) {
+        self.launch().await;
+    }
+
     /// Stops and starts the broker on the same port.
     pub async fn restart(&mut self) {
         self.kill().await;
@@ -362,6 +380,11 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for the exit code.
     pub async fn terminate(mut self) -> (Option<i32>, String) {
+        self.stop().await
+    }
+
+    /// Sends SIGTERM and waits for the exit code, keeping the config and buffer for `restart`.
+    pub async fn stop(&mut self) -> (Option<i32>, String) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
                 .args(["-s", "TERM", "--"])

@@ -1,0 +1,276 @@
+//! The delivery promise end to end: kill -9, Lambda outages, throttling, daemon and broker
+//! restarts. Every message the broker handed over reaches the function at least once.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use support::fake_lambda::{FakeLambda, FakeLambdaServer, Reply};
+use support::{Daemon, Mosquitto, Publisher, binary, config};
+
+const RULES: &str = r#"
+[[rules]]
+name = "stream"
+topic = "stream/#"
+function = "sink"
+[rules.batch]
+max_messages = 50
+max_wait = "20ms"
+"#;
+
+/// Payload numbers that reached the function, each counted once.
+fn delivered(fake: &FakeLambda) -> BTreeSet<u64> {
+    fake.invocations()
+        .iter()
+        .flat_map(|c| c.body["messages"].as_array().cloned().unwrap_or_default())
+        .filter_map(|m| m["payload"].as_u64())
+        .collect()
+}
+
+async fn wait_all_delivered(fake: &FakeLambda, n: u64) {
+    fake.wait_until(&format!("payloads 0..{n}"), |_| {
+        delivered(fake).len() as u64 >= n
+    })
+    .await;
+    assert_eq!(delivered(fake), (0..n).collect::<BTreeSet<_>>());
+}
+
+/// A small deterministic generator, so a failure can be replayed.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % below
+    }
+}
+
+#[tokio::test]
+async fn kill_9_at_random_points_while_streaming_loses_nothing() {
+    const N: u64 = 3000;
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let mut daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), RULES)).await;
+    daemon.wait_for_log("subscribed").await;
+
+    let publisher = Publisher::connect(broker.port).await;
+    let stream = {
+        let client = publisher.client.clone();
+        tokio::spawn(async move {
+            for i in 0..N {
+                client
+                    .publish("stream/x", rumqttc::QoS::AtLeastOnce, false, i.to_string())
+                    .await
+                    .expect("queue publish");
+                if i % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                }
+            }
+        })
+    };
+    let seed = std::env::var("KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261127);
+    let mut rng = Lcg(seed);
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(50 + rng.next(250))).await;
+        daemon = daemon.kill().await.restart().await;
+        daemon.wait_for_log("connected to the MQTT broker").await;
+    }
+    stream.await.expect("publisher");
+    publisher.wait_acked(N as usize).await;
+    wait_all_delivered(&lambda.fake, N).await;
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[tokio::test]
+async fn a_lambda_outage_then_throttling_then_recovery_delivers_everything_across_a_restart() {
+    const N: u64 = 200;
+    let broker = Mosquitto::start().await;
+    // Lambda is down: nothing listens on its port.
+    let lambda_port = support::free_port();
+    let endpoint = format!("http://127.0.0.1:{lambda_port}");
+    let daemon = Daemon::start(&config(&broker.url(), &endpoint, RULES)).await;
+    daemon.wait_for_log("subscribed").await;
+    let publisher = Publisher::connect(broker.port).await;
+    for i in 0..N / 2 {
+        publisher.publish("stream/a", 1, i.to_string()).await;
+    }
+    daemon.wait_buffered((N / 2) as usize).await;
+    daemon.wait_for_log("code=Dispatch").await;
+
+    // Restart the daemon during the outage: what it buffered stays on disk.
+    let mut daemon = daemon;
+    let (code, log) = daemon.stop().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("left_in_buffer=100"), "{log}");
+    let daemon = daemon.restart().await;
+    daemon.wait_for_log("buffered messages from before").await;
+    for i in N / 2..N {
+        publisher.publish("stream/a", 1, i.to_string()).await;
+    }
+    daemon.wait_buffered((N / 2) as usize).await;
+
+    // Lambda comes back, throttling at first.
+    let fake = FakeLambda::default();
+    fake.script(
+        "sink",
+        [
+            Reply::throttle(Some("1")),
+            Reply::throttle(None),
+            Reply::service_error(),
+        ],
+    );
+    let _lambda = FakeLambdaServer::start_on(lambda_port, fake.clone()).await;
+    wait_all_delivered(&fake, N).await;
+    assert_eq!(fake.refused(), 3);
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("TooManyRequestsException"), "{log}");
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_stream_loses_nothing() {
+    const N: u64 = 1000;
+    let mut broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    lambda.fake.script(
+        "sink",
+        (0..5).map(|_| Reply::Slow(Duration::from_millis(100))),
+    );
+    let daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), RULES)).await;
+    daemon.wait_for_log("subscribed").await;
+    {
+        let publisher = Publisher::connect(broker.port).await;
+        for i in 0..N / 2 {
+            publisher.publish("stream/b", 1, i.to_string()).await;
+        }
+        publisher.wait_acked((N / 2) as usize).await;
+    }
+    // Gracefully: mosquitto saves sessions and in-flight messages to its persistence file.
+    broker.stop_gracefully().await;
+    broker.start_again().await;
+    daemon
+        .wait_for_log_count("connected to the MQTT broker", 2)
+        .await;
+    let publisher = Publisher::connect(broker.port).await;
+    for i in N / 2..N {
+        publisher.publish("stream/b", 1, i.to_string()).await;
+    }
+    publisher.wait_acked((N / 2) as usize).await;
+    wait_all_delivered(&lambda.fake, N).await;
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[tokio::test]
+async fn buffer_commands_refuse_while_the_daemon_runs_and_replay_dead_letters_after() {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    lambda.fake.missing("sink");
+    let mut daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), RULES)).await;
+    daemon.wait_for_log("subscribed").await;
+    let publisher = Publisher::connect(broker.port).await;
+    for i in 0..10 {
+        publisher.publish("stream/c", 1, i.to_string()).await;
+    }
+    daemon.wait_for_log("moved to the dead-letter store").await;
+
+    let config_path = daemon.config_path.clone();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(binary())
+            .args(args)
+            .arg("--config")
+            .arg(&config_path)
+            .output()
+            .expect("run the CLI")
+    };
+    let out = cli(&["buffer", "stats"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("in use by another mqtt-lambda-bridge process")
+    );
+
+    // Everything buffered is dead-lettered by the drain at SIGTERM.
+    daemon.wait_buffered(10).await;
+    let (code, _) = daemon.stop().await;
+    assert_eq!(code, Some(0));
+    let out = cli(&["buffer", "dead-letters", "list"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        listing.contains("stream  ResourceNotFoundException"),
+        "{listing}"
+    );
+    let out = cli(&["buffer", "dead-letters", "list", "--json"]);
+    let ids: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .flat_map(|l| {
+            l["event"]["messages"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), 10);
+    let out = cli(&["buffer", "dead-letters", "list", "--rule", "nope"]);
+    assert_eq!(out.status.code(), Some(64));
+
+    let out = cli(&["buffer", "dead-letters", "replay"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("stream: 10 message(s) back in the queue")
+    );
+    let out = cli(&["buffer", "stats"]);
+    let stats = String::from_utf8_lossy(&out.stdout).to_string();
+    let row = stats
+        .lines()
+        .find(|l| l.starts_with("stream"))
+        .unwrap_or_default()
+        .to_owned();
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns.get(1), Some(&"10"), "10 pending: {stats}");
+    assert_eq!(columns.last(), Some(&"0"), "no dead letters left: {stats}");
+
+    // The function exists now: the replayed messages arrive with their original ids.
+    let fixed = FakeLambdaServer::start().await;
+    let text = std::fs::read_to_string(&daemon.config_path)
+        .expect("config")
+        .replace(&lambda.endpoint(), &fixed.endpoint());
+    std::fs::write(&daemon.config_path, text).expect("rewrite config");
+    let daemon = daemon.restart().await;
+    fixed.fake.wait_for_messages("sink", 10).await;
+    let got: BTreeSet<String> = fixed
+        .fake
+        .invocations()
+        .iter()
+        .flat_map(|c| c.body["messages"].as_array().cloned().unwrap_or_default())
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(got, ids);
+    let (code, _) = daemon.terminate().await;
+    assert_eq!(code, Some(0));
+}
