@@ -67,7 +67,7 @@ pub async fn stats(config: &Config) -> Result<Vec<RuleBuffer>, AdminError> {
             .ok()
             .and_then(|entries| entries.into_iter().next())
             .and_then(|e| {
-                now.duration_since(UNIX_EPOCH + Duration::from_millis(e.message.received_at_ms))
+                now.duration_since(UNIX_EPOCH + Duration::from_millis(e.message.received_at_ms()))
                     .ok()
             });
         out.push(RuleBuffer {

@@ -26,12 +26,15 @@ pub struct Message {
     pub qos: u8,
     /// Whether the broker sent it as a retained message.
     pub retain: bool,
-    /// Milliseconds since the Unix epoch at receipt.
-    pub received_at_ms: u64,
 }
 
+/// Orders ids created within the same millisecond (UUIDv7's counter).
+static ID_CONTEXT: std::sync::Mutex<uuid::ContextV7> =
+    std::sync::Mutex::new(uuid::ContextV7::new());
+
 impl Message {
-    /// A message received now, with a fresh time-ordered id (UUIDv7).
+    /// A message received at `now`, with a fresh time-ordered id (UUIDv7) that carries `now`:
+    /// the id's timestamp *is* `received_at`, so it is stored once.
     pub fn received(
         topic: String,
         payload: Vec<u8>,
@@ -39,22 +42,32 @@ impl Message {
         retain: bool,
         now: SystemTime,
     ) -> Self {
-        let received_at_ms = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let id = {
+            let context = ID_CONTEXT.lock().unwrap_or_else(|p| p.into_inner());
+            let ts = uuid::Timestamp::from_unix(&*context, since.as_secs(), since.subsec_nanos());
+            uuid::Uuid::new_v7(ts)
+        };
         Message {
-            id: uuid::Uuid::now_v7(),
+            id,
             topic,
             payload,
             qos,
             retain,
-            received_at_ms,
         }
+    }
+
+    /// Milliseconds since the Unix epoch at receipt, from the id (0 for an id that is not v7).
+    pub fn received_at_ms(&self) -> u64 {
+        self.id.get_timestamp().map_or(0, |ts| {
+            let (secs, nanos) = ts.to_unix();
+            secs * 1000 + u64::from(nanos / 1_000_000)
+        })
     }
 
     /// `received_at` as RFC 3339 with milliseconds, UTC: `2026-11-27T10:15:30.123Z`.
     pub fn received_at(&self) -> String {
-        let at = UNIX_EPOCH + Duration::from_millis(self.received_at_ms);
+        let at = UNIX_EPOCH + Duration::from_millis(self.received_at_ms());
         humantime::format_rfc3339_millis(at).to_string()
     }
 }
@@ -181,14 +194,18 @@ mod tests {
     use serde_json::{Value, json};
 
     fn msg(payload: &[u8]) -> Message {
-        Message {
-            id: uuid::Uuid::from_u128(0x0192_abcd_0000_7000_8000_0000_0000_0001),
-            topic: "sensors/dev1/temperature".into(),
-            payload: payload.to_vec(),
-            qos: 1,
-            retain: false,
-            received_at_ms: 1_795_774_530_123,
-        }
+        let mut m = Message::received(
+            "sensors/dev1/temperature".into(),
+            payload.to_vec(),
+            1,
+            false,
+            UNIX_EPOCH + Duration::from_millis(1_795_774_530_123),
+        );
+        // A fixed id with that same timestamp, for exact comparisons.
+        let mut bytes = *m.id.as_bytes();
+        bytes[6..].copy_from_slice(&[0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 1]);
+        m.id = uuid::Uuid::from_bytes(bytes);
+        m
     }
 
     fn event(payloads: &[&[u8]]) -> Value {
@@ -204,7 +221,7 @@ mod tests {
             json!({
                 "rule": "temperature",
                 "messages": [{
-                    "id": "0192abcd-0000-7000-8000-000000000001",
+                    "id": "01a21c80-c24b-7000-8000-000000000001",
                     "topic": "sensors/dev1/temperature",
                     "payload": {"c": 21.5},
                     "qos": 1,

@@ -279,9 +279,13 @@ async fn messages_older_than_max_age_are_dropped_and_counted() {
     let mut c = config(dir.path());
     c.max_age = Some(Duration::from_secs(3600));
     let q = DiskQueue::open(c).expect("open");
-    let mut old = msg(1);
-    old.received_at_ms = 0;
-    let _ = UNIX_EPOCH;
+    let old = Message::received(
+        "t/1".into(),
+        b"old".to_vec(),
+        1,
+        false,
+        UNIX_EPOCH + Duration::from_secs(1),
+    );
     q.append(vec![old, msg(2)]).await.expect("append");
     assert_eq!(numbers(&drain(&q)), vec![2]);
     assert_eq!(q.counters().expired.load(Ordering::Relaxed), 1);

@@ -168,19 +168,12 @@ pub fn messages_of(letter: &DeadLetter) -> Vec<Message> {
                     other => serde_json::to_vec(other).ok()?,
                 }
             };
-            let received_at_ms = m
-                .get("received_at")
-                .and_then(|t| t.as_str())
-                .and_then(|t| humantime::parse_rfc3339(t).ok())
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_millis() as u64);
             Some(Message {
                 id,
                 topic,
                 payload,
                 qos: m.get("qos").and_then(|q| q.as_u64()).unwrap_or(1).min(2) as u8,
                 retain: m.get("retain").and_then(|r| r.as_bool()).unwrap_or(false),
-                received_at_ms,
             })
         })
         .collect()

@@ -562,7 +562,7 @@ impl DiskQueue {
                     }
                     reader.next_seq = seq + 1;
                     if let Some(max_age) = self.shared.config.max_age {
-                        let age = now_ms().saturating_sub(message.received_at_ms);
+                        let age = now_ms().saturating_sub(message.received_at_ms());
                         if age > max_age.as_millis() as u64 {
                             self.shared.counters.expired.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(

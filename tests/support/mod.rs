@@ -66,7 +66,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_inflight_messages 100\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\n",
+                "listener {} 127.0.0.1\nuser root\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_inflight_messages 100\nmax_queued_messages 1000000\nlog_dest stderr\nlog_type error\n",
                 self.port,
                 self.dir.path().display()
             ),
