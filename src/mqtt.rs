@@ -9,6 +9,7 @@
 //! Manual acks are on: a publish that was not appended is never acknowledged, so after a crash
 //! the broker (persistent session, `clean_start = false`) delivers it again.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -18,6 +19,7 @@ use rumqttc::{
     SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::config::{MqttConfig, parse_mqtt_url};
 use crate::envelope::Message;
@@ -45,6 +47,8 @@ const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(250);
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
 /// Time given to the final acks and DISCONNECT at shutdown.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+/// How soon acks that found rumqttc's request channel full are offered again.
+const ACK_RETRY: Duration = Duration::from_millis(1);
 
 /// Why the MQTT side cannot start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +210,7 @@ pub async fn run<Q: Queue>(
     let mut poll_task = tokio::spawn(poll(eventloop, client.clone(), filters, tx));
 
     let mut publishes = Vec::with_capacity(INGEST_BATCH);
+    let mut acks = AckQueue::default();
     loop {
         tokio::select! {
             biased;
@@ -214,16 +219,35 @@ pub async fn run<Q: Queue>(
                 if n == 0 {
                     break;
                 }
-                if !ingest(&sink, &client, &publishes, &shutdown).await {
+                if !ingest(&sink, &publishes, &shutdown).await {
                     break;
                 }
+                acks.extend(&publishes);
                 publishes.clear();
+                if acks.flush(&client, &poll_task).is_err() {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep(ACK_RETRY), if !acks.is_empty() => {
+                if acks.flush(&client, &poll_task).is_err() {
+                    break;
+                }
+                if acks.is_empty() {
+                    tracing::debug!("every acknowledgement handed to the event loop");
+                }
             }
         }
     }
     // Publishes still buffered were not appended: they stay unacknowledged and the broker
-    // delivers them again next time.
+    // delivers them again next time. Acks still waiting get a last chance below.
     drop(rx);
+    let deadline = tokio::time::Instant::now() + DISCONNECT_GRACE;
+    while !acks.is_empty() && tokio::time::Instant::now() < deadline {
+        if acks.flush(&client, &poll_task).is_err() {
+            break;
+        }
+        tokio::time::sleep(ACK_RETRY).await;
+    }
     let _ = client.try_disconnect();
     if tokio::time::timeout(DISCONNECT_GRACE, &mut poll_task)
         .await
@@ -234,14 +258,57 @@ pub async fn run<Q: Queue>(
     tracing::info!("MQTT ingest stopped");
 }
 
-/// Appends one group of publishes to their rules' queues, then acknowledges them in order.
-/// Returns `false` when shutdown interrupted it (nothing unappended was acknowledged).
-async fn ingest<Q: Queue>(
-    sink: &Sink<Q>,
-    client: &AsyncClient,
-    publishes: &[Publish],
-    shutdown: &Shutdown,
-) -> bool {
+/// Acknowledgements waiting for room in rumqttc's request channel, in the order received.
+///
+/// rumqttc's event loop takes one request per turn but reads up to ten packets per turn, so a
+/// broker that floods us (mosquitto restoring a large persisted backlog ignores its in-flight
+/// limit) can fill the request channel with acks. If ingest then *awaited* room there, it would
+/// stop draining the publish channel, the poll task would stop polling, and nothing would ever
+/// drain the acks: a deadlock. So acks are handed over without waiting, and the rest wait here
+/// (a packet id and a QoS each) while ingest goes on.
+#[derive(Default)]
+struct AckQueue {
+    waiting: VecDeque<Publish>,
+}
+
+impl AckQueue {
+    fn extend(&mut self, publishes: &[Publish]) {
+        self.waiting.extend(
+            publishes
+                .iter()
+                .filter(|p| p.qos != QoS::AtMostOnce)
+                .map(|p| {
+                    let mut ack = Publish::new("", p.qos, Vec::new());
+                    ack.pkid = p.pkid;
+                    ack
+                }),
+        );
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Hands over as many acks as fit; `Err` when the event loop (the poll task) is gone.
+    fn flush(&mut self, client: &AsyncClient, poll_task: &JoinHandle<()>) -> Result<(), ()> {
+        while let Some(ack) = self.waiting.front() {
+            if client.try_ack(ack).is_err() {
+                // Full, or closed because the poll task ended.
+                return if poll_task.is_finished() {
+                    Err(())
+                } else {
+                    Ok(())
+                };
+            }
+            self.waiting.pop_front();
+        }
+        Ok(())
+    }
+}
+
+/// Appends one group of publishes to their rules' queues; the caller acknowledges them after.
+/// Returns `false` when shutdown interrupted it (nothing unappended is acknowledged).
+async fn ingest<Q: Queue>(sink: &Sink<Q>, publishes: &[Publish], shutdown: &Shutdown) -> bool {
     let now = SystemTime::now();
     let mut per_rule: Vec<Vec<Message>> = vec![Vec::new(); sink.queues.len()];
     for publish in publishes {
@@ -302,12 +369,6 @@ async fn ingest<Q: Queue>(
         sink.stats[i]
             .queued
             .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
-    }
-    for publish in publishes {
-        if client.ack(publish).await.is_err() {
-            // The event loop is gone (shutdown): the broker redelivers what was not acked.
-            return false;
-        }
     }
     tracing::debug!(publishes = publishes.len(), "buffered and acknowledged");
     true
@@ -394,6 +455,7 @@ async fn poll(
     let mut backoff = reconnect_backoff();
     let mut subscribed_once = false;
     let mut last_error: Option<String> = None;
+    let mut received: u64 = 0;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
@@ -426,6 +488,10 @@ async fn poll(
                 }
             }
             Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                received += 1;
+                if received.is_multiple_of(10_000) {
+                    tracing::debug!(received, "publishes received from the broker");
+                }
                 if tx.send(publish).await.is_err() {
                     // Ingest has stopped; the broker keeps this one for next time.
                 }

@@ -21,11 +21,12 @@ max_wait = "20ms"
 
 /// Payload numbers that reached the function, each counted once.
 fn delivered(fake: &FakeLambda) -> BTreeSet<u64> {
-    fake.invocations()
-        .iter()
-        .flat_map(|c| c.body["messages"].as_array().cloned().unwrap_or_default())
-        .filter_map(|m| m["payload"].as_u64())
-        .collect()
+    fake.with_invocations(|all| {
+        all.iter()
+            .flat_map(|c| c.body["messages"].as_array().into_iter().flatten())
+            .filter_map(|m| m["payload"].as_u64())
+            .collect()
+    })
 }
 
 async fn wait_all_delivered(fake: &FakeLambda, n: u64) {
@@ -132,6 +133,27 @@ async fn a_lambda_outage_then_throttling_then_recovery_delivers_everything_acros
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("TooManyRequestsException"), "{log}");
+}
+
+#[tokio::test]
+async fn a_backlog_flood_from_the_broker_is_ingested_without_stalling() {
+    // mosquitto with persistence sends a stored backlog without waiting for acks; rumqttc then
+    // lags in sending them, which once deadlocked ingest at about 10,000 messages.
+    const N: u64 = 20_000;
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let mut daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), RULES)).await;
+    daemon.wait_for_log("subscribed").await;
+    daemon.stop().await;
+    let publisher = Publisher::connect(broker.port).await;
+    for i in 0..N {
+        publisher.publish("stream/flood", 1, i.to_string()).await;
+    }
+    publisher.wait_acked(N as usize).await;
+    let daemon = daemon.restart().await;
+    wait_all_delivered(&lambda.fake, N).await;
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
 }
 
 #[tokio::test]

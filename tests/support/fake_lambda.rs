@@ -114,6 +114,10 @@ impl FakeLambdaServer {
         let app = Router::new()
             .route("/2015-03-31/functions/{function}/invocations", post(invoke))
             .with_state(fake.clone());
+        // Like Lambda's front end: answer without waiting on Nagle's algorithm.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -141,6 +145,11 @@ impl FakeLambda {
             .expect("lock")
             .missing
             .insert(function.to_owned());
+    }
+
+    /// Runs `f` over the recorded invocations without copying them.
+    pub fn with_invocations<R>(&self, f: impl FnOnce(&[Invocation]) -> R) -> R {
+        f(&self.inner.lock().expect("lock").invocations)
     }
 
     pub fn invocations(&self) -> Vec<Invocation> {
