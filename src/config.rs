@@ -105,6 +105,9 @@ pub struct AwsConfig {
     /// Time allowed for one Invoke call, response included (cover `request_response` functions).
     #[serde(default = "defaults::operation_timeout")]
     pub operation_timeout: HumanDuration,
+    /// Most Invoke calls in flight across all rules.
+    #[serde(default = "defaults::global_concurrency")]
+    pub max_concurrency: usize,
 }
 
 impl Default for AwsConfig {
@@ -115,6 +118,7 @@ impl Default for AwsConfig {
             profile: None,
             connect_timeout: defaults::connect_timeout(),
             operation_timeout: defaults::operation_timeout(),
+            max_concurrency: defaults::global_concurrency(),
         }
     }
 }
@@ -187,6 +191,55 @@ pub struct RuleConfig {
     pub batch: Option<BatchConfig>,
     /// Pace of invocations.
     pub rate_limit: Option<RateLimitConfig>,
+    /// Drop repetitive messages per topic.
+    pub throttle: Option<ThrottleConfig>,
+    /// Summarize numeric fields in windows instead of forwarding messages.
+    pub aggregate: Option<AggregateConfig>,
+    /// Most invocations of this rule in flight; halved on throttling, regained on success.
+    #[serde(default = "defaults::rule_concurrency")]
+    pub max_concurrency: usize,
+}
+
+/// `[rules.throttle]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleConfig {
+    /// At most one message per topic per interval.
+    pub min_interval: Option<HumanDuration>,
+    /// Which one `min_interval` keeps.
+    #[serde(default)]
+    pub keep: KeepConfig,
+    /// Drop a payload identical to the last one from its topic.
+    #[serde(default)]
+    pub only_changes: bool,
+    /// Drop a message whose `deadband_field` moved less than this since the last one kept.
+    pub deadband: Option<f64>,
+    /// JSON pointer of the number the deadband watches, e.g. "/temperature".
+    pub deadband_field: Option<String>,
+}
+
+/// `rules[].throttle.keep`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeepConfig {
+    /// The last message of each interval (it waits for the interval's end).
+    #[default]
+    Latest,
+    /// The first message of each interval.
+    First,
+}
+
+/// `[rules.aggregate]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// Length of the tumbling windows.
+    pub window: HumanDuration,
+    /// JSON pointers of the numeric fields to summarize.
+    pub fields: Vec<String>,
+    /// "topic" (default), "none", or "level:N" (the Nth topic level, from 1).
+    #[serde(default = "defaults::group_by")]
+    pub group_by: String,
 }
 
 /// `rules[].invocation`
@@ -285,6 +338,16 @@ mod defaults {
     }
     pub fn burst() -> u32 {
         1
+    }
+    pub fn rule_concurrency() -> usize {
+        // One at a time keeps invocations in queue order; more is an explicit choice.
+        1
+    }
+    pub fn global_concurrency() -> usize {
+        32
+    }
+    pub fn group_by() -> String {
+        "topic".to_owned()
     }
 }
 
@@ -495,6 +558,9 @@ impl Config {
         if self.aws.operation_timeout.0.is_zero() {
             report("aws.operation_timeout".into(), "must be above zero".into());
         }
+        if self.aws.max_concurrency == 0 {
+            report("aws.max_concurrency".into(), "must be at least 1".into());
+        }
         if self.aws.connect_timeout.0.is_zero() {
             report("aws.connect_timeout".into(), "must be above zero".into());
         }
@@ -578,6 +644,58 @@ impl Config {
                             ),
                         );
                     }
+                }
+            }
+            if rule.max_concurrency == 0 {
+                report(key("max_concurrency"), "must be at least 1".into());
+            }
+            if let Some(throttle) = &rule.throttle {
+                if throttle.min_interval.is_some_and(|d| d.0.is_zero()) {
+                    report(key("throttle.min_interval"), "must be above zero".into());
+                }
+                match (&throttle.deadband, &throttle.deadband_field) {
+                    (Some(band), Some(field)) => {
+                        if !(band.is_finite() && *band > 0.0) {
+                            report(key("throttle.deadband"), format!("must be a number above zero, got {band}"));
+                        }
+                        if !field.starts_with('/') {
+                            report(key("throttle.deadband_field"), format!("{field:?} is not a JSON pointer; write e.g. \"/temperature\""));
+                        }
+                    }
+                    (Some(_), None) => report(key("throttle.deadband_field"), "deadband needs the field it watches, e.g. deadband_field = \"/temperature\"".into()),
+                    (None, Some(_)) => report(key("throttle.deadband"), "deadband_field needs a deadband, e.g. deadband = 0.5".into()),
+                    (None, None) => {}
+                }
+                if throttle.min_interval.is_none()
+                    && !throttle.only_changes
+                    && throttle.deadband.is_none()
+                {
+                    report(key("throttle"), "set min_interval, only_changes or deadband (an empty throttle does nothing)".into());
+                }
+            }
+            if let Some(aggregate) = &rule.aggregate {
+                if aggregate.window.0 < Duration::from_secs(1) {
+                    report(key("aggregate.window"), "must be at least 1s".into());
+                }
+                if aggregate.fields.is_empty() {
+                    report(
+                        key("aggregate.fields"),
+                        "list at least one JSON pointer, e.g. [\"/temperature\"]".into(),
+                    );
+                }
+                for (j, field) in aggregate.fields.iter().enumerate() {
+                    if !field.starts_with('/') {
+                        report(
+                            key(&format!("aggregate.fields[{j}]")),
+                            format!("{field:?} is not a JSON pointer; write e.g. \"/temperature\""),
+                        );
+                    }
+                }
+                if let Err(message) = crate::aggregate::GroupBy::parse(&aggregate.group_by) {
+                    report(key("aggregate.group_by"), message);
+                }
+                if rule.batch.is_some() {
+                    report(key("aggregate"), "a rule either batches messages ([rules.batch]) or summarizes them ([rules.aggregate]), not both".into());
                 }
             }
             if let Some(rate) = &rule.rate_limit {

@@ -17,7 +17,9 @@
 //! - [`queue`]: the per-rule queue seam (`append` / `read` / `ack`) and its implementations.
 //! - [`mqtt`]: connection options, the event loop, ingest into the queues, acks after append.
 //! - [`pipeline`]: per-rule delivery: batching, rate limiting, retries with backoff.
-//! - [`ratelimit`]: the token bucket (pure).
+//! - [`ratelimit`]: the token bucket and adaptive concurrency (pure).
+//! - [`throttle`]: per-topic min_interval, only_changes, deadband (pure).
+//! - [`aggregate`]: statistics windows (pure).
 //! - [`invoker`]: the [`invoker::Invoke`] seam, the AWS SDK client, failure classification.
 //! - [`shutdown`]: the stop signal shared by every task.
 //! - [`admin`]: the `buffer stats` and `buffer dead-letters` commands.
@@ -25,6 +27,7 @@
 //! [`run`] wires them together and takes the shutdown future, so tests can stop it.
 
 pub mod admin;
+pub mod aggregate;
 pub mod config;
 pub mod envelope;
 pub mod invoker;
@@ -34,6 +37,7 @@ pub mod queue;
 pub mod ratelimit;
 pub mod rules;
 pub mod shutdown;
+pub mod throttle;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -175,6 +179,9 @@ pub async fn run_with<I: Invoke>(
     let (stop_ingest, ingest_shutdown) = shutdown::channel();
     let (stop_delivery, drain) = shutdown::channel();
 
+    let global = Arc::new(tokio::sync::Semaphore::new(
+        config.aws.max_concurrency.max(1),
+    ));
     let mut deliveries = tokio::task::JoinSet::new();
     for (((plan, queue), stats), letters) in plans.iter().zip(&queues).zip(&stats).zip(&letters) {
         deliveries.spawn(pipeline::deliver(
@@ -183,6 +190,7 @@ pub async fn run_with<I: Invoke>(
             invoker.clone(),
             stats.clone(),
             letters.clone(),
+            global.clone(),
             drain.clone(),
         ));
     }
@@ -245,6 +253,9 @@ pub async fn run_with<I: Invoke>(
             failed_attempts = stats.failed_attempts.load(Ordering::Relaxed),
             set_aside = stats.set_aside.load(Ordering::Relaxed),
             dead_lettered = stats.dead_lettered.load(Ordering::Relaxed),
+            throttled_min_interval = stats.throttled_min_interval.load(Ordering::Relaxed),
+            throttled_only_changes = stats.throttled_unchanged.load(Ordering::Relaxed),
+            throttled_deadband = stats.throttled_deadband.load(Ordering::Relaxed),
             dropped_oldest = counters.dropped_oldest.load(Ordering::Relaxed),
             dropped_newest = counters.dropped_newest.load(Ordering::Relaxed),
             expired = counters.expired.load(Ordering::Relaxed),

@@ -6,21 +6,25 @@
 //! function holds up only its own rule. Order within a rule is FIFO: a batch is retried until it
 //! is accepted before the next one is formed.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::Instant;
 
+use crate::aggregate::{AggregateSpec, Aggregator, Window};
 use crate::config::{InvocationType, RuleConfig};
 use crate::envelope::{self, Message};
 use crate::invoker::{Invoke, InvokeError, InvokeRequest};
 use crate::queue::deadletter::{self, DeadLetter, DeadLetters};
-use crate::queue::{Entry, Queue, QueueError};
-use crate::ratelimit::TokenBucket;
+use crate::queue::{Entry, Queue, QueueError, Seq};
+use crate::ratelimit::{Aimd, TokenBucket};
 use crate::shutdown::Shutdown;
+use crate::throttle::{DropReason, Throttle, ThrottleSpec};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 /// First delay after a failed invocation.
 pub const RETRY_MIN_DELAY: Duration = Duration::from_millis(500);
@@ -48,6 +52,12 @@ pub struct RulePlan {
     pub max_wait: Duration,
     /// Invocations per second and burst, when paced.
     pub rate_limit: Option<(f64, u32)>,
+    /// Per-topic throttling, when configured.
+    pub throttle: Option<ThrottleSpec>,
+    /// Statistics windows instead of forwarding, when configured.
+    pub aggregate: Option<AggregateSpec>,
+    /// Most invocations of this rule in flight (adaptive below it).
+    pub max_concurrency: usize,
 }
 
 impl RulePlan {
@@ -77,6 +87,22 @@ impl RulePlan {
                 .rate_limit
                 .as_ref()
                 .map(|r| (r.invocations_per_second, r.burst)),
+            throttle: rule.throttle.as_ref().map(|t| ThrottleSpec {
+                min_interval_ms: t.min_interval.map(|d| d.0.as_millis() as u64),
+                keep: match t.keep {
+                    crate::config::KeepConfig::First => crate::throttle::Keep::First,
+                    crate::config::KeepConfig::Latest => crate::throttle::Keep::Latest,
+                },
+                only_changes: t.only_changes,
+                deadband: t.deadband_field.clone().zip(t.deadband),
+            }),
+            aggregate: rule.aggregate.as_ref().map(|a| AggregateSpec {
+                window_ms: a.window.0.as_millis().max(1) as u64,
+                fields: a.fields.clone(),
+                group_by: crate::aggregate::GroupBy::parse(&a.group_by)
+                    .unwrap_or(crate::aggregate::GroupBy::Topic),
+            }),
+            max_concurrency: rule.max_concurrency.max(1),
         }
     }
 
@@ -115,6 +141,12 @@ pub struct RuleStats {
     pub set_aside: AtomicU64,
     /// Messages moved to the dead-letter store (set-aside ones included).
     pub dead_lettered: AtomicU64,
+    /// Messages dropped by `throttle.min_interval`.
+    pub throttled_min_interval: AtomicU64,
+    /// Messages dropped by `throttle.only_changes`.
+    pub throttled_unchanged: AtomicU64,
+    /// Messages dropped by `throttle.deadband`.
+    pub throttled_deadband: AtomicU64,
 }
 
 impl RuleStats {
@@ -136,116 +168,444 @@ pub enum DeliveryError {
     },
 }
 
-/// Delivers the rule's queue until `drain` is triggered and the queue is empty.
+/// One event ready to send, and the queue positions it covers.
+struct Unit {
+    /// Lowest sequence in it: acknowledgements must stay below until it is done.
+    first_seq: Seq,
+    /// The encoded event.
+    payload: Vec<u8>,
+    /// Messages it carries (for counters; a window counts the messages it summarizes).
+    messages: usize,
+}
+
+/// What the delivery task holds between the queue and Lambda.
+struct Stage {
+    plan: Arc<RulePlan>,
+    throttle: Option<Throttle>,
+    aggregator: Option<Aggregator>,
+    /// The batch being filled (forwarding mode) and its encoded size.
+    batch: Vec<Entry>,
+    batch_bytes: usize,
+    batch_deadline: Option<Instant>,
+    /// Events formed, waiting for a free invocation slot.
+    ready: VecDeque<Unit>,
+    /// Highest sequence read from the queue.
+    consumed: Option<Seq>,
+    stats: Arc<RuleStats>,
+}
+
+/// How long a statistics window stays open past its end for its last messages to arrive.
+pub const WINDOW_GRACE: Duration = Duration::from_secs(1);
+/// Events formed ahead of free invocation slots: bounds memory while Lambda is slow.
+const READY_AHEAD: usize = 4;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Stage {
+    fn new(plan: Arc<RulePlan>, stats: Arc<RuleStats>) -> Self {
+        Stage {
+            throttle: plan.throttle.clone().map(Throttle::new),
+            aggregator: plan.aggregate.clone().map(Aggregator::new),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_deadline: None,
+            ready: VecDeque::new(),
+            consumed: None,
+            stats,
+            plan,
+        }
+    }
+
+    /// Takes one entry from the queue through throttle and batch or window.
+    fn take(&mut self, entry: Entry) {
+        self.consumed = Some(self.consumed.map_or(entry.seq, |c| c.max(entry.seq)));
+        let passing = match self.throttle.as_mut() {
+            Some(throttle) => {
+                let out = throttle.push(entry);
+                self.count_drops(&out.dropped);
+                out.pass
+            }
+            None => vec![entry],
+        };
+        for entry in passing {
+            self.output(entry);
+        }
+    }
+
+    fn count_drops(&self, dropped: &[(Entry, DropReason)]) {
+        for (entry, reason) in dropped {
+            let counter = match reason {
+                DropReason::MinInterval => &self.stats.throttled_min_interval,
+                DropReason::Unchanged => &self.stats.throttled_unchanged,
+                DropReason::Deadband => &self.stats.throttled_deadband,
+            };
+            RuleStats::add(counter, 1);
+            tracing::debug!(rule = %self.plan.name, topic = %entry.message.topic, id = %entry.message.id, reason = reason.as_str(), "dropped by [rules.throttle]");
+        }
+    }
+
+    fn output(&mut self, entry: Entry) {
+        if let Some(aggregator) = self.aggregator.as_mut() {
+            if let Some(window) = aggregator.push(entry.seq, &entry.message) {
+                self.window_units(window);
+            }
+            return;
+        }
+        let len = envelope::encoded_message_len(&entry.message);
+        let overhead = envelope::envelope_overhead(&self.plan.name);
+        if !self.batch.is_empty() && overhead + self.batch_bytes + len > self.plan.max_bytes {
+            self.close_batch();
+        }
+        self.batch_bytes += len;
+        self.batch.push(entry);
+        if self.batch.len() >= self.plan.max_messages || self.plan.max_wait.is_zero() {
+            self.close_batch();
+        } else if self.batch_deadline.is_none() {
+            self.batch_deadline = Some(Instant::now() + self.plan.max_wait);
+        }
+    }
+
+    fn close_batch(&mut self) {
+        self.batch_deadline = None;
+        self.batch_bytes = 0;
+        let batch = std::mem::take(&mut self.batch);
+        let Some(first) = batch.first() else { return };
+        let first_seq = first.seq;
+        let messages: Vec<Message> = batch.into_iter().map(|e| e.message).collect();
+        self.ready.push_back(Unit {
+            first_seq,
+            payload: envelope::encode_event(&self.plan.name, &messages),
+            messages: messages.len(),
+        });
+    }
+
+    /// A closed window becomes one event, or several when its groups exceed the size limit.
+    fn window_units(&mut self, window: Window) {
+        let Some(spec) = self.aggregator.as_ref().map(|a| a.spec().clone()) else {
+            return;
+        };
+        let first_seq = window.first_seq;
+        let messages = window.messages as usize;
+        let mut chunks: Vec<Window> = Vec::new();
+        let mut current = Window {
+            groups: Default::default(),
+            ..window.clone()
+        };
+        for (key, group) in window.groups {
+            current.groups.insert(key.clone(), group.clone());
+            let size = serde_json::to_vec(&current.to_event(&self.plan.name, &spec))
+                .map_or(0, |v| v.len());
+            if size > self.plan.max_bytes && current.groups.len() > 1 {
+                current.groups.remove(&key);
+                let empty = Window {
+                    groups: Default::default(),
+                    ..current.clone()
+                };
+                chunks.push(std::mem::replace(&mut current, empty));
+                current.groups.insert(key, group);
+            }
+        }
+        chunks.push(current);
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            self.ready.push_back(Unit {
+                first_seq,
+                payload: serde_json::to_vec(&chunk.to_event(&self.plan.name, &spec))
+                    .unwrap_or_default(),
+                messages: if i == 0 { messages } else { 0 },
+            });
+        }
+    }
+
+    /// Handles what falls due at `now`: batch deadlines, windows, held throttle messages.
+    fn tick(&mut self, now: Instant) {
+        let wall = now_ms();
+        if let Some(throttle) = self.throttle.as_mut() {
+            let out = throttle.release_due(wall);
+            self.count_drops(&out.dropped);
+            for entry in out.pass {
+                self.output(entry);
+            }
+        }
+        if let Some(window) = self
+            .aggregator
+            .as_mut()
+            .and_then(|a| a.close_due(wall, WINDOW_GRACE.as_millis() as u64))
+        {
+            self.window_units(window);
+        }
+        if self.batch_deadline.is_some_and(|d| d <= now) {
+            self.close_batch();
+        }
+    }
+
+    /// Shutdown: everything partial becomes an event now.
+    fn flush(&mut self) {
+        if let Some(throttle) = self.throttle.as_mut() {
+            let out = throttle.release_due(u64::MAX);
+            self.count_drops(&out.dropped);
+            for entry in out.pass {
+                self.output(entry);
+            }
+        }
+        if let Some(window) = self.aggregator.as_mut().and_then(Aggregator::close_now) {
+            self.window_units(window);
+        }
+        self.close_batch();
+    }
+
+    /// When `tick` next has something to do.
+    fn next_due(&self) -> Option<Instant> {
+        let wall = now_ms();
+        let from_wall = |ms: u64| Instant::now() + Duration::from_millis(ms.saturating_sub(wall));
+        let mut due = self.batch_deadline;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                due = Some(due.map_or(at, |d| d.min(at)));
+            }
+        };
+        consider(
+            self.throttle
+                .as_ref()
+                .and_then(Throttle::next_due_ms)
+                .map(from_wall),
+        );
+        consider(
+            self.aggregator
+                .as_ref()
+                .and_then(Aggregator::open_until_ms)
+                .map(|end| from_wall(end + WINDOW_GRACE.as_millis() as u64)),
+        );
+        due
+    }
+
+    /// The lowest sequence read but not yet finished here (batch, window, held message).
+    fn lowest_pending(&self) -> Option<Seq> {
+        [
+            self.batch.first().map(|e| e.seq),
+            self.aggregator
+                .as_ref()
+                .and_then(Aggregator::open_first_seq),
+            self.throttle.as_ref().and_then(Throttle::lowest_held),
+            self.ready.iter().map(|u| u.first_seq).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.lowest_pending().is_none()
+    }
+}
+
+/// What one invocation task reports back.
+struct Done {
+    first_seq: Seq,
+    messages: usize,
+    outcome: Outcome,
+}
+
+/// Delivers the rule's queue until `drain` is triggered and everything read is delivered (or
+/// Lambda refuses during the drain: then the rest stays in the queue).
+///
+/// Events are formed in queue order and invoked with up to the rule's adaptive concurrency (and
+/// the global cap) in flight; the queue is acknowledged up to the lowest event not yet accepted,
+/// so a crash only ever replays, never skips.
 pub async fn deliver<Q: Queue, I: Invoke>(
     plan: RulePlan,
     queue: Arc<Q>,
     invoker: Arc<I>,
     stats: Arc<RuleStats>,
     dead_letters: DeadLetters,
+    global: Arc<Semaphore>,
     drain: Shutdown,
 ) -> Result<(), DeliveryError> {
+    let plan = Arc::new(plan);
     let queue_err = |source| DeliveryError::Queue {
         rule: plan.name.clone(),
         source,
     };
-    let mut bucket = plan
+    let bucket = plan
         .rate_limit
-        .map(|(rate, burst)| TokenBucket::new(rate, burst, Instant::now()));
-    let overhead = envelope::envelope_overhead(&plan.name);
-    // Entries read but left for the next batch because they did not fit.
-    let mut carry: VecDeque<(Entry, usize)> = VecDeque::new();
+        .map(|(rate, burst)| Arc::new(Mutex::new(TokenBucket::new(rate, burst, Instant::now()))));
+    let aimd = Arc::new(Mutex::new(Aimd::new(plan.max_concurrency)));
+    let mut stage = Stage::new(plan.clone(), stats.clone());
+    let mut inflight: JoinSet<Done> = JoinSet::new();
+    // First sequences of the events in flight: the queue is acknowledged below the lowest.
+    let mut inflight_firsts: BTreeSet<Seq> = BTreeSet::new();
+    let mut acked: Option<Seq> = None;
+    let mut draining = false;
+    let mut stopping = false;
+    let read_size = plan.max_messages.clamp(1, 256);
     loop {
-        let mut batch: Vec<Entry> = Vec::new();
-        let mut bytes = overhead;
-        let mut deadline: Option<Instant> = None;
-        loop {
-            if batch.len() >= plan.max_messages {
+        // Start what may start.
+        while !stopping
+            && !stage.ready.is_empty()
+            && inflight.len() < aimd.lock().map_or(1, |a| a.limit())
+        {
+            let Ok(permit) = global.clone().try_acquire_owned() else {
                 break;
-            }
-            let next = match carry.pop_front() {
-                Some(next) => Some(next),
-                None => {
-                    let wanted = plan.max_messages - batch.len();
-                    let mut got = queue.try_read(wanted).map_err(queue_err)?;
-                    if got.is_empty() {
-                        let wait_until = match (batch.is_empty(), deadline) {
-                            (true, _) => None,
-                            (false, Some(d)) => Some(d),
-                            (false, None) => break,
-                        };
-                        if drain.is_triggered() {
-                            if batch.is_empty() {
-                                return Ok(());
-                            }
-                            break;
-                        }
-                        tokio::select! {
-                            read = queue.read(wanted) => got = read.map_err(queue_err)?,
-                            _ = sleep_until_opt(wait_until) => break,
-                            _ = drain.wait() => continue,
-                        }
-                    }
-                    carry.extend(got.into_iter().map(|e| {
-                        let len = envelope::encoded_message_len(&e.message);
-                        (e, len)
-                    }));
-                    carry.pop_front()
-                }
             };
-            let Some((entry, len)) = next else { break };
-            if !batch.is_empty() && bytes + len > plan.max_bytes {
-                carry.push_front((entry, len));
+            let Some(unit) = stage.ready.pop_front() else {
                 break;
-            }
-            bytes += len;
-            batch.push(entry);
-            if deadline.is_none() && !plan.max_wait.is_zero() {
-                deadline = Some(Instant::now() + plan.max_wait);
-            }
+            };
+            inflight_firsts.insert(unit.first_seq);
+            let (plan, invoker, stats, bucket, aimd, drain) = (
+                plan.clone(),
+                invoker.clone(),
+                stats.clone(),
+                bucket.clone(),
+                aimd.clone(),
+                drain.clone(),
+            );
+            inflight.spawn(async move {
+                let outcome = send_event(
+                    &plan,
+                    &unit.payload,
+                    unit.messages,
+                    &*invoker,
+                    &stats,
+                    bucket.as_deref(),
+                    &aimd,
+                    &drain,
+                )
+                .await;
+                drop(permit);
+                Done {
+                    first_seq: unit.first_seq,
+                    messages: unit.messages,
+                    outcome,
+                }
+            });
         }
-        if batch.is_empty() {
+
+        // Acknowledge everything below the lowest event not yet accepted.
+        let barrier = [inflight_firsts.first().copied(), stage.lowest_pending()]
+            .into_iter()
+            .flatten()
+            .min();
+        let through = match barrier {
+            Some(0) => None,
+            Some(b) => stage.consumed.map(|c| c.min(b - 1)),
+            None => stage.consumed,
+        };
+        if let Some(through) = through
+            && acked.is_none_or(|a| through > a)
+        {
+            queue.ack(through).await.map_err(queue_err)?;
+            acked = Some(through);
+        }
+
+        if draining && inflight.is_empty() && (stopping || stage.is_idle()) {
+            return Ok(());
+        }
+
+        let may_read = !stopping && stage.ready.len() < READY_AHEAD;
+        if draining && may_read {
+            let entries = queue.try_read(read_size).map_err(queue_err)?;
+            if entries.is_empty() {
+                stage.flush();
+            } else {
+                for entry in entries {
+                    stage.take(entry);
+                }
+            }
+            if stage.ready.is_empty() || inflight.len() >= aimd.lock().map_or(1, |a| a.limit()) {
+                // Wait for an invocation to finish before looking again.
+                if let Some(done) = inflight.join_next().await {
+                    handle_done(
+                        done,
+                        &plan,
+                        &stats,
+                        &dead_letters,
+                        &mut inflight_firsts,
+                        &mut stage,
+                        &mut stopping,
+                    );
+                }
+            }
             continue;
         }
-        match send_batch(&plan, &batch, &*invoker, &stats, bucket.as_mut(), &drain).await {
-            Outcome::Delivered => {
-                RuleStats::add(&stats.delivered, batch.len() as u64);
-                RuleStats::add(&stats.invocations, 1);
+        let due = stage.next_due();
+        let need_permit =
+            !stage.ready.is_empty() && inflight.len() < aimd.lock().map_or(1, |a| a.limit());
+        tokio::select! {
+            Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                handle_done(done, &plan, &stats, &dead_letters, &mut inflight_firsts, &mut stage, &mut stopping);
             }
-            Outcome::Refused(letter) => {
-                // Ack only once the dead letter is on disk; if it cannot be written, keep the
-                // batch and try again later rather than lose it.
-                if let Err(err) = dead_letters.append(&letter) {
-                    tracing::error!(rule = %plan.name, error = %err, "cannot write the dead-letter store; retrying later");
-                    tokio::select! {
-                        _ = tokio::time::sleep(RETRY_MAX_DELAY) => {}
-                        _ = drain.wait() => return Ok(()),
-                    }
-                    carry.extend(batch.into_iter().map(|e| {
-                        let len = envelope::encoded_message_len(&e.message);
-                        (e, len)
-                    }));
-                    continue;
+            _ = drain.wait(), if !draining => {
+                draining = true;
+            }
+            read = queue.read(read_size), if may_read => {
+                for entry in read.map_err(queue_err)? {
+                    stage.take(entry);
                 }
-                RuleStats::add(&stats.dead_lettered, batch.len() as u64);
-                tracing::error!(
-                    rule = %plan.name, function = %plan.function, code = %letter.code,
-                    messages = batch.len(), attempts = letter.attempts, file = %dead_letters.path().display(),
-                    "moved to the dead-letter store: {}", letter.reason
-                );
             }
-            Outcome::Interrupted => {
-                // Draining and Lambda refuses: leave the rest in the queue for the next start.
-                return Ok(());
+            _ = sleep_until_opt(due) => {
+                stage.tick(Instant::now());
             }
-        }
-        if let Some(last) = batch.last() {
-            queue.ack(last.seq).await.map_err(queue_err)?;
+            permit = global.clone().acquire_owned(), if need_permit => {
+                // A slot freed up elsewhere; loop round to use it.
+                drop(permit);
+            }
         }
     }
 }
 
-/// How one batch ended.
+fn handle_done(
+    done: Result<Done, tokio::task::JoinError>,
+    plan: &RulePlan,
+    stats: &RuleStats,
+    dead_letters: &DeadLetters,
+    inflight_firsts: &mut BTreeSet<Seq>,
+    stage: &mut Stage,
+    stopping: &mut bool,
+) {
+    let done = match done {
+        Ok(done) => done,
+        Err(err) => {
+            // A panicked invocation task: its event stays unacknowledged for the next start.
+            tracing::error!(rule = %plan.name, error = %err, "invocation task failed");
+            *stopping = true;
+            return;
+        }
+    };
+    match done.outcome {
+        Outcome::Delivered => {
+            inflight_firsts.remove(&done.first_seq);
+            RuleStats::add(&stats.delivered, done.messages as u64);
+            RuleStats::add(&stats.invocations, 1);
+        }
+        Outcome::Refused(letter) => {
+            // Acknowledged only once the dead letter is on disk; if it cannot be written, the
+            // event stays in flight (unacknowledged) and delivery of this rule stops until the
+            // next start rather than lose it.
+            if let Err(err) = dead_letters.append(&letter) {
+                tracing::error!(rule = %plan.name, error = %err, "cannot write the dead-letter store; the event stays in the buffer");
+                *stopping = true;
+                return;
+            }
+            inflight_firsts.remove(&done.first_seq);
+            RuleStats::add(&stats.dead_lettered, done.messages as u64);
+            tracing::error!(
+                rule = %plan.name, function = %plan.function, code = %letter.code,
+                messages = done.messages, attempts = letter.attempts, file = %dead_letters.path().display(),
+                "moved to the dead-letter store: {}", letter.reason
+            );
+        }
+        Outcome::Interrupted => {
+            // Draining and Lambda refuses: stop; the event stays in the queue.
+            *stopping = true;
+        }
+    }
+    let _ = stage;
+}
+
+/// How one event ended.
 enum Outcome {
     /// Lambda accepted it.
     Delivered,
@@ -278,18 +638,18 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Invokes until Lambda accepts the batch, refuses it for good, or shutdown interrupts.
-async fn send_batch<I: Invoke>(
+/// Invokes until Lambda accepts the event, refuses it for good, or shutdown interrupts.
+#[allow(clippy::too_many_arguments)]
+async fn send_event<I: Invoke>(
     plan: &RulePlan,
-    batch: &[Entry],
+    payload: &[u8],
+    messages: usize,
     invoker: &I,
     stats: &RuleStats,
-    mut bucket: Option<&mut TokenBucket>,
+    bucket: Option<&Mutex<TokenBucket>>,
+    aimd: &Mutex<Aimd>,
     drain: &Shutdown,
 ) -> Outcome {
-    let messages: Vec<Message> = batch.iter().map(|e| e.message.clone()).collect();
-    let payload = envelope::encode_event(&plan.name, &messages);
-    drop(messages);
     let mut backoff = ExponentialBuilder::default()
         .with_min_delay(RETRY_MIN_DELAY)
         .with_max_delay(RETRY_MAX_DELAY)
@@ -300,8 +660,10 @@ async fn send_batch<I: Invoke>(
     let mut attempt: u32 = 0;
     let first_attempt = SystemTime::now();
     loop {
-        if let Some(bucket) = bucket.as_deref_mut() {
-            let wait = bucket.take(Instant::now());
+        if let Some(bucket) = bucket {
+            let wait = bucket
+                .lock()
+                .map_or(Duration::ZERO, |mut b| b.take(Instant::now()));
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
@@ -311,19 +673,28 @@ async fn send_batch<I: Invoke>(
             function: plan.function.clone(),
             qualifier: plan.qualifier.clone(),
             invocation: plan.invocation,
-            payload: payload.clone(),
+            payload: payload.to_vec(),
         };
         let err = match invoker.invoke(request).await {
             Ok(()) => {
+                if let Ok(mut aimd) = aimd.lock() {
+                    aimd.on_success();
+                }
                 if attempt > 1 {
                     tracing::info!(rule = %plan.name, attempts = attempt, "delivered after retrying");
                 }
-                tracing::debug!(rule = %plan.name, messages = batch.len(), bytes = payload.len(), "delivered");
+                tracing::debug!(rule = %plan.name, messages, bytes = payload.len(), "delivered");
                 return Outcome::Delivered;
             }
             Err(err) => err,
         };
         RuleStats::add(&stats.failed_attempts, 1);
+        if let InvokeError::Throttled { .. } = err
+            && let Ok(mut aimd) = aimd.lock()
+        {
+            aimd.on_throttle();
+            tracing::info!(rule = %plan.name, concurrency = aimd.limit(), "throttled: fewer invocations in flight");
+        }
         if is_permanent(&err, attempt) {
             let (code, reason) = match &err {
                 InvokeError::FunctionError { kind, detail } => (
@@ -339,7 +710,7 @@ async fn send_batch<I: Invoke>(
                 attempts: attempt,
                 first_attempt_at: deadletter::timestamp(first_attempt),
                 last_attempt_at: deadletter::timestamp(SystemTime::now()),
-                event: serde_json::from_slice(&payload).unwrap_or(serde_json::Value::Null),
+                event: serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null),
             }));
         }
         let mut delay = backoff.next().unwrap_or(RETRY_MAX_DELAY);
@@ -350,7 +721,7 @@ async fn send_batch<I: Invoke>(
         {
             delay = delay.max(*after);
         }
-        log_failure(plan, &err, attempt, batch.len(), delay);
+        log_failure(plan, &err, attempt, messages, delay);
         if drain.is_triggered() {
             return Outcome::Interrupted;
         }
@@ -429,6 +800,9 @@ mod tests {
             max_bytes: 1_000_000,
             max_wait,
             rate_limit: None,
+            throttle: None,
+            aggregate: None,
+            max_concurrency: 1,
         }
     }
 
@@ -457,6 +831,7 @@ mod tests {
             invoker,
             Arc::default(),
             letters,
+            Arc::new(Semaphore::new(32)),
             drain,
         ));
         while !queue.is_empty() {
@@ -540,6 +915,7 @@ mod tests {
             invoker.clone(),
             Arc::default(),
             letters,
+            Arc::new(Semaphore::new(32)),
             drain,
         ));
         queue
@@ -601,6 +977,7 @@ mod tests {
             invoker.clone(),
             Arc::default(),
             letters,
+            Arc::new(Semaphore::new(32)),
             drain,
         ));
         tokio::time::sleep(Duration::from_secs(30)).await;
@@ -655,6 +1032,7 @@ mod tests {
             invoker.clone(),
             stats.clone(),
             letters.clone(),
+            Arc::new(Semaphore::new(32)),
             drain,
         ));
         while !queue.is_empty() {

@@ -47,6 +47,52 @@ impl TokenBucket {
     }
 }
 
+/// Adaptive concurrency (AIMD, as Vector's adaptive request concurrency): a throttle halves the
+/// number of invocations a rule may have in flight, successes raise it again one step per
+/// "window" of successes, up to the configured maximum. A function with reserved concurrency is
+/// never stormed, and a recovered one gets its full rate back.
+#[derive(Debug, Clone)]
+pub struct Aimd {
+    /// The configured maximum.
+    max: usize,
+    /// The current limit, 1..=max.
+    limit: usize,
+    /// Successes since the last change.
+    successes: usize,
+}
+
+impl Aimd {
+    /// Starts at the maximum.
+    pub fn new(max: usize) -> Self {
+        let max = max.max(1);
+        Aimd {
+            max,
+            limit: max,
+            successes: 0,
+        }
+    }
+
+    /// Invocations allowed in flight now.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Lambda throttled an invocation: halve (at least 1).
+    pub fn on_throttle(&mut self) {
+        self.limit = (self.limit / 2).max(1);
+        self.successes = 0;
+    }
+
+    /// An invocation succeeded: after `limit` successes in a row, one more is allowed.
+    pub fn on_success(&mut self) {
+        self.successes += 1;
+        if self.successes >= self.limit {
+            self.successes = 0;
+            self.limit = (self.limit + 1).min(self.max);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +106,28 @@ mod tests {
         }
         assert_eq!(bucket.take(t0), Duration::from_millis(500));
         assert_eq!(bucket.take(t0), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn aimd_halves_on_throttles_and_climbs_back_step_by_step() {
+        let mut aimd = Aimd::new(8);
+        assert_eq!(aimd.limit(), 8);
+        aimd.on_throttle();
+        assert_eq!(aimd.limit(), 4);
+        aimd.on_throttle();
+        aimd.on_throttle();
+        aimd.on_throttle();
+        assert_eq!(aimd.limit(), 1, "never below one");
+        aimd.on_success();
+        assert_eq!(aimd.limit(), 2, "one success at limit 1 is a full window");
+        for _ in 0..2 {
+            aimd.on_success();
+        }
+        assert_eq!(aimd.limit(), 3);
+        for _ in 0..100 {
+            aimd.on_success();
+        }
+        assert_eq!(aimd.limit(), 8, "never above the maximum");
     }
 
     #[test]
