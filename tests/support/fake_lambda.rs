@@ -30,6 +30,10 @@ pub struct Invocation {
     pub body: serde_json::Value,
     /// The raw body length.
     pub body_len: usize,
+    /// Requests in flight at the fake when this one arrived (itself included).
+    pub concurrent: usize,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 /// A scripted answer.
@@ -77,6 +81,8 @@ struct Inner {
     missing: HashSet<String>,
     /// Requests answered with an error, in all.
     refused: usize,
+    /// Requests being answered now.
+    in_flight: usize,
 }
 
 /// The fake; clones share state.
@@ -226,6 +232,38 @@ async fn invoke(
             .map(str::to_owned)
     };
     let invocation_type = header("x-amz-invocation-type");
+    let arrived = std::time::Instant::now();
+    let concurrent = {
+        let mut inner = fake.inner.lock().expect("lock");
+        inner.in_flight += 1;
+        inner.in_flight
+    };
+    let response = answer(
+        &fake,
+        function,
+        query,
+        invocation_type,
+        header("authorization"),
+        body,
+        concurrent,
+        arrived,
+    )
+    .await;
+    fake.inner.lock().expect("lock").in_flight -= 1;
+    response
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn answer(
+    fake: &FakeLambda,
+    function: String,
+    query: HashMap<String, String>,
+    invocation_type: Option<String>,
+    authorization: Option<String>,
+    body: Bytes,
+    concurrent: usize,
+    at: std::time::Instant,
+) -> Response {
     let reply = {
         let mut inner = fake.inner.lock().expect("lock");
         if inner.missing.contains(&function) {
@@ -275,9 +313,11 @@ async fn invoke(
         function,
         qualifier: query.get("Qualifier").cloned(),
         invocation_type: invocation_type.clone(),
-        authorization: header("authorization"),
+        authorization,
         body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         body_len: body.len(),
+        concurrent,
+        at,
     };
     fake.inner.lock().expect("lock").invocations.push(record);
     fake.notify.notify_waiters();
