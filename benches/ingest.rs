@@ -154,4 +154,129 @@ max_messages = 100
         "| ratio bridge / mosquitto_sub | {:.2} |",
         daemon_rate / sub_rate
     );
+
+    delivery(n).await;
+    invocations_per_10k().await;
+    sustained_rss().await;
+}
+
+const BATCH_100: &str = r#"
+[[rules]]
+name = "bench"
+topic = "bench/#"
+function = "sink"
+[rules.batch]
+max_messages = 100
+max_wait = "200ms"
+"#;
+
+/// A backlog delivered end to end (broker → buffer → Lambda, batches of 100, up to 4 invocations
+/// in flight) next to the same backlog drained by mosquitto_sub.
+async fn delivery(n: usize) {
+    let broker = Mosquitto::start().await;
+    let lambda = support::fake_lambda::FakeLambdaServer::start().await;
+    let rules = format!("{BATCH_100}\n").replace(
+        "function = \"sink\"",
+        "function = \"sink\"\nmax_concurrency = 4",
+    );
+    let text = support::config(&broker.url(), &lambda.endpoint(), &rules);
+    mosquitto_sub(broker.port, None).await;
+    let mut daemon = Daemon::start(&text).await;
+    daemon.wait_for_log("subscribed").await;
+    daemon.stop().await;
+    let publisher = Publisher::connect(broker.port).await;
+    for i in 0..n {
+        publisher
+            .publish("bench/dev-0042/reading", 1, payload(i))
+            .await;
+    }
+    publisher.wait_acked(n).await;
+    let start = Instant::now();
+    let daemon = daemon.restart().await;
+    lambda.fake.wait_for_messages("sink", n).await;
+    let delivered = start.elapsed();
+    let invocations = lambda.fake.with_invocations(|all| all.len());
+    daemon.terminate().await;
+    let sub_time = mosquitto_sub(broker.port, Some(n)).await;
+    let rate = n as f64 / delivered.as_secs_f64();
+    let sub_rate = n as f64 / sub_time.as_secs_f64();
+    println!(
+        "| delivered end to end, max_messages = 100, max_concurrency = 4 ({invocations} invocations), from process start | {rate:.0} msg/s ({:.2} s) |",
+        delivered.as_secs_f64()
+    );
+    println!(
+        "| the same backlog to mosquitto_sub, same run | {sub_rate:.0} msg/s ({:.2} s) |",
+        sub_time.as_secs_f64()
+    );
+    println!(
+        "| ratio delivered / mosquitto_sub | {:.2} |",
+        rate / sub_rate
+    );
+}
+
+/// Invocations needed for 10,000 messages: one by one, in batches of 100, in 60 s windows.
+async fn invocations_per_10k() {
+    const M: usize = 10_000;
+    let unbatched = "[[rules]]\nname = \"bench\"\ntopic = \"bench/#\"\nfunction = \"sink\"\nmax_concurrency = 8\n";
+    let windowed = "[[rules]]\nname = \"bench\"\ntopic = \"bench/#\"\nfunction = \"sink\"\n[rules.aggregate]\nwindow = \"60s\"\nfields = [\"/temperature\"]\n";
+    for (label, rules) in [
+        ("without batching", unbatched),
+        ("max_messages = 100", BATCH_100),
+        ("60 s statistics window, one topic", windowed),
+    ] {
+        let broker = Mosquitto::start().await;
+        let lambda = support::fake_lambda::FakeLambdaServer::start().await;
+        let daemon =
+            Daemon::start(&support::config(&broker.url(), &lambda.endpoint(), rules)).await;
+        daemon.wait_for_log("subscribed").await;
+        let publisher = Publisher::connect(broker.port).await;
+        for i in 0..M {
+            publisher
+                .publish("bench/dev-0042/reading", 1, payload(i))
+                .await;
+        }
+        publisher.wait_acked(M).await;
+        daemon.wait_buffered(M).await;
+        let (_, log) = daemon.terminate().await;
+        let invocations = lambda.fake.with_invocations(|all| all.len());
+        assert!(log.contains("left_in_buffer=0"), "{log}");
+        println!("| invocations for {M} messages, {label} | {invocations} |");
+    }
+}
+
+/// Peak RSS of the daemon while 10,000 messages a second arrive for 10 s and are delivered in
+/// batches of 100.
+async fn sustained_rss() {
+    let broker = Mosquitto::start().await;
+    let lambda = support::fake_lambda::FakeLambdaServer::start().await;
+    let daemon = Daemon::start(&support::config(
+        &broker.url(),
+        &lambda.endpoint(),
+        BATCH_100,
+    ))
+    .await;
+    daemon.wait_for_log("subscribed").await;
+    let publisher = Publisher::connect(broker.port).await;
+    let start = Instant::now();
+    let mut sent = 0;
+    for tick in 0..10_000u64 {
+        for _ in 0..10 {
+            publisher
+                .publish("bench/dev-0042/reading", 1, payload(sent))
+                .await;
+            sent += 1;
+        }
+        let next = start + Duration::from_millis(tick + 1);
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let elapsed = start.elapsed();
+    lambda.fake.wait_for_messages("sink", sent).await;
+    let peak = daemon.peak_rss_kib().unwrap_or(0);
+    daemon.terminate().await;
+    println!(
+        "| peak RSS at {:.0} msg/s sustained for {:.1} s, delivered in batches of 100 | {:.1} MiB |",
+        sent as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        peak as f64 / 1024.0
+    );
 }

@@ -30,6 +30,8 @@ pub struct Invocation {
     pub body: serde_json::Value,
     /// The raw body length.
     pub body_len: usize,
+    /// Messages in the event (`messages[]`), counted once on arrival.
+    pub messages: usize,
     /// Requests in flight at the fake when this one arrived (itself included).
     pub concurrent: usize,
     /// When it arrived.
@@ -179,7 +181,7 @@ impl FakeLambda {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             let waiting = self.notify.notified();
-            if predicate(&self.invocations()) {
+            if self.with_invocations(&predicate) {
                 return;
             }
             if tokio::time::timeout_at(deadline, waiting).await.is_err() {
@@ -196,7 +198,7 @@ impl FakeLambda {
         self.wait_until(&format!("{n} messages for {function}"), |all| {
             all.iter()
                 .filter(|i| i.function == function)
-                .map(|i| i.body["messages"].as_array().map_or(0, Vec::len))
+                .map(|i| i.messages)
                 .sum::<usize>()
                 >= n
         })
@@ -260,7 +262,7 @@ async fn answer(
     query: HashMap<String, String>,
     invocation_type: Option<String>,
     authorization: Option<String>,
-    body: Bytes,
+    body_bytes: Bytes,
     concurrent: usize,
     at: std::time::Instant,
 ) -> Response {
@@ -309,13 +311,16 @@ async fn answer(
         }
         return response;
     }
+    let body: serde_json::Value =
+        serde_json::from_slice(&body_bytes).unwrap_or(serde_json::Value::Null);
     let record = Invocation {
+        messages: body["messages"].as_array().map_or(0, Vec::len),
         function,
         qualifier: query.get("Qualifier").cloned(),
         invocation_type: invocation_type.clone(),
         authorization,
-        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
-        body_len: body.len(),
+        body_len: body_bytes.len(),
+        body,
         concurrent,
         at,
     };
