@@ -32,7 +32,7 @@ fn the_example_config_is_valid() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("valid (2 rules)"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid (3 rules)"));
 }
 
 #[test]
