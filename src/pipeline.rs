@@ -505,28 +505,28 @@ pub async fn deliver<Q: Queue, I: Invoke>(
         }
 
         let may_read = !stopping && stage.ready.len() < READY_AHEAD;
-        if draining && may_read {
-            let entries = queue.try_read(read_size).map_err(queue_err)?;
-            if entries.is_empty() {
+        let limit = aimd.lock().map_or(1, |a| a.limit());
+        if draining {
+            // Deliver what is queued without waiting for more: read what is there, then turn
+            // partial batches, windows and held messages into events.
+            if may_read {
+                let entries = queue.try_read(read_size).map_err(queue_err)?;
+                if !entries.is_empty() {
+                    for entry in entries {
+                        stage.take(entry);
+                    }
+                    continue;
+                }
                 stage.flush();
-            } else {
-                for entry in entries {
-                    stage.take(entry);
-                }
             }
-            if stage.ready.is_empty() || inflight.len() >= aimd.lock().map_or(1, |a| a.limit()) {
-                // Wait for an invocation to finish before looking again.
-                if let Some(done) = inflight.join_next().await {
-                    handle_done(
-                        done,
-                        &plan,
-                        &stats,
-                        &dead_letters,
-                        &mut inflight_firsts,
-                        &mut stage,
-                        &mut stopping,
-                    );
+            tokio::select! {
+                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                    handle_done(done, &plan, &stats, &dead_letters, &mut inflight_firsts, &mut stopping);
                 }
+                permit = global.clone().acquire_owned(), if !stage.ready.is_empty() && inflight.len() < limit => {
+                    drop(permit);
+                }
+                else => {}
             }
             continue;
         }
@@ -535,7 +535,7 @@ pub async fn deliver<Q: Queue, I: Invoke>(
             !stage.ready.is_empty() && inflight.len() < aimd.lock().map_or(1, |a| a.limit());
         tokio::select! {
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                handle_done(done, &plan, &stats, &dead_letters, &mut inflight_firsts, &mut stage, &mut stopping);
+                handle_done(done, &plan, &stats, &dead_letters, &mut inflight_firsts, &mut stopping);
             }
             _ = drain.wait(), if !draining => {
                 draining = true;
@@ -562,7 +562,6 @@ fn handle_done(
     stats: &RuleStats,
     dead_letters: &DeadLetters,
     inflight_firsts: &mut BTreeSet<Seq>,
-    stage: &mut Stage,
     stopping: &mut bool,
 ) {
     let done = match done {
@@ -602,7 +601,6 @@ fn handle_done(
             *stopping = true;
         }
     }
-    let _ = stage;
 }
 
 /// How one event ended.

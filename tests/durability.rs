@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::fake_lambda::{FakeLambda, FakeLambdaServer, Reply};
+use support::fake_lambda::{FakeLambda, FakeLambdaServer, Invocation, Reply};
 use support::{Daemon, Mosquitto, Publisher, binary, config};
 
 const RULES: &str = r#"
@@ -19,19 +19,24 @@ max_messages = 50
 max_wait = "20ms"
 "#;
 
+/// Payload numbers in these invocations, each counted once.
+fn payloads_of(all: &[Invocation]) -> BTreeSet<u64> {
+    all.iter()
+        .flat_map(|c| c.body["messages"].as_array().into_iter().flatten())
+        .filter_map(|m| m["payload"].as_u64())
+        .collect()
+}
+
 /// Payload numbers that reached the function, each counted once.
 fn delivered(fake: &FakeLambda) -> BTreeSet<u64> {
-    fake.with_invocations(|all| {
-        all.iter()
-            .flat_map(|c| c.body["messages"].as_array().into_iter().flatten())
-            .filter_map(|m| m["payload"].as_u64())
-            .collect()
-    })
+    fake.with_invocations(payloads_of)
 }
 
 async fn wait_all_delivered(fake: &FakeLambda, n: u64) {
-    fake.wait_until(&format!("payloads 0..{n}"), |_| {
-        delivered(fake).len() as u64 >= n
+    // The predicate runs under the fake's lock: it must not lock it again.
+    fake.wait_until(&format!("payloads 0..{n}"), |all| {
+        all.iter().map(|i| i.messages as u64).sum::<u64>() >= n
+            && payloads_of(all).len() as u64 >= n
     })
     .await;
     assert_eq!(delivered(fake), (0..n).collect::<BTreeSet<_>>());
