@@ -87,21 +87,34 @@ pub fn encoded_message_len(message: &Message) -> usize {
 
 /// Encodes the event for `rule` carrying `messages`, in order.
 pub fn encode_event(rule: &str, messages: &[Message]) -> Vec<u8> {
-    let capacity = envelope_overhead(rule)
-        + messages
+    let mut encoded = Vec::with_capacity(
+        messages
             .iter()
             .map(|m| m.payload.len() * 4 / 3 + m.topic.len() + 160)
-            .sum::<usize>();
-    let mut out = Vec::with_capacity(capacity);
+            .sum::<usize>(),
+    );
+    for (i, message) in messages.iter().enumerate() {
+        if i > 0 {
+            encoded.push(b',');
+        }
+        write_message(&mut encoded, message);
+    }
+    event_from_encoded(rule, &encoded)
+}
+
+/// Appends one message as it appears inside `messages[]`; join several with `,` and wrap them
+/// with [`event_from_encoded`].
+pub fn encode_message(message: &Message, out: &mut Vec<u8>) {
+    write_message(out, message);
+}
+
+/// The event for `rule` around messages already encoded and joined with `,`.
+pub fn event_from_encoded(rule: &str, messages: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(envelope_overhead(rule) + messages.len());
     out.extend_from_slice(b"{\"rule\":");
     write_json_string(&mut out, rule);
     out.extend_from_slice(b",\"messages\":[");
-    for (i, message) in messages.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_message(&mut out, message);
-    }
+    out.extend_from_slice(messages);
     out.extend_from_slice(b"]}");
     out
 }

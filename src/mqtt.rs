@@ -13,7 +13,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS,
     SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
@@ -436,13 +435,7 @@ async fn append_with_retry<Q: Queue>(
 }
 
 fn reconnect_backoff() -> backon::ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(RECONNECT_MIN_DELAY)
-        .with_max_delay(RECONNECT_MAX_DELAY)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    crate::ratelimit::retry_delays(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY)
 }
 
 /// Drives the event loop until DISCONNECT went out (or the task is aborted).

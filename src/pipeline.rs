@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::Instant;
 
 use crate::aggregate::{AggregateSpec, Aggregator, Window};
@@ -183,8 +182,12 @@ struct Stage {
     plan: Arc<RulePlan>,
     throttle: Option<Throttle>,
     aggregator: Option<Aggregator>,
-    /// The batch being filled (forwarding mode) and its encoded size.
-    batch: Vec<Entry>,
+    /// The batch being filled (forwarding mode): its messages, encoded and joined with commas.
+    batch: Vec<u8>,
+    /// Messages in `batch`, and the sequence of its first.
+    batch_len: usize,
+    batch_first: Option<Seq>,
+    /// Bytes `batch` takes in the event, a separating comma per message included.
     batch_bytes: usize,
     batch_deadline: Option<Instant>,
     /// Events formed, waiting for a free invocation slot.
@@ -211,6 +214,8 @@ impl Stage {
             throttle: plan.throttle.clone().map(Throttle::new),
             aggregator: plan.aggregate.clone().map(Aggregator::new),
             batch: Vec::new(),
+            batch_len: 0,
+            batch_first: None,
             batch_bytes: 0,
             batch_deadline: None,
             ready: VecDeque::new(),
@@ -255,14 +260,22 @@ impl Stage {
             }
             return;
         }
-        let len = envelope::encoded_message_len(&entry.message);
+        // Encoded once, here: the size decides the batch, and the bytes go into the event.
+        let mut encoded = Vec::new();
+        envelope::encode_message(&entry.message, &mut encoded);
+        let len = encoded.len() + 1;
         let overhead = envelope::envelope_overhead(&self.plan.name);
-        if !self.batch.is_empty() && overhead + self.batch_bytes + len > self.plan.max_bytes {
+        if self.batch_len > 0 && overhead + self.batch_bytes + len > self.plan.max_bytes {
             self.close_batch();
         }
+        if self.batch_len > 0 {
+            self.batch.push(b',');
+        }
+        self.batch.extend_from_slice(&encoded);
         self.batch_bytes += len;
-        self.batch.push(entry);
-        if self.batch.len() >= self.plan.max_messages || self.plan.max_wait.is_zero() {
+        self.batch_len += 1;
+        self.batch_first.get_or_insert(entry.seq);
+        if self.batch_len >= self.plan.max_messages || self.plan.max_wait.is_zero() {
             self.close_batch();
         } else if self.batch_deadline.is_none() {
             self.batch_deadline = Some(Instant::now() + self.plan.max_wait);
@@ -272,14 +285,15 @@ impl Stage {
     fn close_batch(&mut self) {
         self.batch_deadline = None;
         self.batch_bytes = 0;
+        let messages = std::mem::take(&mut self.batch_len);
+        let Some(first_seq) = self.batch_first.take() else {
+            return;
+        };
         let batch = std::mem::take(&mut self.batch);
-        let Some(first) = batch.first() else { return };
-        let first_seq = first.seq;
-        let messages: Vec<Message> = batch.into_iter().map(|e| e.message).collect();
         self.ready.push_back(Unit {
             first_seq,
-            payload: envelope::encode_event(&self.plan.name, &messages),
-            messages: messages.len(),
+            payload: envelope::event_from_encoded(&self.plan.name, &batch),
+            messages,
         });
     }
 
@@ -385,7 +399,7 @@ impl Stage {
     /// The lowest sequence read but not yet finished here (batch, window, held message).
     fn lowest_pending(&self) -> Option<Seq> {
         [
-            self.batch.first().map(|e| e.seq),
+            self.batch_first,
             self.aggregator
                 .as_ref()
                 .and_then(Aggregator::open_first_seq),
@@ -648,13 +662,7 @@ async fn send_event<I: Invoke>(
     aimd: &Mutex<Aimd>,
     drain: &Shutdown,
 ) -> Outcome {
-    let mut backoff = ExponentialBuilder::default()
-        .with_min_delay(RETRY_MIN_DELAY)
-        .with_max_delay(RETRY_MAX_DELAY)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut backoff = crate::ratelimit::retry_delays(RETRY_MIN_DELAY, RETRY_MAX_DELAY);
     let mut attempt: u32 = 0;
     let first_attempt = SystemTime::now();
     loop {

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
 use tokio::time::Instant;
 
 /// `rate` tokens per second, at most `burst` saved up.
@@ -91,6 +93,18 @@ impl Aimd {
             self.limit = (self.limit + 1).min(self.max);
         }
     }
+}
+
+/// Delays for retrying: from `min`, doubling with jitter, capped at `max`, never giving up.
+/// Reconnects and invocation retries both use it, with their own bounds.
+pub fn retry_delays(min: Duration, max: Duration) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 #[cfg(test)]

@@ -301,15 +301,7 @@ impl DiskQueue {
         fs::create_dir_all(&dir)?;
         let counters = Counters::default();
 
-        let mut names: Vec<(Seq, PathBuf)> = Vec::new();
-        for entry in fs::read_dir(&dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            if let Some(seq) = name.to_str().and_then(parse_segment_name) {
-                names.push((seq, entry.path()));
-            }
-        }
-        names.sort();
+        let names = list_segments(&dir)?;
 
         let ack = read_ack_file(&dir)?;
         let mut ack_next = ack.map(|(_, seq)| seq);
@@ -459,11 +451,6 @@ impl DiskQueue {
             bytes: state.bytes,
             segments: state.segments.len(),
         }
-    }
-
-    /// Whether every durable message is acknowledged.
-    pub fn is_empty(&self) -> bool {
-        self.stats().pending == 0
     }
 
     /// Persists the ack position and stops the writer; later appends fail.
@@ -1046,21 +1033,22 @@ impl Writer {
     }
 }
 
-/// Reads an ack file-like pair for tests and tools without opening the queue.
-pub fn segment_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut files: Vec<(Seq, PathBuf)> = fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let seq = e.file_name().to_str().and_then(parse_segment_name)?;
-            Some((seq, e.path()))
-        })
-        .collect();
-    files.sort();
-    Ok(files.into_iter().map(|(_, p)| p).collect())
+/// The segment files in `dir` with their first sequences, oldest first; other files are
+/// ignored.
+fn list_segments(dir: &Path) -> io::Result<Vec<(Seq, PathBuf)>> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if let Some(seq) = entry.file_name().to_str().and_then(parse_segment_name) {
+            segments.push((seq, entry.path()));
+        }
+    }
+    segments.sort();
+    Ok(segments)
 }
 
-#[cfg(test)]
-fn _assert_send_sync() {
-    fn check<T: Send + Sync>() {}
-    check::<DiskQueue>();
+/// The segment files of a queue directory, oldest first, without opening the queue (tests and
+/// tools).
+pub fn segment_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    Ok(list_segments(dir)?.into_iter().map(|(_, p)| p).collect())
 }
