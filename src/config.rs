@@ -196,8 +196,9 @@ pub struct RuleConfig {
     /// Summarize numeric fields in windows instead of forwarding messages.
     pub aggregate: Option<AggregateConfig>,
     /// Most invocations of this rule in flight; halved on throttling, regained on success.
-    #[serde(default = "defaults::rule_concurrency")]
-    pub max_concurrency: usize,
+    /// Unset: `event` rules start at one and grow (slow start) to a default cap,
+    /// `request_response` rules keep one.
+    pub max_concurrency: Option<usize>,
 }
 
 /// `[rules.throttle]`
@@ -337,10 +338,6 @@ mod defaults {
         HumanDuration(Duration::from_secs(1))
     }
     pub fn burst() -> u32 {
-        1
-    }
-    pub fn rule_concurrency() -> usize {
-        // One at a time keeps invocations in queue order; more is an explicit choice.
         1
     }
     pub fn global_concurrency() -> usize {
@@ -646,7 +643,7 @@ impl Config {
                     }
                 }
             }
-            if rule.max_concurrency == 0 {
+            if rule.max_concurrency == Some(0) {
                 report(key("max_concurrency"), "must be at least 1".into());
             }
             if let Some(throttle) = &rule.throttle {

@@ -15,8 +15,12 @@
 //! - [`rules`]: MQTT topic filter validation and matching (pure).
 //! - [`envelope`]: the stored [`envelope::Message`] and the JSON event functions receive (pure).
 //! - [`queue`]: the per-rule queue seam (`append` / `read` / `ack`) and its implementations.
-//! - [`mqtt`]: connection options, the event loop, ingest into the queues, acks after append.
-//! - [`pipeline`]: per-rule delivery: batching, rate limiting, retries with backoff.
+//! - [`routing`]: one [`routing::Route`] per rule (plan, filter, queue, counters, dead letters);
+//!   which rules a message goes to, and storing it there before it is acknowledged.
+//! - [`plan`]: what a rule does, decided once from its configuration, and its counters.
+//! - [`mqtt`]: connection options, the event loop, ingest into the routes, acks after append.
+//! - [`batch`]: throttle, batches and windows between the queue and Lambda (pure).
+//! - [`pipeline`]: per-rule delivery as a state machine: concurrency, retries, acks.
 //! - [`ratelimit`]: the token bucket and adaptive concurrency (pure).
 //! - [`throttle`]: per-topic min_interval, only_changes, deadband (pure).
 //! - [`aggregate`]: statistics windows (pure).
@@ -28,30 +32,32 @@
 
 pub mod admin;
 pub mod aggregate;
+pub mod batch;
 pub mod config;
 pub mod envelope;
 pub mod invoker;
 pub mod mqtt;
 pub mod pipeline;
+pub mod plan;
 pub mod queue;
 pub mod ratelimit;
+pub mod routing;
 pub mod rules;
 pub mod shutdown;
 pub mod throttle;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use config::{Config, RuleConfig};
 use invoker::{Invoke, LambdaInvoker};
-use pipeline::{RulePlan, RuleStats};
+use plan::{RulePlan, RuleStats};
 use queue::deadletter::DeadLetters;
 use queue::{DiskQueue, DiskQueueConfig};
-use rules::RuleSet;
+use routing::{Route, Routes};
 
 /// Why the daemon (or a `buffer` command) could not start.
 #[derive(Debug, thiserror::Error)]
@@ -161,18 +167,27 @@ pub async fn run_with<I: Invoke>(
 ) -> Result<(), RunError> {
     let options = mqtt::options(&config.mqtt)?;
     let _lock = BufferLock::acquire(&config.buffer.dir)?;
-    let plans: Vec<RulePlan> = config.rules.iter().map(RulePlan::from_config).collect();
     let queues = open_queues(&config)?;
-    let letters: Vec<DeadLetters> = config
+    let routes: Vec<Arc<Route<DiskQueue>>> = config
         .rules
         .iter()
-        .map(|r| DeadLetters::new(&rule_dir(&config, &r.name)))
+        .zip(queues)
+        .map(|(rule, queue)| {
+            Arc::new(Route {
+                plan: Arc::new(RulePlan::from_config(rule)),
+                filter: rule.topic.clone(),
+                qos: rule.qos,
+                queue,
+                stats: Arc::new(RuleStats::default()),
+                dead_letters: DeadLetters::new(&rule_dir(&config, &rule.name)),
+            })
+        })
         .collect();
-    let stats: Vec<Arc<RuleStats>> = plans.iter().map(|_| Arc::default()).collect();
-    for (plan, queue) in plans.iter().zip(&queues) {
-        let pending = queue.stats();
+    let routes = Arc::new(Routes::new(routes));
+    for route in routes.iter() {
+        let pending = route.queue.stats();
         if pending.pending > 0 {
-            tracing::info!(rule = %plan.name, pending = pending.pending, bytes = pending.bytes, "buffered messages from before: delivering them");
+            tracing::info!(rule = %route.plan.name, pending = pending.pending, bytes = pending.bytes, "buffered messages from before: delivering them");
         }
     }
 
@@ -183,37 +198,22 @@ pub async fn run_with<I: Invoke>(
         config.aws.max_concurrency.max(1),
     ));
     let mut deliveries = tokio::task::JoinSet::new();
-    for (((plan, queue), stats), letters) in plans.iter().zip(&queues).zip(&stats).zip(&letters) {
+    for route in routes.iter() {
         deliveries.spawn(pipeline::deliver(
-            plan.clone(),
-            queue.clone(),
+            route.clone(),
             invoker.clone(),
-            stats.clone(),
-            letters.clone(),
             global.clone(),
             drain.clone(),
         ));
     }
     tracing::info!(
-        rules = plans.len(),
+        rules = config.rules.len(),
         broker = %config.mqtt.url,
         client_id = %config.mqtt.client_id,
         "mqtt-lambda-bridge started"
     );
 
-    let sink = mqtt::Sink {
-        rules: RuleSet::new(config.rules.iter().map(|r| r.topic.clone())),
-        plans: plans.clone(),
-        queues: queues.clone(),
-        stats: stats.clone(),
-        dead_letters: letters.clone(),
-    };
-    let filters = config
-        .rules
-        .iter()
-        .map(|r| (r.topic.clone(), r.qos))
-        .collect();
-    let ingest = tokio::spawn(mqtt::run(options, filters, sink, ingest_shutdown));
+    let ingest = tokio::spawn(mqtt::run(options, routes.clone(), ingest_shutdown));
 
     shutdown.await;
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout.0;
@@ -242,24 +242,26 @@ pub async fn run_with<I: Invoke>(
         deliveries.abort_all();
         tracing::warn!("shutdown deadline reached with invocations still in flight");
     }
-    for ((plan, stats), queue) in plans.iter().zip(&stats).zip(&queues) {
+    for route in routes.iter() {
+        let (queue, stats) = (&route.queue, &route.stats);
         queue.close().await;
         let counters = queue.counters();
+        let get = RuleStats::get;
         tracing::info!(
-            rule = %plan.name,
-            queued = stats.queued.load(Ordering::Relaxed),
-            delivered = stats.delivered.load(Ordering::Relaxed),
-            invocations = stats.invocations.load(Ordering::Relaxed),
-            failed_attempts = stats.failed_attempts.load(Ordering::Relaxed),
-            set_aside = stats.set_aside.load(Ordering::Relaxed),
-            dead_lettered = stats.dead_lettered.load(Ordering::Relaxed),
-            throttled_min_interval = stats.throttled_min_interval.load(Ordering::Relaxed),
-            throttled_only_changes = stats.throttled_unchanged.load(Ordering::Relaxed),
-            throttled_deadband = stats.throttled_deadband.load(Ordering::Relaxed),
-            dropped_oldest = counters.dropped_oldest.load(Ordering::Relaxed),
-            dropped_newest = counters.dropped_newest.load(Ordering::Relaxed),
-            expired = counters.expired.load(Ordering::Relaxed),
-            lost_to_corruption = counters.lost.load(Ordering::Relaxed),
+            rule = %route.plan.name,
+            queued = get(&stats.queued),
+            delivered = get(&stats.delivered),
+            invocations = get(&stats.invocations),
+            failed_attempts = get(&stats.failed_attempts),
+            set_aside = get(&stats.set_aside),
+            dead_lettered = get(&stats.dead_lettered),
+            throttled_min_interval = get(&stats.throttled_min_interval),
+            throttled_only_changes = get(&stats.throttled_unchanged),
+            throttled_deadband = get(&stats.throttled_deadband),
+            dropped_oldest = get(&counters.dropped_oldest),
+            dropped_newest = get(&counters.dropped_newest),
+            expired = get(&counters.expired),
+            lost_to_corruption = get(&counters.lost),
             left_in_buffer = queue.stats().pending,
             "rule summary"
         );

@@ -1,31 +1,36 @@
 //! The MQTT side: connection options, the event loop, and ingest into the rule queues.
 //!
 //! Two tasks share the work. The *poll task* drives rumqttc's event loop (it must be polled for
-//! anything to happen, acks included), subscribes when the broker says the session is new,
-//! reconnects with capped exponential backoff, and forwards each publish to the *ingest loop*.
-//! The ingest loop matches topics to rules, appends each rule's copy to its queue, and only when
-//! every `append` has returned (durable) acknowledges the publishes, in the order received.
+//! anything to happen, acks and keep-alives included), subscribes when the broker says the
+//! session is new, reconnects with capped exponential backoff, and forwards each publish to the
+//! *ingest loop*. The ingest loop hands each group of publishes to the routes (`routing.rs`:
+//! match, set aside what is too large, append to every matching rule's queue at once) and only
+//! when they are stored (durable) acknowledges the publishes, in the order received.
+//!
+//! The poll task never waits on ingest: while ingest waits (a full disk, `when_full = "block"`)
+//! the event loop keeps being polled, so PINGREQs go out and the connection stays up. What it
+//! holds meanwhile is bounded by the broker's in-flight window for unacknowledged QoS 1/2
+//! messages (mosquitto's `max_inflight_messages`, 20 by default); past [`INGEST_HOLD_MAX`]
+//! publishes or [`INGEST_HOLD_MAX_BYTES`] it stops polling (TCP then pushes back on the broker).
 //!
 //! Manual acks are on: a publish that was not appended is never acknowledged, so after a crash
 //! the broker (persistent session, `clean_start = false`) delivers it again.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS,
     SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::config::{MqttConfig, parse_mqtt_url};
-use crate::envelope::Message;
-use crate::pipeline::{RulePlan, RuleStats};
 use crate::queue::Queue;
-use crate::queue::deadletter::{DeadLetter, DeadLetters, timestamp};
-use crate::rules::RuleSet;
+use crate::routing::{Received, Routes};
 use crate::shutdown::Shutdown;
 
 /// The MQTT protocol's largest packet. Set as our incoming limit so no message can make
@@ -35,9 +40,14 @@ use crate::shutdown::Shutdown;
 pub const MAX_INCOMING_PACKET: usize = 268_435_455 + 5;
 /// Requests (acks, subscribes) buffered towards the event loop.
 const REQUEST_CAPACITY: usize = 10_000;
-/// Publishes buffered between the poll task and the ingest loop; past it the poll task stops
-/// reading the socket and TCP pushes back on the broker.
-const INGEST_CAPACITY: usize = 1024;
+/// Publishes held between the poll task and the ingest loop; past it the poll task stops
+/// polling (and so reading the socket) until ingest catches up.
+pub const INGEST_HOLD_MAX: usize = 4096;
+/// Payload bytes held between the poll task and the ingest loop, likewise.
+pub const INGEST_HOLD_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Acknowledgements waiting for room in rumqttc's request channel before ingest stops taking
+/// more publishes (the poll task keeps polling, which drains them).
+const ACK_BACKLOG_MAX: usize = 4 * INGEST_BATCH;
 /// Most publishes appended and acknowledged together: one durable append per rule per group.
 const INGEST_BATCH: usize = 256;
 /// First reconnect delay.
@@ -179,34 +189,17 @@ fn qos(level: u8) -> QoS {
     }
 }
 
-/// Where ingested messages go: the rules, their queues and counters, in rule order.
-pub struct Sink<Q> {
-    /// Topic filters, in rule order.
-    pub rules: RuleSet,
-    /// `plans[i]` is rule `i`.
-    pub plans: Vec<RulePlan>,
-    /// `queues[i]` is rule `i`'s queue.
-    pub queues: Vec<Arc<Q>>,
-    /// `stats[i]` counts rule `i`.
-    pub stats: Vec<Arc<RuleStats>>,
-    /// `dead_letters[i]` keeps rule `i`'s messages that can never be invoked.
-    pub dead_letters: Vec<DeadLetters>,
-}
-
 /// Connects, subscribes and ingests until `shutdown`; then sends the last acks and disconnects.
-pub async fn run<Q: Queue>(
-    options: MqttOptions,
-    filters: Vec<(String, u8)>,
-    sink: Sink<Q>,
-    shutdown: Shutdown,
-) {
+pub async fn run<Q: Queue>(options: MqttOptions, routes: Arc<Routes<Q>>, shutdown: Shutdown) {
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-    let (tx, mut rx) = mpsc::channel::<Publish>(INGEST_CAPACITY);
-    let filters: Vec<SubscribeFilter> = filters
+    let (tx, mut rx) = mpsc::unbounded_channel::<Publish>();
+    let hold = Arc::new(Hold::default());
+    let filters: Vec<SubscribeFilter> = routes
+        .subscriptions()
         .into_iter()
         .map(|(path, level)| SubscribeFilter::new(path, qos(level)))
         .collect();
-    let mut poll_task = tokio::spawn(poll(eventloop, client.clone(), filters, tx));
+    let mut poll_task = tokio::spawn(poll(eventloop, client.clone(), filters, tx, hold.clone()));
 
     let mut publishes = Vec::with_capacity(INGEST_BATCH);
     let mut acks = AckQueue::default();
@@ -214,21 +207,26 @@ pub async fn run<Q: Queue>(
         tokio::select! {
             biased;
             _ = shutdown.wait() => break,
-            n = rx.recv_many(&mut publishes, INGEST_BATCH) => {
+            n = rx.recv_many(&mut publishes, INGEST_BATCH), if acks.len() < ACK_BACKLOG_MAX => {
                 if n == 0 {
                     break;
                 }
-                if !ingest(&sink, &publishes, &shutdown).await {
+                hold.release(&publishes);
+                if !ingest(&routes, &publishes, &shutdown).await {
                     break;
                 }
                 acks.extend(&publishes);
                 publishes.clear();
-                if acks.flush(&client, &poll_task).is_err() {
+                let flushed = acks.flush(&client, &poll_task);
+                hold.set_acks_waiting(acks.len());
+                if flushed.is_err() {
                     break;
                 }
             }
             _ = tokio::time::sleep(ACK_RETRY), if !acks.is_empty() => {
-                if acks.flush(&client, &poll_task).is_err() {
+                let flushed = acks.flush(&client, &poll_task);
+                hold.set_acks_waiting(acks.len());
+                if flushed.is_err() {
                     break;
                 }
                 if acks.is_empty() {
@@ -288,6 +286,10 @@ impl AckQueue {
         self.waiting.is_empty()
     }
 
+    fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
     /// Hands over as many acks as fit; `Err` when the event loop (the poll task) is gone.
     fn flush(&mut self, client: &AsyncClient, poll_task: &JoinHandle<()>) -> Result<(), ()> {
         while let Some(ack) = self.waiting.front() {
@@ -305,133 +307,75 @@ impl AckQueue {
     }
 }
 
-/// Appends one group of publishes to their rules' queues; the caller acknowledges them after.
-/// Returns `false` when shutdown interrupted it (nothing unappended is acknowledged).
-async fn ingest<Q: Queue>(sink: &Sink<Q>, publishes: &[Publish], shutdown: &Shutdown) -> bool {
-    let now = SystemTime::now();
-    let mut per_rule: Vec<Vec<Message>> = vec![Vec::new(); sink.queues.len()];
-    for publish in publishes {
-        let mut matched = sink.rules.matching(&publish.topic).peekable();
-        if matched.peek().is_none() {
-            tracing::debug!(topic = %publish.topic, "no rule matches; acknowledged and dropped");
-            continue;
-        }
-        let message = Message::received(
-            publish.topic.clone(),
-            publish.payload.to_vec(),
-            publish.qos as u8,
-            publish.retain,
-            now,
-        );
-        for i in matched {
-            let plan = &sink.plans[i];
-            if let Some(size) = plan.oversize(&message) {
-                tracing::error!(
-                    rule = %plan.name, topic = %message.topic, id = %message.id,
-                    payload_bytes = message.payload.len(), event_bytes = size,
-                    limit = plan.invocation.payload_limit(),
-                    "message too large for one Lambda invocation: set aside in the dead-letter store, not invoked"
-                );
-                // Like the queue: until it is written somewhere, nothing is acknowledged.
-                let mut backoff = reconnect_backoff();
-                let mut failures = 0;
-                while let Err(err) = set_aside(&sink.dead_letters[i], plan, &message, size, now) {
-                    failures += 1;
-                    if failures == 1 {
-                        tracing::error!(rule = %plan.name, error = %err, "cannot write the dead-letter store; not acknowledging, retrying");
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.next().unwrap_or(RECONNECT_MAX_DELAY)) => {}
-                        _ = shutdown.wait() => return false,
-                    }
-                }
-                let stats = &sink.stats[i];
-                stats
-                    .set_aside
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                stats
-                    .dead_lettered
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                continue;
-            }
-            per_rule[i].push(message.clone());
+/// What the poll task holds for the ingest loop, so it can stop polling past a bound.
+///
+/// Deadlock-free by construction: the poll task pauses only while no acknowledgement is
+/// waiting for it (acks drain only while it polls), and the ingest loop stops taking publishes
+/// only while acknowledgements are waiting (so the poll task is running and drains them).
+#[derive(Default)]
+struct Hold {
+    publishes: AtomicUsize,
+    bytes: AtomicUsize,
+    /// Acknowledgements the ingest loop could not hand to the event loop yet.
+    acks_waiting: AtomicUsize,
+    /// Wakes the poll task when ingest took publishes or acks are waiting.
+    taken: Notify,
+}
+
+impl Hold {
+    fn add(&self, publish: &Publish) {
+        self.publishes.fetch_add(1, Ordering::Relaxed);
+        self.bytes
+            .fetch_add(publish.payload.len(), Ordering::Relaxed);
+    }
+
+    fn release(&self, publishes: &[Publish]) {
+        let bytes = publishes.iter().map(|p| p.payload.len()).sum();
+        self.publishes.fetch_sub(publishes.len(), Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.taken.notify_one();
+    }
+
+    fn set_acks_waiting(&self, n: usize) {
+        if self.acks_waiting.swap(n, Ordering::Relaxed) == 0 && n > 0 {
+            self.taken.notify_one();
         }
     }
-    for (i, messages) in per_rule.into_iter().enumerate() {
-        if messages.is_empty() {
-            continue;
+
+    /// Whether the poll task should pause.
+    fn full(&self) -> bool {
+        (self.publishes.load(Ordering::Relaxed) >= INGEST_HOLD_MAX
+            || self.bytes.load(Ordering::Relaxed) >= INGEST_HOLD_MAX_BYTES)
+            && self.acks_waiting.load(Ordering::Relaxed) == 0
+    }
+
+    /// Waits while the bound is reached (the last resort: polling stops meanwhile).
+    async fn wait_for_room(&self) {
+        while self.full() {
+            let taken = self.taken.notified();
+            if !self.full() {
+                break;
+            }
+            taken.await;
         }
-        let count = messages.len() as u64;
-        if !append_with_retry(&*sink.queues[i], &sink.plans[i].name, messages, shutdown).await {
-            return false;
-        }
-        sink.stats[i]
-            .queued
-            .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Stores one group of publishes in their rules' queues; the caller acknowledges them after.
+/// Returns `false` when shutdown interrupted it (nothing unstored is acknowledged).
+async fn ingest<Q: Queue>(routes: &Routes<Q>, publishes: &[Publish], shutdown: &Shutdown) -> bool {
+    let received = publishes.iter().map(|p| Received {
+        topic: p.topic.clone(),
+        payload: p.payload.to_vec(),
+        qos: p.qos as u8,
+        retain: p.retain,
+    });
+    let admission = routes.admit(received, SystemTime::now());
+    if !routes.store(admission, shutdown).await {
+        return false;
     }
     tracing::debug!(publishes = publishes.len(), "buffered and acknowledged");
     true
-}
-
-/// Writes a message too large for Lambda to the rule's dead-letter store.
-fn set_aside(
-    letters: &DeadLetters,
-    plan: &RulePlan,
-    message: &Message,
-    size: usize,
-    now: SystemTime,
-) -> Result<(), crate::queue::deadletter::DeadLetterError> {
-    let event = crate::envelope::encode_event(&plan.name, std::slice::from_ref(message));
-    letters.append(&DeadLetter {
-        rule: plan.name.clone(),
-        reason: format!(
-            "the event would be {size} bytes; Lambda accepts at most {} for this invocation type",
-            plan.invocation.payload_limit()
-        ),
-        code: "PayloadTooLarge".into(),
-        attempts: 0,
-        first_attempt_at: timestamp(now),
-        last_attempt_at: timestamp(now),
-        event: serde_json::from_slice(&event).unwrap_or(serde_json::Value::Null),
-    })
-}
-
-/// Appends, retrying a failing buffer until it works or shutdown; `false` on shutdown.
-async fn append_with_retry<Q: Queue>(
-    queue: &Q,
-    rule: &str,
-    messages: Vec<Message>,
-    shutdown: &Shutdown,
-) -> bool {
-    let mut backoff = reconnect_backoff();
-    let mut failures = 0u32;
-    loop {
-        match queue.append(messages.clone()).await {
-            Ok(()) => {
-                if failures > 0 {
-                    tracing::info!(
-                        rule,
-                        failures,
-                        "buffering works again; acknowledging the held messages"
-                    );
-                }
-                return true;
-            }
-            Err(err) => {
-                let delay = backoff.next().unwrap_or(RECONNECT_MAX_DELAY);
-                failures += 1;
-                if failures == 1 {
-                    tracing::error!(rule, error = %err, "cannot buffer messages: not acknowledging them (the broker keeps them); retrying");
-                } else {
-                    tracing::debug!(rule, error = %err, "still cannot buffer messages");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.wait() => return false,
-                }
-            }
-        }
-    }
 }
 
 fn reconnect_backoff() -> backon::ExponentialBackoff {
@@ -443,12 +387,14 @@ async fn poll(
     mut eventloop: EventLoop,
     client: AsyncClient,
     filters: Vec<SubscribeFilter>,
-    tx: mpsc::Sender<Publish>,
+    tx: mpsc::UnboundedSender<Publish>,
+    hold: Arc<Hold>,
 ) {
     let mut backoff = reconnect_backoff();
     let mut subscribed_once = false;
     let mut last_error: Option<String> = None;
     let mut received: u64 = 0;
+    let mut pauses: u64 = 0;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
@@ -485,8 +431,26 @@ async fn poll(
                 if received.is_multiple_of(10_000) {
                     tracing::debug!(received, "publishes received from the broker");
                 }
-                if tx.send(publish).await.is_err() {
+                if tx.is_closed() {
                     // Ingest has stopped; the broker keeps this one for next time.
+                    continue;
+                }
+                hold.add(&publish);
+                let _ = tx.send(publish);
+                if hold.full() {
+                    pauses += 1;
+                    if pauses == 1 {
+                        tracing::warn!(
+                            held = INGEST_HOLD_MAX,
+                            "ingest is far behind the broker: pausing reads from it while the buffer catches up"
+                        );
+                    } else {
+                        tracing::debug!(pauses, "pausing reads from the broker again");
+                    }
+                    tokio::select! {
+                        _ = hold.wait_for_room() => {}
+                        _ = tx.closed() => {}
+                    }
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,

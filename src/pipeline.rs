@@ -1,158 +1,64 @@
-//! Delivery: one task per rule reads its queue, forms batches, paces them, invokes the function,
-//! and acknowledges the queue only after Lambda accepted the event.
+//! Delivery: one task per rule reads its queue, forms events (`batch.rs`), invokes the function
+//! with bounded, adaptive concurrency, and acknowledges the queue only below the oldest event
+//! Lambda has not accepted yet.
+//!
+//! Split the way rumqttc splits `state.rs` from `eventloop.rs`: [`Core`] is the rule's delivery
+//! state and its transitions, pure (it takes `now`, performs no I/O and never waits), and
+//! [`deliver`] is a thin async loop that only waits for the next input and performs what the
+//! core asks for: read, start invocations, acknowledge, write a dead letter.
+//!
+//! # Modes
+//!
+//! ```text
+//!  Running ──drain──► Draining ──queue read to its end, partials flushed, nothing left──► done
+//!     │                  │
+//!     │ invocation task  │ Lambda still refusing when asked to stop
+//!     │ failed           ▼
+//!     └────────────► Halting ──nothing in flight──► done (the rest stays in the queue)
+//! ```
+//!
+//! Invariants:
+//! - The queue is acknowledged through `min(every unfinished event's first sequence) - 1`, never
+//!   past a message not yet accepted by Lambda or written to the dead-letter store: a crash only
+//!   ever replays, never skips.
+//! - A refused event counts as unfinished until its dead letter is on disk; while a dead-letter
+//!   write is failing, no new invocation starts (it is retried with backoff), so nothing piles up.
+//! - Halting starts nothing and reads nothing: in every mode each input the loop waits for can
+//!   arrive, so the loop never spins.
 //!
 //! A failed invocation is retried in place with capped exponential backoff and jitter (backon),
-//! honouring Lambda's `retryAfterSeconds`; the task sleeps between attempts, so a failing
-//! function holds up only its own rule. Order within a rule is FIFO: a batch is retried until it
-//! is accepted before the next one is formed.
+//! honouring Lambda's `retryAfterSeconds`; the invocation task sleeps between attempts, so a
+//! failing function holds up only its own rule.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::time::Instant;
-
-use crate::aggregate::{AggregateSpec, Aggregator, Window};
-use crate::config::{InvocationType, RuleConfig};
-use crate::envelope::{self, Message};
-use crate::invoker::{Invoke, InvokeError, InvokeRequest};
-use crate::queue::deadletter::{self, DeadLetter, DeadLetters};
-use crate::queue::{Entry, Queue, QueueError, Seq};
-use crate::ratelimit::{Aimd, TokenBucket};
-use crate::shutdown::Shutdown;
-use crate::throttle::{DropReason, Throttle, ThrottleSpec};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::batch::{Former, Now, Unit};
+use crate::invoker::{Invoke, InvokeError, InvokeRequest};
+use crate::plan::{RulePlan, RuleStats};
+use crate::queue::deadletter::{self, DeadLetter};
+use crate::queue::{Entry, Queue, QueueError, Seq};
+use crate::ratelimit::{Aimd, TokenBucket};
+use crate::routing::Route;
+use crate::shutdown::Shutdown;
 
 /// First delay after a failed invocation.
 pub const RETRY_MIN_DELAY: Duration = Duration::from_millis(500);
 /// Longest delay between two attempts: a recovered function is noticed within this.
 pub const RETRY_MAX_DELAY: Duration = Duration::from_secs(60);
-/// Headroom kept under Lambda's payload limit for what the SDK adds around the event.
-pub const PAYLOAD_HEADROOM: usize = 1024;
-
-/// What the delivery task needs to know of its rule.
-#[derive(Debug, Clone)]
-pub struct RulePlan {
-    /// The rule's name, written into every event.
-    pub name: String,
-    /// Function name or ARN.
-    pub function: String,
-    /// Alias or version.
-    pub qualifier: Option<String>,
-    /// Event or RequestResponse.
-    pub invocation: InvocationType,
-    /// Most messages per invocation (1 without `[rules.batch]`).
-    pub max_messages: usize,
-    /// Most bytes per encoded event: the batch setting or the Lambda limit, whichever is lower.
-    pub max_bytes: usize,
-    /// How long a partly filled batch waits for more.
-    pub max_wait: Duration,
-    /// Invocations per second and burst, when paced.
-    pub rate_limit: Option<(f64, u32)>,
-    /// Per-topic throttling, when configured.
-    pub throttle: Option<ThrottleSpec>,
-    /// Statistics windows instead of forwarding, when configured.
-    pub aggregate: Option<AggregateSpec>,
-    /// Most invocations of this rule in flight (adaptive below it).
-    pub max_concurrency: usize,
-}
-
-impl RulePlan {
-    /// The plan for a validated rule.
-    pub fn from_config(rule: &RuleConfig) -> Self {
-        let limit = usize::try_from(rule.invocation.payload_limit()).unwrap_or(usize::MAX)
-            - PAYLOAD_HEADROOM;
-        let (max_messages, max_bytes, max_wait) = match &rule.batch {
-            Some(b) => (
-                b.max_messages.max(1),
-                b.max_bytes.map_or(limit, |s| {
-                    usize::try_from(s.0).unwrap_or(usize::MAX).min(limit)
-                }),
-                b.max_wait.0,
-            ),
-            None => (1, limit, Duration::ZERO),
-        };
-        RulePlan {
-            name: rule.name.clone(),
-            function: rule.function.clone(),
-            qualifier: rule.qualifier.clone(),
-            invocation: rule.invocation,
-            max_messages,
-            max_bytes,
-            max_wait,
-            rate_limit: rule
-                .rate_limit
-                .as_ref()
-                .map(|r| (r.invocations_per_second, r.burst)),
-            throttle: rule.throttle.as_ref().map(|t| ThrottleSpec {
-                min_interval_ms: t.min_interval.map(|d| d.0.as_millis() as u64),
-                keep: match t.keep {
-                    crate::config::KeepConfig::First => crate::throttle::Keep::First,
-                    crate::config::KeepConfig::Latest => crate::throttle::Keep::Latest,
-                },
-                only_changes: t.only_changes,
-                deadband: t.deadband_field.clone().zip(t.deadband),
-            }),
-            aggregate: rule.aggregate.as_ref().map(|a| AggregateSpec {
-                window_ms: a.window.0.as_millis().max(1) as u64,
-                fields: a.fields.clone(),
-                group_by: crate::aggregate::GroupBy::parse(&a.group_by)
-                    .unwrap_or(crate::aggregate::GroupBy::Topic),
-            }),
-            max_concurrency: rule.max_concurrency.max(1),
-        }
-    }
-
-    /// The encoded size of an event carrying `message` alone, when that is over the limit.
-    pub fn oversize(&self, message: &Message) -> Option<usize> {
-        let limit = usize::try_from(self.invocation.payload_limit()).unwrap_or(usize::MAX)
-            - PAYLOAD_HEADROOM;
-        // Cheap upper bound first: base64 grows by 4/3, escaping a topic at most by 6.
-        let bound = envelope::envelope_overhead(&self.name)
-            + message.payload.len() / 3 * 4
-            + 4
-            + message.topic.len() * 6
-            + 36
-            + 128;
-        if bound <= limit {
-            return None;
-        }
-        let size =
-            envelope::envelope_overhead(&self.name) + envelope::encoded_message_len(message) - 1;
-        (size > limit).then_some(size)
-    }
-}
-
-/// Counters of one rule, for logs and (later) metrics.
-#[derive(Debug, Default)]
-pub struct RuleStats {
-    /// Messages appended to the rule's queue.
-    pub queued: AtomicU64,
-    /// Messages in events Lambda accepted.
-    pub delivered: AtomicU64,
-    /// Successful invocations.
-    pub invocations: AtomicU64,
-    /// Failed invocation attempts.
-    pub failed_attempts: AtomicU64,
-    /// Messages set aside because their event would exceed Lambda's limit.
-    pub set_aside: AtomicU64,
-    /// Messages moved to the dead-letter store (set-aside ones included).
-    pub dead_lettered: AtomicU64,
-    /// Messages dropped by `throttle.min_interval`.
-    pub throttled_min_interval: AtomicU64,
-    /// Messages dropped by `throttle.only_changes`.
-    pub throttled_unchanged: AtomicU64,
-    /// Messages dropped by `throttle.deadband`.
-    pub throttled_deadband: AtomicU64,
-}
-
-impl RuleStats {
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-}
+/// First delay before writing a dead letter again after the store failed (disk full?).
+pub const LETTER_RETRY_MIN_DELAY: Duration = Duration::from_secs(1);
+/// Longest delay between two attempts at writing a dead letter.
+pub const LETTER_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
+/// Events formed ahead of free invocation slots: bounds memory while Lambda is slow.
+const READY_AHEAD: usize = 4;
+/// Most entries read from the queue at a time.
+const READ_MAX: usize = 256;
 
 /// Why a delivery task stopped before the shutdown asked it to.
 #[derive(Debug, thiserror::Error)]
@@ -167,257 +73,318 @@ pub enum DeliveryError {
     },
 }
 
-/// One event ready to send, and the queue positions it covers.
-struct Unit {
-    /// Lowest sequence in it: acknowledgements must stay below until it is done.
-    first_seq: Seq,
-    /// The encoded event.
-    payload: Vec<u8>,
-    /// Messages it carries (for counters; a window counts the messages it summarizes).
-    messages: usize,
+/// What the delivery of one rule is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Reading the queue as it fills and delivering.
+    Running,
+    /// Shutdown asked: deliver what is already queued without waiting for more.
+    Draining {
+        /// The queue had nothing more to read, and partial batches were flushed.
+        read_to_end: bool,
+    },
+    /// Start nothing more; let what is in flight finish, then stop.
+    Halting,
 }
 
-/// What the delivery task holds between the queue and Lambda.
-struct Stage {
+/// How the loop should read next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadWant {
+    /// Not now.
+    None,
+    /// Wait until something is there.
+    Wait,
+    /// Take what is there now, possibly nothing.
+    Now,
+}
+
+/// What the loop waits for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    /// Whether and how to read the queue.
+    pub read: ReadWant,
+    /// When to call [`Core::on_tick`] (batch deadline, window end, throttle slot, letter retry).
+    pub wake_at: Option<std::time::Instant>,
+    /// Whether a drain request would change anything.
+    pub drain: bool,
+    /// Nothing more to do: the delivery task ends.
+    pub done: bool,
+}
+
+/// How one event's invocation ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Lambda accepted it.
+    Delivered,
+    /// Lambda can never accept it: this dead letter records why.
+    Refused(Box<DeadLetter>),
+    /// Shutdown came while it was being retried.
+    Interrupted,
+}
+
+/// A refused event whose dead letter is not on disk yet.
+#[derive(Debug)]
+struct PendingLetter {
+    first_seq: Seq,
+    messages: usize,
+    letter: Box<DeadLetter>,
+    /// Failed writes so far.
+    failures: u32,
+    /// Not before this (after a failure).
+    retry_at: Option<std::time::Instant>,
+}
+
+/// The delivery state of one rule and its transitions. Pure.
+pub struct Core {
     plan: Arc<RulePlan>,
-    throttle: Option<Throttle>,
-    aggregator: Option<Aggregator>,
-    /// The batch being filled (forwarding mode): its messages, encoded and joined with commas.
-    batch: Vec<u8>,
-    /// Messages in `batch`, and the sequence of its first.
-    batch_len: usize,
-    batch_first: Option<Seq>,
-    /// Bytes `batch` takes in the event, a separating comma per message included.
-    batch_bytes: usize,
-    batch_deadline: Option<Instant>,
-    /// Events formed, waiting for a free invocation slot.
-    ready: VecDeque<Unit>,
+    stats: Arc<RuleStats>,
+    mode: Mode,
+    former: Former,
+    /// First sequences of unfinished events (invoking, or refused and not yet dead-lettered),
+    /// with how many events start there (a window's chunks share one).
+    unfinished: BTreeMap<Seq, usize>,
+    /// Invocations in flight.
+    invoking: usize,
+    /// Refused events waiting for their dead letter to be written, oldest first.
+    letters: VecDeque<PendingLetter>,
+    /// Whether the front letter is being written now.
+    writing_letter: bool,
     /// Highest sequence read from the queue.
     consumed: Option<Seq>,
-    stats: Arc<RuleStats>,
+    /// Acknowledged through this.
+    acked: Option<Seq>,
 }
 
-/// How long a statistics window stays open past its end for its last messages to arrive.
-pub const WINDOW_GRACE: Duration = Duration::from_secs(1);
-/// Events formed ahead of free invocation slots: bounds memory while Lambda is slow.
-const READY_AHEAD: usize = 4;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-impl Stage {
-    fn new(plan: Arc<RulePlan>, stats: Arc<RuleStats>) -> Self {
-        Stage {
-            throttle: plan.throttle.clone().map(Throttle::new),
-            aggregator: plan.aggregate.clone().map(Aggregator::new),
-            batch: Vec::new(),
-            batch_len: 0,
-            batch_first: None,
-            batch_bytes: 0,
-            batch_deadline: None,
-            ready: VecDeque::new(),
-            consumed: None,
-            stats,
+impl Core {
+    /// Nothing read yet.
+    pub fn new(plan: Arc<RulePlan>, stats: Arc<RuleStats>) -> Self {
+        Core {
+            former: Former::new(plan.clone(), stats.clone()),
             plan,
+            stats,
+            mode: Mode::Running,
+            unfinished: BTreeMap::new(),
+            invoking: 0,
+            letters: VecDeque::new(),
+            writing_letter: false,
+            consumed: None,
+            acked: None,
         }
     }
 
-    /// Takes one entry from the queue through throttle and batch or window.
-    fn take(&mut self, entry: Entry) {
-        self.consumed = Some(self.consumed.map_or(entry.seq, |c| c.max(entry.seq)));
-        let passing = match self.throttle.as_mut() {
-            Some(throttle) => {
-                let out = throttle.push(entry);
-                self.count_drops(&out.dropped);
-                out.pass
-            }
-            None => vec![entry],
-        };
-        for entry in passing {
-            self.output(entry);
-        }
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
-    fn count_drops(&self, dropped: &[(Entry, DropReason)]) {
-        for (entry, reason) in dropped {
-            let counter = match reason {
-                DropReason::MinInterval => &self.stats.throttled_min_interval,
-                DropReason::Unchanged => &self.stats.throttled_unchanged,
-                DropReason::Deadband => &self.stats.throttled_deadband,
-            };
-            RuleStats::add(counter, 1);
-            tracing::debug!(rule = %self.plan.name, topic = %entry.message.topic, id = %entry.message.id, reason = reason.as_str(), "dropped by [rules.throttle]");
-        }
-    }
-
-    fn output(&mut self, entry: Entry) {
-        if let Some(aggregator) = self.aggregator.as_mut() {
-            if let Some(window) = aggregator.push(entry.seq, &entry.message) {
-                self.window_units(window);
+    /// Entries read from the queue. In `Draining`, an empty read means the queue is read to
+    /// its end: partial batches, windows and held messages become events now.
+    pub fn on_read(&mut self, entries: Vec<Entry>, now: Now) {
+        if entries.is_empty() {
+            if let Mode::Draining { read_to_end } = &mut self.mode {
+                *read_to_end = true;
+                self.former.flush(now);
             }
             return;
         }
-        // Encoded once, here: the size decides the batch, and the bytes go into the event.
-        let mut encoded = Vec::new();
-        envelope::encode_message(&entry.message, &mut encoded);
-        let len = encoded.len() + 1;
-        let overhead = envelope::envelope_overhead(&self.plan.name);
-        if self.batch_len > 0 && overhead + self.batch_bytes + len > self.plan.max_bytes {
-            self.close_batch();
-        }
-        if self.batch_len > 0 {
-            self.batch.push(b',');
-        }
-        self.batch.extend_from_slice(&encoded);
-        self.batch_bytes += len;
-        self.batch_len += 1;
-        self.batch_first.get_or_insert(entry.seq);
-        if self.batch_len >= self.plan.max_messages || self.plan.max_wait.is_zero() {
-            self.close_batch();
-        } else if self.batch_deadline.is_none() {
-            self.batch_deadline = Some(Instant::now() + self.plan.max_wait);
+        for entry in entries {
+            self.consumed = Some(self.consumed.map_or(entry.seq, |c| c.max(entry.seq)));
+            self.former.push(entry, now);
         }
     }
 
-    fn close_batch(&mut self) {
-        self.batch_deadline = None;
-        self.batch_bytes = 0;
-        let messages = std::mem::take(&mut self.batch_len);
-        let Some(first_seq) = self.batch_first.take() else {
-            return;
-        };
-        let batch = std::mem::take(&mut self.batch);
-        self.ready.push_back(Unit {
-            first_seq,
-            payload: envelope::event_from_encoded(&self.plan.name, &batch),
-            messages,
-        });
+    /// Time passed: batch deadlines, windows, held messages, letter retries.
+    pub fn on_tick(&mut self, now: Now) {
+        if self.mode == Mode::Running {
+            self.former.tick(now);
+        }
     }
 
-    /// A closed window becomes one event, or several when its groups exceed the size limit.
-    fn window_units(&mut self, window: Window) {
-        let Some(spec) = self.aggregator.as_ref().map(|a| a.spec().clone()) else {
-            return;
-        };
-        let first_seq = window.first_seq;
-        let messages = window.messages as usize;
-        let mut chunks: Vec<Window> = Vec::new();
-        let mut current = Window {
-            groups: Default::default(),
-            ..window.clone()
-        };
-        for (key, group) in window.groups {
-            current.groups.insert(key.clone(), group.clone());
-            let size = serde_json::to_vec(&current.to_event(&self.plan.name, &spec))
-                .map_or(0, |v| v.len());
-            if size > self.plan.max_bytes && current.groups.len() > 1 {
-                current.groups.remove(&key);
-                let empty = Window {
-                    groups: Default::default(),
-                    ..current.clone()
-                };
-                chunks.push(std::mem::replace(&mut current, empty));
-                current.groups.insert(key, group);
+    /// Shutdown asked to deliver what is queued and stop.
+    pub fn on_drain(&mut self) {
+        if self.mode == Mode::Running {
+            self.mode = Mode::Draining { read_to_end: false };
+        }
+    }
+
+    /// How many invocations may start now, given the rule's current concurrency limit.
+    pub fn startable(&self, limit: usize) -> usize {
+        let blocked =
+            self.mode == Mode::Halting || self.letters.front().is_some_and(|l| l.failures > 0);
+        if blocked {
+            return 0;
+        }
+        self.former
+            .ready_len()
+            .min(limit.saturating_sub(self.invoking))
+    }
+
+    /// Takes up to `n` formed events to invoke now.
+    pub fn start(&mut self, n: usize) -> Vec<Unit> {
+        let units: Vec<Unit> = std::iter::from_fn(|| self.former.take_ready())
+            .take(n)
+            .collect();
+        for unit in &units {
+            *self.unfinished.entry(unit.first_seq).or_default() += 1;
+            self.invoking += 1;
+        }
+        units
+    }
+
+    /// An invocation ended. `None` is an invocation task that failed (a bug): stop taking
+    /// work, leaving its event in the queue for the next start.
+    pub fn on_finished(&mut self, first_seq: Seq, messages: usize, outcome: Option<Outcome>) {
+        self.invoking = self.invoking.saturating_sub(1);
+        match outcome {
+            Some(Outcome::Delivered) => {
+                self.finish(first_seq);
+                RuleStats::add(&self.stats.delivered, messages as u64);
+                RuleStats::add(&self.stats.invocations, 1);
             }
-        }
-        chunks.push(current);
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            self.ready.push_back(Unit {
+            Some(Outcome::Refused(letter)) => self.letters.push_back(PendingLetter {
                 first_seq,
-                payload: serde_json::to_vec(&chunk.to_event(&self.plan.name, &spec))
-                    .unwrap_or_default(),
-                messages: if i == 0 { messages } else { 0 },
-            });
+                messages,
+                letter,
+                failures: 0,
+                retry_at: None,
+            }),
+            Some(Outcome::Interrupted) | None => self.mode = Mode::Halting,
         }
     }
 
-    /// Handles what falls due at `now`: batch deadlines, windows, held throttle messages.
-    fn tick(&mut self, now: Instant) {
-        let wall = now_ms();
-        if let Some(throttle) = self.throttle.as_mut() {
-            let out = throttle.release_due(wall);
-            self.count_drops(&out.dropped);
-            for entry in out.pass {
-                self.output(entry);
+    /// The dead letter to write now, if any (one at a time, in order).
+    pub fn letter_to_write(&mut self, now: Now) -> Option<DeadLetter> {
+        if self.writing_letter {
+            return None;
+        }
+        let front = self.letters.front()?;
+        if front.retry_at.is_some_and(|at| at > now.at) {
+            return None;
+        }
+        self.writing_letter = true;
+        Some((*front.letter).clone())
+    }
+
+    /// The front letter's write ended; on failure it is retried with backoff.
+    pub fn on_letter_written(&mut self, result: Result<(), String>, now: Now) {
+        self.writing_letter = false;
+        match result {
+            Ok(()) => {
+                if let Some(done) = self.letters.pop_front() {
+                    self.finish(done.first_seq);
+                    RuleStats::add(&self.stats.dead_lettered, done.messages as u64);
+                    tracing::error!(
+                        rule = %self.plan.name, function = %self.plan.function, code = %done.letter.code,
+                        messages = done.messages, attempts = done.letter.attempts,
+                        "moved to the dead-letter store: {}", done.letter.reason
+                    );
+                }
+            }
+            Err(error) => {
+                if let Some(front) = self.letters.front_mut() {
+                    front.failures += 1;
+                    let delay = letter_retry_delay(front.failures);
+                    front.retry_at = Some(now.at + delay);
+                    if front.failures == 1 {
+                        tracing::error!(
+                            rule = %self.plan.name, error = %error,
+                            "cannot write the dead-letter store; the event stays in the buffer and this rule pauses until it can be written"
+                        );
+                    }
+                }
             }
         }
-        if let Some(window) = self
-            .aggregator
-            .as_mut()
-            .and_then(|a| a.close_due(wall, WINDOW_GRACE.as_millis() as u64))
-        {
-            self.window_units(window);
-        }
-        if self.batch_deadline.is_some_and(|d| d <= now) {
-            self.close_batch();
-        }
     }
 
-    /// Shutdown: everything partial becomes an event now.
-    fn flush(&mut self) {
-        if let Some(throttle) = self.throttle.as_mut() {
-            let out = throttle.release_due(u64::MAX);
-            self.count_drops(&out.dropped);
-            for entry in out.pass {
-                self.output(entry);
-            }
-        }
-        if let Some(window) = self.aggregator.as_mut().and_then(Aggregator::close_now) {
-            self.window_units(window);
-        }
-        self.close_batch();
-    }
-
-    /// When `tick` next has something to do.
-    fn next_due(&self) -> Option<Instant> {
-        let wall = now_ms();
-        let from_wall = |ms: u64| Instant::now() + Duration::from_millis(ms.saturating_sub(wall));
-        let mut due = self.batch_deadline;
-        let mut consider = |at: Option<Instant>| {
-            if let Some(at) = at {
-                due = Some(due.map_or(at, |d| d.min(at)));
-            }
-        };
-        consider(
-            self.throttle
-                .as_ref()
-                .and_then(Throttle::next_due_ms)
-                .map(from_wall),
-        );
-        consider(
-            self.aggregator
-                .as_ref()
-                .and_then(Aggregator::open_until_ms)
-                .map(|end| from_wall(end + WINDOW_GRACE.as_millis() as u64)),
-        );
-        due
-    }
-
-    /// The lowest sequence read but not yet finished here (batch, window, held message).
-    fn lowest_pending(&self) -> Option<Seq> {
-        [
-            self.batch_first,
-            self.aggregator
-                .as_ref()
-                .and_then(Aggregator::open_first_seq),
-            self.throttle.as_ref().and_then(Throttle::lowest_held),
-            self.ready.iter().map(|u| u.first_seq).min(),
+    /// A new acknowledgement position, when it moved: everything read below the oldest
+    /// unfinished event.
+    pub fn ack_through(&mut self) -> Option<Seq> {
+        let barrier = [
+            self.unfinished.keys().next().copied(),
+            self.former.lowest_pending(),
         ]
         .into_iter()
         .flatten()
-        .min()
+        .min();
+        let through = match barrier {
+            Some(0) => None,
+            Some(b) => self.consumed.map(|c| c.min(b - 1)),
+            None => self.consumed,
+        }?;
+        if self.acked.is_some_and(|a| through <= a) {
+            return None;
+        }
+        self.acked = Some(through);
+        Some(through)
     }
 
-    fn is_idle(&self) -> bool {
-        self.lowest_pending().is_none()
+    /// What to wait for next.
+    pub fn wait(&self, now: Now) -> Wait {
+        let room = self.former.ready_len() < READY_AHEAD;
+        let letter_retry = self
+            .letters
+            .front()
+            .filter(|_| !self.writing_letter)
+            .and_then(|l| l.retry_at);
+        let nothing_left = self.invoking == 0 && self.letters.is_empty() && !self.writing_letter;
+        let (read, timers, done) = match self.mode {
+            Mode::Running => (
+                if room { ReadWant::Wait } else { ReadWant::None },
+                self.former.next_due(now),
+                false,
+            ),
+            Mode::Draining { read_to_end } => (
+                if room && !read_to_end {
+                    ReadWant::Now
+                } else {
+                    ReadWant::None
+                },
+                None,
+                read_to_end && self.former.is_idle() && nothing_left,
+            ),
+            // Letters still failing at halt stay unacknowledged: the next start redelivers.
+            Mode::Halting => (
+                ReadWant::None,
+                None,
+                self.invoking == 0 && !self.writing_letter,
+            ),
+        };
+        Wait {
+            read,
+            wake_at: [timers, letter_retry].into_iter().flatten().min(),
+            drain: self.mode == Mode::Running,
+            done,
+        }
+    }
+
+    /// Finished with one event starting at `first_seq`.
+    fn finish(&mut self, first_seq: Seq) {
+        if let Some(n) = self.unfinished.get_mut(&first_seq) {
+            *n -= 1;
+            if *n == 0 {
+                self.unfinished.remove(&first_seq);
+            }
+        }
+    }
+}
+
+fn letter_retry_delay(failures: u32) -> Duration {
+    LETTER_RETRY_MIN_DELAY
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(LETTER_RETRY_MAX_DELAY)
+}
+
+fn now() -> Now {
+    Now {
+        at: Instant::now().into_std(),
+        wall_ms: SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
     }
 }
 
 /// What one invocation task reports back.
-struct Done {
+struct Finished {
     first_seq: Seq,
     messages: usize,
     outcome: Outcome,
@@ -426,19 +393,16 @@ struct Done {
 /// Delivers the rule's queue until `drain` is triggered and everything read is delivered (or
 /// Lambda refuses during the drain: then the rest stays in the queue).
 ///
-/// Events are formed in queue order and invoked with up to the rule's adaptive concurrency (and
-/// the global cap) in flight; the queue is acknowledged up to the lowest event not yet accepted,
-/// so a crash only ever replays, never skips.
+/// Relies on the queue's reads being cancel-safe (the `Queue` contract): a read that loses the
+/// race against another input hands its entries to the next read.
 pub async fn deliver<Q: Queue, I: Invoke>(
-    plan: RulePlan,
-    queue: Arc<Q>,
+    route: Arc<Route<Q>>,
     invoker: Arc<I>,
-    stats: Arc<RuleStats>,
-    dead_letters: DeadLetters,
     global: Arc<Semaphore>,
     drain: Shutdown,
 ) -> Result<(), DeliveryError> {
-    let plan = Arc::new(plan);
+    let plan = route.plan.clone();
+    let queue = &*route.queue;
     let queue_err = |source| DeliveryError::Queue {
         rule: plan.name.clone(),
         source,
@@ -446,37 +410,43 @@ pub async fn deliver<Q: Queue, I: Invoke>(
     let bucket = plan
         .rate_limit
         .map(|(rate, burst)| Arc::new(Mutex::new(TokenBucket::new(rate, burst, Instant::now()))));
-    let aimd = Arc::new(Mutex::new(Aimd::new(plan.max_concurrency)));
-    let mut stage = Stage::new(plan.clone(), stats.clone());
-    let mut inflight: JoinSet<Done> = JoinSet::new();
-    // First sequences of the events in flight: the queue is acknowledged below the lowest.
-    let mut inflight_firsts: BTreeSet<Seq> = BTreeSet::new();
-    let mut acked: Option<Seq> = None;
-    let mut draining = false;
-    let mut stopping = false;
-    let read_size = plan.max_messages.clamp(1, 256);
+    let aimd = Arc::new(Mutex::new(if plan.slow_start {
+        Aimd::slow_start(plan.max_concurrency)
+    } else {
+        Aimd::new(plan.max_concurrency)
+    }));
+    let limit = || aimd.lock().map_or(1, |a| a.limit());
+    let mut core = Core::new(plan.clone(), route.stats.clone());
+    let mut invocations: JoinSet<Finished> = JoinSet::new();
+    // Which event each invocation task carries, to account for a task that failed.
+    let mut carrying: BTreeMap<tokio::task::Id, (Seq, usize)> = BTreeMap::new();
+    let mut letter_writes: JoinSet<Result<(), String>> = JoinSet::new();
     loop {
-        // Start what may start.
-        while !stopping
-            && !stage.ready.is_empty()
-            && inflight.len() < aimd.lock().map_or(1, |a| a.limit())
-        {
-            let Ok(permit) = global.clone().try_acquire_owned() else {
-                break;
-            };
-            let Some(unit) = stage.ready.pop_front() else {
-                break;
-            };
-            inflight_firsts.insert(unit.first_seq);
+        if let Some(through) = core.ack_through() {
+            queue.ack(through).await.map_err(queue_err)?;
+        }
+
+        // Start what may start: the rule's limit, then a global slot each.
+        let startable = core.startable(limit());
+        let mut permits = Vec::with_capacity(startable);
+        while permits.len() < startable {
+            match global.clone().try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+        let short_of_slots = permits.len() < startable;
+        for (unit, permit) in core.start(permits.len()).into_iter().zip(permits) {
             let (plan, invoker, stats, bucket, aimd, drain) = (
                 plan.clone(),
                 invoker.clone(),
-                stats.clone(),
+                route.stats.clone(),
                 bucket.clone(),
                 aimd.clone(),
                 drain.clone(),
             );
-            inflight.spawn(async move {
+            let (first_seq, messages) = (unit.first_seq, unit.messages);
+            let handle = invocations.spawn(async move {
                 let outcome = send_event(
                     &plan,
                     &unit.payload,
@@ -489,142 +459,59 @@ pub async fn deliver<Q: Queue, I: Invoke>(
                 )
                 .await;
                 drop(permit);
-                Done {
+                Finished {
                     first_seq: unit.first_seq,
                     messages: unit.messages,
                     outcome,
                 }
             });
+            carrying.insert(handle.id(), (first_seq, messages));
         }
 
-        // Acknowledge everything below the lowest event not yet accepted.
-        let barrier = [inflight_firsts.first().copied(), stage.lowest_pending()]
-            .into_iter()
-            .flatten()
-            .min();
-        let through = match barrier {
-            Some(0) => None,
-            Some(b) => stage.consumed.map(|c| c.min(b - 1)),
-            None => stage.consumed,
-        };
-        if let Some(through) = through
-            && acked.is_none_or(|a| through > a)
-        {
-            queue.ack(through).await.map_err(queue_err)?;
-            acked = Some(through);
+        let at = now();
+        if let Some(letter) = core.letter_to_write(at) {
+            let letters = route.dead_letters.clone();
+            letter_writes
+                .spawn_blocking(move || letters.append(&letter).map_err(|e| e.to_string()));
         }
 
-        if draining && inflight.is_empty() && (stopping || stage.is_idle()) {
+        let wait = core.wait(at);
+        if wait.done {
             return Ok(());
         }
-
-        let may_read = !stopping && stage.ready.len() < READY_AHEAD;
-        let limit = aimd.lock().map_or(1, |a| a.limit());
-        if draining {
-            // Deliver what is queued without waiting for more: read what is there, then turn
-            // partial batches, windows and held messages into events.
-            if may_read {
-                let entries = queue.try_read(read_size).map_err(queue_err)?;
-                if !entries.is_empty() {
-                    for entry in entries {
-                        stage.take(entry);
-                    }
-                    continue;
-                }
-                stage.flush();
-            }
-            tokio::select! {
-                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                    handle_done(done, &plan, &stats, &dead_letters, &mut inflight_firsts, &mut stopping);
-                }
-                permit = global.clone().acquire_owned(), if !stage.ready.is_empty() && inflight.len() < limit => {
-                    drop(permit);
-                }
-                else => {}
-            }
-            continue;
-        }
-        let due = stage.next_due();
-        let need_permit =
-            !stage.ready.is_empty() && inflight.len() < aimd.lock().map_or(1, |a| a.limit());
         tokio::select! {
-            Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                handle_done(done, &plan, &stats, &dead_letters, &mut inflight_firsts, &mut stopping);
-            }
-            _ = drain.wait(), if !draining => {
-                draining = true;
-            }
-            read = queue.read(read_size), if may_read => {
-                for entry in read.map_err(queue_err)? {
-                    stage.take(entry);
+            Some(joined) = invocations.join_next_with_id(), if !invocations.is_empty() => {
+                match joined {
+                    Ok((id, done)) => {
+                        carrying.remove(&id);
+                        core.on_finished(done.first_seq, done.messages, Some(done.outcome));
+                    }
+                    Err(err) => {
+                        tracing::error!(rule = %plan.name, error = %err, "invocation task failed; this rule stops delivering until the next start");
+                        if let Some((first_seq, messages)) = carrying.remove(&err.id()) {
+                            core.on_finished(first_seq, messages, None);
+                        }
+                    }
                 }
             }
-            _ = sleep_until_opt(due) => {
-                stage.tick(Instant::now());
+            Some(written) = letter_writes.join_next(), if !letter_writes.is_empty() => {
+                let result = written.unwrap_or_else(|e| Err(e.to_string()));
+                core.on_letter_written(result, now());
             }
-            permit = global.clone().acquire_owned(), if need_permit => {
-                // A slot freed up elsewhere; loop round to use it.
+            _ = drain.wait(), if wait.drain => core.on_drain(),
+            read = queue.read(READ_MAX), if wait.read == ReadWant::Wait => {
+                core.on_read(read.map_err(queue_err)?, now());
+            }
+            read = queue.read_ready(READ_MAX), if wait.read == ReadWant::Now => {
+                core.on_read(read.map_err(queue_err)?, now());
+            }
+            _ = sleep_until_opt(wait.wake_at.map(Instant::from_std)) => core.on_tick(now()),
+            permit = global.clone().acquire_owned(), if short_of_slots => {
+                // A slot freed up in another rule; loop round to use it.
                 drop(permit);
             }
         }
     }
-}
-
-fn handle_done(
-    done: Result<Done, tokio::task::JoinError>,
-    plan: &RulePlan,
-    stats: &RuleStats,
-    dead_letters: &DeadLetters,
-    inflight_firsts: &mut BTreeSet<Seq>,
-    stopping: &mut bool,
-) {
-    let done = match done {
-        Ok(done) => done,
-        Err(err) => {
-            // A panicked invocation task: its event stays unacknowledged for the next start.
-            tracing::error!(rule = %plan.name, error = %err, "invocation task failed");
-            *stopping = true;
-            return;
-        }
-    };
-    match done.outcome {
-        Outcome::Delivered => {
-            inflight_firsts.remove(&done.first_seq);
-            RuleStats::add(&stats.delivered, done.messages as u64);
-            RuleStats::add(&stats.invocations, 1);
-        }
-        Outcome::Refused(letter) => {
-            // Acknowledged only once the dead letter is on disk; if it cannot be written, the
-            // event stays in flight (unacknowledged) and delivery of this rule stops until the
-            // next start rather than lose it.
-            if let Err(err) = dead_letters.append(&letter) {
-                tracing::error!(rule = %plan.name, error = %err, "cannot write the dead-letter store; the event stays in the buffer");
-                *stopping = true;
-                return;
-            }
-            inflight_firsts.remove(&done.first_seq);
-            RuleStats::add(&stats.dead_lettered, done.messages as u64);
-            tracing::error!(
-                rule = %plan.name, function = %plan.function, code = %letter.code,
-                messages = done.messages, attempts = letter.attempts, file = %dead_letters.path().display(),
-                "moved to the dead-letter store: {}", letter.reason
-            );
-        }
-        Outcome::Interrupted => {
-            // Draining and Lambda refuses: stop; the event stays in the queue.
-            *stopping = true;
-        }
-    }
-}
-
-/// How one event ended.
-enum Outcome {
-    /// Lambda accepted it.
-    Delivered,
-    /// Lambda can never accept it: this dead letter records why.
-    Refused(Box<DeadLetter>),
-    /// Shutdown came while it was being retried.
-    Interrupted,
 }
 
 /// Failed attempts before an `AccessDeniedException` or a function error counts as permanent:
@@ -761,7 +648,9 @@ fn log_failure(plan: &RulePlan, err: &InvokeError, attempt: u32, messages: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::{self, Message};
     use crate::queue::MemoryQueue;
+    use crate::queue::deadletter::DeadLetters;
     use crate::shutdown;
     use std::sync::Mutex;
     use std::time::UNIX_EPOCH;
@@ -797,19 +686,40 @@ mod tests {
     }
 
     fn plan(max_messages: usize, max_wait: Duration) -> RulePlan {
-        RulePlan {
-            name: "r".into(),
-            function: "f".into(),
-            qualifier: None,
-            invocation: InvocationType::Event,
-            max_messages,
-            max_bytes: 1_000_000,
-            max_wait,
-            rate_limit: None,
-            throttle: None,
-            aggregate: None,
-            max_concurrency: 1,
-        }
+        let mut plan = RulePlan::for_tests("r");
+        plan.max_messages = max_messages;
+        plan.max_wait = max_wait;
+        plan
+    }
+
+    /// A route over `queue` with its dead letters in a temporary directory.
+    fn route(
+        plan: RulePlan,
+        queue: Arc<MemoryQueue>,
+    ) -> (tempfile::TempDir, Arc<Route<MemoryQueue>>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let route = Arc::new(Route {
+            plan: Arc::new(plan),
+            filter: "#".into(),
+            qos: 1,
+            queue,
+            stats: Arc::default(),
+            dead_letters: DeadLetters::new(dir.path()),
+        });
+        (dir, route)
+    }
+
+    fn spawn_deliver(
+        route: &Arc<Route<MemoryQueue>>,
+        invoker: &Arc<FakeInvoker>,
+        drain: Shutdown,
+    ) -> tokio::task::JoinHandle<Result<(), DeliveryError>> {
+        tokio::spawn(deliver(
+            route.clone(),
+            invoker.clone(),
+            Arc::new(Semaphore::new(32)),
+            drain,
+        ))
     }
 
     fn msg(n: u32) -> Message {
@@ -822,24 +732,10 @@ mod tests {
         )
     }
 
-    fn letters() -> (tempfile::TempDir, DeadLetters) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let letters = DeadLetters::new(dir.path());
-        (dir, letters)
-    }
-
     async fn run_until_drained(plan: RulePlan, queue: Arc<MemoryQueue>, invoker: Arc<FakeInvoker>) {
-        let (_dir, letters) = letters();
+        let (_dir, route) = route(plan, queue.clone());
         let (trigger, drain) = shutdown::channel();
-        let task = tokio::spawn(deliver(
-            plan,
-            queue.clone(),
-            invoker,
-            Arc::default(),
-            letters,
-            Arc::new(Semaphore::new(32)),
-            drain,
-        ));
+        let task = spawn_deliver(&route, &invoker, drain);
         while !queue.is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -914,16 +810,8 @@ mod tests {
         let queue = Arc::new(MemoryQueue::new(100));
         let invoker = Arc::new(FakeInvoker::default());
         let (_trigger, drain) = shutdown::channel();
-        let (_dir, letters) = letters();
-        let task = tokio::spawn(deliver(
-            plan(10, Duration::from_secs(5)),
-            queue.clone(),
-            invoker.clone(),
-            Arc::default(),
-            letters,
-            Arc::new(Semaphore::new(32)),
-            drain,
-        ));
+        let (_dir, route) = route(plan(10, Duration::from_secs(5)), queue.clone());
+        let task = spawn_deliver(&route, &invoker, drain);
         queue
             .append((0..3).map(msg).collect())
             .await
@@ -976,16 +864,8 @@ mod tests {
             ..Default::default()
         });
         let (trigger, drain) = shutdown::channel();
-        let (_dir, letters) = letters();
-        let task = tokio::spawn(deliver(
-            plan(1, Duration::ZERO),
-            queue.clone(),
-            invoker.clone(),
-            Arc::default(),
-            letters,
-            Arc::new(Semaphore::new(32)),
-            drain,
-        ));
+        let (_dir, route) = route(plan(1, Duration::ZERO), queue.clone());
+        let task = spawn_deliver(&route, &invoker, drain);
         tokio::time::sleep(Duration::from_secs(30)).await;
         let attempts = invoker.requests.lock().expect("lock").len();
         assert!(
@@ -1029,18 +909,10 @@ mod tests {
             }),
             ..Default::default()
         });
-        let (dir, letters) = letters();
+        let (dir, route) = route(plan(1, Duration::ZERO), queue.clone());
+        let (letters, stats) = (route.dead_letters.clone(), route.stats.clone());
         let (trigger, drain) = shutdown::channel();
-        let stats = Arc::new(RuleStats::default());
-        let task = tokio::spawn(deliver(
-            plan(1, Duration::ZERO),
-            queue.clone(),
-            invoker.clone(),
-            stats.clone(),
-            letters.clone(),
-            Arc::new(Semaphore::new(32)),
-            drain,
-        ));
+        let task = spawn_deliver(&route, &invoker, drain);
         while !queue.is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -1092,17 +964,112 @@ mod tests {
         assert!(!is_permanent(&throttled, 1000));
     }
 
+    fn entries(seqs: std::ops::Range<Seq>) -> Vec<Entry> {
+        seqs.map(|seq| Entry {
+            seq,
+            message: msg(seq as u32),
+        })
+        .collect()
+    }
+
+    fn at(start: std::time::Instant, ms: u64) -> Now {
+        Now {
+            at: start + Duration::from_millis(ms),
+            wall_ms: 1_000_000 + ms,
+        }
+    }
+
+    fn letter() -> Box<DeadLetter> {
+        Box::new(DeadLetter {
+            rule: "r".into(),
+            reason: "Function not found".into(),
+            code: "ResourceNotFoundException".into(),
+            attempts: 1,
+            first_attempt_at: String::new(),
+            last_attempt_at: String::new(),
+            event: serde_json::Value::Null,
+        })
+    }
+
     #[test]
-    fn oversize_messages_are_detected_per_invocation_type() {
-        let mut p = plan(1, Duration::ZERO);
-        let small = msg(1);
-        assert_eq!(p.oversize(&small), None);
-        let big = Message::received("t".into(), vec![b'a'; 1024 * 1024], 1, false, UNIX_EPOCH);
-        assert!(p.oversize(&big).is_some());
-        p.invocation = InvocationType::RequestResponse;
-        assert_eq!(p.oversize(&big), None);
-        let binary = Message::received("t".into(), vec![0xff; 800 * 1024], 1, false, UNIX_EPOCH);
-        p.invocation = InvocationType::Event;
-        assert!(p.oversize(&binary).is_some(), "base64 grows it past 1 MiB");
+    fn acks_stay_below_the_oldest_event_not_yet_accepted() {
+        let start = std::time::Instant::now();
+        let mut core = Core::new(Arc::new(plan(1, Duration::ZERO)), Arc::default());
+        core.on_read(entries(0..3), at(start, 0));
+        assert_eq!(core.startable(8), 3);
+        let units = core.start(3);
+        assert_eq!(core.ack_through(), None, "nothing accepted yet");
+        // The second and third are accepted before the first: still nothing can be acked.
+        core.on_finished(units[1].first_seq, 1, Some(Outcome::Delivered));
+        core.on_finished(units[2].first_seq, 1, Some(Outcome::Delivered));
+        assert_eq!(core.ack_through(), None);
+        core.on_finished(units[0].first_seq, 1, Some(Outcome::Delivered));
+        assert_eq!(core.ack_through(), Some(2));
+        assert_eq!(core.ack_through(), None, "reported once");
+    }
+
+    #[test]
+    fn a_failing_dead_letter_write_pauses_the_rule_and_is_retried_later_not_in_a_spin() {
+        let start = std::time::Instant::now();
+        let mut core = Core::new(Arc::new(plan(1, Duration::ZERO)), Arc::default());
+        core.on_read(entries(0..3), at(start, 0));
+        let unit = core.start(1).remove(0);
+        core.on_finished(unit.first_seq, 1, Some(Outcome::Refused(letter())));
+        assert!(core.letter_to_write(at(start, 0)).is_some());
+        assert!(
+            core.letter_to_write(at(start, 0)).is_none(),
+            "one write at a time"
+        );
+        core.on_letter_written(Err("No space left on device".into()), at(start, 0));
+
+        // Paused: nothing starts, nothing is written before the retry time, and the loop is
+        // told to sleep until then rather than to loop.
+        assert_eq!(core.startable(8), 0);
+        assert!(core.letter_to_write(at(start, 10)).is_none());
+        let wait = core.wait(at(start, 10));
+        assert_eq!(
+            wait.wake_at,
+            Some(start + LETTER_RETRY_MIN_DELAY),
+            "{wait:?}"
+        );
+        assert_eq!(core.ack_through(), None, "the refused event is not acked");
+
+        assert!(core.letter_to_write(at(start, 1_000)).is_some());
+        core.on_letter_written(Ok(()), at(start, 1_000));
+        assert_eq!(core.ack_through(), Some(0));
+        assert_eq!(core.startable(8), 2, "the rule flows again");
+    }
+
+    #[test]
+    fn halting_reads_and_starts_nothing_and_ends_once_nothing_is_in_flight() {
+        let start = std::time::Instant::now();
+        let mut core = Core::new(Arc::new(plan(1, Duration::ZERO)), Arc::default());
+        core.on_read(entries(0..4), at(start, 0));
+        let units = core.start(2);
+        core.on_drain();
+        core.on_finished(units[0].first_seq, 1, Some(Outcome::Interrupted));
+        assert_eq!(core.mode(), Mode::Halting);
+        assert_eq!(core.startable(8), 0);
+        let wait = core.wait(at(start, 0));
+        assert_eq!((wait.read, wait.done), (ReadWant::None, false));
+        core.on_finished(units[1].first_seq, 1, Some(Outcome::Delivered));
+        assert!(core.wait(at(start, 0)).done);
+        assert_eq!(core.ack_through(), None, "seq 0 was never accepted");
+    }
+
+    #[test]
+    fn draining_reads_what_is_there_flushes_partials_then_ends() {
+        let start = std::time::Instant::now();
+        let mut core = Core::new(Arc::new(plan(10, Duration::from_secs(60))), Arc::default());
+        core.on_read(entries(0..3), at(start, 0));
+        core.on_drain();
+        assert_eq!(core.wait(at(start, 0)).read, ReadWant::Now);
+        core.on_read(Vec::new(), at(start, 0));
+        assert_eq!(core.startable(8), 1, "the partial batch became an event");
+        let unit = core.start(1).remove(0);
+        assert!(!core.wait(at(start, 0)).done);
+        core.on_finished(unit.first_seq, 3, Some(Outcome::Delivered));
+        assert_eq!(core.ack_through(), Some(2));
+        assert!(core.wait(at(start, 0)).done);
     }
 }

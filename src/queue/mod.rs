@@ -66,6 +66,14 @@ pub trait Queue: Send + Sync + 'static {
     /// Returns up to `max` unread messages without waiting (possibly none).
     fn try_read(&self, max: usize) -> Result<Vec<Entry>, QueueError>;
 
+    /// Returns up to `max` unread messages without waiting (possibly none).
+    fn read_ready(
+        &self,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Entry>, QueueError>> + Send {
+        async move { self.try_read(max) }
+    }
+
     /// Releases every message up to and including `through`.
     fn ack(&self, through: Seq) -> impl Future<Output = Result<(), QueueError>> + Send;
 }
