@@ -1,8 +1,9 @@
-//! A token bucket that paces invocations: pure, with `now` passed in.
+//! Pacing of invocations, pure: a token bucket (with `now` passed in) and adaptive concurrency.
 //!
-//! It delays, never drops: a caller takes a token and waits the returned duration; the queue
-//! absorbs the wait. Tokens may go into debt, so callers that take tokens back to back are
-//! spaced exactly `1 / rate` apart.
+//! The bucket delays, never drops: a caller takes a token and waits the returned duration; the
+//! queue absorbs the wait. Tokens may go into debt, so callers that take tokens back to back are
+//! spaced exactly `1 / rate` apart. [`Aimd`] says how many invocations may be in flight; it only
+//! ever moves between 1 and its cap.
 
 use std::time::Duration;
 
@@ -49,28 +50,68 @@ impl TokenBucket {
     }
 }
 
-/// Adaptive concurrency (AIMD, as Vector's adaptive request concurrency): a throttle halves the
-/// number of invocations a rule may have in flight, successes raise it again one step per
-/// "window" of successes, up to the configured maximum. A function with reserved concurrency is
-/// never stormed, and a recovered one gets its full rate back.
+/// The adaptive cap on a rule's invocations in flight when it invokes asynchronously (`event`)
+/// and the user did not set `max_concurrency`.
+///
+/// - Asynchronous invocations are queued by Lambda and run in no particular order, so keeping
+///   one in flight buys no ordering; it only makes the uplink's round trip the bottleneck.
+/// - On an LTE uplink at 25 ms per Invoke, 800 msg/s (one message per invocation) needs at
+///   least 20 in flight; 32 leaves room for slower round trips and jitter.
+/// - It equals the default `aws.max_concurrency`, so one busy rule can use the whole process
+///   budget, and stays far below Lambda's default of 1,000 concurrent executions per account and
+///   Region (new accounts get less; a throttle halves the limit anyway).
+/// - Each invocation in flight holds its event in memory: a few KiB for single messages, and at
+///   most 32 MiB with full 1 MiB batches, which a small gateway can still afford.
+///
+/// Slow start reaches it after 31 successes (five round trips of a full window).
+pub const EVENT_DEFAULT_MAX_CONCURRENCY: usize = 32;
+
+/// Adaptive concurrency: a throttle halves the number of invocations a rule may have in flight,
+/// successes raise it again, up to the cap. A function with reserved concurrency is never
+/// stormed, and a recovered one gets its full rate back.
+///
+/// Two ways to grow, as TCP's congestion window:
+/// - *slow start* ([`Aimd::slow_start`]): from 1, each success allows one more, so the limit
+///   doubles with every round trip of a full window, until the first throttle or the cap;
+/// - *additive increase* (AIMD, as Vector's adaptive request concurrency): one more per window of
+///   `limit` successes in a row. [`Aimd::new`] starts here, at the cap.
+///
+/// Invariant: `1 <= limit <= cap`.
 #[derive(Debug, Clone)]
 pub struct Aimd {
-    /// The configured maximum.
-    max: usize,
-    /// The current limit, 1..=max.
+    /// The most invocations in flight ever allowed.
+    cap: usize,
+    /// The current limit, 1..=cap.
     limit: usize,
-    /// Successes since the last change.
+    /// Successes since the last change (additive increase only).
     successes: usize,
+    /// Still in slow start: no throttle seen yet and the cap not reached.
+    slow_start: bool,
 }
 
 impl Aimd {
-    /// Starts at the maximum.
-    pub fn new(max: usize) -> Self {
-        let max = max.max(1);
+    /// Starts at the cap: for a `max_concurrency` the user chose, which is trusted until Lambda
+    /// throttles.
+    pub fn new(cap: usize) -> Self {
+        let cap = cap.max(1);
         Aimd {
-            max,
-            limit: max,
+            cap,
+            limit: cap,
             successes: 0,
+            slow_start: false,
+        }
+    }
+
+    /// Starts at 1 and doubles per round trip until the first throttle or `cap`: for a default
+    /// limit, which should find the function's and the uplink's capacity without first storming
+    /// either.
+    pub fn slow_start(cap: usize) -> Self {
+        let cap = cap.max(1);
+        Aimd {
+            cap,
+            limit: 1,
+            successes: 0,
+            slow_start: cap > 1,
         }
     }
 
@@ -79,18 +120,25 @@ impl Aimd {
         self.limit
     }
 
-    /// Lambda throttled an invocation: halve (at least 1).
+    /// Lambda throttled an invocation: halve (at least 1) and grow only additively from now on.
     pub fn on_throttle(&mut self) {
         self.limit = (self.limit / 2).max(1);
         self.successes = 0;
+        self.slow_start = false;
     }
 
-    /// An invocation succeeded: after `limit` successes in a row, one more is allowed.
+    /// An invocation succeeded: in slow start one more is allowed at once; afterwards one more
+    /// after `limit` successes in a row.
     pub fn on_success(&mut self) {
+        if self.slow_start {
+            self.limit = (self.limit + 1).min(self.cap);
+            self.slow_start = self.limit < self.cap;
+            return;
+        }
         self.successes += 1;
         if self.successes >= self.limit {
             self.successes = 0;
-            self.limit = (self.limit + 1).min(self.max);
+            self.limit = (self.limit + 1).min(self.cap);
         }
     }
 }
@@ -142,6 +190,81 @@ mod tests {
             aimd.on_success();
         }
         assert_eq!(aimd.limit(), 8, "never above the maximum");
+    }
+
+    /// Runs one round trip: as many successes as the limit allows in flight.
+    fn full_window_of_successes(aimd: &mut Aimd) {
+        for _ in 0..aimd.limit() {
+            aimd.on_success();
+        }
+    }
+
+    #[test]
+    fn slow_start_doubles_per_round_trip_up_to_the_cap() {
+        let mut aimd = Aimd::slow_start(EVENT_DEFAULT_MAX_CONCURRENCY);
+        let mut limits = vec![aimd.limit()];
+        for _ in 0..7 {
+            full_window_of_successes(&mut aimd);
+            limits.push(aimd.limit());
+        }
+        assert_eq!(limits, vec![1, 2, 4, 8, 16, 32, 32, 32]);
+    }
+
+    #[test]
+    fn slow_start_stops_at_a_cap_that_is_not_a_power_of_two() {
+        let mut aimd = Aimd::slow_start(5);
+        let mut limits = Vec::new();
+        for _ in 0..4 {
+            full_window_of_successes(&mut aimd);
+            limits.push(aimd.limit());
+        }
+        assert_eq!(limits, vec![2, 4, 5, 5]);
+    }
+
+    #[test]
+    fn a_throttle_in_slow_start_halves_and_then_grows_one_per_window() {
+        let mut aimd = Aimd::slow_start(64);
+        for _ in 0..4 {
+            full_window_of_successes(&mut aimd);
+        }
+        assert_eq!(aimd.limit(), 16);
+        aimd.on_throttle();
+        assert_eq!(aimd.limit(), 8);
+        aimd.on_success();
+        assert_eq!(aimd.limit(), 8, "no longer one more per success");
+        for _ in 0..7 {
+            aimd.on_success();
+        }
+        assert_eq!(aimd.limit(), 9, "one more after a full window");
+        full_window_of_successes(&mut aimd);
+        assert_eq!(aimd.limit(), 10);
+    }
+
+    #[test]
+    fn slow_start_with_a_cap_of_one_stays_at_one() {
+        let mut aimd = Aimd::slow_start(1);
+        full_window_of_successes(&mut aimd);
+        assert_eq!(aimd.limit(), 1);
+        let mut aimd = Aimd::slow_start(0);
+        assert_eq!(aimd.limit(), 1, "a cap of zero is read as one");
+        aimd.on_success();
+        assert_eq!(aimd.limit(), 1);
+    }
+
+    proptest::proptest! {
+        /// Whatever Lambda answers, in any order, the limit stays within 1..=cap.
+        #[test]
+        fn the_limit_never_leaves_one_to_cap(
+            cap in 0usize..100,
+            slow in proptest::bool::ANY,
+            events in proptest::collection::vec(proptest::bool::weighted(0.8), 0..500),
+        ) {
+            let mut aimd = if slow { Aimd::slow_start(cap) } else { Aimd::new(cap) };
+            for success in events {
+                if success { aimd.on_success() } else { aimd.on_throttle() }
+                proptest::prop_assert!((1..=cap.max(1)).contains(&aimd.limit()));
+            }
+        }
     }
 
     #[test]
