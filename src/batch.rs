@@ -25,7 +25,7 @@ use crate::aggregate::{Aggregator, Window};
 use crate::envelope;
 use crate::plan::{RulePlan, RuleStats};
 use crate::queue::{Entry, Seq};
-use crate::throttle::{DropReason, Throttle};
+use crate::throttle::{DropReason, MAX_TOPICS, Outcome as ThrottleOutcome, Throttle};
 
 /// How long a statistics window stays open past its end for its last messages to arrive.
 pub const WINDOW_GRACE: Duration = Duration::from_secs(1);
@@ -96,27 +96,38 @@ impl Former {
 
     /// Takes one entry read from the queue.
     pub fn push(&mut self, entry: Entry, now: Now) {
-        let passing = match self.throttle.as_mut() {
+        match self.throttle.as_mut() {
             Some(throttle) => {
                 let out = throttle.push(entry);
-                self.count_drops(&out.dropped);
-                out.pass
+                self.absorb(out, now);
             }
-            None => vec![entry],
-        };
-        for entry in passing {
+            None => self.output(entry, now),
+        }
+    }
+
+    /// Counts what the throttle dropped or forgot, and forms events of what it passed.
+    fn absorb(&mut self, out: ThrottleOutcome, now: Now) {
+        self.count_drops(&out.dropped);
+        if out.evicted > 0 {
+            let before = RuleStats::get(&self.stats.throttle_forgotten);
+            RuleStats::add(&self.stats.throttle_forgotten, out.evicted);
+            // Once, then at every further thousand: enough to notice, never a flood.
+            if before == 0 || before / 1000 != (before + out.evicted) / 1000 {
+                tracing::warn!(
+                    rule = %self.plan.name, forgotten = before + out.evicted, limit = MAX_TOPICS,
+                    "[rules.throttle] tracks too many topics: forgot the least recently seen; each forgotten topic lets its next message through"
+                );
+            }
+        }
+        for entry in out.pass {
             self.output(entry, now);
         }
     }
 
     /// Handles what falls due at `now`: batch deadlines, windows, held throttle messages.
     pub fn tick(&mut self, now: Now) {
-        if let Some(throttle) = self.throttle.as_mut() {
-            let out = throttle.release_due(now.wall_ms);
-            self.count_drops(&out.dropped);
-            for entry in out.pass {
-                self.output(entry, now);
-            }
+        if let Some(out) = self.throttle.as_mut().map(|t| t.release_due(now.wall_ms)) {
+            self.absorb(out, now);
         }
         if let Some(window) = self
             .aggregator
@@ -132,12 +143,8 @@ impl Former {
 
     /// Turns everything partial into events now (shutdown, once the queue is read to its end).
     pub fn flush(&mut self, now: Now) {
-        if let Some(throttle) = self.throttle.as_mut() {
-            let out = throttle.release_due(u64::MAX);
-            self.count_drops(&out.dropped);
-            for entry in out.pass {
-                self.output(entry, now);
-            }
+        if let Some(out) = self.throttle.as_mut().map(|t| t.release_due(u64::MAX)) {
+            self.absorb(out, now);
         }
         if let Some(window) = self.aggregator.as_mut().and_then(Aggregator::close_now) {
             self.window_units(window);

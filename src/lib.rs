@@ -258,6 +258,7 @@ pub async fn run_with<I: Invoke>(
             throttled_min_interval = get(&stats.throttled_min_interval),
             throttled_only_changes = get(&stats.throttled_unchanged),
             throttled_deadband = get(&stats.throttled_deadband),
+            throttle_forgotten = get(&stats.throttle_forgotten),
             dropped_oldest = get(&counters.dropped_oldest),
             dropped_newest = get(&counters.dropped_newest),
             expired = get(&counters.expired),

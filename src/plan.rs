@@ -166,6 +166,8 @@ pub struct RuleStats {
     pub throttled_unchanged: AtomicU64,
     /// Messages dropped by `throttle.deadband`.
     pub throttled_deadband: AtomicU64,
+    /// Topics `[rules.throttle]` forgot to stay under its cap on tracked topics.
+    pub throttle_forgotten: AtomicU64,
 }
 
 impl RuleStats {

@@ -13,6 +13,8 @@ const RULES: &str = r#"
 name = "temperature"
 topic = "sensors/+/temperature"
 function = "ingest-temperature"
+# These tests check queue order: one invocation at a time keeps it.
+max_concurrency = 1
 "#;
 
 #[tokio::test]
@@ -172,6 +174,7 @@ function = "does-not-exist"
 name = "healthy"
 topic = "a/#"
 function = "works"
+max_concurrency = 1
 "#;
     let daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), rules)).await;
     daemon.wait_for_log_count("subscribed", 2).await;
@@ -308,6 +311,7 @@ async fn batches_carry_several_messages_up_to_max_messages() {
 name = "batched"
 topic = "b/#"
 function = "batch-fn"
+max_concurrency = 1
 [rules.batch]
 max_messages = 10
 max_wait = "500ms"

@@ -11,6 +11,7 @@ const RULES: &str = r#"
 name = "t"
 topic = "s/+/t"
 function = "f"
+max_concurrency = 1
 "#;
 
 fn payloads(lambda: &FakeLambdaServer) -> Vec<serde_json::Value> {

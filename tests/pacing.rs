@@ -185,6 +185,7 @@ keep = "first"
 name = "switch"
 topic = "s/#"
 function = "g"
+max_concurrency = 1
 [rules.throttle]
 only_changes = true
 "#;

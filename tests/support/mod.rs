@@ -46,16 +46,24 @@ pub struct Mosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Lines that override the default configuration (later lines win in mosquitto).
+    extra_conf: String,
 }
 
 impl Mosquitto {
     /// Starts a broker that keeps persistent sessions in memory.
     pub async fn start() -> Mosquitto {
+        Self::start_with("").await
+    }
+
+    /// Starts a broker with extra configuration lines (e.g. `max_inflight_messages 0`).
+    pub async fn start_with(extra_conf: &str) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut broker = Mosquitto {
             port: free_port(),
             dir,
             child: None,
+            extra_conf: extra_conf.to_owned(),
         };
         broker.launch().await;
         broker
@@ -66,9 +74,10 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nuser root\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_inflight_messages 100\nmax_queued_messages 1000000\nlog_dest stderr\nlog_type error\n",
+                "listener {} 127.0.0.1\nuser root\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_inflight_messages 100\nmax_queued_messages 1000000\nlog_dest stderr\nlog_type error\n{}\n",
                 self.port,
-                self.dir.path().display()
+                self.dir.path().display(),
+                self.extra_conf
             ),
         )
         .expect("write mosquitto.conf");

@@ -1,0 +1,241 @@
+//! Promises under faults, end to end with real mosquitto: few duplicates after kill -9, a
+//! connection that stays healthy while ingest waits, and a full disk that recovers by itself.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use support::fake_lambda::{FakeLambda, FakeLambdaServer, Invocation};
+use support::{Daemon, Mosquitto, Publisher, config};
+
+/// Times each payload number reached the function.
+fn deliveries(all: &[Invocation]) -> BTreeMap<u64, usize> {
+    let mut seen = BTreeMap::new();
+    for m in all
+        .iter()
+        .flat_map(|c| c.body["messages"].as_array().into_iter().flatten())
+    {
+        if let Some(n) = m["payload"].as_u64().or_else(|| {
+            m["payload"]
+                .as_str()
+                .and_then(|s| s.split(':').next()?.parse().ok())
+        }) {
+            *seen.entry(n).or_default() += 1;
+        }
+    }
+    seen
+}
+
+async fn wait_every_payload(fake: &FakeLambda, n: u64) -> BTreeMap<u64, usize> {
+    fake.wait_until(&format!("payloads 0..{n}"), |all| {
+        deliveries(all).len() as u64 >= n
+    })
+    .await;
+    let seen = fake.with_invocations(deliveries);
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (0..n).collect::<Vec<_>>()
+    );
+    seen
+}
+
+#[tokio::test]
+async fn three_kill_9_during_a_stream_of_6000_deliver_at_most_150_duplicates() {
+    const N: u64 = 6000;
+    let rules = r#"
+[[rules]]
+name = "stream"
+topic = "stream/#"
+function = "sink"
+[rules.batch]
+max_messages = 50
+max_wait = "20ms"
+"#;
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let mut daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), rules)).await;
+    daemon.wait_for_log("subscribed").await;
+    let publisher = Publisher::connect(broker.port).await;
+    let stream = {
+        let client = publisher.client.clone();
+        tokio::spawn(async move {
+            // A steady sensor stream: about 2,000 messages a second.
+            for i in 0..N {
+                client
+                    .publish("stream/x", rumqttc::QoS::AtLeastOnce, false, i.to_string())
+                    .await
+                    .expect("queue publish");
+                if i % 10 == 9 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    for third in 1..=3u64 {
+        // Kill once the function has seen about a third, two thirds… of the stream.
+        lambda
+            .fake
+            .wait_until("a share of the stream", |all| {
+                deliveries(all).len() as u64 >= third * N / 4
+            })
+            .await;
+        daemon = daemon.kill().await.restart().await;
+        daemon.wait_for_log("connected to the MQTT broker").await;
+    }
+    stream.await.expect("publisher");
+    publisher.wait_acked(N as usize).await;
+    let seen = wait_every_payload(&lambda.fake, N).await;
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    eprintln!("duplicates after three kill -9 over {N} messages: {duplicates}");
+    assert!(
+        duplicates <= 150,
+        "{duplicates} messages delivered more than once"
+    );
+}
+
+#[tokio::test]
+async fn while_the_buffer_blocks_ingest_keep_alives_flow_and_the_connection_stays_up() {
+    // No in-flight limit: the broker pushes everything it holds, so the bridge holds more
+    // publishes than one ingest group while its buffer refuses more.
+    let broker = Mosquitto::start_with("max_inflight_messages 0").await;
+    let lambda_port = support::free_port();
+    let endpoint = format!("http://127.0.0.1:{lambda_port}");
+    let buffer = tempfile::tempdir().expect("tempdir");
+    let rules = format!(
+        r#"
+[buffer]
+dir = "{}"
+max_size = "64KiB"
+when_full = "block"
+
+[[rules]]
+name = "blocked"
+topic = "b/#"
+function = "sink"
+[rules.batch]
+max_messages = 100
+max_wait = "50ms"
+"#,
+        buffer.path().display()
+    );
+    let text = config(&broker.url(), &endpoint, &rules)
+        .replace("[mqtt]\n", "[mqtt]\nkeep_alive = \"1s\"\n");
+    let daemon = Daemon::start(&text).await;
+    daemon.wait_for_log("subscribed").await;
+    let publisher = Publisher::connect(broker.port).await;
+    const N: u64 = 3000;
+    for i in 0..N {
+        publisher
+            .publish("b/x", 1, format!("{i}:{}", "x".repeat(180)))
+            .await;
+    }
+    publisher.wait_acked(N as usize).await;
+    // The buffer is full (64 KiB) long before 3,000 messages of 200 bytes; Lambda is down.
+    daemon.wait_for_log("code=Dispatch").await;
+    let buffered = daemon.buffered();
+    assert!(
+        buffered < N as usize,
+        "the buffer must be holding ingest back"
+    );
+    // Four keep-alive periods with ingest held back: mosquitto drops a client that sends
+    // nothing for 1.5 of them.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        daemon.count_log("connected to the MQTT broker"),
+        1,
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(daemon.count_log("MQTT connection failed"), 0);
+
+    let fake = FakeLambda::default();
+    let _lambda = FakeLambdaServer::start_on(lambda_port, fake.clone()).await;
+    wait_every_payload(&fake, N).await;
+    assert_eq!(daemon.count_log("connected to the MQTT broker"), 1);
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts one of `size`, or `None` when this process may not mount (not root).
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then_some(Tmpfs { dir })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_stops_acknowledging_then_recovers_by_itself_and_delivers_everything() {
+    let Some(disk) = Tmpfs::mount("3m") else {
+        eprintln!("SKIPPED: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    };
+    let broker = Mosquitto::start_with("max_inflight_messages 0").await;
+    let lambda_port = support::free_port();
+    let endpoint = format!("http://127.0.0.1:{lambda_port}");
+    let rules = format!(
+        r#"
+[buffer]
+dir = "{}"
+
+[[rules]]
+name = "full"
+topic = "f/#"
+function = "sink"
+[rules.batch]
+max_messages = 100
+max_wait = "50ms"
+"#,
+        disk.dir.path().join("buffer").display()
+    );
+    let text = config(&broker.url(), &endpoint, &rules)
+        .replace("[mqtt]\n", "[mqtt]\nkeep_alive = \"2s\"\n");
+    let daemon = Daemon::start(&text).await;
+    daemon.wait_for_log("subscribed").await;
+    let publisher = Publisher::connect(broker.port).await;
+    // 10,000 messages of about 450 bytes: 4.5 MB, more than the 3 MiB disk holds.
+    const N: u64 = 10_000;
+    let filler = "x".repeat(440);
+    for i in 0..N {
+        publisher.publish("f/x", 1, format!("{i}:{filler}")).await;
+    }
+    publisher.wait_acked(N as usize).await;
+    daemon.wait_for_log("cannot write the buffer").await;
+    assert!(daemon.buffered() < N as usize);
+
+    // Lambda comes back: what is delivered frees its segment, ingest resumes, and every
+    // message the broker kept arrives.
+    let fake = FakeLambda::default();
+    let _lambda = FakeLambdaServer::start_on(lambda_port, fake.clone()).await;
+    wait_every_payload(&fake, N).await;
+    assert_eq!(
+        daemon.count_log("connected to the MQTT broker"),
+        1,
+        "no reconnect churn while the disk was full"
+    );
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}
