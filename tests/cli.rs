@@ -83,7 +83,7 @@ max_wait = "soon"
     // A type error stops serde before validation: only that one is reported first.
     assert!(
         stderr.contains(&format!(
-            "{file}:14: rules[1].batch.max_wait: invalid duration \"soon\""
+            "{file}:14: rules[1].batch.max_wait: expected a duration like \"1s\", got \"soon\""
         )),
         "{stderr}"
     );
