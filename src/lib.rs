@@ -33,6 +33,7 @@ pub mod envelope;
 pub mod invoker;
 pub mod mqtt;
 pub mod pipeline;
+pub mod preflight;
 pub mod queue;
 pub mod ratelimit;
 pub mod rules;
