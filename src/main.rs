@@ -32,20 +32,27 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the daemon.
+    /// Run the daemon; it performs `check`'s checks first and exits 78 when one fails.
     Run {
         /// The configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
-    /// Validate the configuration and exit: 0 when valid, 78 with one line per problem otherwise.
+    /// Validate the configuration and what `run` needs: exit 0, or 78 with one line per problem.
+    ///
+    /// After the file, the files its keys name (password_file, TLS), buffer.dir (writable or
+    /// creatable; nothing is created) and the AWS region (set, from the environment, the
+    /// profile, or EC2 instance metadata within 2s) are checked, as `run` does before
+    /// connecting.
     Check {
         /// The configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
-    /// Inspect the disk buffer (while the daemon is stopped; exit 66 when buffer.dir does not
-    /// exist, 75 while the daemon holds it).
+    /// Inspect the disk buffer while the daemon is stopped.
+    ///
+    /// Exit 66 when buffer.dir does not exist (it is never created here), 75 while the daemon
+    /// holds it, 64 for an unknown --rule.
     Buffer {
         #[command(subcommand)]
         command: BufferCommand,
@@ -82,7 +89,10 @@ enum DeadLetterCommand {
         json: bool,
     },
     /// Put dead letters back into their rule's queue (same ids); the next `run` delivers them.
-    /// What cannot go back stays in the store, said on stderr, exit 65.
+    ///
+    /// What cannot go back (statistics windows, unreadable lines, messages older than
+    /// buffer.max_age, messages the queue has no room for) stays in the store, one line per kind
+    /// on stderr saying why and what to do, and the exit code is 65.
     Replay {
         /// The configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
