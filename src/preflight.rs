@@ -178,7 +178,7 @@ fn readable_file(path: &Path) -> Result<(), String> {
     }
     std::fs::File::open(path)
         .map(|_| ())
-        .map_err(|e| format!("{}{}", os_reason(&e), as_user()))
+        .map_err(|e| refusal(&e))
 }
 
 /// `buffer.dir`: usable as it is, or creatable by `run`, without creating it here.
@@ -194,10 +194,9 @@ pub fn buffer_dir(config: &Config) -> Vec<Issue> {
         }
         Ok(_) => match access(dir, Access::Directory) {
             Err(e) => vec![issue(format!(
-                "{} is not writable: {}{}",
+                "{} is not writable: {}",
                 dir.display(),
-                os_reason(&e),
-                as_user()
+                refusal(&e)
             ))],
             Ok(()) => buffer_contents(config),
         },
@@ -234,12 +233,7 @@ fn creatable(dir: &Path) -> Result<(), String> {
             }
             Ok(_) => {
                 return access(&ancestor, Access::Directory).map_err(|e| {
-                    format!(
-                        "{} is not writable: {}{}",
-                        ancestor.display(),
-                        os_reason(&e),
-                        as_user()
-                    )
+                    format!("{} is not writable: {}", ancestor.display(), refusal(&e))
                 });
             }
             Err(e) if is_missing(&e) => continue,
@@ -280,10 +274,9 @@ fn buffer_contents(config: &Config) -> Vec<Issue> {
             issues.push(Issue::new(
                 "buffer.dir",
                 format!(
-                    "{} is not writable: {}{}{others}; rule {:?} cannot use its buffer",
+                    "{} is not writable: {}{others}; rule {:?} cannot use its buffer",
                     first.display(),
-                    os_reason(&e),
-                    as_user(),
+                    refusal(&e),
                     rule.name
                 ),
             ));
@@ -315,14 +308,7 @@ fn existing_is(path: &Path, kind: Access) -> Result<(), String> {
         }
         _ => {}
     }
-    access(path, kind).map_err(|e| {
-        format!(
-            "{} is not writable: {}{}",
-            path.display(),
-            os_reason(&e),
-            as_user()
-        )
-    })
+    access(path, kind).map_err(|e| format!("{} is not writable: {}", path.display(), refusal(&e)))
 }
 
 /// What the daemon needs of a path.
@@ -353,7 +339,17 @@ fn access(path: &Path, kind: Access) -> io::Result<()> {
     }
 }
 
-/// " for uid N": who was refused, since `check` may run as another user than the daemon.
+/// Why access was refused; for a permission, to whom, since `check` may run as another user
+/// than the daemon.
+fn refusal(e: &io::Error) -> String {
+    if e.kind() == io::ErrorKind::PermissionDenied {
+        format!("{}{}", os_reason(e), as_user())
+    } else {
+        os_reason(e)
+    }
+}
+
+/// " for this user (uid N)".
 fn as_user() -> String {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };

@@ -741,8 +741,8 @@ fn buffer_dir_problems_are_named_and_check_creates_nothing() {
         "{err}"
     );
 
-    // Permissions say nothing to root; a read-only file system would. As another user, a
-    // directory without write permission is refused.
+    // As another user, a directory without write permission is refused. Permissions say
+    // nothing to root; a read-only file system does (when this root may mount one).
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         use std::os::unix::fs::PermissionsExt;
@@ -752,10 +752,52 @@ fn buffer_dir_problems_are_named_and_check_creates_nothing() {
         let out = check(&with_buffer(&locked.join("buffer")));
         assert_eq!(out.status.code(), Some(78));
         assert!(
-            stderr(&out).contains("is not writable: Permission denied for this user"),
+            stderr(&out).contains("is not writable: Permission denied for this user (uid "),
             "{}",
             stderr(&out)
         );
+    } else if let Some(read_only) = ReadOnlyMount::new(&dir.path().join("read-only")) {
+        let out = check(&with_buffer(&read_only.0.join("buffer")));
+        assert_eq!(out.status.code(), Some(78));
+        assert!(
+            stderr(&out).contains(&format!(
+                "buffer.dir: {} does not exist and cannot be created: {} is not writable: Read-only file system",
+                read_only.0.join("buffer").display(),
+                read_only.0.display()
+            )),
+            "{}",
+            stderr(&out)
+        );
+        let out = check(&with_buffer(&read_only.0));
+        assert_eq!(out.status.code(), Some(78));
+        assert!(
+            stderr(&out).contains("is not writable: Read-only file system"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+/// A small read-only tmpfs, unmounted on drop; `None` where this process may not mount.
+struct ReadOnlyMount(PathBuf);
+
+impl ReadOnlyMount {
+    fn new(at: &Path) -> Option<ReadOnlyMount> {
+        std::fs::create_dir_all(at).ok()?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs"])
+            .arg(at)
+            .output()
+            .ok()?
+            .status
+            .success();
+        mounted.then(|| ReadOnlyMount(at.to_owned()))
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
     }
 }
 
