@@ -68,36 +68,49 @@ pub fn mqtt_files(config: &MqttConfig) -> Vec<Issue> {
         ("mqtt.tls.cert_file", &tls.cert_file),
         ("mqtt.tls.key_file", &tls.key_file),
     ];
-    let unreadable: Vec<Issue> = named
-        .iter()
-        .filter_map(|(key, path)| {
-            let path = path.as_ref()?;
-            readable_file(path)
-                .err()
-                .map(|why| Issue::new(*key, format!("cannot read {}: {why}", path.display())))
-        })
-        .collect();
-    if !unreadable.is_empty() {
-        return unreadable;
-    }
+    let mut issues = Vec::new();
+    let mut readable = |key: &'static str, path: &Option<PathBuf>| match path {
+        None => true,
+        Some(path) => match readable_file(path) {
+            Ok(()) => true,
+            Err(why) => {
+                issues.push(Issue::new(
+                    key,
+                    format!("cannot read {}: {why}", path.display()),
+                ));
+                false
+            }
+        },
+    };
+    let [password_ok, ca_ok, cert_ok, key_ok] = named.map(|(key, path)| readable(key, path));
     if config.tls.is_none() {
-        return options_issue(config).into_iter().collect();
+        if password_ok {
+            issues.extend(options_issue(config));
+        }
+        return issues;
     }
     // mqtt::options stops at the first bad file: build the CA part and the client-certificate
-    // part apart, so that both are reported.
+    // part apart, without the password file, so that each problem is reported.
     let with_tls = |tls: TlsConfig| MqttConfig {
         tls: Some(tls),
+        username: None,
+        password: None,
+        password_file: None,
         ..config.clone()
     };
-    let ca_only = with_tls(TlsConfig {
-        cert_file: None,
-        key_file: None,
-        ..tls.clone()
-    });
-    let mut issues: Vec<Issue> = options_issue(&ca_only).into_iter().collect();
+    if ca_ok {
+        issues.extend(options_issue(&with_tls(TlsConfig {
+            cert_file: None,
+            key_file: None,
+            ..tls.clone()
+        })));
+    }
     let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) else {
         return issues;
     };
+    if !(cert_ok && key_ok) {
+        return issues;
+    }
     let client = [
         ("mqtt.tls.cert_file", pem_certificates(cert)),
         ("mqtt.tls.key_file", pem_private_key(key)),

@@ -1102,3 +1102,38 @@ async fn a_replay_that_puts_everything_back_exits_0_and_empties_the_store() {
     );
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
 }
+
+#[test]
+fn every_unusable_mqtt_file_is_reported_not_only_the_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").expect("write");
+    let missing = dir.path().join("no-such-password");
+    let path = write(
+        dir.path(),
+        &format!(
+            "[mqtt]\nurl = \"mqtts://127.0.0.1\"\nusername = \"u\"\npassword_file = \"{}\"\n\
+             [mqtt.tls]\nca_file = \"{}\"\n[aws]\nregion = \"eu-west-1\"\n[buffer]\ndir = \"{}\"\n\
+             [[rules]]\nname = \"a\"\ntopic = \"a\"\nfunction = \"f\"\n",
+            missing.display(),
+            garbage.display(),
+            dir.path().join("buffer").display()
+        ),
+    );
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(78));
+    let file = path.display().to_string();
+    assert_eq!(
+        stderr(&out).lines().collect::<Vec<_>>(),
+        [
+            format!(
+                "{file}:4: mqtt.password_file: cannot read {}: No such file or directory",
+                missing.display()
+            ),
+            format!(
+                "{file}:6: mqtt.tls.ca_file: {}: no usable CA certificate in it",
+                garbage.display()
+            ),
+        ]
+    );
+}
