@@ -260,13 +260,18 @@ fn buffer_command(command: BufferCommand) -> ExitCode {
                         println!("{}", serde_json::to_string(letter).unwrap_or_default());
                         continue;
                     }
-                    let messages = letter.event["messages"].as_array().map_or(0, Vec::len);
+                    let what = match letter.event["messages"].as_array() {
+                        Some(messages) => format!("{} message(s)", messages.len()),
+                        None if letter.event.get("window").is_some() => {
+                            "a statistics window".to_owned()
+                        }
+                        None => "no messages".to_owned(),
+                    };
                     println!(
-                        "{}  {}  {}  {} message(s), {} attempt(s): {}",
+                        "{}  {}  {}  {what}, {} attempt(s): {}",
                         letter.last_attempt_at,
                         letter.rule,
                         letter.code,
-                        messages,
                         letter.attempts,
                         letter.reason
                     );

@@ -1027,6 +1027,11 @@ async fn replay_puts_back_what_it_can_and_keeps_the_rest_with_reasons() {
         "{}",
         stderr(&out)
     );
+    assert!(
+        stdout(&out).contains("  t  ResourceNotFoundException  a statistics window, 1 attempt(s)"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[tokio::test]
