@@ -6,8 +6,15 @@
 //! rule names, URLs — and collects *every* problem instead of stopping at the first. Nothing
 //! connects anywhere before both steps pass. Each problem names the key as a user writes it
 //! (`rules[1].topic`) and, where the file has it, the line.
+//!
+//! - [`validate`]: one function per section, each returning its [`Issue`]s.
+//! - [`keys`]: what every key holds, so a value of the wrong type reads as a person would say
+//!   it (`rules[2].qos: expected a number 0, 1 or 2, got "2"`), and text overrides from the
+//!   environment stay text.
+//!
+//! What needs the file system or the environment beyond `MLB_` (files named by keys, the
+//! buffer directory, the AWS region chain) is checked by `crate::preflight`.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -17,7 +24,10 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Deserializer};
 
-use crate::rules;
+pub mod keys;
+pub mod validate;
+
+pub use validate::{Issue, RESERVED_RULE_NAMES};
 
 /// Where `run` and `check` look when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/mqtt-lambda-bridge/config.toml";
@@ -354,14 +364,21 @@ pub struct HumanDuration(pub Duration);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(text.trim())
-            .map(HumanDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "invalid duration {text:?} ({e}); write e.g. \"500ms\", \"5s\", \"7d\""
-                ))
-            })
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<HumanDuration, E> {
+                // The key table words the message (`keys::figment_problem`), humantime's
+                // reason included.
+                humantime::parse_duration(text.trim())
+                    .map(HumanDuration)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(text), &self))
+            }
+        }
+        d.deserialize_str(Visitor)
     }
 }
 
@@ -371,22 +388,27 @@ pub struct Size(pub u64);
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Size, E> {
+                Ok(Size(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Size, E> {
+                u64::try_from(n)
+                    .map(Size)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(n), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Size, E> {
+                bytesize::ByteSize::from_str(text.trim())
+                    .map(|b| Size(b.as_u64()))
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(text), &self))
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Bytes(n) => Ok(Size(n)),
-            Raw::Text(text) => bytesize::ByteSize::from_str(text.trim())
-                .map(|b| Size(b.as_u64()))
-                .map_err(|e| {
-                    serde::de::Error::custom(format!(
-                        "invalid size {text:?} ({e}); write e.g. \"256KiB\", \"1MiB\", \"512MB\""
-                    ))
-                }),
-        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -478,250 +500,95 @@ impl Config {
     /// Parses TOML text (read from `path`, which only names it in messages), then validates.
     pub fn from_toml_str(text: &str, path: &Path, env: Env) -> Result<Config, ConfigError> {
         let file_name = path.display().to_string();
+        let env = env.split("__");
         let figment = Figment::new()
             .merge(Toml::string(text))
-            .merge(env.split("__"));
+            .merge(env.clone())
+            .merge(keys::EnvText(env.clone()));
         let config: Config = figment.extract().map_err(|err| {
             ConfigError::Invalid(
                 err.into_iter()
-                    .map(|e| figment_problem(e, &file_name, text))
+                    .map(|e| keys::figment_problem(e, &file_name, text))
                     .collect(),
             )
         })?;
-        config.validate(&file_name, text)
+        config.validate_with(&Source::new(&file_name, text, &env))
     }
 
-    /// Checks what serde cannot: every problem is collected, none stops the others.
+    /// Checks what serde cannot, section by section; every problem is collected, none stops
+    /// the others. `text` is the file's, to find lines; `MLB_` variables of the process name
+    /// the keys they set.
     pub fn validate(self, file_name: &str, text: &str) -> Result<Config, ConfigError> {
-        let mut problems = Vec::new();
-        let mut report = |key: String, message: String| {
-            let line = line_of(text, &key);
-            problems.push(Problem {
-                source: file_name.to_owned(),
-                key,
-                line,
-                message,
-            });
-        };
+        let env = Env::prefixed(ENV_PREFIX).split("__");
+        self.validate_with(&Source::new(file_name, text, &env))
+    }
 
-        if let Err(message) = check_mqtt_url(&self.mqtt.url) {
-            report("mqtt.url".into(), message);
-        }
-        if self.mqtt.client_id.trim().is_empty() {
-            report("mqtt.client_id".into(), "must not be empty".into());
-        }
-        if self.mqtt.keep_alive.0 < Duration::from_secs(1) {
-            report(
-                "mqtt.keep_alive".into(),
-                "must be at least 1s (MQTT counts it in whole seconds)".into(),
-            );
-        }
-        if self.mqtt.password.is_some() && self.mqtt.password_file.is_some() {
-            report(
-                "mqtt.password_file".into(),
-                "set either password or password_file, not both".into(),
-            );
-        }
-        if (self.mqtt.password.is_some() || self.mqtt.password_file.is_some())
-            && self.mqtt.username.is_none()
-        {
-            report(
-                "mqtt.username".into(),
-                "a password needs a username (MQTT 3.1.1 sends no password alone)".into(),
-            );
-        }
-        if let Some(tls) = &self.mqtt.tls {
-            if tls.cert_file.is_some() != tls.key_file.is_some() {
-                report(
-                    "mqtt.tls".into(),
-                    "cert_file and key_file go together for client certificates".into(),
-                );
-            }
-            if !self.mqtt.url.starts_with("mqtts://") {
-                report(
-                    "mqtt.tls".into(),
-                    "TLS settings need an mqtts:// url".into(),
-                );
-            }
-        }
-        if let Some(endpoint) = &self.aws.endpoint_url
-            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-        {
-            report(
-                "aws.endpoint_url".into(),
-                format!("must start with http:// or https://, got {endpoint:?}"),
-            );
-        }
-        if self.aws.operation_timeout.0.is_zero() {
-            report("aws.operation_timeout".into(), "must be above zero".into());
-        }
-        if self.aws.max_concurrency == 0 {
-            report("aws.max_concurrency".into(), "must be at least 1".into());
-        }
-        if self.aws.connect_timeout.0.is_zero() {
-            report("aws.connect_timeout".into(), "must be above zero".into());
-        }
-        let per_rule = self.buffer.max_size.0 / (self.rules.len().max(1) as u64);
-        if per_rule < MIN_QUEUE_SIZE {
-            report(
-                "buffer.max_size".into(),
-                format!(
-                    "{} bytes shared by {} rule(s) leaves each less than {} KiB; raise it",
-                    self.buffer.max_size.0,
-                    self.rules.len(),
-                    MIN_QUEUE_SIZE / 1024
-                ),
-            );
-        }
-        if self.buffer.segment_size.0 < 4096 {
-            report("buffer.segment_size".into(), "must be at least 4KiB".into());
-        }
-        if self.buffer.max_age.0.is_zero() {
-            report("buffer.max_age".into(), "must be above zero".into());
-        }
-
-        if self.rules.is_empty() {
-            report(
-                "rules".into(),
-                "no [[rules]]: add at least one rule with name, topic and function".into(),
-            );
-        }
-        let mut names = HashSet::new();
-        for (i, rule) in self.rules.iter().enumerate() {
-            let key = |field: &str| format!("rules[{i}].{field}");
-            if rule.name.trim().is_empty() {
-                report(key("name"), "must not be empty".into());
-            } else if !rule
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-            {
-                report(
-                    key("name"),
-                    format!(
-                        "{:?}: use letters, digits, '-', '_' and '.' only (it names files in the buffer)",
-                        rule.name
-                    ),
-                );
-            } else if !names.insert(rule.name.as_str()) {
-                report(
-                    key("name"),
-                    format!(
-                        "{:?} is used by an earlier rule; names must be unique",
-                        rule.name
-                    ),
-                );
-            }
-            if let Err(message) = rules::validate_filter(&rule.topic) {
-                report(key("topic"), message);
-            }
-            if let Err(message) = check_function(&rule.function) {
-                report(key("function"), message);
-            }
-            if let Some(q) = &rule.qualifier
-                && q.trim().is_empty()
-            {
-                report(key("qualifier"), "must not be empty when given".into());
-            }
-            if rule.qos > 2 {
-                report(key("qos"), format!("must be 0, 1 or 2, got {}", rule.qos));
-            }
-            if let Some(batch) = &rule.batch {
-                if batch.max_messages == 0 {
-                    report(key("batch.max_messages"), "must be at least 1".into());
-                }
-                if let Some(max_bytes) = batch.max_bytes {
-                    let limit = rule.invocation.payload_limit();
-                    if max_bytes.0 == 0 || max_bytes.0 > limit {
-                        report(
-                            key("batch.max_bytes"),
-                            format!(
-                                "must be between 1 and {limit} bytes (Lambda's limit for this invocation type), got {}",
-                                max_bytes.0
-                            ),
-                        );
-                    }
-                }
-            }
-            if rule.max_concurrency == Some(0) {
-                report(key("max_concurrency"), "must be at least 1".into());
-            }
-            if let Some(throttle) = &rule.throttle {
-                if throttle.min_interval.is_some_and(|d| d.0.is_zero()) {
-                    report(key("throttle.min_interval"), "must be above zero".into());
-                }
-                match (&throttle.deadband, &throttle.deadband_field) {
-                    (Some(band), Some(field)) => {
-                        if !(band.is_finite() && *band > 0.0) {
-                            report(key("throttle.deadband"), format!("must be a number above zero, got {band}"));
-                        }
-                        if !field.starts_with('/') {
-                            report(key("throttle.deadband_field"), format!("{field:?} is not a JSON pointer; write e.g. \"/temperature\""));
-                        }
-                    }
-                    (Some(_), None) => report(key("throttle.deadband_field"), "deadband needs the field it watches, e.g. deadband_field = \"/temperature\"".into()),
-                    (None, Some(_)) => report(key("throttle.deadband"), "deadband_field needs a deadband, e.g. deadband = 0.5".into()),
-                    (None, None) => {}
-                }
-                if throttle.min_interval.is_none()
-                    && !throttle.only_changes
-                    && throttle.deadband.is_none()
-                {
-                    report(key("throttle"), "set min_interval, only_changes or deadband (an empty throttle does nothing)".into());
-                }
-            }
-            if let Some(aggregate) = &rule.aggregate {
-                if aggregate.window.0 < Duration::from_secs(1) {
-                    report(key("aggregate.window"), "must be at least 1s".into());
-                }
-                if aggregate.fields.is_empty() {
-                    report(
-                        key("aggregate.fields"),
-                        "list at least one JSON pointer, e.g. [\"/temperature\"]".into(),
-                    );
-                }
-                for (j, field) in aggregate.fields.iter().enumerate() {
-                    if !field.starts_with('/') {
-                        report(
-                            key(&format!("aggregate.fields[{j}]")),
-                            format!("{field:?} is not a JSON pointer; write e.g. \"/temperature\""),
-                        );
-                    }
-                }
-                if let Err(message) = crate::aggregate::GroupBy::parse(&aggregate.group_by) {
-                    report(key("aggregate.group_by"), message);
-                }
-                if rule.batch.is_some() {
-                    report(key("aggregate"), "a rule either batches messages ([rules.batch]) or summarizes them ([rules.aggregate]), not both".into());
-                }
-            }
-            if let Some(rate) = &rule.rate_limit {
-                if !(rate.invocations_per_second.is_finite() && rate.invocations_per_second > 0.0) {
-                    report(
-                        key("rate_limit.invocations_per_second"),
-                        format!(
-                            "must be a number above zero, got {}",
-                            rate.invocations_per_second
-                        ),
-                    );
-                }
-                if rate.burst == 0 {
-                    report(key("rate_limit.burst"), "must be at least 1".into());
-                }
-            }
-        }
-
-        if problems.is_empty() {
+    fn validate_with(self, source: &Source) -> Result<Config, ConfigError> {
+        let mut issues = validate::mqtt(&self.mqtt);
+        issues.extend(validate::aws(&self.aws));
+        issues.extend(validate::buffer(&self.buffer, self.rules.len()));
+        issues.extend(validate::rules(&self.rules));
+        if issues.is_empty() {
             Ok(self)
         } else {
-            Err(ConfigError::Invalid(problems))
+            Err(ConfigError::Invalid(source.locate(issues)))
         }
     }
 }
 
-/// `mqtt.url` must be `mqtt://host[:port]` or `mqtts://host[:port]`.
-fn check_mqtt_url(url: &str) -> Result<(), String> {
-    parse_mqtt_url(url).map(|_| ())
+/// Where the configuration's values came from: the file (its name and text, for lines) and
+/// the keys the environment set.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The file's path as given.
+    file_name: String,
+    /// The file's text.
+    text: String,
+    /// Keys set by `MLB_` variables (`mqtt.password_file`).
+    from_env: std::collections::HashSet<String>,
+}
+
+impl Source {
+    fn new(file_name: &str, text: &str, env: &Env) -> Self {
+        Source {
+            file_name: file_name.to_owned(),
+            text: text.to_owned(),
+            from_env: env.iter().map(|(k, _)| k.as_str().to_owned()).collect(),
+        }
+    }
+
+    /// The file at `path` and the process's `MLB_` variables, for problems found after loading
+    /// (preflight). An unreadable file only loses the line numbers.
+    pub fn read(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let env = Env::prefixed(ENV_PREFIX).split("__");
+        Source::new(&path.display().to_string(), &text, &env)
+    }
+
+    /// Places each issue: in the environment variable that set its key when one did,
+    /// otherwise in the file, at the key's line where the file has it.
+    pub fn locate(&self, issues: Vec<Issue>) -> Vec<Problem> {
+        issues
+            .into_iter()
+            .map(|issue| {
+                if self.from_env.contains(&issue.key) {
+                    Problem {
+                        source: format!("environment variable {}", keys::env_var(&issue.key)),
+                        key: issue.key,
+                        line: None,
+                        message: issue.message,
+                    }
+                } else {
+                    Problem {
+                        source: self.file_name.clone(),
+                        line: keys::line_of(&self.text, &issue.key),
+                        key: issue.key,
+                        message: issue.message,
+                    }
+                }
+            })
+            .collect()
+    }
 }
 
 /// The parts of `mqtt.url` the client needs.
@@ -784,153 +651,6 @@ pub fn parse_mqtt_url(url: &str) -> Result<BrokerAddress, String> {
     Ok(BrokerAddress { host, port, tls })
 }
 
-/// A function is a name (`my-fn`), a partial ARN (`123456789012:function:my-fn`) or a full ARN
-/// (`arn:aws:lambda:eu-west-1:123456789012:function:my-fn`), optionally with `:qualifier`.
-fn check_function(function: &str) -> Result<(), String> {
-    if function.trim().is_empty() {
-        return Err("must not be empty: give the function's name, partial ARN or ARN".into());
-    }
-    if function.len() > 170 {
-        return Err(format!(
-            "{:?}... is {} characters; Lambda accepts at most 170",
-            &function[..function
-                .char_indices()
-                .nth(20)
-                .map_or(function.len(), |(i, _)| i)],
-            function.len()
-        ));
-    }
-    let valid_char =
-        |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '$' | '.');
-    if let Some(bad) = function.chars().find(|c| !valid_char(*c)) {
-        return Err(format!(
-            "{function:?} contains {bad:?}; a function name, partial ARN or ARN uses letters, digits, '-', '_', ':'"
-        ));
-    }
-    if function.starts_with("arn:") {
-        let parts: Vec<&str> = function.split(':').collect();
-        if parts.len() < 7 || parts[2] != "lambda" || parts[5] != "function" || parts[6].is_empty()
-        {
-            return Err(format!(
-                "{function:?} is not a Lambda function ARN (arn:aws:lambda:REGION:ACCOUNT:function:NAME)"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Turns one figment error into a problem naming the file (or variable), key and line.
-fn figment_problem(err: figment::Error, file_name: &str, text: &str) -> Problem {
-    let mut path = err.path.clone();
-    let message = match &err.kind {
-        figment::error::Kind::UnknownField(field, expected) => {
-            if path.last() != Some(field) {
-                path.push(field.clone());
-            }
-            if expected.is_empty() {
-                format!("unknown key {field:?}")
-            } else {
-                format!(
-                    "unknown key {field:?}; expected one of: {}",
-                    expected.join(", ")
-                )
-            }
-        }
-        figment::error::Kind::MissingField(field) => {
-            if path.last().map(String::as_str) != Some(field.as_ref()) {
-                path.push(field.to_string());
-            }
-            "is required but missing".to_owned()
-        }
-        figment::error::Kind::UnknownVariant(found, expected) => {
-            format!(
-                "unknown value {found:?}; expected one of: {}",
-                expected.join(", ")
-            )
-        }
-        other => other.to_string(),
-    };
-    let key = render_key(&path);
-    let source = match &err.metadata {
-        Some(meta) if meta.name.contains("environment") => {
-            let var = format!(
-                "{ENV_PREFIX}{}",
-                path.iter()
-                    .map(|p| p.to_uppercase())
-                    .collect::<Vec<_>>()
-                    .join("__")
-            );
-            format!("environment variable {var}")
-        }
-        _ => file_name.to_owned(),
-    };
-    // A TOML syntax error carries its own line in the message; no key then.
-    let line = if source == file_name {
-        line_of(text, &key)
-    } else {
-        None
-    };
-    Problem {
-        source,
-        key,
-        line,
-        message,
-    }
-}
-
-/// `["rules", "1", "topic"]` → `rules[1].topic`.
-fn render_key(path: &[String]) -> String {
-    let mut key = String::new();
-    for part in path {
-        if part.parse::<usize>().is_ok() {
-            key.push_str(&format!("[{part}]"));
-        } else {
-            if !key.is_empty() {
-                key.push('.');
-            }
-            key.push_str(part);
-        }
-    }
-    key
-}
-
-/// The 1-based line of `key` (`rules[1].batch.max_wait`) in the TOML `text`, where it is written.
-fn line_of(text: &str, key: &str) -> Option<usize> {
-    if key.is_empty() {
-        return None;
-    }
-    let doc = toml_edit::ImDocument::parse(text).ok()?;
-    let mut table: &dyn toml_edit::TableLike = doc.as_table();
-    let mut span = None;
-    let mut parts = key.split('.').peekable();
-    while let Some(part) = parts.next() {
-        let (name, index) = match part.split_once('[') {
-            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
-            None => (part, None),
-        };
-        let (k, item) = table.get_key_value(name)?;
-        span = k.span().or_else(|| item.span()).or(span);
-        let item = match (index, item) {
-            (Some(i), toml_edit::Item::ArrayOfTables(array)) => {
-                let t = array.get(i)?;
-                span = t.span().or(span);
-                if parts.peek().is_none() {
-                    break;
-                }
-                table = t;
-                continue;
-            }
-            (_, item) => item,
-        };
-        if parts.peek().is_none() {
-            break;
-        }
-        table = item.as_table_like()?;
-    }
-    let offset = span?.start;
-    Some(text[..offset.min(text.len())].matches('\n').count() + 1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -959,6 +679,14 @@ function = "ingest"
             Ok(_) => vec![],
             Err(e) => e.problems(),
         }
+    }
+
+    /// The configuration as serde reads it, before validation (for the section validators).
+    pub(super) fn load_unvalidated(text: &str) -> Config {
+        Figment::new()
+            .merge(Toml::string(text))
+            .extract()
+            .expect("the text parses")
     }
 
     #[test]
@@ -998,11 +726,11 @@ function = "ingest"
             ),
             (
                 "[[rules]]\nname = \"a\"\ntopic = \"a\"\nfunction = \"f\"\nqos = 3\n",
-                "test.toml:14: rules[1].qos: must be 0, 1 or 2",
+                "test.toml:14: rules[1].qos: expected a number 0, 1 or 2, got 3",
             ),
             (
                 "[[rules]]\nname = \"a\"\ntopic = \"a\"\nfunction = \"f\"\n[rules.batch]\nmax_wait = \"5 parsecs\"\n",
-                "test.toml:15: rules[1].batch.max_wait: invalid duration \"5 parsecs\"",
+                "test.toml:15: rules[1].batch.max_wait: expected a duration like \"1s\", got \"5 parsecs\" (unknown time unit \"parsecs\"",
             ),
             (
                 "[[rules]]\nname = \"a\"\ntopic = \"a\"\nfunction = \"f\"\n[rules.batch]\nmax_bytes = \"2MiB\"\n",
@@ -1030,7 +758,7 @@ function = "ingest"
             ),
             (
                 "[buffer]\nmax_size = \"lots\"\n",
-                "test.toml:11: buffer.max_size: invalid size \"lots\"",
+                "test.toml:11: buffer.max_size: expected a size like \"256MiB\" or a number of bytes, got \"lots\"",
             ),
             (
                 "[buffer]\nwhen_full = \"panic\"\n",
@@ -1136,7 +864,7 @@ function = "ingest"
             let text = err.to_string();
             assert!(
                 text.contains(
-                    "environment variable MLB_MQTT__KEEP_ALIVE: mqtt.keep_alive: invalid duration"
+                    "environment variable MLB_MQTT__KEEP_ALIVE: mqtt.keep_alive: expected a duration like \"30s\", got \"soon\""
                 ),
                 "{text}"
             );
@@ -1144,15 +872,225 @@ function = "ingest"
         });
     }
 
+    /// Replaces `key = …` in MINIMAL or appends `extra`, returning the only problem line.
+    fn only_problem(text: &str) -> String {
+        let got = problems(text);
+        assert_eq!(got.len(), 1, "{text}\n{got:#?}");
+        got.into_iter().next().unwrap_or_default()
+    }
+
     #[test]
-    fn function_names_and_arns_are_accepted() {
-        for f in [
-            "ingest",
-            "123456789012:function:ingest",
-            "arn:aws:lambda:eu-west-1:123456789012:function:ingest",
-            "arn:aws:lambda:eu-west-1:123456789012:function:ingest:live",
-        ] {
-            assert_eq!(check_function(f), Ok(()), "{f}");
+    fn a_value_of_the_wrong_type_is_described_as_a_person_would() {
+        const RULE: &str = "[[rules]]\nname = \"a\"\ntopic = \"a\"\nfunction = \"f\"\n";
+        // (appended to MINIMAL, the whole expected problem line)
+        let table: &[(&str, &str)] = &[
+            (
+                "qos = \"2\"\n",
+                "test.toml:14: rules[1].qos: expected a number 0, 1 or 2, got \"2\" (write it without quotes)",
+            ),
+            (
+                "qos = 300\n",
+                "test.toml:14: rules[1].qos: expected a number 0, 1 or 2, got 300",
+            ),
+            (
+                "qos = -1\n",
+                "test.toml:14: rules[1].qos: expected a number 0, 1 or 2, got -1",
+            ),
+            (
+                "max_concurrency = 2.5\n",
+                "test.toml:14: rules[1].max_concurrency: expected a whole number like 4, got 2.5",
+            ),
+            (
+                "invocation = 1\n",
+                "test.toml:14: rules[1].invocation: expected one of \"event\", \"request_response\", got 1 (write the word in quotes)",
+            ),
+            (
+                "[rules.batch]\nmax_messages = \"100\"\n",
+                "test.toml:15: rules[1].batch.max_messages: expected a whole number like 100, got \"100\" (write it without quotes)",
+            ),
+            (
+                "[rules.batch]\nmax_bytes = 12.5\n",
+                "test.toml:15: rules[1].batch.max_bytes: expected a size like \"256KiB\" or a number of bytes, got 12.5",
+            ),
+            (
+                "[rules.batch]\nmax_wait = 5\n",
+                "test.toml:15: rules[1].batch.max_wait: expected a duration like \"1s\", got 5 (write \"5s\" for seconds)",
+            ),
+            (
+                "[rules.rate_limit]\ninvocations_per_second = \"5\"\n",
+                "test.toml:15: rules[1].rate_limit.invocations_per_second: expected a number like 5 or 0.2, got \"5\" (write it without quotes)",
+            ),
+            (
+                "[rules.throttle]\nonly_changes = \"yes\"\n",
+                "test.toml:15: rules[1].throttle.only_changes: expected true or false, got \"yes\"",
+            ),
+            (
+                "[rules.throttle]\nonly_changes = \"true\"\n",
+                "test.toml:15: rules[1].throttle.only_changes: expected true or false, got \"true\" (write it without quotes)",
+            ),
+            (
+                "[rules.aggregate]\nwindow = \"1m\"\nfields = \"/x\"\n",
+                "test.toml:16: rules[1].aggregate.fields: expected a list of strings like [\"/temperature\"], got \"/x\"",
+            ),
+            (
+                "[rules.aggregate]\nwindow = \"1m\"\nfields = [1]\n",
+                "test.toml:16: rules[1].aggregate.fields[0]: expected a string like \"/temperature\", got 1 (put it in quotes: \"1\")",
+            ),
+            (
+                "batch = 3\n",
+                "test.toml:14: rules[1].batch: expected a table (a [rules.batch] header with its keys below), got 3",
+            ),
+        ];
+        for (extra, expected) in table {
+            let got = only_problem(&format!("{MINIMAL}{RULE}{extra}"));
+            assert!(
+                got.starts_with(expected),
+                "for {extra:?}\nexpected {expected}\ngot      {got}"
+            );
+        }
+        let sections: &[(&str, &str, &str)] = &[
+            (
+                "client_id = \"gw\"",
+                "client_id = \"gw\"\nkeep_alive = 30",
+                "test.toml:5: mqtt.keep_alive: expected a duration like \"30s\", got 30 (write \"30s\" for seconds)",
+            ),
+            (
+                "client_id = \"gw\"",
+                "client_id = 1234",
+                "test.toml:4: mqtt.client_id: expected a string like \"gw-01-lambda-bridge\", got 1234 (put it in quotes: \"1234\")",
+            ),
+            (
+                "client_id = \"gw\"",
+                "client_id = \"gw\"\nclean_start = 1",
+                "test.toml:5: mqtt.clean_start: expected true or false, got 1",
+            ),
+            (
+                "client_id = \"gw\"",
+                "client_id = \"gw\"\nusername = \"u\"\npassword = 123456",
+                "test.toml:6: mqtt.password: expected a string, got a number",
+            ),
+            (
+                "client_id = \"gw\"",
+                "client_id = \"gw\"\n[mqtt.tls]\nca_file = [\"a\"]",
+                "test.toml:6: mqtt.tls.ca_file: expected a path like \"/etc/mqtt-lambda-bridge/ca.pem\", got a list",
+            ),
+            (
+                "[mqtt]",
+                "shutdown_timeout = \"8 sec0nds\"\n[mqtt]",
+                "test.toml:2: shutdown_timeout: expected a duration like \"8s\", got \"8 sec0nds\"",
+            ),
+            (
+                "[mqtt]",
+                "[buffer]\nmax_size = 12.5\n[mqtt]",
+                "test.toml:3: buffer.max_size: expected a size like \"256MiB\" or a number of bytes, got 12.5",
+            ),
+            (
+                "[mqtt]",
+                "[buffer]\nmax_size = -5\n[mqtt]",
+                "test.toml:3: buffer.max_size: expected a size like \"256MiB\" or a number of bytes, got -5",
+            ),
+            (
+                "[mqtt]",
+                "[buffer]\ndir = 5\n[mqtt]",
+                "test.toml:3: buffer.dir: expected a path like \"/var/lib/mqtt-lambda-bridge\", got 5 (put it in quotes: \"5\")",
+            ),
+            (
+                "[mqtt]",
+                "[buffer]\nwhen_full = true\n[mqtt]",
+                "test.toml:3: buffer.when_full: expected one of \"drop_oldest\", \"drop_newest\", \"block\", got true",
+            ),
+            (
+                "[mqtt]",
+                "[aws]\nregion = [\"eu-west-1\"]\n[mqtt]",
+                "test.toml:3: aws.region: expected a string like \"eu-west-1\", got a list",
+            ),
+            (
+                "[mqtt]",
+                "[aws]\nmax_concurrency = \"lots\"\n[mqtt]",
+                "test.toml:3: aws.max_concurrency: expected a whole number like 32, got \"lots\"",
+            ),
+            (
+                "[mqtt]",
+                "aws = 5\n[mqtt]",
+                "test.toml:2: aws: expected a table (a [aws] header with its keys below), got 5",
+            ),
+            (
+                "[[rules]]",
+                "[rules]\nx = 1\n[[rules_]]",
+                "test.toml:6: rules: expected one or more [[rules]] tables (double brackets, one per rule), got a table",
+            ),
+        ];
+        for (from, to, expected) in sections {
+            let text = MINIMAL.replacen(from, to, 1);
+            let got = only_problem(&text);
+            assert!(
+                got.starts_with(expected),
+                "for {to:?}\nexpected {expected}\ngot      {got}"
+            );
+            assert!(
+                !got.contains("123456"),
+                "a password is never repeated: {got}"
+            );
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature
+    fn text_from_the_environment_stays_text() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MLB_MQTT__CLIENT_ID", "0042");
+            jail.set_env("MLB_MQTT__USERNAME", "true");
+            jail.set_env("MLB_MQTT__PASSWORD", "1.50");
+            jail.set_env("MLB_AWS__MAX_CONCURRENCY", "8");
+            let config = Config::from_toml_str(MINIMAL, Path::new("t.toml"), Env::prefixed("MLB_"))
+                .map_err(|e| e.to_string())?;
+            assert_eq!(config.mqtt.client_id, "0042");
+            assert_eq!(config.mqtt.username.as_deref(), Some("true"));
+            assert_eq!(
+                config.mqtt.password.as_ref().map(Secret::expose),
+                Some("1.50")
+            );
+            assert_eq!(config.aws.max_concurrency, 8);
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature
+    fn a_problem_with_a_value_from_the_environment_names_the_variable() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MLB_MQTT__URL", "tcp://broker");
+            jail.set_env("MLB_MQTT__KEEP_ALIVE", "30");
+            let err = Config::from_toml_str(MINIMAL, Path::new("t.toml"), Env::prefixed("MLB_"))
+                .expect_err("a number is not a duration");
+            assert_eq!(
+                err.problems(),
+                [
+                    "environment variable MLB_MQTT__KEEP_ALIVE: mqtt.keep_alive: expected a duration like \"30s\", got 30 (write \"30s\" for seconds)"
+                ]
+            );
+            jail.set_env("MLB_MQTT__KEEP_ALIVE", "30s");
+            let err = Config::from_toml_str(MINIMAL, Path::new("t.toml"), Env::prefixed("MLB_"))
+                .expect_err("bad url");
+            let problems = err.problems();
+            assert_eq!(problems.len(), 1, "{problems:#?}");
+            assert!(
+                problems[0]
+                    .starts_with("environment variable MLB_MQTT__URL: mqtt.url: \"tcp://broker\""),
+                "{problems:#?}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn rule_names_that_are_no_directory_of_their_own_name_the_key() {
+        for name in [".", "..", "lock"] {
+            let text =
+                format!("{MINIMAL}[[rules]]\nname = \"{name}\"\ntopic = \"a\"\nfunction = \"f\"\n");
+            let got = only_problem(&text);
+            assert!(got.starts_with("test.toml:11: rules[1].name: "), "{got}");
+            assert!(got.contains("directory in buffer.dir"), "{got}");
         }
     }
 

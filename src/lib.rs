@@ -24,6 +24,8 @@
 //! - [`ratelimit`]: the token bucket and adaptive concurrency (pure).
 //! - [`throttle`]: per-topic min_interval, only_changes, deadband (pure).
 //! - [`aggregate`]: statistics windows (pure).
+//! - [`preflight`]: what `run` would refuse before connecting (files, buffer.dir, region),
+//!   shared with `check`.
 //! - [`invoker`]: the [`invoker::Invoke`] seam, the AWS SDK client, failure classification.
 //! - [`shutdown`]: the stop signal shared by every task.
 //! - [`admin`]: the `buffer stats` and `buffer dead-letters` commands.
@@ -39,6 +41,7 @@ pub mod invoker;
 pub mod mqtt;
 pub mod pipeline;
 pub mod plan;
+pub mod preflight;
 pub mod queue;
 pub mod ratelimit;
 pub mod routing;

@@ -1,11 +1,11 @@
 //! The `mqtt-lambda-bridge` command: argument parsing, logging, exit codes. The daemon itself
 //! is the library's `run`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use mqtt_lambda_bridge::config::{Config, DEFAULT_CONFIG_PATH};
+use mqtt_lambda_bridge::config::{Config, DEFAULT_CONFIG_PATH, Source};
 
 /// sysexits.h EX_CONFIG: the configuration is wrong; restarting will not help.
 const EX_CONFIG: u8 = 78;
@@ -13,6 +13,11 @@ const EX_CONFIG: u8 = 78;
 const EX_USAGE: u8 = 64;
 /// sysexits.h EX_TEMPFAIL: try again later (the daemon holds the buffer).
 const EX_TEMPFAIL: u8 = 75;
+/// sysexits.h EX_NOINPUT: `buffer.dir` does not exist (nothing to inspect).
+const EX_NOINPUT: u8 = 66;
+/// sysexits.h EX_DATAERR: `replay` kept some dead letters in the store (each kind said on
+/// stderr); what it could put back is back.
+const EX_DATAERR: u8 = 65;
 
 /// Bridges MQTT topics to AWS Lambda functions: durable, rate-limited, asynchronous.
 #[derive(Debug, Parser)]
@@ -27,19 +32,27 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the daemon.
+    /// Run the daemon; it performs `check`'s checks first and exits 78 when one fails.
     Run {
         /// The configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
-    /// Validate the configuration and exit: 0 when valid, 78 with one line per problem otherwise.
+    /// Validate the configuration and what `run` needs: exit 0, or 78 with one line per problem.
+    ///
+    /// After the file, the files its keys name (password_file, TLS), buffer.dir (writable or
+    /// creatable; nothing is created) and the AWS region (set, from the environment, the
+    /// profile, or EC2 instance metadata within 2s) are checked, as `run` does before
+    /// connecting.
     Check {
         /// The configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
-    /// Inspect the disk buffer (while the daemon is stopped).
+    /// Inspect the disk buffer while the daemon is stopped.
+    ///
+    /// Exit 66 when buffer.dir does not exist (it is never created here), 75 while the daemon
+    /// holds it, 64 for an unknown --rule.
     Buffer {
         #[command(subcommand)]
         command: BufferCommand,
@@ -76,6 +89,10 @@ enum DeadLetterCommand {
         json: bool,
     },
     /// Put dead letters back into their rule's queue (same ids); the next `run` delivers them.
+    ///
+    /// What cannot go back (statistics windows, unreadable lines, messages older than
+    /// buffer.max_age, messages the queue has no room for) stays in the store, one line per kind
+    /// on stderr saying why and what to do, and the exit code is 65.
     Replay {
         /// The configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
@@ -98,30 +115,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(loaded) => {
-                println!(
-                    "{}: valid ({} rule{})",
-                    config.display(),
-                    loaded.rules.len(),
-                    if loaded.rules.len() == 1 { "" } else { "s" }
-                );
-                ExitCode::SUCCESS
-            }
-            Err(err) => {
-                for line in err.problems() {
-                    eprintln!("{line}");
-                }
-                ExitCode::from(EX_CONFIG)
-            }
-        },
+        Command::Check { config } => check(&config),
         Command::Buffer { command } => buffer_command(command),
-        Command::Run { config } => {
-            let loaded = match load(&config) {
-                Ok(loaded) => loaded,
+        Command::Run { config: path } => {
+            let runtime = match runtime() {
+                Ok(runtime) => runtime,
                 Err(code) => return code,
             };
-            match run(loaded) {
+            let config = match runtime.block_on(load_and_preflight(&path)) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let result = runtime.block_on(mqtt_lambda_bridge::run(
+                config,
+                mqtt_lambda_bridge::shutdown::signal(),
+            ));
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!("{err:#}");
@@ -133,7 +142,61 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+/// `check`: what `run` would refuse before connecting, without starting anything.
+fn check(path: &Path) -> ExitCode {
+    // One thread is enough for the region lookup, the only thing here that waits.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("mqtt-lambda-bridge: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(load_and_preflight(path)) {
+        Ok(loaded) => {
+            println!(
+                "{}: valid ({} rule{})",
+                path.display(),
+                loaded.rules.len(),
+                if loaded.rules.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// The runtime `run` uses: two workers are plenty for one MQTT connection and the delivery
+/// tasks, and leave the gateway's other cores alone.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|err| {
+            eprintln!("mqtt-lambda-bridge: cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Loads and validates the configuration, then checks what `run` needs before connecting
+/// (files, buffer directory, AWS region); every problem is one line on stderr, exit 78.
+async fn load_and_preflight(path: &Path) -> Result<Config, ExitCode> {
+    let config = load(path)?;
+    let issues = mqtt_lambda_bridge::preflight::check(&config).await;
+    if issues.is_empty() {
+        return Ok(config);
+    }
+    for problem in Source::read(path).locate(issues) {
+        eprintln!("{problem}");
+    }
+    Err(ExitCode::from(EX_CONFIG))
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|err| {
         for line in err.problems() {
             eprintln!("{line}");
@@ -165,7 +228,7 @@ fn buffer_command(command: BufferCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result: Result<(), AdminError> = runtime.block_on(async {
+    let result: Result<ExitCode, AdminError> = runtime.block_on(async {
         match command {
             BufferCommand::Stats { .. } => {
                 let rows = admin::stats(&config).await?;
@@ -186,46 +249,71 @@ fn buffer_command(command: BufferCommand) -> ExitCode {
                         row.rule, row.pending, row.bytes, oldest, row.dead_letters
                     );
                 }
+                Ok(ExitCode::SUCCESS)
             }
             BufferCommand::DeadLetters {
                 command: DeadLetterCommand::List { rule, json, .. },
             } => {
-                let letters = admin::list_dead_letters(&config, rule.as_deref())?;
-                for letter in &letters {
+                let listing = admin::list_dead_letters(&config, rule.as_deref())?;
+                for letter in &listing.letters {
                     if json {
                         println!("{}", serde_json::to_string(letter).unwrap_or_default());
                         continue;
                     }
-                    let messages = letter.event["messages"].as_array().map_or(0, Vec::len);
+                    let what = match letter.event["messages"].as_array() {
+                        Some(messages) => format!("{} message(s)", messages.len()),
+                        None if letter.event.get("window").is_some() => {
+                            "a statistics window".to_owned()
+                        }
+                        None => "no messages".to_owned(),
+                    };
                     println!(
-                        "{}  {}  {}  {} message(s), {} attempt(s): {}",
+                        "{}  {}  {}  {what}, {} attempt(s): {}",
                         letter.last_attempt_at,
                         letter.rule,
                         letter.code,
-                        messages,
                         letter.attempts,
                         letter.reason
                     );
                 }
-                if !json {
-                    eprintln!("{} dead letter(s)", letters.len());
+                for (path, line, why) in &listing.unreadable {
+                    eprintln!("{}:{line}: not a dead-letter entry: {why}", path.display());
                 }
+                if !json {
+                    eprintln!("{} dead letter(s)", listing.letters.len());
+                }
+                Ok(ExitCode::SUCCESS)
             }
             BufferCommand::DeadLetters {
                 command: DeadLetterCommand::Replay { rule, .. },
             } => {
-                for (rule, count) in admin::replay_dead_letters(&config, rule.as_deref()).await? {
-                    println!("{rule}: {count} message(s) back in the queue");
+                let mut kept_any = false;
+                for replayed in admin::replay_dead_letters(&config, rule.as_deref()).await? {
+                    println!(
+                        "{}: {} message(s) back in the queue",
+                        replayed.rule, replayed.restored
+                    );
+                    for line in &replayed.kept {
+                        eprintln!("{line}");
+                        kept_any = true;
+                    }
                 }
+                Ok(if kept_any {
+                    ExitCode::from(EX_DATAERR)
+                } else {
+                    ExitCode::SUCCESS
+                })
             }
         }
-        Ok(())
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("mqtt-lambda-bridge: {err}");
             match err {
+                AdminError::NoBuffer(..) | AdminError::NotADirectory(..) => {
+                    ExitCode::from(EX_NOINPUT)
+                }
                 AdminError::NoSuchRule(..) => ExitCode::from(EX_USAGE),
                 AdminError::Run(mqtt_lambda_bridge::RunError::Locked(_)) => {
                     ExitCode::from(EX_TEMPFAIL)
@@ -234,18 +322,6 @@ fn buffer_command(command: BufferCommand) -> ExitCode {
             }
         }
     }
-}
-
-fn run(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(mqtt_lambda_bridge::run(
-        config,
-        mqtt_lambda_bridge::shutdown::signal(),
-    ))?;
-    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

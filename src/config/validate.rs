@@ -1,0 +1,501 @@
+//! What serde cannot check, one function per section: `[mqtt]` (and `[mqtt.tls]`), `[aws]`,
+//! `[buffer]`, and each `[[rules]]` entry with its sub-tables. Each returns the problems it
+//! found as [`Issue`]s (key and message); [`super::Config::validate`] collects them all and
+//! places them in the file. None stops the others, and none touches the file system or the
+//! network: that is `preflight`'s job.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::{
+    AggregateConfig, AwsConfig, BatchConfig, BufferConfig, InvocationType, MIN_QUEUE_SIZE,
+    MqttConfig, RateLimitConfig, RuleConfig, ThrottleConfig, TlsConfig, parse_mqtt_url,
+};
+use crate::rules;
+
+/// One problem found by a section's validator: the key as a user writes it and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// The key as a user writes it: `rules[1].topic`.
+    pub key: String,
+    /// What is wrong and, where it helps, what to write instead.
+    pub message: String,
+}
+
+impl Issue {
+    /// An issue with `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Issue {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Names a rule cannot take because the daemon keeps a file of that name directly in
+/// `buffer.dir`, beside the rules' directories (`lib.rs`: `BufferLock`). Every file or
+/// directory the daemon ever creates at that level must be listed here.
+pub const RESERVED_RULE_NAMES: &[&str] = &["lock"];
+
+/// Longest rule name: it names a directory, and Linux file systems allow 255 bytes per name.
+pub const MAX_RULE_NAME_LEN: usize = 255;
+
+/// Longest function name, partial ARN or ARN (with qualifier) Lambda accepts.
+const MAX_FUNCTION_LEN: usize = 170;
+
+/// Smallest segment a rule's queue may use.
+const MIN_SEGMENT_SIZE: u64 = 4096;
+
+/// `[mqtt]` and `[mqtt.tls]`.
+pub fn mqtt(mqtt: &MqttConfig) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    if let Err(message) = parse_mqtt_url(&mqtt.url) {
+        issues.push(Issue::new("mqtt.url", message));
+    }
+    if mqtt.client_id.trim().is_empty() {
+        issues.push(Issue::new("mqtt.client_id", "must not be empty"));
+    }
+    if mqtt.keep_alive.0 < Duration::from_secs(1) {
+        issues.push(Issue::new(
+            "mqtt.keep_alive",
+            "must be at least 1s (MQTT counts it in whole seconds)",
+        ));
+    }
+    if mqtt.password.is_some() && mqtt.password_file.is_some() {
+        issues.push(Issue::new(
+            "mqtt.password_file",
+            "set either password or password_file, not both",
+        ));
+    }
+    if (mqtt.password.is_some() || mqtt.password_file.is_some()) && mqtt.username.is_none() {
+        issues.push(Issue::new(
+            "mqtt.username",
+            "a password needs a username (MQTT 3.1.1 sends no password alone)",
+        ));
+    }
+    if let Some(tls) = &mqtt.tls {
+        issues.extend(mqtt_tls(tls, &mqtt.url));
+    }
+    issues
+}
+
+/// `[mqtt.tls]`: its files are read by `preflight`; here only how the keys fit together.
+fn mqtt_tls(tls: &TlsConfig, url: &str) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    if tls.cert_file.is_some() != tls.key_file.is_some() {
+        issues.push(Issue::new(
+            "mqtt.tls",
+            "cert_file and key_file go together for client certificates",
+        ));
+    }
+    if !url.starts_with("mqtts://") {
+        issues.push(Issue::new("mqtt.tls", "TLS settings need an mqtts:// url"));
+    }
+    issues
+}
+
+/// `[aws]`. Whether a region can be found is `preflight`'s question (it needs the
+/// environment and the profile files).
+pub fn aws(aws: &AwsConfig) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    if let Some(endpoint) = &aws.endpoint_url
+        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    {
+        issues.push(Issue::new(
+            "aws.endpoint_url",
+            format!("must start with http:// or https://, got {endpoint:?}"),
+        ));
+    }
+    if aws.operation_timeout.0.is_zero() {
+        issues.push(Issue::new("aws.operation_timeout", "must be above zero"));
+    }
+    if aws.max_concurrency == 0 {
+        issues.push(Issue::new("aws.max_concurrency", "must be at least 1"));
+    }
+    if aws.connect_timeout.0.is_zero() {
+        issues.push(Issue::new("aws.connect_timeout", "must be above zero"));
+    }
+    issues
+}
+
+/// `[buffer]`; `rule_count` because `max_size` is shared by the rules.
+pub fn buffer(buffer: &BufferConfig, rule_count: usize) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    let per_rule = buffer.max_size.0 / (rule_count.max(1) as u64);
+    if per_rule < MIN_QUEUE_SIZE {
+        issues.push(Issue::new(
+            "buffer.max_size",
+            format!(
+                "{} bytes shared by {} rule(s) leaves each less than {} KiB; raise it",
+                buffer.max_size.0,
+                rule_count,
+                MIN_QUEUE_SIZE / 1024
+            ),
+        ));
+    }
+    if buffer.segment_size.0 < MIN_SEGMENT_SIZE {
+        issues.push(Issue::new("buffer.segment_size", "must be at least 4KiB"));
+    }
+    if buffer.max_age.0.is_zero() {
+        issues.push(Issue::new("buffer.max_age", "must be above zero"));
+    }
+    if buffer.dir.as_os_str().is_empty() {
+        issues.push(Issue::new(
+            "buffer.dir",
+            "must not be empty; write e.g. \"/var/lib/mqtt-lambda-bridge\"",
+        ));
+    }
+    issues
+}
+
+/// `[[rules]]`: at least one, names unique (also ignoring letter case), then each rule.
+pub fn rules(rules: &[RuleConfig]) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    if rules.is_empty() {
+        issues.push(Issue::new(
+            "rules",
+            "no [[rules]]: add at least one rule with name, topic and function",
+        ));
+    }
+    // Lower-cased name → index of the first rule that has it.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let prefix = format!("rules[{i}]");
+        let name_key = format!("{prefix}.name");
+        match rule_name(&rule.name) {
+            Err(message) => issues.push(Issue::new(name_key, message)),
+            Ok(()) => match seen.get(&rule.name.to_ascii_lowercase()) {
+                Some(&first) if rules[first].name == rule.name => issues.push(Issue::new(
+                    name_key,
+                    format!(
+                        "{:?} is used by an earlier rule; names must be unique",
+                        rule.name
+                    ),
+                )),
+                Some(&first) => issues.push(Issue::new(
+                    name_key,
+                    format!(
+                        "{:?} differs from rules[{first}].name {:?} only in letter case; each \
+                         name is a directory in buffer.dir, and on a case-insensitive file \
+                         system (FAT, exFAT) both would share one: choose another name",
+                        rule.name, rules[first].name
+                    ),
+                )),
+                None => {
+                    seen.insert(rule.name.to_ascii_lowercase(), i);
+                }
+            },
+        }
+        issues.extend(rule_fields(&prefix, rule));
+    }
+    issues
+}
+
+/// A rule's name names its directory in `buffer.dir`: it must be a plain, portable file name
+/// that is neither `.`/`..` nor a file the daemon keeps there.
+pub fn rule_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(format!(
+            "{name:?}: use letters, digits, '-', '_' and '.' only (it names files in the buffer)"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!(
+            "{name:?} cannot be a rule name: each name is a directory in buffer.dir, and {name:?} \
+             already means this or the parent directory; choose another name, e.g. \"temperature\""
+        ));
+    }
+    if let Some(reserved) = RESERVED_RULE_NAMES
+        .iter()
+        .find(|r| r.eq_ignore_ascii_case(name))
+    {
+        return Err(format!(
+            "{name:?} is reserved: each name is a directory in buffer.dir, where {reserved:?} is \
+             the daemon's own lock file; choose another name"
+        ));
+    }
+    if name.len() > MAX_RULE_NAME_LEN {
+        return Err(format!(
+            "is {} characters; at most {MAX_RULE_NAME_LEN} (it names a directory in buffer.dir)",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The keys of one rule other than its name, then its sub-tables.
+fn rule_fields(prefix: &str, rule: &RuleConfig) -> Vec<Issue> {
+    let key = |field: &str| format!("{prefix}.{field}");
+    let mut issues = Vec::new();
+    if let Err(message) = rules::validate_filter(&rule.topic) {
+        issues.push(Issue::new(key("topic"), message));
+    }
+    if let Err(message) = function(&rule.function) {
+        issues.push(Issue::new(key("function"), message));
+    }
+    if let Some(q) = &rule.qualifier
+        && q.trim().is_empty()
+    {
+        issues.push(Issue::new(key("qualifier"), "must not be empty when given"));
+    }
+    if rule.qos > 2 {
+        issues.push(Issue::new(
+            key("qos"),
+            format!("expected a number 0, 1 or 2, got {}", rule.qos),
+        ));
+    }
+    if let Some(b) = &rule.batch {
+        issues.extend(batch(&key("batch"), b, rule.invocation));
+    }
+    if rule.max_concurrency == Some(0) {
+        issues.push(Issue::new(key("max_concurrency"), "must be at least 1"));
+    }
+    if let Some(t) = &rule.throttle {
+        issues.extend(throttle(&key("throttle"), t));
+    }
+    if let Some(a) = &rule.aggregate {
+        issues.extend(aggregate(&key("aggregate"), a, rule.batch.is_some()));
+    }
+    if let Some(r) = &rule.rate_limit {
+        issues.extend(rate_limit(&key("rate_limit"), r));
+    }
+    issues
+}
+
+/// `[rules.batch]`: its byte cap depends on the rule's invocation type.
+fn batch(prefix: &str, batch: &BatchConfig, invocation: InvocationType) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    if batch.max_messages == 0 {
+        issues.push(Issue::new(
+            format!("{prefix}.max_messages"),
+            "must be at least 1",
+        ));
+    }
+    if let Some(max_bytes) = batch.max_bytes {
+        let limit = invocation.payload_limit();
+        if max_bytes.0 == 0 || max_bytes.0 > limit {
+            issues.push(Issue::new(
+                format!("{prefix}.max_bytes"),
+                format!(
+                    "must be between 1 and {limit} bytes (Lambda's limit for this invocation type), got {}",
+                    max_bytes.0
+                ),
+            ));
+        }
+    }
+    issues
+}
+
+/// `[rules.throttle]`.
+fn throttle(prefix: &str, throttle: &ThrottleConfig) -> Vec<Issue> {
+    let key = |field: &str| format!("{prefix}.{field}");
+    let mut issues = Vec::new();
+    if throttle.min_interval.is_some_and(|d| d.0.is_zero()) {
+        issues.push(Issue::new(key("min_interval"), "must be above zero"));
+    }
+    match (&throttle.deadband, &throttle.deadband_field) {
+        (Some(band), Some(field)) => {
+            if !(band.is_finite() && *band > 0.0) {
+                issues.push(Issue::new(
+                    key("deadband"),
+                    format!("must be a number above zero, got {band}"),
+                ));
+            }
+            if !field.starts_with('/') {
+                issues.push(Issue::new(
+                    key("deadband_field"),
+                    format!("{field:?} is not a JSON pointer; write e.g. \"/temperature\""),
+                ));
+            }
+        }
+        (Some(_), None) => issues.push(Issue::new(
+            key("deadband_field"),
+            "deadband needs the field it watches, e.g. deadband_field = \"/temperature\"",
+        )),
+        (None, Some(_)) => issues.push(Issue::new(
+            key("deadband"),
+            "deadband_field needs a deadband, e.g. deadband = 0.5",
+        )),
+        (None, None) => {}
+    }
+    if throttle.min_interval.is_none() && !throttle.only_changes && throttle.deadband.is_none() {
+        issues.push(Issue::new(
+            prefix,
+            "set min_interval, only_changes or deadband (an empty throttle does nothing)",
+        ));
+    }
+    issues
+}
+
+/// `[rules.aggregate]`; `has_batch` because a rule does one or the other.
+fn aggregate(prefix: &str, aggregate: &AggregateConfig, has_batch: bool) -> Vec<Issue> {
+    let key = |field: &str| format!("{prefix}.{field}");
+    let mut issues = Vec::new();
+    if aggregate.window.0 < Duration::from_secs(1) {
+        issues.push(Issue::new(key("window"), "must be at least 1s"));
+    }
+    if aggregate.fields.is_empty() {
+        issues.push(Issue::new(
+            key("fields"),
+            "list at least one JSON pointer, e.g. [\"/temperature\"]",
+        ));
+    }
+    for (j, field) in aggregate.fields.iter().enumerate() {
+        if !field.starts_with('/') {
+            issues.push(Issue::new(
+                key(&format!("fields[{j}]")),
+                format!("{field:?} is not a JSON pointer; write e.g. \"/temperature\""),
+            ));
+        }
+    }
+    if let Err(message) = crate::aggregate::GroupBy::parse(&aggregate.group_by) {
+        issues.push(Issue::new(key("group_by"), message));
+    }
+    if has_batch {
+        issues.push(Issue::new(
+            prefix,
+            "a rule either batches messages ([rules.batch]) or summarizes them ([rules.aggregate]), not both",
+        ));
+    }
+    issues
+}
+
+/// `[rules.rate_limit]`.
+fn rate_limit(prefix: &str, rate: &RateLimitConfig) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    if !(rate.invocations_per_second.is_finite() && rate.invocations_per_second > 0.0) {
+        issues.push(Issue::new(
+            format!("{prefix}.invocations_per_second"),
+            format!(
+                "must be a number above zero, got {}",
+                rate.invocations_per_second
+            ),
+        ));
+    }
+    if rate.burst == 0 {
+        issues.push(Issue::new(format!("{prefix}.burst"), "must be at least 1"));
+    }
+    issues
+}
+
+/// A function is a name (`my-fn`), a partial ARN (`123456789012:function:my-fn`) or a full ARN
+/// (`arn:aws:lambda:eu-west-1:123456789012:function:my-fn`), optionally with `:qualifier`.
+pub fn function(function: &str) -> Result<(), String> {
+    if function.trim().is_empty() {
+        return Err("must not be empty: give the function's name, partial ARN or ARN".into());
+    }
+    if function.len() > MAX_FUNCTION_LEN {
+        return Err(format!(
+            "{:?}... is {} characters; Lambda accepts at most {MAX_FUNCTION_LEN}",
+            &function[..function
+                .char_indices()
+                .nth(20)
+                .map_or(function.len(), |(i, _)| i)],
+            function.len()
+        ));
+    }
+    let valid_char =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '$' | '.');
+    if let Some(bad) = function.chars().find(|c| !valid_char(*c)) {
+        return Err(format!(
+            "{function:?} contains {bad:?}; a function name, partial ARN or ARN uses letters, digits, '-', '_', ':'"
+        ));
+    }
+    if function.starts_with("arn:") {
+        let parts: Vec<&str> = function.split(':').collect();
+        if parts.len() < 7 || parts[2] != "lambda" || parts[5] != "function" || parts[6].is_empty()
+        {
+            return Err(format!(
+                "{function:?} is not a Lambda function ARN (arn:aws:lambda:REGION:ACCOUNT:function:NAME)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_names_and_arns_are_accepted() {
+        for f in [
+            "ingest",
+            "123456789012:function:ingest",
+            "arn:aws:lambda:eu-west-1:123456789012:function:ingest",
+            "arn:aws:lambda:eu-west-1:123456789012:function:ingest:live",
+        ] {
+            assert_eq!(function(f), Ok(()), "{f}");
+        }
+    }
+
+    #[test]
+    fn rule_names_that_cannot_be_a_directory_of_their_own_are_rejected() {
+        for (name, expected) in [
+            (".", "cannot be a rule name"),
+            ("..", "cannot be a rule name"),
+            ("lock", "\"lock\" is reserved"),
+            ("LOCK", "\"LOCK\" is reserved"),
+            ("a/b", "use letters, digits"),
+            ("", "must not be empty"),
+        ] {
+            let err = rule_name(name).expect_err(name);
+            assert!(err.contains(expected), "{name:?}: {err}");
+        }
+        let long = "a".repeat(MAX_RULE_NAME_LEN + 1);
+        assert!(rule_name(&long).expect_err("long").contains("at most 255"));
+        for name in [
+            "...",
+            ".hidden",
+            "lock.d",
+            "locks",
+            "a.b-c_d",
+            &"a".repeat(255),
+        ] {
+            assert_eq!(rule_name(name), Ok(()), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn each_section_reports_only_its_own_keys() {
+        let config = super::super::tests::load_unvalidated(
+            "[mqtt]\nurl = \"tcp://x\"\nkeep_alive = \"0s\"\n\
+             [aws]\nmax_concurrency = 0\n\
+             [buffer]\nmax_age = \"0s\"\n\
+             [[rules]]\nname = \"..\"\ntopic = \"a/#/b\"\nfunction = \"f\"\n",
+        );
+        let keys = |issues: Vec<Issue>| issues.into_iter().map(|i| i.key).collect::<Vec<_>>();
+        assert_eq!(keys(mqtt(&config.mqtt)), ["mqtt.url", "mqtt.keep_alive"]);
+        assert_eq!(keys(aws(&config.aws)), ["aws.max_concurrency"]);
+        assert_eq!(
+            keys(buffer(&config.buffer, config.rules.len())),
+            ["buffer.max_age"]
+        );
+        assert_eq!(
+            keys(rules(&config.rules)),
+            ["rules[0].name", "rules[0].topic"]
+        );
+    }
+
+    #[test]
+    fn names_differing_only_in_case_are_one_directory_on_fat() {
+        let config = super::super::tests::load_unvalidated(
+            "[mqtt]\nurl = \"mqtt://x\"\n\
+             [[rules]]\nname = \"Temp\"\ntopic = \"a\"\nfunction = \"f\"\n\
+             [[rules]]\nname = \"temp\"\ntopic = \"b\"\nfunction = \"f\"\n",
+        );
+        let issues = rules(&config.rules);
+        assert_eq!(issues.len(), 1, "{issues:#?}");
+        assert_eq!(issues[0].key, "rules[1].name");
+        assert!(
+            issues[0].message.contains("only in letter case"),
+            "{issues:#?}"
+        );
+    }
+}
