@@ -63,7 +63,8 @@ pub async fn stats(config: &Config) -> Result<Vec<RuleBuffer>, AdminError> {
     for (rule, queue) in config.rules.iter().zip(&queues) {
         let stats = queue.stats();
         let oldest = queue
-            .try_read(1)
+            .read_ready(1)
+            .await
             .ok()
             .and_then(|entries| entries.into_iter().next())
             .and_then(|e| {

@@ -524,7 +524,7 @@ pub async fn deliver<Q: Queue, I: Invoke>(
             // Deliver what is queued without waiting for more: read what is there, then turn
             // partial batches, windows and held messages into events.
             if may_read {
-                let entries = queue.try_read(read_size).map_err(queue_err)?;
+                let entries = queue.read_ready(read_size).await.map_err(queue_err)?;
                 if !entries.is_empty() {
                     for entry in entries {
                         stage.take(entry);
