@@ -227,7 +227,7 @@ fn replay_child(dir: &Path) {
         let start = Instant::now();
         let mut n = 0;
         loop {
-            let entries = queue.try_read(100).expect("read");
+            let entries = queue.read_ready(100).await.expect("read");
             let Some(last) = entries.last() else { break };
             let body = mqtt_lambda_bridge::envelope::encode_event(
                 "bench",

@@ -240,7 +240,8 @@ pub async fn stats(config: &Config) -> Result<Vec<RuleBuffer>, AdminError> {
         let queue = open_queue(config, rule)?;
         let stats = queue.stats();
         let oldest = queue
-            .try_read(1)
+            .read_ready(1)
+            .await
             .ok()
             .and_then(|entries| entries.into_iter().next())
             .and_then(|e| {

@@ -921,7 +921,8 @@ async fn queued(rule_dir: &Path, max_age: Duration) -> Vec<Message> {
     })
     .expect("open queue");
     let messages = queue
-        .try_read(1000)
+        .read_ready(1000)
+        .await
         .expect("read")
         .into_iter()
         .map(|e| e.message)

@@ -45,10 +45,10 @@ async fn fill(dir: &Path, n: u32) {
     q.close().await;
 }
 
-fn drain(q: &DiskQueue) -> Vec<Message> {
+async fn drain(q: &DiskQueue) -> Vec<Message> {
     let mut out = Vec::new();
     loop {
-        let got = q.try_read(100).expect("read");
+        let got = q.read_ready(100).await.expect("read");
         if got.is_empty() {
             return out;
         }
@@ -64,7 +64,7 @@ async fn a_clean_restart_resumes_at_the_ack_position_and_deletes_delivered_segme
     assert!(before > 3, "tiny segments roll over: {before}");
     {
         let q = DiskQueue::open(config(dir.path())).expect("open");
-        let got = q.try_read(30).expect("read");
+        let got = q.read_ready(30).await.expect("read");
         assert_eq!(
             numbers(&got.iter().map(|e| e.message.clone()).collect::<Vec<_>>()),
             (0..30).collect::<Vec<_>>()
@@ -77,7 +77,7 @@ async fn a_clean_restart_resumes_at_the_ack_position_and_deletes_delivered_segme
         "delivered segments deleted"
     );
     let q = DiskQueue::open(config(dir.path())).expect("open");
-    assert_eq!(numbers(&drain(&q)), (30..50).collect::<Vec<_>>());
+    assert_eq!(numbers(&drain(&q).await), (30..50).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -101,7 +101,7 @@ async fn a_truncated_tail_is_cut_and_appending_continues() {
     q.append(vec![msg(100)])
         .await
         .expect("append after recovery");
-    let got = numbers(&drain(&q));
+    let got = numbers(&drain(&q).await);
     assert_eq!(got, (0..19).chain([100]).collect::<Vec<_>>());
 }
 
@@ -117,7 +117,7 @@ async fn flipped_bytes_in_an_older_segment_lose_that_record_only() {
     std::fs::write(&first, bytes).expect("write");
 
     let q = DiskQueue::open(config(dir.path())).expect("open");
-    let got = numbers(&drain(&q));
+    let got = numbers(&drain(&q).await);
     assert_eq!(got.len(), 29, "{got:?}");
     assert!(!got.contains(&1), "the damaged record is skipped: {got:?}");
     assert_eq!(q.counters().lost.load(Ordering::Relaxed), 1);
@@ -135,7 +135,7 @@ async fn a_zero_length_newest_segment_is_recovered() {
     std::fs::write(&newest, b"").expect("empty it");
     let q = DiskQueue::open(config(dir.path())).expect("open");
     q.append(vec![msg(200)]).await.expect("append");
-    let got = numbers(&drain(&q));
+    let got = numbers(&drain(&q).await);
     assert!(got.ends_with(&[200]), "{got:?}");
     assert!(got.len() < 11);
 }
@@ -148,7 +148,7 @@ async fn a_missing_segment_is_a_counted_gap() {
     assert!(files.len() >= 4);
     std::fs::remove_file(&files[1]).expect("delete one");
     let q = DiskQueue::open(config(dir.path())).expect("open");
-    let got = numbers(&drain(&q));
+    let got = numbers(&drain(&q).await);
     let lost = q.counters().lost.load(Ordering::Relaxed) as usize;
     assert!(lost > 0);
     assert_eq!(got.len() + lost, 40, "every record is delivered or counted");
@@ -168,9 +168,9 @@ async fn an_ack_file_from_the_future_means_everything_was_delivered() {
     std::fs::write(dir.path().join("ack"), slot).expect("write ack");
 
     let q = DiskQueue::open(config(dir.path())).expect("open");
-    assert!(drain(&q).is_empty());
+    assert!(drain(&q).await.is_empty());
     q.append(vec![msg(7)]).await.expect("append");
-    let got = q.try_read(10).expect("read");
+    let got = q.read_ready(10).await.expect("read");
     assert_eq!(got.len(), 1);
     assert_eq!(
         got[0].seq, 1000,
@@ -178,7 +178,7 @@ async fn an_ack_file_from_the_future_means_everything_was_delivered() {
     );
     q.close().await;
     let q = DiskQueue::open(config(dir.path())).expect("reopen");
-    assert_eq!(numbers(&drain(&q)), vec![7]);
+    assert_eq!(numbers(&drain(&q).await), vec![7]);
 }
 
 #[tokio::test]
@@ -187,7 +187,7 @@ async fn a_garbage_ack_file_replays_from_the_start() {
     fill(dir.path(), 5).await;
     std::fs::write(dir.path().join("ack"), [0xAB; 48]).expect("garbage");
     let q = DiskQueue::open(config(dir.path())).expect("open");
-    assert_eq!(numbers(&drain(&q)), (0..5).collect::<Vec<_>>());
+    assert_eq!(numbers(&drain(&q).await), (0..5).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -199,9 +199,9 @@ async fn garbage_after_the_magic_of_the_only_segment_never_stops_start() {
     std::fs::write(dir.path().join("segment-00000000000000000000.log"), junk).expect("write");
     std::fs::write(dir.path().join("segment-notanumber.log"), b"x").expect("write");
     let q = DiskQueue::open(config(dir.path())).expect("open");
-    assert!(drain(&q).is_empty());
+    assert!(drain(&q).await.is_empty());
     q.append(vec![msg(1)]).await.expect("append");
-    assert_eq!(numbers(&drain(&q)), vec![1]);
+    assert_eq!(numbers(&drain(&q).await), vec![1]);
 }
 
 #[tokio::test]
@@ -217,7 +217,7 @@ async fn drop_oldest_deletes_whole_segments_and_counts_them() {
     let stats = q.stats();
     assert!(stats.bytes <= 4096 + 1024, "{stats:?}");
     let dropped = q.counters().dropped_oldest.load(Ordering::Relaxed) as usize;
-    let got = numbers(&drain(&q));
+    let got = numbers(&drain(&q).await);
     assert!(dropped > 0);
     assert_eq!(got.len() + dropped, 200, "kept + dropped = appended");
     assert_eq!(*got.last().expect("newest kept"), 199);
@@ -234,7 +234,7 @@ async fn drop_newest_refuses_new_messages_and_counts_them() {
         q.append(vec![msg(i)]).await.expect("append");
     }
     let dropped = q.counters().dropped_newest.load(Ordering::Relaxed) as usize;
-    let got = numbers(&drain(&q));
+    let got = numbers(&drain(&q).await);
     assert!(dropped > 0);
     assert_eq!(got.len() + dropped, 200);
     assert_eq!(got[0], 0, "the oldest are kept");
@@ -287,6 +287,6 @@ async fn messages_older_than_max_age_are_dropped_and_counted() {
         UNIX_EPOCH + Duration::from_secs(1),
     );
     q.append(vec![old, msg(2)]).await.expect("append");
-    assert_eq!(numbers(&drain(&q)), vec![2]);
+    assert_eq!(numbers(&drain(&q).await), vec![2]);
     assert_eq!(q.counters().expired.load(Ordering::Relaxed), 1);
 }

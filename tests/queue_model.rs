@@ -82,7 +82,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model.next += n as u64;
             }
             Op::Read(max) => {
-                let entries = queue.try_read(max as usize).expect("read");
+                let entries = queue.read_ready(max as usize).await.expect("read");
                 let got: Vec<u64> = entries.iter().map(number).collect();
                 let expected: Vec<u64> = model
                     .unacked
@@ -127,7 +127,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 // Everything unacknowledged must come back; some acknowledged messages may too.
                 let mut everything = Vec::new();
                 loop {
-                    let got = queue.try_read(1000).expect("read");
+                    let got = queue.read_ready(1000).await.expect("read");
                     if got.is_empty() {
                         break;
                     }
@@ -152,7 +152,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 drop(queue);
                 queue = DiskQueue::open(config(dir.path())).expect("reopen");
                 if !replayed.is_empty() {
-                    let skip = queue.try_read(replayed.len()).expect("read");
+                    let skip = queue.read_ready(replayed.len()).await.expect("read");
                     let through = skip.last().map(|e| e.seq).unwrap_or_default();
                     queue.ack(through).await.expect("ack");
                     queue.close().await;
@@ -171,7 +171,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let queue = DiskQueue::open(config(dir.path())).expect("reopen");
     let mut rest = Vec::new();
     loop {
-        let got = queue.try_read(1000).expect("read");
+        let got = queue.read_ready(1000).await.expect("read");
         if got.is_empty() {
             break;
         }

@@ -13,26 +13,48 @@
 //! A segment starts with the 8-byte magic `MLBSEG01`, followed by records (`record.rs`: length,
 //! CRC32C, sequence number, message). The `ack` file holds two 24-byte slots (generation, first
 //! unacknowledged sequence, CRC32C); each update overwrites the older slot, so a torn write
-//! leaves the other slot intact.
+//! leaves the other slot intact. It is created when the queue opens, so that recording an ack
+//! later never needs a free block.
 //!
 //! # Invariants
 //!
 //! - Sequence numbers grow by one per record, across segments; a segment holds only sequences
-//!   from its name up to the next segment's name.
+//!   from its name up to the next segment's name. Records at or past the next segment's name
+//!   can only be what an append whose fsync failed left behind: readers skip them.
 //! - A record is handed to a reader only once it is fsync'd: `append` returns, and the MQTT
-//!   message is acknowledged, only after that.
+//!   message is acknowledged, only after that. An append whose write or fsync fails returns the
+//!   error, and the bytes it wrote are cut off the file before anything else happens.
+//! - After a failed fsync the segment file takes no more appends: the next append starts a new
+//!   segment file. Linux may drop the pages it could not write and report success for a later
+//!   fsync of the same file, so nothing written there after the failure could be trusted.
+//! - The ack position moved by `ack` is written to the `ack` file (one write, one fsync) at most
+//!   [`ACK_PERSIST_INTERVAL`] after the `ack` call and at most once per interval, whether or not
+//!   appends keep arriving, and once more at `close`. A crash therefore replays at most the
+//!   acknowledgements of the last interval (plus what was in flight), never skips any record
+//!   that was not acknowledged.
 //! - A segment is deleted only when every record in it is acknowledged and that acknowledgement
 //!   is on disk — or when `when_full = "drop_oldest"` drops it, and then its unacknowledged
-//!   records are counted as dropped. The directory is fsync'd after every create and delete.
-//! - The ack position is written at most once per [`ACK_PERSIST_INTERVAL`] and at shutdown: a
-//!   crash can replay up to that much already-delivered work (at least once), never skip any.
+//!   records are counted as dropped. The directory is fsync'd after every create, rename and
+//!   delete.
+//! - The newest segment is reused in place once every record in it is acknowledged and that
+//!   acknowledgement is on disk, and writes are failing (a full disk), or the queue is at its
+//!   size cap, or the segment holds at least [`REUSE_FRACTION`] of `segment_size`. Steps, in
+//!   this order: cut it to its header and fsync it; rename it to `segment-<next sequence>.log`;
+//!   fsync the directory. Cutting and renaming need no free block, so a full disk recovers by
+//!   itself. A crash after any step recovers: before the cut, the records are all behind the
+//!   ack position; after the cut, an empty newest segment behind the ack position is renamed
+//!   at start-up; after the rename, it is an ordinary empty segment.
 //!
 //! # Life cycle
 //!
 //! One writer thread per queue owns every file mutation. Appends queue up for it; it writes all
-//! pending appends, fsyncs once for all of them (group commit), and answers each. Readers read
-//! the fsync'd part of the segments with their own file handle. Acks move a shared position;
-//! the writer persists it and deletes segments behind it.
+//! pending appends, fsyncs once for all of them (group commit), and answers each. After each
+//! group commit, and when the ack deadline passes while it waits, it persists a due ack
+//! position, deletes the segments behind it and reuses the newest one if worthwhile. Readers
+//! read the fsync'd part of the segments with their own file handle, on tokio's blocking
+//! threads; what a read brings in waits in a hand-over list, so a caller that stops waiting
+//! (a cancelled `select!` branch) loses nothing. Acks move a shared position and wake the
+//! writer.
 //!
 //! # Recovery
 //!
@@ -41,39 +63,49 @@
 //! position. Older segments are trusted by their names and checked as they are read: a corrupt
 //! record is skipped by scanning for the next valid one, a missing segment is a gap; both are
 //! counted and logged with the file name. Nothing makes recovery refuse to start or loop.
+//!
+//! All file operations go through [`Storage`], so tests can inject faults ([`FaultStorage`]).
+//!
+//! [`FaultStorage`]: super::storage::FaultStorage
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, oneshot};
 
 use super::record::{self, Decoded};
+use super::storage::{OpenMode, RealStorage, Storage, StorageFile};
 use super::{Entry, Queue, QueueError, Seq};
 use crate::config::WhenFull;
 use crate::envelope::Message;
 
 /// Every segment file starts with this; a different format gets a different magic.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"MLBSEG01";
-/// How often the writer persists a moved ack position: the most delivered work a crash can
-/// make us deliver again. Bounded so an SD card sees at most one ack write per second.
-pub const ACK_PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+/// The window of possible re-delivery: a moved ack position reaches disk at most this long
+/// after `ack`, so a crash delivers again at most what Lambda accepted in this window (plus
+/// what was in flight). Also the least time between two writes of the `ack` file, so an SD card
+/// sees at most ten ack fsyncs a second however fast messages flow.
+pub const ACK_PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// Default segment size: large enough for sequential writes, small enough that deleting a
 /// whole segment frees space in useful steps.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 8 * 1024 * 1024;
 /// Smallest segment size accepted (tests use tiny ones).
 pub const MIN_SEGMENT_SIZE: u64 = 512;
+/// A fully acknowledged newest segment is reused in place (cut to its header, renamed) once it
+/// holds `segment_size / REUSE_FRACTION` bytes, even when the disk has room: often enough that
+/// delivered data does not sit on disk, rarely enough that a steady trickle does not rename a
+/// file on every ack.
+pub const REUSE_FRACTION: u64 = 2;
+const MAGIC_LEN: u64 = SEGMENT_MAGIC.len() as u64;
 const ACK_FILE: &str = "ack";
 const ACK_SLOT_LEN: u64 = 24;
 /// Bytes read at a time while scanning past corruption.
 const SCAN_CHUNK: usize = 64 * 1024;
-
 /// How a rule's queue behaves.
 #[derive(Debug, Clone)]
 pub struct DiskQueueConfig {
@@ -115,9 +147,11 @@ pub struct QueueStats {
     pub segments: usize,
 }
 
+
 #[derive(Debug, Clone)]
 struct Segment {
-    /// Sequence number of its first record (its name).
+    /// Sequence number of its first record (its name; after an interrupted reuse, possibly
+    /// lower than its first record).
     first_seq: Seq,
     path: PathBuf,
     /// Durable length in bytes (what readers may read).
@@ -138,14 +172,39 @@ struct State {
     closed: bool,
 }
 
+/// The reader's position: which segment file is open and where.
+#[derive(Default)]
+struct Reader {
+    /// Next sequence to read from disk.
+    next_seq: Seq,
+    /// The open segment: its first sequence, the file, and the byte offset of `next_seq`'s
+    /// record (or of the next record to examine).
+    open: Option<(Seq, Box<dyn StorageFile>, u64)>,
+}
+
+/// Everything the writer thread and the blocking reads share with the queue handle.
 struct Shared {
     state: Mutex<State>,
+    /// The disk reader; held for the whole of a blocking read, and by the writer while it
+    /// reuses a segment (so no read sees a file being cut).
+    reader: Mutex<Reader>,
+    /// Entries read from disk and not yet handed out, in order: a read whose caller stopped
+    /// waiting leaves its entries here for the next one.
+    ready: Mutex<VecDeque<Entry>>,
+    /// `reader.next_seq`, readable without waiting for a read in progress.
+    read_next: AtomicU64,
     /// Wakes readers when records become durable.
     appended: Notify,
-    /// Wakes `block`-mode appenders when segments are deleted.
+    /// Wakes `block`-mode appenders when space is freed.
     freed: Notify,
     counters: Counters,
     config: DiskQueueConfig,
+    storage: Arc<dyn Storage>,
+    /// False while the last segment write or fsync failed (for readiness checks).
+    writable: AtomicBool,
+    /// Set when the ack position moved and the writer was told; the writer clears it when it
+    /// takes the message, so a burst of acks sends one message.
+    ack_signalled: AtomicBool,
 }
 
 impl Shared {
@@ -154,6 +213,14 @@ impl Shared {
         // lock still guards a consistent state.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn lock_reader(&self) -> MutexGuard<'_, Reader> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_ready(&self) -> MutexGuard<'_, VecDeque<Entry>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 enum WriterMsg {
@@ -161,6 +228,7 @@ enum WriterMsg {
         messages: Vec<Message>,
         reply: oneshot::Sender<io::Result<()>>,
     },
+    /// The ack position moved.
     Acked,
     Close {
         reply: oneshot::Sender<()>,
@@ -169,23 +237,12 @@ enum WriterMsg {
     Abandon,
 }
 
-/// The reader's position: which segment file is open and where.
-#[derive(Default)]
-struct Reader {
-    /// Next sequence to hand out.
-    next_seq: Seq,
-    /// The open segment: its first sequence, the file, and the byte offset of `next_seq`'s
-    /// record (or of the next record to examine).
-    open: Option<(Seq, File, u64)>,
-}
-
 /// A durable per-rule queue.
 pub struct DiskQueue {
     shared: Arc<Shared>,
     writer: Mutex<mpsc::Sender<WriterMsg>>,
     /// The writer thread, joined by `abandon`.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    reader: Mutex<Reader>,
 }
 
 impl std::fmt::Debug for DiskQueue {
@@ -207,27 +264,32 @@ fn parse_segment_name(name: &str) -> Option<Seq> {
         .ok()
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Reads a whole file through `storage`.
+fn read_whole(storage: &dyn Storage, path: &Path) -> io::Result<Vec<u8>> {
+    let file = storage.open(path, OpenMode::Read)?;
+    let mut buf = vec![0u8; file.size()? as usize];
+    file.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}
+
 /// Reads the ack file: the first unacknowledged sequence, from the valid slot with the highest
 /// generation. `Ok(None)` when there is no file or no valid slot.
 pub fn read_ack_file(dir: &Path) -> io::Result<Option<(u64, Seq)>> {
-    let mut buf = Vec::new();
-    match File::open(dir.join(ACK_FILE)) {
-        Ok(mut f) => {
-            f.read_to_end(&mut buf)?;
-        }
+    read_ack_slots(&RealStorage, dir)
+}
+
+fn read_ack_slots(storage: &dyn Storage, dir: &Path) -> io::Result<Option<(u64, Seq)>> {
+    let buf = match read_whole(storage, &dir.join(ACK_FILE)) {
+        Ok(buf) => buf,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
-    }
+    };
     let mut best: Option<(u64, Seq)> = None;
     for slot in buf.chunks_exact(ACK_SLOT_LEN as usize) {
         let generation = u64::from_le_bytes(slot[0..8].try_into().unwrap_or_default());
@@ -294,16 +356,23 @@ pub fn scan_segment(bytes: &[u8]) -> ScanResult {
     result
 }
 
+
 impl DiskQueue {
     /// Opens (and recovers) the queue in `config.dir`, creating it if needed.
     pub fn open(config: DiskQueueConfig) -> io::Result<DiskQueue> {
+        DiskQueue::open_with(config, Arc::new(RealStorage))
+    }
+
+    /// [`DiskQueue::open`] on the given storage (tests pass a
+    /// [`FaultStorage`](super::storage::FaultStorage)).
+    pub fn open_with(config: DiskQueueConfig, storage: Arc<dyn Storage>) -> io::Result<DiskQueue> {
         let dir = config.dir.clone();
-        fs::create_dir_all(&dir)?;
+        storage.create_dir_all(&dir)?;
         let counters = Counters::default();
 
-        let names = list_segments(&dir)?;
+        let names = list_segments(&*storage, &dir)?;
 
-        let ack = read_ack_file(&dir)?;
+        let ack = read_ack_slots(&*storage, &dir)?;
         let mut ack_next = ack.map(|(_, seq)| seq);
         let generation = ack.map_or(0, |(g, _)| g);
 
@@ -312,11 +381,11 @@ impl DiskQueue {
         let mut newest_end = None;
         let mut segments: VecDeque<Segment> = VecDeque::new();
         for (i, (first_seq, path)) in names.iter().enumerate() {
-            let len = fs::metadata(path)?.len();
             if i + 1 < names.len() {
-                if len <= SEGMENT_MAGIC.len() as u64 {
+                let len = storage.open(path, OpenMode::Read)?.size()?;
+                if len <= MAGIC_LEN {
                     // An empty older segment (crash right after creating it) holds nothing.
-                    fs::remove_file(path)?;
+                    storage.remove_file(path)?;
                     continue;
                 }
                 segments.push_back(Segment {
@@ -326,7 +395,8 @@ impl DiskQueue {
                 });
                 continue;
             }
-            let bytes = fs::read(path)?;
+            let bytes = read_whole(&*storage, path)?;
+            let len = bytes.len() as u64;
             let scan = scan_segment(&bytes);
             let corrupt = scan.corrupt_bytes + scan.tail_bytes;
             if corrupt > 0 {
@@ -337,8 +407,8 @@ impl DiskQueue {
                     "buffer recovery: cutting the newest segment after its last whole record"
                 );
             }
-            let file = OpenOptions::new().write(true).open(path)?;
-            if scan.valid_end < SEGMENT_MAGIC.len() as u64 {
+            let file = storage.open(path, OpenMode::Write)?;
+            if scan.valid_end < MAGIC_LEN {
                 // No valid header (empty or garbage): start the file afresh.
                 file.set_len(0)?;
                 file.write_all_at(SEGMENT_MAGIC, 0)?;
@@ -352,17 +422,22 @@ impl DiskQueue {
             segments.push_back(Segment {
                 first_seq: *first_seq,
                 path: path.clone(),
-                len: scan.valid_end.max(SEGMENT_MAGIC.len() as u64),
+                len: scan.valid_end.max(MAGIC_LEN),
             });
         }
 
+        let newest_is_empty = segments.back().is_some_and(|s| s.len <= MAGIC_LEN);
         let first_seq = segments.front().map_or(next_seq, |s| s.first_seq);
         let mut ack_pos = ack_next.take().unwrap_or(first_seq);
         if ack_pos > next_seq {
-            tracing::warn!(
-                dir = %dir.display(), ack = ack_pos, end = next_seq,
-                "buffer recovery: the ack file is ahead of the records; treating everything as delivered"
-            );
+            // An empty newest segment behind the ack position is a reuse that a crash cut
+            // short (see the invariants): nothing to warn about.
+            if !newest_is_empty {
+                tracing::warn!(
+                    dir = %dir.display(), ack = ack_pos, end = next_seq,
+                    "buffer recovery: the ack file is ahead of the records; treating everything as delivered"
+                );
+            }
             next_seq = ack_pos;
         }
         if ack_pos < first_seq {
@@ -379,29 +454,33 @@ impl DiskQueue {
         // Sequences inside a segment stay contiguous: when appending cannot continue the newest
         // segment (none, or the ack file moved past its end), start a new one.
         if newest_end != Some(next_seq) {
-            if let Some(last) = segments.back()
-                && last.len <= SEGMENT_MAGIC.len() as u64
-            {
-                fs::remove_file(&last.path)?;
-                segments.pop_back();
+            let to = segment_path(&dir, next_seq);
+            match segments.back_mut() {
+                Some(last) if last.len <= MAGIC_LEN => {
+                    // Empty: rename it, which needs no free block (the disk may be full).
+                    storage.rename(&last.path, &to)?;
+                    last.first_seq = next_seq;
+                    last.path = to;
+                }
+                _ => {
+                    let file = storage.open(&to, OpenMode::Create)?;
+                    file.write_all_at(SEGMENT_MAGIC, 0)?;
+                    file.sync_all()?;
+                    segments.push_back(Segment {
+                        first_seq: next_seq,
+                        path: to,
+                        len: MAGIC_LEN,
+                    });
+                }
             }
-            let path = segment_path(&dir, next_seq);
-            let mut file = File::create(&path)?;
-            file.write_all(SEGMENT_MAGIC)?;
-            file.sync_all()?;
-            segments.push_back(Segment {
-                first_seq: next_seq,
-                path,
-                len: SEGMENT_MAGIC.len() as u64,
-            });
         }
         // Delete segments wholly behind the ack position.
         while segments.len() > 1 && segments[1].first_seq <= ack_pos {
             if let Some(old) = segments.pop_front() {
-                fs::remove_file(&old.path)?;
+                storage.remove_file(&old.path)?;
             }
         }
-        sync_dir(&dir)?;
+        storage.sync_dir(&dir)?;
 
         let bytes = segments.iter().map(|s| s.len).sum();
         let shared = Arc::new(Shared {
@@ -412,18 +491,38 @@ impl DiskQueue {
                 bytes,
                 closed: false,
             }),
+            reader: Mutex::new(Reader {
+                next_seq: ack_pos,
+                open: None,
+            }),
+            ready: Mutex::new(VecDeque::new()),
+            read_next: AtomicU64::new(ack_pos),
             appended: Notify::new(),
             freed: Notify::new(),
             counters,
             config,
+            storage,
+            writable: AtomicBool::new(true),
+            ack_signalled: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel();
-        let writer = Writer::new(
+        let mut writer = Writer::new(
             shared.clone(),
             next_seq,
             generation,
             ack.map(|(_, seq)| seq),
         )?;
+        if writer.ack_persisted.is_none() {
+            // Create the ack file now, while there is room: a later ack write then only
+            // overwrites a block the file already has, which works on a full disk.
+            match writer.write_ack(ack_pos) {
+                Ok(()) => writer.ack_persisted = Some(ack_pos),
+                Err(e) => tracing::warn!(
+                    dir = %dir.display(), error = %e,
+                    "cannot create the buffer's ack file; will retry at the first acknowledgement"
+                ),
+            }
+        }
         let thread = std::thread::Builder::new()
             .name("buffer-writer".into())
             .spawn(move || writer.run(rx))?;
@@ -431,10 +530,6 @@ impl DiskQueue {
             shared,
             writer: Mutex::new(tx),
             thread: Mutex::new(Some(thread)),
-            reader: Mutex::new(Reader {
-                next_seq: ack_pos,
-                open: None,
-            }),
         })
     }
 
@@ -451,6 +546,12 @@ impl DiskQueue {
             bytes: state.bytes,
             segments: state.segments.len(),
         }
+    }
+
+    /// Whether the last segment write and fsync succeeded: false from a failed append (a full
+    /// disk, a read-only file system, an I/O error) until an append succeeds again.
+    pub fn writable(&self) -> bool {
+        self.shared.writable.load(Ordering::Relaxed)
     }
 
     /// Persists the ack position and stops the writer; later appends fail.
@@ -479,12 +580,58 @@ impl DiskQueue {
             .map_err(|_| QueueError::Closed)
     }
 
-    fn read_available(&self, max: usize) -> Result<Vec<Entry>, QueueError> {
-        let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+    /// Tells the writer the ack position moved, once per burst of acks.
+    fn signal_ack(&self) {
+        if !self.shared.ack_signalled.swap(true, Ordering::AcqRel) {
+            // Best effort: when the writer is gone the position is persisted at the next start.
+            let _ = self.send(WriterMsg::Acked);
+        }
+    }
+}
+
+impl Shared {
+    /// Up to `max` entries from the hand-over list, skipping any a drop released meanwhile.
+    fn take_ready(&self, max: usize) -> Vec<Entry> {
+        let ack_next = self.lock().ack_next;
+        let mut ready = self.lock_ready();
+        while ready.front().is_some_and(|e| e.seq < ack_next) {
+            ready.pop_front();
+        }
+        let n = ready.len().min(max);
+        ready.drain(..n).collect()
+    }
+
+    /// Whether a read could return something, without touching the disk.
+    fn has_unread(&self) -> bool {
+        if !self.lock_ready().is_empty() {
+            return true;
+        }
+        let read_next = self.read_next.load(Ordering::Acquire);
+        let state = self.lock();
+        read_next.max(state.ack_next) < state.durable_seq
+    }
+
+    /// Reads up to `max` durable records from disk into the hand-over list (blocking file
+    /// I/O). Returns whether expiry moved the ack position.
+    fn read_into_ready(&self, max: usize) -> Result<bool, QueueError> {
+        let mut reader = self.lock_reader();
+        let result = self.read_available(&mut reader, max);
+        self.read_next.store(reader.next_seq, Ordering::Release);
+        let (entries, ack_moved) = result?;
+        self.lock_ready().extend(entries);
+        Ok(ack_moved)
+    }
+
+    fn read_available(
+        &self,
+        reader: &mut Reader,
+        max: usize,
+    ) -> Result<(Vec<Entry>, bool), QueueError> {
         let mut out = Vec::new();
+        let mut ack_moved = false;
         while out.len() < max {
             let (durable_seq, ack_next, segment) = {
-                let state = self.shared.lock();
+                let state = self.lock();
                 if reader.next_seq < state.ack_next {
                     // Dropped (drop_oldest) or acknowledged behind our back: skip ahead.
                     reader.next_seq = state.ack_next;
@@ -510,14 +657,39 @@ impl DiskQueue {
                 .as_ref()
                 .is_none_or(|(first, _, _)| *first != segment.first_seq)
             {
-                let file = File::open(&segment.path)?;
-                reader.open = Some((segment.first_seq, file, SEGMENT_MAGIC.len() as u64));
+                let file = self.storage.open(&segment.path, OpenMode::Read)?;
+                reader.open = Some((segment.first_seq, file, MAGIC_LEN));
             }
             let Some((_, file, offset)) = reader.open.as_mut() else {
                 break;
             };
-            if *offset >= segment.len {
-                // The end of this segment's durable part.
+            let record = if *offset >= segment.len {
+                None
+            } else {
+                match read_record_at(&**file, *offset, segment.len)? {
+                    Some(found) => Some(found),
+                    None => {
+                        // Not a valid record here: scan for the next one.
+                        let (skipped, next) = scan_forward(&**file, *offset, segment.len)?;
+                        self.counters
+                            .corrupt_bytes
+                            .fetch_add(skipped, Ordering::Relaxed);
+                        tracing::warn!(
+                            file = %segment.path.display(), offset = *offset, skipped_bytes = skipped,
+                            "buffer: corrupt record skipped"
+                        );
+                        *offset = next;
+                        continue;
+                    }
+                }
+            };
+            // The end of this segment: its durable part is read, or what follows belongs to
+            // the next segment (the leftovers of an append whose fsync failed).
+            let at_end = match &record {
+                None => true,
+                Some((seq, _, _)) => next_first.is_some_and(|next| *seq >= next),
+            };
+            if at_end {
                 match next_first {
                     Some(next) => {
                         if next > reader.next_seq {
@@ -527,71 +699,61 @@ impl DiskQueue {
                                 "records missing at the end of the segment",
                             );
                         }
-                        reader.next_seq = next;
+                        reader.next_seq = reader.next_seq.max(next);
                         reader.open = None;
                         continue;
                     }
                     None => break,
                 }
             }
-            match read_record_at(file, *offset, segment.len)? {
-                Some((seq, message, len)) => {
-                    *offset += len as u64;
-                    if seq < reader.next_seq {
-                        continue;
-                    }
-                    if seq > reader.next_seq {
-                        self.count_lost(
-                            seq - reader.next_seq,
-                            &segment.path,
-                            "a gap in sequence numbers",
-                        );
-                    }
-                    reader.next_seq = seq + 1;
-                    if let Some(max_age) = self.shared.config.max_age {
-                        let age = now_ms().saturating_sub(message.received_at_ms());
-                        if age > max_age.as_millis() as u64 {
-                            self.shared.counters.expired.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(
-                                dir = %self.shared.config.dir.display(), topic = %message.topic, id = %message.id,
-                                age = ?Duration::from_millis(age), "message older than buffer.max_age: dropped"
-                            );
-                            if out.is_empty() && seq == ack_next {
-                                let mut state = self.shared.lock();
-                                state.ack_next = state.ack_next.max(seq + 1);
-                            }
-                            continue;
+            let Some((seq, message, len)) = record else {
+                break;
+            };
+            *offset += len as u64;
+            if seq < reader.next_seq {
+                continue;
+            }
+            if seq > reader.next_seq {
+                self.count_lost(
+                    seq - reader.next_seq,
+                    &segment.path,
+                    "a gap in sequence numbers",
+                );
+            }
+            reader.next_seq = seq + 1;
+            if let Some(max_age) = self.config.max_age {
+                let age = now_ms().saturating_sub(message.received_at_ms());
+                if age > max_age.as_millis() as u64 {
+                    self.counters.expired.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        dir = %self.config.dir.display(), topic = %message.topic, id = %message.id,
+                        age = ?Duration::from_millis(age), "message older than buffer.max_age: dropped"
+                    );
+                    let nothing_before = out.is_empty() && self.lock_ready().is_empty();
+                    if nothing_before && seq == ack_next {
+                        let mut state = self.lock();
+                        if state.ack_next <= seq {
+                            state.ack_next = seq + 1;
+                            ack_moved = true;
                         }
                     }
-                    out.push(Entry { seq, message });
-                }
-                None => {
-                    // Not a valid record here: scan for the next one.
-                    let (skipped, next) = scan_forward(file, *offset, segment.len)?;
-                    self.shared
-                        .counters
-                        .corrupt_bytes
-                        .fetch_add(skipped, Ordering::Relaxed);
-                    tracing::warn!(
-                        file = %segment.path.display(), offset = *offset, skipped_bytes = skipped,
-                        "buffer: corrupt record skipped"
-                    );
-                    *offset = next;
+                    continue;
                 }
             }
+            out.push(Entry { seq, message });
         }
-        Ok(out)
+        Ok((out, ack_moved))
     }
 
     fn count_lost(&self, n: u64, path: &Path, why: &str) {
-        self.shared.counters.lost.fetch_add(n, Ordering::Relaxed);
+        self.counters.lost.fetch_add(n, Ordering::Relaxed);
         tracing::warn!(file = %path.display(), lost = n, "buffer: {why}; these records cannot be delivered");
     }
 }
 
 /// Reads the record at `offset` if a valid one is there and ends by `limit`.
 fn read_record_at(
-    file: &File,
+    file: &dyn StorageFile,
     offset: u64,
     limit: u64,
 ) -> io::Result<Option<(Seq, Message, usize)>> {
@@ -616,7 +778,7 @@ fn read_record_at(
 
 /// Finds the next offset after `offset` (exclusive) where a valid record starts, before `limit`;
 /// returns the bytes skipped and that offset (`limit` when there is none).
-fn scan_forward(file: &File, offset: u64, limit: u64) -> io::Result<(u64, u64)> {
+fn scan_forward(file: &dyn StorageFile, offset: u64, limit: u64) -> io::Result<(u64, u64)> {
     let mut at = offset + 1;
     while at < limit {
         let take = ((limit - at) as usize).min(SCAN_CHUNK + record::MAX_BODY_LEN.min(SCAN_CHUNK));
@@ -633,6 +795,12 @@ fn scan_forward(file: &File, offset: u64, limit: u64) -> io::Result<(u64, u64)> 
         at += SCAN_CHUNK as u64;
     }
     Ok((limit - offset, limit))
+}
+
+fn join_error(e: tokio::task::JoinError) -> QueueError {
+    QueueError::Io(io::Error::other(format!(
+        "the buffer read task stopped: {e}"
+    )))
 }
 
 impl Queue for DiskQueue {
@@ -671,7 +839,7 @@ impl Queue for DiskQueue {
     async fn read(&self, max: usize) -> Result<Vec<Entry>, QueueError> {
         loop {
             let waiting = self.shared.appended.notified();
-            let entries = self.read_available(max)?;
+            let entries = self.read_ready(max).await?;
             if !entries.is_empty() {
                 return Ok(entries);
             }
@@ -682,24 +850,34 @@ impl Queue for DiskQueue {
         }
     }
 
-    fn try_read(&self, max: usize) -> Result<Vec<Entry>, QueueError> {
-        self.read_available(max)
+    async fn read_ready(&self, max: usize) -> Result<Vec<Entry>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let entries = self.shared.take_ready(max);
+        if !entries.is_empty() || !self.shared.has_unread() {
+            return Ok(entries);
+        }
+        let shared = self.shared.clone();
+        let ack_moved = tokio::task::spawn_blocking(move || shared.read_into_ready(max))
+            .await
+            .map_err(join_error)??;
+        if ack_moved {
+            self.signal_ack();
+        }
+        Ok(self.shared.take_ready(max))
     }
 
     async fn ack(&self, through: Seq) -> Result<(), QueueError> {
-        let crossed = {
+        {
             let mut state = self.shared.lock();
             let next = (through + 1).min(state.durable_seq);
             if next <= state.ack_next {
                 return Ok(());
             }
             state.ack_next = next;
-            state.segments.len() > 1 && state.segments[1].first_seq <= next
-        };
-        if crossed {
-            // Best effort: when the writer is gone the position is persisted at the next start.
-            let _ = self.send(WriterMsg::Acked);
         }
+        self.signal_ack();
         Ok(())
     }
 }
@@ -711,11 +889,11 @@ impl Drop for DiskQueue {
     }
 }
 
-/// Owns the files: appends, fsyncs, rollovers, deletions, ack persistence.
+/// Owns the files: appends, fsyncs, rollovers, deletions, reuse, ack persistence.
 struct Writer {
     shared: Arc<Shared>,
     /// The newest segment, open for appending.
-    file: File,
+    file: Box<dyn StorageFile>,
     /// Its durable length.
     len: u64,
     /// Sequence the next record gets.
@@ -724,9 +902,17 @@ struct Writer {
     ack_generation: u64,
     /// Ack position last written to disk (`None`: no valid ack file yet).
     ack_persisted: Option<Seq>,
-    ack_file: Option<File>,
-    /// Set after a failed write, so the failure is logged once.
+    ack_file: Option<Box<dyn StorageFile>>,
+    /// When the ack file was last written: the next write waits until an interval later.
+    ack_written_at: Option<Instant>,
+    /// When the moved ack position is to be written (`None`: nothing is due).
+    ack_due: Option<Instant>,
+    /// Set after a failed write or fsync, so the failure is logged once and a full disk gets
+    /// its delivered segment reused; cleared by the next successful append.
     failing: bool,
+    /// Set after a failed fsync (or a failed cut of a partial append): this segment file takes
+    /// no more appends, the next one starts a new file.
+    untrusted: bool,
     buf: Vec<u8>,
 }
 
@@ -745,7 +931,7 @@ impl Writer {
                 .ok_or_else(|| io::Error::other("no segment after recovery"))?;
             (last.path.clone(), last.len)
         };
-        let file = OpenOptions::new().write(true).open(&path)?;
+        let file = shared.storage.open(&path, OpenMode::Write)?;
         Ok(Writer {
             shared,
             file,
@@ -754,31 +940,44 @@ impl Writer {
             ack_generation,
             ack_persisted,
             ack_file: None,
+            ack_written_at: None,
+            ack_due: None,
             failing: false,
+            untrusted: false,
             buf: Vec::new(),
         })
     }
 
     fn run(mut self, rx: mpsc::Receiver<WriterMsg>) {
         loop {
-            let first = match rx.recv_timeout(ACK_PERSIST_INTERVAL) {
-                Ok(msg) => msg,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.persist_ack_and_delete();
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            // Wait for work, but no longer than until the ack position is due on disk.
+            let first = match self.ack_due {
+                Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                    Ok(msg) => msg,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.persist_ack_if_due();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                },
+                None => match rx.recv() {
+                    Ok(msg) => msg,
+                    Err(mpsc::RecvError) => break,
+                },
             };
             let mut appends = Vec::new();
             let mut close = None;
-            let mut acked = false;
             for msg in std::iter::once(first).chain(rx.try_iter()) {
                 match msg {
                     WriterMsg::Append { messages, reply } => appends.push((messages, reply)),
-                    WriterMsg::Acked => acked = true,
+                    WriterMsg::Acked => {
+                        self.shared.ack_signalled.store(false, Ordering::Release);
+                        self.schedule_ack();
+                    }
                     WriterMsg::Close { reply } => close = Some(reply),
                     WriterMsg::Abandon => {
                         self.shared.lock().closed = true;
+                        self.wake_all();
                         return;
                     }
                 }
@@ -786,9 +985,7 @@ impl Writer {
             if !appends.is_empty() {
                 self.append_all(appends);
             }
-            if acked {
-                self.persist_ack_and_delete();
-            }
+            self.persist_ack_if_due();
             if let Some(reply) = close {
                 self.stop();
                 let _ = reply.send(());
@@ -801,8 +998,44 @@ impl Writer {
     fn stop(&mut self) {
         self.persist_ack_and_delete();
         self.shared.lock().closed = true;
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
         self.shared.appended.notify_waiters();
         self.shared.freed.notify_waiters();
+    }
+
+    /// The ack position moved: due now, or an interval after the last ack write if that is
+    /// later (at most one ack fsync per interval, at most an interval after the ack).
+    fn schedule_ack(&mut self) {
+        if self.ack_due.is_none() {
+            let now = Instant::now();
+            let due = self
+                .ack_written_at
+                .map_or(now, |at| (at + ACK_PERSIST_INTERVAL).max(now));
+            self.ack_due = Some(due);
+        }
+    }
+
+    /// Persists the ack position when it is due. Also notices a position moved without a
+    /// message (the writer's own drops, a signal still on its way).
+    fn persist_ack_if_due(&mut self) {
+        if self.ack_due.is_none() {
+            let ack_next = self.shared.lock().ack_next;
+            if Some(ack_next) == self.ack_persisted {
+                return;
+            }
+            self.schedule_ack();
+        }
+        let now = Instant::now();
+        if self.ack_due.is_some_and(|due| due > now) {
+            return;
+        }
+        self.ack_due = None;
+        if !self.persist_ack_and_delete() {
+            self.ack_due = Some(now + ACK_PERSIST_INTERVAL);
+        }
     }
 
     /// Writes every pending append, fsyncs once, answers each.
@@ -837,10 +1070,6 @@ impl Writer {
             return;
         }
         let result = self.write_durably(&accepted);
-        if result.is_ok() && self.failing {
-            self.failing = false;
-            tracing::info!(dir = %config.dir.display(), "buffer writes work again");
-        }
         for reply in replies {
             let _ = reply.send(match &result {
                 Ok(()) => Ok(()),
@@ -849,6 +1078,9 @@ impl Writer {
         }
         if result.is_ok() {
             self.shared.appended.notify_waiters();
+        } else if !self.reuse_if_worthwhile() {
+            // A read holds the segment: try again shortly.
+            self.ack_due = Some(Instant::now() + ACK_PERSIST_INTERVAL);
         }
     }
 
@@ -868,7 +1100,7 @@ impl Writer {
                 return Ok(());
             }
             if segments <= 1 {
-                if self.len <= SEGMENT_MAGIC.len() as u64 {
+                if self.len <= MAGIC_LEN {
                     return Ok(()); // a single message larger than the cap: write it anyway
                 }
                 self.roll_over()?;
@@ -889,8 +1121,8 @@ impl Writer {
                 (old, unacked)
             };
             let (old, unacked) = dropped;
-            fs::remove_file(&old.path)?;
-            sync_dir(&config.dir)?;
+            shared.storage.remove_file(&old.path)?;
+            shared.storage.sync_dir(&config.dir)?;
             self.shared
                 .counters
                 .dropped_oldest
@@ -902,29 +1134,58 @@ impl Writer {
         }
     }
 
+    /// Appends `messages` durably, keeping `failing` and `writable` up to date.
     fn write_durably(&mut self, messages: &[Message]) -> io::Result<()> {
-        if self.len >= self.shared.config.segment_size {
+        let result = self.try_write(messages);
+        let dir = self.shared.config.dir.display();
+        match &result {
+            Ok(()) => {
+                if self.failing {
+                    self.failing = false;
+                    tracing::info!(dir = %dir, "buffer writes work again");
+                }
+                self.shared.writable.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if !self.failing {
+                    self.failing = true;
+                    tracing::error!(
+                        dir = %dir, error = %e,
+                        "cannot write the buffer (disk full or read-only?): not acknowledging new messages until it works again"
+                    );
+                }
+                self.shared.writable.store(false, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    fn try_write(&mut self, messages: &[Message]) -> io::Result<()> {
+        if self.untrusted || self.len >= self.shared.config.segment_size {
             self.roll_over()?;
         }
         self.buf.clear();
         for (i, m) in messages.iter().enumerate() {
             record::encode(self.next_seq + i as u64, m, &mut self.buf);
         }
-        let written = self
-            .file
-            .write_all_at(&self.buf, self.len)
-            .and_then(|()| self.file.sync_data());
-        if let Err(e) = written {
-            // Never leave a partial record behind: recovery would cut it anyway, but readers
-            // of this process must not see it either.
-            let _ = self.file.set_len(self.len);
-            if !self.failing {
-                self.failing = true;
-                tracing::error!(
-                    dir = %self.shared.config.dir.display(), error = %e,
-                    "cannot write the buffer (disk full or read-only?): not acknowledging new messages until it works again"
-                );
+        if let Err(e) = self.file.write_all_at(&self.buf, self.len) {
+            // Cut what part of it landed: readers of this process must not see half an append,
+            // and a full disk gets the space back.
+            if self.file.set_len(self.len).is_err() {
+                self.untrusted = true;
             }
+            return Err(e);
+        }
+        if let Err(e) = self.file.sync_data() {
+            // The kernel may have dropped the pages it could not write and will not say so
+            // again: what this append wrote is not durable, and no later fsync of this file
+            // proves anything. Cut it; the next append starts a new segment file.
+            let _ = self.file.set_len(self.len);
+            self.untrusted = true;
+            tracing::warn!(
+                dir = %self.shared.config.dir.display(), error = %e,
+                "buffer fsync failed: the append is not acknowledged and the next one starts a new segment file"
+            );
             return Err(e);
         }
         self.len += self.buf.len() as u64;
@@ -942,18 +1203,50 @@ impl Writer {
     }
 
     fn roll_over(&mut self) -> io::Result<()> {
-        let dir = self.shared.config.dir.clone();
-        let path = segment_path(&dir, self.next_seq);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)?;
-        file.write_all(SEGMENT_MAGIC)?;
-        file.sync_all()?;
-        sync_dir(&dir)?;
+        let shared = self.shared.clone();
+        let dir = &shared.config.dir;
+        let storage = &shared.storage;
+        // An empty newest segment would give the new one its name: remove it first, so the new
+        // file really is a new file (it is empty only when an untrusted segment is replaced).
+        let empty = {
+            let mut state = self.shared.lock();
+            match state.segments.back() {
+                Some(last) if last.first_seq == self.next_seq => {
+                    let last = state.segments.pop_back();
+                    if let Some(last) = &last {
+                        state.bytes -= last.len;
+                    }
+                    last
+                }
+                _ => None,
+            }
+        };
+        if let Some(old) = empty
+            && let Err(e) = storage.remove_file(&old.path)
+        {
+            let mut state = self.shared.lock();
+            state.bytes += old.len;
+            state.segments.push_back(old);
+            return Err(e);
+        }
+        let path = segment_path(dir, self.next_seq);
+        let created = storage.open(&path, OpenMode::Create).and_then(|file| {
+            file.write_all_at(SEGMENT_MAGIC, 0)?;
+            file.sync_all()?;
+            storage.sync_dir(dir)?;
+            Ok(file)
+        });
+        let file = match created {
+            Ok(file) => file,
+            Err(e) => {
+                // Leave no half-made file behind (a full disk may have refused the magic).
+                let _ = storage.remove_file(&path);
+                return Err(e);
+            }
+        };
         self.file = file;
-        self.len = SEGMENT_MAGIC.len() as u64;
+        self.len = MAGIC_LEN;
+        self.untrusted = false;
         let mut state = self.shared.lock();
         state.segments.push_back(Segment {
             first_seq: self.next_seq,
@@ -964,63 +1257,120 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes a moved ack position, then deletes the segments wholly behind it.
-    fn persist_ack_and_delete(&mut self) {
+    /// Writes a moved ack position, deletes the segments wholly behind it, and reuses the
+    /// newest segment if worthwhile. Returns false when something should be tried again later.
+    fn persist_ack_and_delete(&mut self) -> bool {
         let ack_next = self.shared.lock().ack_next;
-        if Some(ack_next) == self.ack_persisted {
-            return;
-        }
-        if let Err(e) = self.write_ack(ack_next) {
-            tracing::warn!(dir = %self.shared.config.dir.display(), error = %e, "cannot persist the ack position; will retry");
-            return;
-        }
-        self.ack_persisted = Some(ack_next);
-        let mut deleted = Vec::new();
-        {
-            let mut state = self.shared.lock();
-            while state.segments.len() > 1 && state.segments[1].first_seq <= ack_next {
-                if let Some(old) = state.segments.pop_front() {
-                    state.bytes -= old.len;
-                    deleted.push(old.path);
+        if Some(ack_next) != self.ack_persisted {
+            if let Err(e) = self.write_ack(ack_next) {
+                tracing::warn!(dir = %self.shared.config.dir.display(), error = %e, "cannot persist the ack position; will retry");
+                return false;
+            }
+            self.ack_persisted = Some(ack_next);
+            self.ack_written_at = Some(Instant::now());
+            let mut deleted = Vec::new();
+            {
+                let mut state = self.shared.lock();
+                while state.segments.len() > 1 && state.segments[1].first_seq <= ack_next {
+                    if let Some(old) = state.segments.pop_front() {
+                        state.bytes -= old.len;
+                        deleted.push(old.path);
+                    }
                 }
             }
+            if !deleted.is_empty() {
+                for path in &deleted {
+                    if let Err(e) = self.shared.storage.remove_file(path) {
+                        tracing::warn!(file = %path.display(), error = %e, "cannot delete a delivered segment");
+                    }
+                }
+                let _ = self.shared.storage.sync_dir(&self.shared.config.dir);
+                self.shared.freed.notify_waiters();
+            }
         }
-        // Everything acknowledged and the current segment big: start afresh so it can go too.
-        let everything_acked = ack_next >= self.next_seq;
-        if everything_acked
-            && self.len >= self.shared.config.segment_size / 2
-            && self.roll_over().is_ok()
+        self.reuse_if_worthwhile()
+    }
+
+    /// Reuses the newest segment in place when everything in it is acknowledged on disk and
+    /// its space is wanted (see the invariants). Returns false when a read in progress held it
+    /// off, so the caller tries again.
+    fn reuse_if_worthwhile(&mut self) -> bool {
+        let config = &self.shared.config;
+        if self.len <= MAGIC_LEN || self.ack_persisted != Some(self.next_seq) {
+            return true;
+        }
+        let (path, bytes) = {
+            let state = self.shared.lock();
+            match state.segments.back() {
+                Some(last) if state.ack_next == self.next_seq && state.segments.len() == 1 => {
+                    (last.path.clone(), state.bytes)
+                }
+                _ => return true,
+            }
+        };
+        let wanted = self.failing
+            || bytes >= config.max_size
+            || self.len >= config.segment_size / REUSE_FRACTION;
+        if !wanted {
+            return true;
+        }
+        // No read may see the file while it is cut.
+        let Ok(mut reader) = self.shared.reader.try_lock() else {
+            return false;
+        };
+        reader.open = None;
+        if let Err(e) = self.file.set_len(MAGIC_LEN) {
+            tracing::warn!(file = %path.display(), error = %e, "cannot reuse a delivered segment");
+            return true;
+        }
+        let freed = self.len - MAGIC_LEN;
+        self.len = MAGIC_LEN;
         {
             let mut state = self.shared.lock();
-            if state.segments.len() > 1
-                && let Some(old) = state.segments.pop_front()
-            {
-                state.bytes -= old.len;
-                deleted.push(old.path);
+            if let Some(last) = state.segments.back_mut() {
+                last.len = MAGIC_LEN;
             }
+            state.bytes -= freed;
         }
-        if deleted.is_empty() {
-            return;
-        }
-        for path in &deleted {
-            if let Err(e) = fs::remove_file(path) {
-                tracing::warn!(file = %path.display(), error = %e, "cannot delete a delivered segment");
+        // The cut is made durable before the rename can be: a renamed file must never get its
+        // old records back. If this fsync fails the file is not trusted for appends.
+        if let Err(e) = self.file.sync_all() {
+            tracing::warn!(file = %path.display(), error = %e, "cannot fsync a reused segment; the next append starts a new one");
+            self.untrusted = true;
+        } else {
+            let to = segment_path(&config.dir, self.next_seq);
+            match self.shared.storage.rename(&path, &to) {
+                Ok(()) => {
+                    let mut state = self.shared.lock();
+                    if let Some(last) = state.segments.back_mut() {
+                        last.first_seq = self.next_seq;
+                        last.path = to;
+                    }
+                }
+                // Harmless: an empty segment holding later sequences than its name says.
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot rename a reused segment")
+                }
             }
+            let _ = self.shared.storage.sync_dir(&config.dir);
         }
-        let _ = sync_dir(&self.shared.config.dir);
+        drop(reader);
+        if self.failing {
+            tracing::info!(
+                dir = %config.dir.display(), freed_bytes = freed,
+                "buffer: every message delivered; reused the segment file to free space"
+            );
+        } else {
+            tracing::debug!(dir = %config.dir.display(), freed_bytes = freed, "buffer: reused a delivered segment file");
+        }
         self.shared.freed.notify_waiters();
+        true
     }
 
     fn write_ack(&mut self, seq: Seq) -> io::Result<()> {
         if self.ack_file.is_none() {
-            self.ack_file = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .read(true)
-                    .write(true)
-                    .open(self.shared.config.dir.join(ACK_FILE))?,
-            );
+            let path = self.shared.config.dir.join(ACK_FILE);
+            self.ack_file = Some(self.shared.storage.open(&path, OpenMode::OpenOrCreate)?);
         }
         let generation = self.ack_generation + 1;
         let slot = encode_ack_slot(generation, seq);
@@ -1035,12 +1385,15 @@ impl Writer {
 
 /// The segment files in `dir` with their first sequences, oldest first; other files are
 /// ignored.
-fn list_segments(dir: &Path) -> io::Result<Vec<(Seq, PathBuf)>> {
+fn list_segments(storage: &dyn Storage, dir: &Path) -> io::Result<Vec<(Seq, PathBuf)>> {
     let mut segments = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if let Some(seq) = entry.file_name().to_str().and_then(parse_segment_name) {
-            segments.push((seq, entry.path()));
+    for path in storage.list_dir(dir)? {
+        if let Some(seq) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_segment_name)
+        {
+            segments.push((seq, path));
         }
     }
     segments.sort();
@@ -1050,5 +1403,8 @@ fn list_segments(dir: &Path) -> io::Result<Vec<(Seq, PathBuf)>> {
 /// The segment files of a queue directory, oldest first, without opening the queue (tests and
 /// tools).
 pub fn segment_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    Ok(list_segments(dir)?.into_iter().map(|(_, p)| p).collect())
+    Ok(list_segments(&RealStorage, dir)?
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect())
 }

@@ -124,7 +124,7 @@ impl Queue for MemoryQueue {
         }
     }
 
-    fn try_read(&self, max: usize) -> Result<Vec<Entry>, QueueError> {
+    async fn read_ready(&self, max: usize) -> Result<Vec<Entry>, QueueError> {
         Ok(self.take_unread(max))
     }
 
@@ -165,12 +165,12 @@ mod tests {
         let first = q.read(2).await.expect("read");
         assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(first[1].message.topic, "t/1");
-        let rest = q.try_read(10).expect("read");
+        let rest = q.read_ready(10).await.expect("read");
         assert_eq!(
             rest.iter().map(|e| e.seq).collect::<Vec<_>>(),
             vec![2, 3, 4]
         );
-        assert!(q.try_read(10).expect("read").is_empty());
+        assert!(q.read_ready(10).await.expect("read").is_empty());
         q.ack(1).await.expect("ack");
         assert_eq!(q.len(), 3);
         q.ack(4).await.expect("ack");
@@ -184,7 +184,7 @@ mod tests {
         let _ = q.read(1).await.expect("read");
         q.ack(100).await.expect("ack");
         assert_eq!(q.len(), 2);
-        assert_eq!(q.try_read(5).expect("read")[0].seq, 1);
+        assert_eq!(q.read_ready(5).await.expect("read")[0].seq, 1);
     }
 
     #[tokio::test(start_paused = true)]

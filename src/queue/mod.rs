@@ -15,6 +15,8 @@
 //!   number that grows by one per message.
 //! - `ack(seq)` releases every message up to and including `seq`; what is not acked when the
 //!   process stops is read again after a restart (for implementations that survive one).
+//! - No call does blocking file I/O on the async runtime: the disk queue reads on tokio's
+//!   blocking threads and writes on its own writer thread.
 //!
 //! One queue per rule: a rule whose function fails stops reading its own queue only.
 
@@ -22,9 +24,11 @@ pub mod deadletter;
 pub mod disk;
 mod memory;
 pub mod record;
+pub mod storage;
 
 pub use disk::{DiskQueue, DiskQueueConfig};
 pub use memory::MemoryQueue;
+pub use storage::{FaultStorage, RealStorage, Storage};
 
 use std::future::Future;
 
@@ -60,19 +64,15 @@ pub trait Queue: Send + Sync + 'static {
     -> impl Future<Output = Result<(), QueueError>> + Send;
 
     /// Waits until at least one unread message exists, then returns up to `max` of them in
-    /// order.
+    /// order. Cancel safe: when the future is dropped, nothing it read is lost; the next read
+    /// returns it.
     fn read(&self, max: usize) -> impl Future<Output = Result<Vec<Entry>, QueueError>> + Send;
 
-    /// Returns up to `max` unread messages without waiting (possibly none).
-    fn try_read(&self, max: usize) -> Result<Vec<Entry>, QueueError>;
-
-    /// Returns up to `max` unread messages without waiting (possibly none).
-    fn read_ready(
-        &self,
-        max: usize,
-    ) -> impl Future<Output = Result<Vec<Entry>, QueueError>> + Send {
-        async move { self.try_read(max) }
-    }
+    /// Returns up to `max` unread messages without waiting for new ones (possibly none). It may
+    /// still wait for the disk (reads run on blocking threads, never on the async runtime).
+    /// Cancel safe like `read`.
+    fn read_ready(&self, max: usize)
+    -> impl Future<Output = Result<Vec<Entry>, QueueError>> + Send;
 
     /// Releases every message up to and including `through`.
     fn ack(&self, through: Seq) -> impl Future<Output = Result<(), QueueError>> + Send;
