@@ -60,14 +60,14 @@ max_wait = "20ms"
     let stream = {
         let client = publisher.client.clone();
         tokio::spawn(async move {
-            // A steady sensor stream: about 2,000 messages a second.
+            // Sensors every few ms: five messages every 10 ms, about 500 a second.
             for i in 0..N {
                 client
                     .publish("stream/x", rumqttc::QoS::AtLeastOnce, false, i.to_string())
                     .await
                     .expect("queue publish");
-                if i % 10 == 9 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                if i % 5 == 4 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
         })
@@ -87,6 +87,22 @@ max_wait = "20ms"
     publisher.wait_acked(N as usize).await;
     let seen = wait_every_payload(&lambda.fake, N).await;
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    if std::env::var_os("DUP_DETAIL").is_some() {
+        let ids = lambda.fake.with_invocations(|all| {
+            let mut ids: BTreeMap<u64, std::collections::BTreeSet<String>> = BTreeMap::new();
+            for m in all
+                .iter()
+                .flat_map(|c| c.body["messages"].as_array().into_iter().flatten())
+            {
+                if let Some(n) = m["payload"].as_u64() {
+                    ids.entry(n).or_default().insert(m["id"].to_string());
+                }
+            }
+            ids
+        });
+        let new_ids: usize = ids.values().map(|s| s.len() - 1).sum();
+        eprintln!("duplicates with a new id (broker redelivery): {new_ids}");
+    }
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
     eprintln!("duplicates after three kill -9 over {N} messages: {duplicates}");

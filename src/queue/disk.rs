@@ -147,7 +147,6 @@ pub struct QueueStats {
     pub segments: usize,
 }
 
-
 #[derive(Debug, Clone)]
 struct Segment {
     /// Sequence number of its first record (its name; after an interrupted reuse, possibly
@@ -355,7 +354,6 @@ pub fn scan_segment(bytes: &[u8]) -> ScanResult {
     result.tail_bytes = bytes.len() as u64 - result.valid_end;
     result
 }
-
 
 impl DiskQueue {
     /// Opens (and recovers) the queue in `config.dir`, creating it if needed.
