@@ -121,6 +121,16 @@ enum Side {
     Sub,
 }
 
+/// Client ids of one pair's two persistent sessions: new for each pair (and deleted after it),
+/// so nothing a run left behind — a message sent to a connection that was closing, a
+/// redelivery — reaches another run.
+fn pair_sessions(section: &str, pair: usize) -> (String, String) {
+    (
+        format!("bench-{section}-bridge-{pair}"),
+        format!("bench-{section}-sub-{pair}"),
+    )
+}
+
 fn order(pair: usize) -> [Side; 2] {
     if pair.is_multiple_of(2) {
         [Side::Bridge, Side::Sub]
@@ -150,6 +160,17 @@ async fn run_to_end(mut cmd: tokio::process::Command, what: &str) {
         .unwrap_or_else(|_| panic!("{what} did not finish"))
         .unwrap_or_else(|e| panic!("cannot run {what}: {e} (apt-get install mosquitto-clients)"));
     assert!(status.success(), "{what} failed: {status}");
+}
+
+/// Deletes the broker's session for `client_id` (a clean-session connect), so nothing queued
+/// for it outlives its pair of runs.
+async fn forget_session(port: u16, client_id: &str) {
+    let mut cmd = tokio::process::Command::new("mosquitto_sub");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i"])
+        .arg(client_id)
+        .args(["-t", "bench/forget", "-E"])
+        .stdout(Stdio::null());
+    run_to_end(cmd, "mosquitto_sub (clean session)").await;
 }
 
 /// Registers the bridge's persistent session (and subscription) under its client id.
@@ -211,20 +232,20 @@ fn print_pairs(what_a: &str, a: &[f64], what_b: &str, b: &[f64], ratio_what: &st
 /// Ingest of a QoS 1 backlog: the bridge and mosquitto_sub alternately, PUBACKs timed at the
 /// broker's side of the relay.
 async fn ingest(n: usize, pairs: usize) {
-    const BRIDGE_ID: &str = "bench-ingest-bridge";
-    const SUB_ID: &str = "bench-ingest-sub";
     let broker = Mosquitto::start().await;
     let proxy = AckProxy::start(broker.port);
     // Lambda is down: only ingest runs (delivery retries with backoff in the background).
     let lambda_down = format!("http://127.0.0.1:{}", support::free_port());
-    let config =
-        |dir: &Path| bridge_config(proxy.port, BRIDGE_ID, &lambda_down, dir, RULE_BATCH_100);
-    register_bridge(config).await;
-    run_to_end(mosquitto_sub(proxy.port, SUB_ID, None), "mosquitto_sub").await;
     let publisher = Publisher::connect(broker.port).await;
 
     let (mut bridge_rates, mut sub_rates) = (Vec::new(), Vec::new());
     for pair in 0..pairs {
+        let (bridge_id, sub_id) = pair_sessions("ingest", pair);
+        let config =
+            |dir: &Path| bridge_config(proxy.port, &bridge_id, &lambda_down, dir, RULE_BATCH_100);
+        register_bridge(config).await;
+        run_to_end(mosquitto_sub(proxy.port, &sub_id, None), "mosquitto_sub").await;
+        proxy.wait_idle(STEP_PATIENCE).await;
         let published = publish_backlog(&publisher, n, (pair + 1) * n).await;
         eprintln!(
             "ingest pair {}: published {n} at {} msg/s",
@@ -245,7 +266,7 @@ async fn ingest(n: usize, pairs: usize) {
                     rate
                 }
                 Side::Sub => {
-                    let mut child = mosquitto_sub(proxy.port, SUB_ID, Some(n))
+                    let mut child = mosquitto_sub(proxy.port, &sub_id, Some(n))
                         .spawn()
                         .expect("run mosquitto_sub");
                     let connected = proxy.wait_connect(STEP_PATIENCE).await.expect("connects");
@@ -256,13 +277,17 @@ async fn ingest(n: usize, pairs: usize) {
                     rate
                 }
             };
+            proxy.wait_idle(STEP_PATIENCE).await;
             eprintln!(
-                "ingest pair {}: {side:?} {} msg/s ({} PUBACKs seen)",
+                "ingest pair {}: {side:?} {} msg/s ({} PUBACKs seen, {} connection(s))",
                 pair + 1,
                 thousands(rate),
-                proxy.pubacks()
+                proxy.pubacks(),
+                proxy.connections()
             );
         }
+        forget_session(broker.port, &bridge_id).await;
+        forget_session(broker.port, &sub_id).await;
     }
     print_pairs(
         &format!(
@@ -290,23 +315,23 @@ fn delivered(lambda: &FakeLambdaServer) -> usize {
 /// A backlog delivered end to end (batches of 100, default concurrency) to the in-process fake
 /// Lambda, alternating with mosquitto_sub on the same backlog.
 async fn delivery(n: usize, pairs: usize) {
-    const BRIDGE_ID: &str = "bench-delivery-bridge";
-    const SUB_ID: &str = "bench-delivery-sub";
     let broker = Mosquitto::start().await;
     let proxy = AckProxy::start(broker.port);
-    let config = |dir: &Path, endpoint: &str| {
-        bridge_config(proxy.port, BRIDGE_ID, endpoint, dir, RULE_BATCH_100)
-    };
-    {
-        let lambda = FakeLambdaServer::start().await;
-        register_bridge(|dir| config(dir, &lambda.endpoint())).await;
-    }
-    run_to_end(mosquitto_sub(proxy.port, SUB_ID, None), "mosquitto_sub").await;
     let publisher = Publisher::connect(broker.port).await;
 
     let (mut bridge_rates, mut sub_rates) = (Vec::new(), Vec::new());
     let mut invocations = 0;
     for pair in 0..pairs {
+        let (bridge_id, sub_id) = pair_sessions("delivery", pair);
+        let config = |dir: &Path, endpoint: &str| {
+            bridge_config(proxy.port, &bridge_id, endpoint, dir, RULE_BATCH_100)
+        };
+        {
+            let lambda = FakeLambdaServer::start().await;
+            register_bridge(|dir| config(dir, &lambda.endpoint())).await;
+        }
+        run_to_end(mosquitto_sub(proxy.port, &sub_id, None), "mosquitto_sub").await;
+        proxy.wait_idle(STEP_PATIENCE).await;
         publish_backlog(&publisher, n, (pair + 1) * n).await;
         for side in order(pair) {
             proxy.reset();
@@ -344,7 +369,7 @@ async fn delivery(n: usize, pairs: usize) {
                 }
                 Side::Sub => {
                     let spawned = Instant::now();
-                    let mut child = mosquitto_sub(proxy.port, SUB_ID, Some(n))
+                    let mut child = mosquitto_sub(proxy.port, &sub_id, Some(n))
                         .spawn()
                         .expect("run mosquitto_sub");
                     let done = nth_puback(&proxy, n, || "mosquitto_sub".into()).await;
@@ -354,13 +379,17 @@ async fn delivery(n: usize, pairs: usize) {
                     rate
                 }
             };
+            proxy.wait_idle(STEP_PATIENCE).await;
             eprintln!(
-                "delivery pair {}: {side:?} {} msg/s ({} PUBACKs seen)",
+                "delivery pair {}: {side:?} {} msg/s ({} PUBACKs seen, {} connection(s))",
                 pair + 1,
                 thousands(rate),
-                proxy.pubacks()
+                proxy.pubacks(),
+                proxy.connections()
             );
         }
+        forget_session(broker.port, &bridge_id).await;
+        forget_session(broker.port, &sub_id).await;
     }
     print_pairs(
         &format!(

@@ -119,6 +119,8 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     changed: Notify,
+    /// Client connections whose relay is still running (across resets).
+    open: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -161,6 +163,7 @@ impl AckProxy {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
+            open: std::sync::atomic::AtomicUsize::new(0),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = {
@@ -179,8 +182,18 @@ impl AckProxy {
                                 state.connects.push(Instant::now());
                                 state.generation
                             };
+                            shared
+                                .open
+                                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             shared.changed.notify_waiters();
-                            tokio::spawn(relay(client, broker_port, shared.clone(), generation));
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                relay(client, broker_port, shared.clone(), generation).await;
+                                shared
+                                    .open
+                                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                                shared.changed.notify_waiters();
+                            });
                         }
                     };
                     tokio::select! {
@@ -217,6 +230,28 @@ impl AckProxy {
     /// PUBACKs written to the broker since the last reset.
     pub fn pubacks(&self) -> u64 {
         self.shared.lock().pubacks
+    }
+
+    /// Client connections accepted since the last reset.
+    pub fn connections(&self) -> usize {
+        self.shared.lock().connects.len()
+    }
+
+    /// Waits until no client connection is open, so the broker has seen every client of the
+    /// last run go before the next backlog is published (or the broker could send part of it
+    /// to a connection that is already gone). Panics after `patience`.
+    pub async fn wait_idle(&self, patience: Duration) {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let changed = self.shared.changed.notified();
+            let open = self.shared.open.load(std::sync::atomic::Ordering::SeqCst);
+            if open == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!("{open} client connection(s) still open through the relay");
+            }
+        }
     }
 
     /// When the first client connection since the last reset was accepted.
