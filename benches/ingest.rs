@@ -10,9 +10,10 @@
 //!   (`common/proxy.rs`) that timestamps each PUBACK as it is written to the broker: a run
 //!   lasts from the client's TCP connection to the moment the broker has the last PUBACK.
 //! - **delivery**: a backlog of `BENCH_DELIVERY_N` (50,000) delivered end to end (batches of
-//!   100, concurrency at its default) to the in-process fake Lambda, from the bridge's process
-//!   start to the arrival of the last event; alternating with `mosquitto_sub` from its process
-//!   start to the broker's receipt of its last PUBACK.
+//!   100, concurrency at its default, or `BENCH_DELIVERY_CONCURRENCY` to compare) to the
+//!   in-process fake Lambda, from the bridge's process start to the arrival of the last event;
+//!   alternating with `mosquitto_sub` from its process start to the broker's receipt of its
+//!   last PUBACK.
 //! - **uplink**: the fake Lambda answers every Invoke after 25 ms; a `BENCH_SLOW_N` (5,000)
 //!   backlog, one message per invocation, the bridge with the default configuration, with
 //!   `max_concurrency = 32`, and a naive 8-thread Python bridge (`bench/python_bridge.py`).
@@ -321,10 +322,23 @@ async fn delivery(n: usize, pairs: usize) {
 
     let (mut bridge_rates, mut sub_rates) = (Vec::new(), Vec::new());
     let mut invocations = 0;
+    // To compare settings: `BENCH_DELIVERY_CONCURRENCY=4` sets the rule's max_concurrency.
+    let concurrency = std::env::var("BENCH_DELIVERY_CONCURRENCY").ok();
+    let rules = match &concurrency {
+        Some(c) => RULE_BATCH_100.replace(
+            "function = \"sink\"",
+            &format!("function = \"sink\"\nmax_concurrency = {c}"),
+        ),
+        None => RULE_BATCH_100.to_owned(),
+    };
+    let concurrency_label = match &concurrency {
+        Some(c) => format!("`max_concurrency = {c}`"),
+        None => "default concurrency".to_owned(),
+    };
     for pair in 0..pairs {
         let (bridge_id, sub_id) = pair_sessions("delivery", pair);
         let config = |dir: &Path, endpoint: &str| {
-            bridge_config(proxy.port, &bridge_id, endpoint, dir, RULE_BATCH_100)
+            bridge_config(proxy.port, &bridge_id, endpoint, dir, &rules)
         };
         {
             let lambda = FakeLambdaServer::start().await;
@@ -393,7 +407,7 @@ async fn delivery(n: usize, pairs: usize) {
     }
     print_pairs(
         &format!(
-            "a {}-message backlog delivered end to end, `max_messages = 100`, default concurrency, to an in-process fake Lambda ({invocations} invocations), from process start",
+            "a {}-message backlog delivered end to end, `max_messages = 100`, {concurrency_label}, to an in-process fake Lambda ({invocations} invocations), from process start",
             thousands(n as f64)
         ),
         &bridge_rates,
