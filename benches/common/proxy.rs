@@ -20,6 +20,7 @@
 //!   parsing events) cannot delay a PUBACK's forwarding or its timestamp, beyond sharing the
 //!   machine's cores.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -120,7 +121,7 @@ struct Shared {
     state: Mutex<State>,
     changed: Notify,
     /// Client connections whose relay is still running (across resets).
-    open: std::sync::atomic::AtomicUsize,
+    open: AtomicUsize,
 }
 
 impl Shared {
@@ -163,7 +164,7 @@ impl AckProxy {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
-            open: std::sync::atomic::AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = {
@@ -182,16 +183,12 @@ impl AckProxy {
                                 state.connects.push(Instant::now());
                                 state.generation
                             };
-                            shared
-                                .open
-                                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            shared.open.fetch_add(1, Ordering::SeqCst);
                             shared.changed.notify_waiters();
                             let shared = shared.clone();
                             tokio::spawn(async move {
                                 relay(client, broker_port, shared.clone(), generation).await;
-                                shared
-                                    .open
-                                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                                shared.open.fetch_sub(1, Ordering::SeqCst);
                                 shared.changed.notify_waiters();
                             });
                         }
@@ -244,7 +241,7 @@ impl AckProxy {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let changed = self.shared.changed.notified();
-            let open = self.shared.open.load(std::sync::atomic::Ordering::SeqCst);
+            let open = self.shared.open.load(Ordering::SeqCst);
             if open == 0 {
                 return;
             }
