@@ -175,6 +175,11 @@ impl Former {
         self.ready.len()
     }
 
+    /// The sizes of the formed events, oldest first.
+    pub fn ready_sizes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.ready.iter().map(|u| u.payload.len())
+    }
+
     /// The oldest formed event, to invoke now.
     pub fn take_ready(&mut self) -> Option<Unit> {
         self.ready.pop_front()

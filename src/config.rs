@@ -351,7 +351,8 @@ mod defaults {
         1
     }
     pub fn global_concurrency() -> usize {
-        32
+        // As many as one event rule adapts up to by default (ratelimit.rs says why).
+        crate::ratelimit::EVENT_DEFAULT_MAX_CONCURRENCY
     }
     pub fn group_by() -> String {
         "topic".to_owned()

@@ -57,6 +57,9 @@ pub const LETTER_RETRY_MIN_DELAY: Duration = Duration::from_secs(1);
 pub const LETTER_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
 /// Events formed ahead of free invocation slots: bounds memory while Lambda is slow.
 const READY_AHEAD: usize = 4;
+/// Bytes of a rule's events in flight at once (one event always may go, whatever its size):
+/// with large batches, memory stays bounded whatever the concurrency.
+pub const MAX_INFLIGHT_BYTES: usize = 8 * 1024 * 1024;
 /// Most entries read from the queue at a time.
 const READ_MAX: usize = 256;
 
@@ -145,6 +148,8 @@ pub struct Core {
     unfinished: BTreeMap<Seq, usize>,
     /// Invocations in flight.
     invoking: usize,
+    /// Bytes of their events.
+    invoking_bytes: usize,
     /// Refused events waiting for their dead letter to be written, oldest first.
     letters: VecDeque<PendingLetter>,
     /// Whether the front letter is being written now.
@@ -165,6 +170,7 @@ impl Core {
             mode: Mode::Running,
             unfinished: BTreeMap::new(),
             invoking: 0,
+            invoking_bytes: 0,
             letters: VecDeque::new(),
             writing_letter: false,
             consumed: None,
@@ -207,16 +213,25 @@ impl Core {
         }
     }
 
-    /// How many invocations may start now, given the rule's current concurrency limit.
+    /// How many invocations may start now, given the rule's current concurrency limit and
+    /// [`MAX_INFLIGHT_BYTES`].
     pub fn startable(&self, limit: usize) -> usize {
         let blocked =
             self.mode == Mode::Halting || self.letters.front().is_some_and(|l| l.failures > 0);
         if blocked {
             return 0;
         }
-        self.former
-            .ready_len()
-            .min(limit.saturating_sub(self.invoking))
+        let slots = limit.saturating_sub(self.invoking);
+        let mut bytes = self.invoking_bytes;
+        let mut n = 0;
+        for size in self.former.ready_sizes().take(slots) {
+            if self.invoking + n > 0 && bytes + size > MAX_INFLIGHT_BYTES {
+                break;
+            }
+            bytes += size;
+            n += 1;
+        }
+        n
     }
 
     /// Takes up to `n` formed events to invoke now.
@@ -227,14 +242,21 @@ impl Core {
         for unit in &units {
             *self.unfinished.entry(unit.first_seq).or_default() += 1;
             self.invoking += 1;
+            self.invoking_bytes += unit.payload.len();
         }
         units
     }
 
     /// An invocation ended. `None` is an invocation task that failed (a bug): stop taking
     /// work, leaving its event in the queue for the next start.
-    pub fn on_finished(&mut self, first_seq: Seq, messages: usize, outcome: Option<Outcome>) {
+    pub fn on_finished(&mut self, ticket: Ticket, outcome: Option<Outcome>) {
+        let Ticket {
+            first_seq,
+            messages,
+            bytes,
+        } = ticket;
         self.invoking = self.invoking.saturating_sub(1);
+        self.invoking_bytes = self.invoking_bytes.saturating_sub(bytes);
         match outcome {
             Some(Outcome::Delivered) => {
                 self.finish(first_seq);
@@ -383,11 +405,26 @@ fn now() -> Now {
     }
 }
 
-/// What one invocation task reports back.
-struct Finished {
-    first_seq: Seq,
-    messages: usize,
-    outcome: Outcome,
+/// Which event an invocation carries, to account for it when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// The event's first sequence.
+    pub first_seq: Seq,
+    /// Messages in it.
+    pub messages: usize,
+    /// Its encoded size.
+    pub bytes: usize,
+}
+
+impl Ticket {
+    /// The ticket of a formed event.
+    pub fn of(unit: &Unit) -> Self {
+        Ticket {
+            first_seq: unit.first_seq,
+            messages: unit.messages,
+            bytes: unit.payload.len(),
+        }
+    }
 }
 
 /// Delivers the rule's queue until `drain` is triggered and everything read is delivered (or
@@ -417,9 +454,9 @@ pub async fn deliver<Q: Queue, I: Invoke>(
     }));
     let limit = || aimd.lock().map_or(1, |a| a.limit());
     let mut core = Core::new(plan.clone(), route.stats.clone());
-    let mut invocations: JoinSet<Finished> = JoinSet::new();
+    let mut invocations: JoinSet<(Ticket, Outcome)> = JoinSet::new();
     // Which event each invocation task carries, to account for a task that failed.
-    let mut carrying: BTreeMap<tokio::task::Id, (Seq, usize)> = BTreeMap::new();
+    let mut carrying: BTreeMap<tokio::task::Id, Ticket> = BTreeMap::new();
     let mut letter_writes: JoinSet<Result<(), String>> = JoinSet::new();
     loop {
         if let Some(through) = core.ack_through() {
@@ -445,7 +482,7 @@ pub async fn deliver<Q: Queue, I: Invoke>(
                 aimd.clone(),
                 drain.clone(),
             );
-            let (first_seq, messages) = (unit.first_seq, unit.messages);
+            let ticket = Ticket::of(&unit);
             let handle = invocations.spawn(async move {
                 let outcome = send_event(
                     &plan,
@@ -459,13 +496,9 @@ pub async fn deliver<Q: Queue, I: Invoke>(
                 )
                 .await;
                 drop(permit);
-                Finished {
-                    first_seq: unit.first_seq,
-                    messages: unit.messages,
-                    outcome,
-                }
+                (ticket, outcome)
             });
-            carrying.insert(handle.id(), (first_seq, messages));
+            carrying.insert(handle.id(), ticket);
         }
 
         let at = now();
@@ -482,14 +515,14 @@ pub async fn deliver<Q: Queue, I: Invoke>(
         tokio::select! {
             Some(joined) = invocations.join_next_with_id(), if !invocations.is_empty() => {
                 match joined {
-                    Ok((id, done)) => {
+                    Ok((id, (ticket, outcome))) => {
                         carrying.remove(&id);
-                        core.on_finished(done.first_seq, done.messages, Some(done.outcome));
+                        core.on_finished(ticket, Some(outcome));
                     }
                     Err(err) => {
                         tracing::error!(rule = %plan.name, error = %err, "invocation task failed; this rule stops delivering until the next start");
-                        if let Some((first_seq, messages)) = carrying.remove(&err.id()) {
-                            core.on_finished(first_seq, messages, None);
+                        if let Some(ticket) = carrying.remove(&err.id()) {
+                            core.on_finished(ticket, None);
                         }
                     }
                 }
@@ -1000,10 +1033,10 @@ mod tests {
         let units = core.start(3);
         assert_eq!(core.ack_through(), None, "nothing accepted yet");
         // The second and third are accepted before the first: still nothing can be acked.
-        core.on_finished(units[1].first_seq, 1, Some(Outcome::Delivered));
-        core.on_finished(units[2].first_seq, 1, Some(Outcome::Delivered));
+        core.on_finished(Ticket::of(&units[1]), Some(Outcome::Delivered));
+        core.on_finished(Ticket::of(&units[2]), Some(Outcome::Delivered));
         assert_eq!(core.ack_through(), None);
-        core.on_finished(units[0].first_seq, 1, Some(Outcome::Delivered));
+        core.on_finished(Ticket::of(&units[0]), Some(Outcome::Delivered));
         assert_eq!(core.ack_through(), Some(2));
         assert_eq!(core.ack_through(), None, "reported once");
     }
@@ -1014,7 +1047,7 @@ mod tests {
         let mut core = Core::new(Arc::new(plan(1, Duration::ZERO)), Arc::default());
         core.on_read(entries(0..3), at(start, 0));
         let unit = core.start(1).remove(0);
-        core.on_finished(unit.first_seq, 1, Some(Outcome::Refused(letter())));
+        core.on_finished(Ticket::of(&unit), Some(Outcome::Refused(letter())));
         assert!(core.letter_to_write(at(start, 0)).is_some());
         assert!(
             core.letter_to_write(at(start, 0)).is_none(),
@@ -1047,12 +1080,12 @@ mod tests {
         core.on_read(entries(0..4), at(start, 0));
         let units = core.start(2);
         core.on_drain();
-        core.on_finished(units[0].first_seq, 1, Some(Outcome::Interrupted));
+        core.on_finished(Ticket::of(&units[0]), Some(Outcome::Interrupted));
         assert_eq!(core.mode(), Mode::Halting);
         assert_eq!(core.startable(8), 0);
         let wait = core.wait(at(start, 0));
         assert_eq!((wait.read, wait.done), (ReadWant::None, false));
-        core.on_finished(units[1].first_seq, 1, Some(Outcome::Delivered));
+        core.on_finished(Ticket::of(&units[1]), Some(Outcome::Delivered));
         assert!(core.wait(at(start, 0)).done);
         assert_eq!(core.ack_through(), None, "seq 0 was never accepted");
     }
@@ -1068,8 +1101,36 @@ mod tests {
         assert_eq!(core.startable(8), 1, "the partial batch became an event");
         let unit = core.start(1).remove(0);
         assert!(!core.wait(at(start, 0)).done);
-        core.on_finished(unit.first_seq, 3, Some(Outcome::Delivered));
+        core.on_finished(Ticket::of(&unit), Some(Outcome::Delivered));
         assert_eq!(core.ack_through(), Some(2));
         assert!(core.wait(at(start, 0)).done);
+    }
+
+    #[test]
+    fn the_bytes_of_events_in_flight_are_capped_whatever_the_concurrency() {
+        let start = std::time::Instant::now();
+        let mut big = plan(1, Duration::ZERO);
+        big.max_bytes = usize::MAX;
+        let mut core = Core::new(Arc::new(big), Arc::default());
+        let three_mib = |seq| Entry {
+            seq,
+            message: Message::received(
+                "t".into(),
+                vec![b'a'; 3 * 1024 * 1024],
+                1,
+                false,
+                UNIX_EPOCH,
+            ),
+        };
+        core.on_read((0..4).map(three_mib).collect(), at(start, 0));
+        assert_eq!(
+            core.startable(64),
+            2,
+            "two of 3 MiB fit under 8 MiB, three do not"
+        );
+        let units = core.start(2);
+        assert_eq!(core.startable(64), 0);
+        core.on_finished(Ticket::of(&units[0]), Some(Outcome::Delivered));
+        assert_eq!(core.startable(64), 1);
     }
 }
