@@ -41,12 +41,17 @@
 //!   delete.
 //! - The newest segment is reused in place once every record in it is acknowledged and that
 //!   acknowledgement is on disk, and writes are failing (a full disk), or the queue is at its
-//!   size cap, or the segment holds at least [`REUSE_FRACTION`] of `segment_size`. Steps, in
-//!   this order: cut it to its header and fsync it; rename it to `segment-<next sequence>.log`;
-//!   fsync the directory. Cutting and renaming need no free block, so a full disk recovers by
-//!   itself. A crash after any step recovers: before the cut, the records are all behind the
-//!   ack position; after the cut, an empty newest segment behind the ack position is renamed
-//!   at start-up; after the rename, it is an ordinary empty segment.
+//!   size cap, or the segment holds at least 1/[`REUSE_FRACTION`] of `segment_size` (so small
+//!   acks under normal traffic never touch the directory). Steps, in this order, with no read
+//!   in progress: cut it to its header and fsync it; rename it to
+//!   `segment-<next sequence>.log`; fsync the directory. Cutting and renaming need no free
+//!   block, so a full disk recovers by itself, and the next append succeeds. A crash between
+//!   any two steps recovers: before the cut, its records are all behind the ack position;
+//!   after the cut, an empty newest segment behind the ack position is renamed at start-up;
+//!   after the rename, it is an ordinary empty segment (and should a file system keep the
+//!   rename but lose the cut, its records are below its name and readers skip them). If the
+//!   rename fails, the file keeps its name and takes the following sequences, which the
+//!   "from its name" rule above allows.
 //!
 //! # Life cycle
 //!
