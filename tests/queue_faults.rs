@@ -513,8 +513,9 @@ async fn power_cuts_mid_stream_replay_only_the_last_interval() {
     /// taken from `ACK_PERSIST_INTERVAL`, so that a longer interval fails this test.
     const PROMISED_WINDOW: Duration = Duration::from_millis(100);
     /// Read and not yet acknowledged at a cut (5 ms of messages), plus the writer finishing a
-    /// group commit before it writes a due ack position.
-    const IN_FLIGHT: u64 = 20;
+    /// group commit before it writes a due ack position, plus scheduling delays on a busy
+    /// 2-core CI machine. Measured per cut: 0 to about 105 in total.
+    const IN_FLIGHT: u64 = 30;
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = FaultStorage::new();
     let tally = Arc::new(Mutex::new(Tally::default()));
