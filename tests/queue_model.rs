@@ -1,14 +1,16 @@
-//! A model check of the disk queue: random appends, reads, acks, clean restarts and crashes,
-//! compared with a `VecDeque`. Nothing appended is lost; nothing is delivered twice unless a
-//! crash came in between (and then only what was acknowledged since the last ack write).
+//! A model check of the disk queue: random appends, reads, acks, clean restarts, crashes and
+//! power cuts, compared with a `VecDeque`. Nothing appended is lost; nothing is delivered twice
+//! unless a crash or power cut came in between (and then only what was acknowledged since the
+//! last ack write).
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use mqtt_lambda_bridge::config::WhenFull;
 use mqtt_lambda_bridge::envelope::Message;
-use mqtt_lambda_bridge::queue::{DiskQueue, DiskQueueConfig, Entry, Queue};
+use mqtt_lambda_bridge::queue::{DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -18,7 +20,10 @@ enum Op {
     /// Acknowledge this many of the read-but-unacknowledged messages.
     Ack(u8),
     Restart,
+    /// The process dies (kill -9): what the OS has written stays.
     Crash,
+    /// The machine loses power: what was not fsync'd is gone too.
+    PowerCut,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -28,6 +33,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u8..30).prop_map(Op::Ack),
         1 => Just(Op::Restart),
         1 => Just(Op::Crash),
+        1 => Just(Op::PowerCut),
     ]
 }
 
@@ -67,9 +73,14 @@ struct Model {
     acked_since_durable: Vec<u64>,
 }
 
+fn open(dir: &Path, storage: &FaultStorage) -> DiskQueue {
+    DiskQueue::open_with(config(dir), Arc::new(storage.clone())).expect("open")
+}
+
 async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut queue = DiskQueue::open(config(dir.path())).expect("open");
+    let storage = FaultStorage::new();
+    let mut queue = open(dir.path(), &storage);
     let mut model = Model::default();
     let mut last_read: Vec<Entry> = Vec::new();
     for op in ops {
@@ -116,14 +127,17 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Restart => {
                 queue.close().await;
                 drop(queue);
-                queue = DiskQueue::open(config(dir.path())).expect("reopen");
+                queue = open(dir.path(), &storage);
                 model.read = 0;
                 model.acked_since_durable.clear();
                 last_read.clear();
             }
-            Op::Crash => {
+            Op::Crash | Op::PowerCut => {
                 queue.abandon();
-                queue = DiskQueue::open(config(dir.path())).expect("reopen after crash");
+                if matches!(op, Op::PowerCut) {
+                    storage.power_cut().expect("power cut");
+                }
+                queue = open(dir.path(), &storage);
                 // Everything unacknowledged must come back; some acknowledged messages may too.
                 let mut everything = Vec::new();
                 loop {
@@ -150,14 +164,14 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 // Start this incarnation clean: acknowledge the replayed ones, re-read the rest.
                 queue.close().await;
                 drop(queue);
-                queue = DiskQueue::open(config(dir.path())).expect("reopen");
+                queue = open(dir.path(), &storage);
                 if !replayed.is_empty() {
                     let skip = queue.read_ready(replayed.len()).await.expect("read");
                     let through = skip.last().map(|e| e.seq).unwrap_or_default();
                     queue.ack(through).await.expect("ack");
                     queue.close().await;
                     drop(queue);
-                    queue = DiskQueue::open(config(dir.path())).expect("reopen");
+                    queue = open(dir.path(), &storage);
                 }
                 model.read = 0;
                 model.acked_since_durable.clear();
@@ -168,7 +182,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     // Finally: a clean restart returns exactly the unacknowledged messages.
     queue.close().await;
     drop(queue);
-    let queue = DiskQueue::open(config(dir.path())).expect("reopen");
+    let queue = open(dir.path(), &storage);
     let mut rest = Vec::new();
     loop {
         let got = queue.read_ready(1000).await.expect("read");
@@ -185,7 +199,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_disk_queue_behaves_like_a_fifo_across_restarts_and_crashes(
+    fn the_disk_queue_behaves_like_a_fifo_across_restarts_crashes_and_power_cuts(
         ops in prop::collection::vec(op(), 1..60)
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread()

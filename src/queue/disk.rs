@@ -27,23 +27,31 @@
 //! - After a failed fsync the segment file takes no more appends: the next append starts a new
 //!   segment file. Linux may drop the pages it could not write and report success for a later
 //!   fsync of the same file, so nothing written there after the failure could be trusted.
-//! - The ack position moved by `ack` is written to the `ack` file (one write, one fsync) at most
-//!   [`ACK_PERSIST_INTERVAL`] after the `ack` call and at most once per interval, whether or not
-//!   appends keep arriving, and once more at `close`. A crash therefore replays at most the
-//!   acknowledgements of the last interval (plus what was in flight), never skips any record
-//!   that was not acknowledged.
+//! - A moved ack position is due on disk at the later of the `ack` call and one
+//!   [`ACK_PERSIST_INTERVAL`] after the previous ack write — so at most one interval after the
+//!   `ack`, and at most one ack write (one `pwrite`, one fdatasync of the `ack` file) per
+//!   interval, whether or not appends keep arriving. The writer writes it when it is due, or
+//!   right after the group commit it is busy with then; once more at `close`; and once at
+//!   open when the file is missing. A crash (kill -9 or power cut) therefore delivers again
+//!   at most what was acknowledged in the last interval (plus what was in flight), and never
+//!   skips a record that was not acknowledged.
 //! - A segment is deleted only when every record in it is acknowledged and that acknowledgement
 //!   is on disk — or when `when_full = "drop_oldest"` drops it, and then its unacknowledged
 //!   records are counted as dropped. The directory is fsync'd after every create, rename and
 //!   delete.
 //! - The newest segment is reused in place once every record in it is acknowledged and that
 //!   acknowledgement is on disk, and writes are failing (a full disk), or the queue is at its
-//!   size cap, or the segment holds at least [`REUSE_FRACTION`] of `segment_size`. Steps, in
-//!   this order: cut it to its header and fsync it; rename it to `segment-<next sequence>.log`;
-//!   fsync the directory. Cutting and renaming need no free block, so a full disk recovers by
-//!   itself. A crash after any step recovers: before the cut, the records are all behind the
-//!   ack position; after the cut, an empty newest segment behind the ack position is renamed
-//!   at start-up; after the rename, it is an ordinary empty segment.
+//!   size cap, or the segment holds at least 1/[`REUSE_FRACTION`] of `segment_size` (so small
+//!   acks under normal traffic never touch the directory). Steps, in this order, with no read
+//!   in progress: cut it to its header and fsync it; rename it to
+//!   `segment-<next sequence>.log`; fsync the directory. Cutting and renaming need no free
+//!   block, so a full disk recovers by itself, and the next append succeeds. A crash between
+//!   any two steps recovers: before the cut, its records are all behind the ack position;
+//!   after the cut, an empty newest segment behind the ack position is renamed at start-up;
+//!   after the rename, it is an ordinary empty segment (and should a file system keep the
+//!   rename but lose the cut, its records are below its name and readers skip them). If the
+//!   rename fails, the file keeps its name and takes the following sequences, which the
+//!   "from its name" rule above allows.
 //!
 //! # Life cycle
 //!
@@ -104,6 +112,12 @@ pub const REUSE_FRACTION: u64 = 2;
 const MAGIC_LEN: u64 = SEGMENT_MAGIC.len() as u64;
 const ACK_FILE: &str = "ack";
 const ACK_SLOT_LEN: u64 = 24;
+/// A read from disk goes on past what was asked for, up to this many records or
+/// [`READ_AHEAD_BYTES`]: the rest waits in memory for the next read, which then needs no trip to
+/// a blocking thread.
+const READ_AHEAD_ENTRIES: usize = 1000;
+/// See [`READ_AHEAD_ENTRIES`]; bounds the memory a read-ahead holds.
+const READ_AHEAD_BYTES: usize = 1024 * 1024;
 /// Bytes read at a time while scanning past corruption.
 const SCAN_CHUNK: usize = 64 * 1024;
 /// How a rule's queue behaves.
@@ -599,14 +613,21 @@ impl Shared {
         ready.drain(..n).collect()
     }
 
-    /// Whether a read could return something, without touching the disk.
-    fn has_unread(&self) -> bool {
-        if !self.lock_ready().is_empty() {
-            return true;
-        }
+    /// How many records a read of `max` should fetch from disk before it hands out: none when
+    /// the hand-over list holds enough, or when the disk holds nothing unread.
+    fn to_fetch(&self, max: usize) -> usize {
+        // The position first: entries are in the hand-over list before it moves.
         let read_next = self.read_next.load(Ordering::Acquire);
+        let ready = self.lock_ready().len();
+        if ready >= max {
+            return 0;
+        }
         let state = self.lock();
-        read_next.max(state.ack_next) < state.durable_seq
+        if read_next.max(state.ack_next) < state.durable_seq {
+            max - ready
+        } else {
+            0
+        }
     }
 
     /// Reads up to `max` durable records from disk into the hand-over list (blocking file
@@ -614,12 +635,27 @@ impl Shared {
     fn read_into_ready(&self, max: usize) -> Result<bool, QueueError> {
         let mut reader = self.lock_reader();
         let result = self.read_available(&mut reader, max);
+        // Hand the entries over before publishing the new position: whoever sees the position
+        // finds the entries (see `has_unread`).
+        let ack_moved = match result {
+            Ok((entries, ack_moved)) => {
+                let any = !entries.is_empty();
+                self.lock_ready().extend(entries);
+                if any {
+                    // A reader whose read was cancelled is not waiting for these; others may be.
+                    self.appended.notify_waiters();
+                }
+                Ok(ack_moved)
+            }
+            Err(e) => Err(e),
+        };
         self.read_next.store(reader.next_seq, Ordering::Release);
-        let (entries, ack_moved) = result?;
-        self.lock_ready().extend(entries);
-        Ok(ack_moved)
+        ack_moved
     }
 
+    /// Reads at least `max` records if there are that many, and more up to
+    /// [`READ_AHEAD_ENTRIES`] or [`READ_AHEAD_BYTES`], so small reads share one trip to a
+    /// blocking thread.
     fn read_available(
         &self,
         reader: &mut Reader,
@@ -627,7 +663,8 @@ impl Shared {
     ) -> Result<(Vec<Entry>, bool), QueueError> {
         let mut out = Vec::new();
         let mut ack_moved = false;
-        while out.len() < max {
+        let mut bytes = 0;
+        while out.len() < max || (out.len() < READ_AHEAD_ENTRIES && bytes < READ_AHEAD_BYTES) {
             let (durable_seq, ack_next, segment) = {
                 let state = self.lock();
                 if reader.next_seq < state.ack_next {
@@ -738,6 +775,7 @@ impl Shared {
                     continue;
                 }
             }
+            bytes += len;
             out.push(Entry { seq, message });
         }
         Ok((out, ack_moved))
@@ -852,17 +890,18 @@ impl Queue for DiskQueue {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let entries = self.shared.take_ready(max);
-        if !entries.is_empty() || !self.shared.has_unread() {
-            return Ok(entries);
+        let fetch = self.shared.to_fetch(max);
+        if fetch > 0 {
+            let shared = self.shared.clone();
+            let ack_moved = tokio::task::spawn_blocking(move || shared.read_into_ready(fetch))
+                .await
+                .map_err(join_error)??;
+            if ack_moved {
+                self.signal_ack();
+            }
         }
-        let shared = self.shared.clone();
-        let ack_moved = tokio::task::spawn_blocking(move || shared.read_into_ready(max))
-            .await
-            .map_err(join_error)??;
-        if ack_moved {
-            self.signal_ack();
-        }
+        // Entries leave the hand-over list only here, after the last await: a caller that stops
+        // waiting earlier leaves them for the next read.
         Ok(self.shared.take_ready(max))
     }
 
@@ -1071,7 +1110,11 @@ impl Writer {
         for reply in replies {
             let _ = reply.send(match &result {
                 Ok(()) => Ok(()),
-                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                // Each caller gets its own copy, with the OS error code when there is one.
+                Err(e) => Err(match e.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(e.kind(), e.to_string()),
+                }),
             });
         }
         if result.is_ok() {

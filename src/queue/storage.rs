@@ -14,9 +14,9 @@
 //!                           a write that crosses the limit writes
 //!                           what fits, then fails (a short write);
 //!                           truncating and removing files free space
-//! fail_next_fsync()         EIO from the next file fsync; that file  (one-shot)
-//!                           is then "poisoned": later fsyncs report
-//!                           success but make nothing durable, as
+//! fail_next_fsync()         EIO from the next file fsync; that file  one-shot; the
+//!                           is then "poisoned": later fsyncs report   poisoning ends
+//!                           success but make nothing durable, as      with power_cut()
 //!                           Linux may drop dirty pages after a failed
 //!                           fsync and not report it again
 //! read_only(true)           EROFS from every mutation (open for       read_only(false),
