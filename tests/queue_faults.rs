@@ -134,6 +134,27 @@ async fn the_ack_position_reaches_disk_with_the_next_group_commit_while_appends_
     println!("slowest ack persisted after {worst:?} (interval {ACK_PERSIST_INTERVAL:?})");
 }
 
+/// A power cut right after an append that carried a moved ack position: the ack record was
+/// fsync'd with the messages, so only what was acknowledged after it comes back.
+#[tokio::test]
+async fn an_ack_record_survives_a_power_cut_with_its_group_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = FaultStorage::new();
+    let q = DiskQueue::open_with(config(dir.path()), Arc::new(storage.clone())).expect("open");
+    q.append((0..10).map(|n| msg(n, 50)).collect())
+        .await
+        .expect("append");
+    let got = q.read_ready(10).await.expect("read");
+    q.ack(got[5].seq).await.expect("ack");
+    q.append(vec![msg(10, 50)]).await.expect("append");
+    q.ack(got[7].seq).await.expect("ack"); // only in memory: no append carries it
+    q.abandon();
+    storage.power_cut().expect("power cut");
+
+    let q = DiskQueue::open_with(config(dir.path()), Arc::new(storage.clone())).expect("reopen");
+    assert_eq!(peek_all(&q).await, (6..=10).collect::<Vec<_>>());
+}
+
 /// When appends pause, the position reaches the ack file within the interval.
 #[tokio::test]
 async fn without_appends_the_ack_position_reaches_the_ack_file_within_the_interval() {
@@ -594,6 +615,10 @@ async fn stream_with_cuts(cut: Cut) {
     /// flight (read and not yet acknowledged: about 5 ms of messages) plus the acks since the
     /// last group commit (about 1 ms).
     const MAX_DUPLICATES: usize = 100;
+    /// What this design replays per cut: about 5 in flight, plus room for scheduling delays on
+    /// a busy 2-core machine. Measured: 10 to 14 in total for three cuts. The bound
+    /// alone would pass without ack records too (a 100 ms ack-file timer measured 60 to 82).
+    const IN_FLIGHT_PER_CUT: usize = 15;
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = FaultStorage::new();
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -653,9 +678,10 @@ async fn stream_with_cuts(cut: Cut) {
     );
     assert!(missing.is_empty(), "appended but never read: {missing:?}");
     assert_eq!(t.appended.len() as u64, TOTAL, "every append worked");
+    let bound = MAX_DUPLICATES.min(CUTS as usize * IN_FLIGHT_PER_CUT);
     assert!(
-        duplicates <= MAX_DUPLICATES,
-        "{duplicates} duplicates after {CUTS} cuts ({cut:?}; at most {MAX_DUPLICATES})"
+        duplicates <= bound,
+        "{duplicates} duplicates after {CUTS} cuts ({cut:?}; at most {bound})"
     );
 }
 

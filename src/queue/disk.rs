@@ -6,19 +6,24 @@
 //! <buffer.dir>/<rule>/
 //!     segment-00000000000000000000.log   records with sequence numbers from 0
 //!     segment-00000000000000052311.log   records from 52311 (the name is its first sequence)
-//!     ack                                the first unacknowledged sequence number
+//!     ack                                the first unacknowledged sequence number (when idle)
 //!     dead-letters.jsonl                 events Lambda can never accept (see deadletter.rs)
 //! ```
 //!
-//! A segment starts with the 8-byte magic `MLBSEG01`, followed by records (`record.rs`: length,
-//! CRC32C, sequence number, message). The `ack` file holds two 24-byte slots (generation, first
-//! unacknowledged sequence, CRC32C); each update overwrites the older slot, so a torn write
-//! leaves the other slot intact. It is created when the queue opens, so that recording an ack
-//! later never needs a free block.
+//! A segment starts with the 8-byte magic `MLBSEG02`, followed by records (`record.rs`: length,
+//! CRC32C, sequence number, then a message, or an ack record: the first unacknowledged
+//! sequence, marked by QoS 0xAC). Segments with the magic `MLBSEG01` (written before ack
+//! records existed) are read as before and never appended to: the first append after start-up
+//! begins a new segment. An older binary cannot read `MLBSEG02` segments: to downgrade, drain
+//! the buffer first. The `ack` file holds two 24-byte slots (generation, first unacknowledged
+//! sequence, CRC32C); each update overwrites the older slot, so a torn write leaves the other
+//! slot intact. It is created when the queue opens, so that recording an ack later never needs
+//! a free block.
 //!
 //! # Invariants
 //!
-//! - Sequence numbers grow by one per record, across segments; a segment holds only sequences
+//! - Sequence numbers grow by one per message record, across segments (ack records take
+//!   none, and readers skip them: never a gap, a loss or corruption); a segment holds only sequences
 //!   from its name up to the next segment's name. Records at or past the next segment's name
 //!   can only be what an append whose fsync failed left behind: readers skip them.
 //! - A record is handed to a reader only once it is fsync'd: `append` returns, and the MQTT
@@ -27,14 +32,21 @@
 //! - After a failed fsync the segment file takes no more appends: the next append starts a new
 //!   segment file. Linux may drop the pages it could not write and report success for a later
 //!   fsync of the same file, so nothing written there after the failure could be trusted.
-//! - A moved ack position is due on disk at the later of the `ack` call and one
-//!   [`ACK_PERSIST_INTERVAL`] after the previous ack write — so at most one interval after the
-//!   `ack`, and at most one ack write (one `pwrite`, one fdatasync of the `ack` file) per
-//!   interval, whether or not appends keep arriving. The writer writes it when it is due, or
-//!   right after the group commit it is busy with then; once more at `close`; and once at
-//!   open when the file is missing. A crash (kill -9 or power cut) therefore delivers again
-//!   at most what was acknowledged in the last interval (plus what was in flight), and never
-//!   skips a record that was not acknowledged.
+//! - The ack position on disk is the higher of the `ack` file's and the highest ack record in
+//!   the newest segment. Under steady appends the position rides in each group commit: when it
+//!   moved past what is on disk, one ack record follows the messages in the same write and the
+//!   same fsync (no extra fsync, 36 bytes). When appends pause, it reaches the `ack` file within
+//!   [`ACK_PERSIST_INTERVAL`] of the `ack` (one `pwrite`, one fdatasync; at most one per
+//!   interval, none while appends keep coming). The `ack` file is also written at `close`, at
+//!   open when it is missing or behind what recovery found, and before a segment is reused. A
+//!   crash (kill -9 or power cut) therefore delivers again what was in flight plus what was
+//!   acknowledged since the last group commit (or, when appends had paused, in the last
+//!   interval), and never skips a record that was not acknowledged: an ack record only ever
+//!   holds a position that was acknowledged, and it is durable only with its group commit.
+//! - The newest segment holds the newest position the log carried: a new segment written while
+//!   the `ack` file is behind opens with an ack record, in the same write and fsync as its
+//!   magic. So recovery, which reads only the newest segment, never finds less than the
+//!   position older segments were deleted on the strength of.
 //! - A segment is deleted only when every record in it is acknowledged and that acknowledgement
 //!   is on disk — or when `when_full = "drop_oldest"` drops it, and then its unacknowledged
 //!   records are counted as dropped. The directory is fsync'd after every create, rename and
@@ -43,7 +55,8 @@
 //!   acknowledgement is on disk, and writes are failing (a full disk), or the queue is at its
 //!   size cap, or the segment holds at least 1/[`REUSE_FRACTION`] of `segment_size` (so small
 //!   acks under normal traffic never touch the directory). Steps, in this order, with no read
-//!   in progress: cut it to its header and fsync it; rename it to
+//!   in progress: write the position to the `ack` file if only an ack record held it (the cut
+//!   removes the segment's ack records); cut it to its header and fsync it; rename it to
 //!   `segment-<next sequence>.log`; fsync the directory. Cutting and renaming need no free
 //!   block, so a full disk recovers by itself, and the next append succeeds. A crash between
 //!   any two steps recovers: before the cut, its records are all behind the ack position;
@@ -56,9 +69,10 @@
 //! # Life cycle
 //!
 //! One writer thread per queue owns every file mutation. Appends queue up for it; it writes all
-//! pending appends, fsyncs once for all of them (group commit), and answers each. After each
-//! group commit, and when the ack deadline passes while it waits, it persists a due ack
-//! position, deletes the segments behind it and reuses the newest one if worthwhile. Readers
+//! pending appends and a moved ack position, fsyncs once for all of them (group commit), answers
+//! each, and deletes the segments behind the position. When the ack deadline passes while it
+//! waits (no append carried the position), it writes the `ack` file, deletes the segments
+//! behind it and reuses the newest one if worthwhile. Readers
 //! read the fsync'd part of the segments with their own file handle, on tokio's blocking
 //! threads; what a read brings in waits in a hand-over list, so a caller that stops waiting
 //! (a cancelled `select!` branch) loses nothing. Acks move a shared position and wake the
@@ -66,9 +80,10 @@
 //!
 //! # Recovery
 //!
-//! Start-up reads only the newest segment (to find its last whole record and truncate a torn
-//! tail) and the `ack` file; the reader then scans forward within one segment to the ack
-//! position. Older segments are trusted by their names and checked as they are read: a corrupt
+//! Start-up reads only the newest segment (to find its last whole record and its highest ack
+//! record, and truncate a torn tail, ack records included) and the `ack` file; the ack
+//! position is the higher of the two. The reader then scans forward within one segment to the
+//! ack position. Older segments are trusted by their names and checked as they are read: a corrupt
 //! record is skipped by scanning for the next valid one, a missing segment is a gap; both are
 //! counted and logged with the file name. Nothing makes recovery refuse to start or loop.
 //!
@@ -1400,7 +1415,9 @@ impl Writer {
         }
         let path = segment_path(dir, self.next_seq);
         // The newest segment must hold the newest position the log carried (older segments
-        // are deleted on its strength): it opens with an ack record, in the same write.
+        // are deleted on its strength): it opens with an ack record, in the same write. The old
+        // file's ack records no longer count (it may even be the empty one removed above).
+        self.ack_in_log = None;
         let carried = self.ack_to_carry();
         let head = segment_head(carried);
         let created = storage.open(&path, OpenMode::Create).and_then(|file| {
@@ -1505,11 +1522,11 @@ impl Writer {
         }
         // The cut removes the segment's ack records: the ack file must hold the position
         // first. It overwrites a block the file has, so this works on a full disk.
-        if self.ack_in_file != Some(self.next_seq) {
-            if let Err(e) = self.write_ack_file(self.next_seq) {
-                tracing::warn!(dir = %config.dir.display(), error = %e, "cannot persist the ack position before reusing a segment; will retry");
-                return false;
-            }
+        if self.ack_in_file != Some(self.next_seq)
+            && let Err(e) = self.write_ack_file(self.next_seq)
+        {
+            tracing::warn!(dir = %config.dir.display(), error = %e, "cannot persist the ack position before reusing a segment; will retry");
+            return false;
         }
         // No read may see the file while it is cut.
         let Ok(mut reader) = self.shared.reader.try_lock() else {
