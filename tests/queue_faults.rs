@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use mqtt_lambda_bridge::config::WhenFull;
 use mqtt_lambda_bridge::envelope::Message;
 use mqtt_lambda_bridge::queue::disk::{
-    ACK_PERSIST_INTERVAL, DEFAULT_SEGMENT_SIZE, read_ack_file, segment_files,
+    ACK_PERSIST_INTERVAL, DEFAULT_SEGMENT_SIZE, read_ack_file, read_ack_position, segment_files,
 };
 use mqtt_lambda_bridge::queue::{DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue};
 use tokio::sync::watch;
@@ -89,8 +89,10 @@ async fn append_until_ok(q: &DiskQueue, m: Message, limit: Duration) -> Duration
     }
 }
 
+/// Under steady appends the position rides in the next group commit: it is on disk (in an ack
+/// record) a few milliseconds after the ack, far inside the interval.
 #[tokio::test]
-async fn the_ack_position_reaches_disk_within_the_interval_while_appends_keep_coming() {
+async fn the_ack_position_reaches_disk_with_the_next_group_commit_while_appends_keep_coming() {
     let dir = tempfile::tempdir().expect("tempdir");
     let q = Arc::new(DiskQueue::open(config(dir.path())).expect("open"));
     let (stop, mut stopped) = watch::channel(false);
@@ -114,14 +116,14 @@ async fn the_ack_position_reaches_disk_within_the_interval_while_appends_keep_co
         let last = got.last().expect("entries").seq;
         q.ack(last).await.expect("ack");
         let acked = Instant::now();
-        // Poll the file: the writer gives no event a test could await.
-        while read_ack_file(dir.path())
-            .expect("ack file")
-            .is_none_or(|(_, next)| next <= last)
+        // Poll the files: the writer gives no event a test could await.
+        while read_ack_position(dir.path())
+            .expect("ack position")
+            .is_none_or(|next| next <= last)
         {
             assert!(
-                acked.elapsed() < ACK_PERSIST_INTERVAL * 5,
-                "the ack position did not reach disk while appends kept coming"
+                acked.elapsed() < ACK_PERSIST_INTERVAL,
+                "the ack position did not reach disk within the interval while appends kept coming"
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -132,20 +134,102 @@ async fn the_ack_position_reaches_disk_within_the_interval_while_appends_keep_co
     println!("slowest ack persisted after {worst:?} (interval {ACK_PERSIST_INTERVAL:?})");
 }
 
+/// A power cut right after an append that carried a moved ack position: the ack record was
+/// fsync'd with the messages, so only what was acknowledged after it comes back.
+#[tokio::test]
+async fn an_ack_record_survives_a_power_cut_with_its_group_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = FaultStorage::new();
+    let q = DiskQueue::open_with(config(dir.path()), Arc::new(storage.clone())).expect("open");
+    q.append((0..10).map(|n| msg(n, 50)).collect())
+        .await
+        .expect("append");
+    let got = q.read_ready(10).await.expect("read");
+    q.ack(got[5].seq).await.expect("ack");
+    q.append(vec![msg(10, 50)]).await.expect("append");
+    q.ack(got[7].seq).await.expect("ack"); // only in memory: no append carries it
+    q.abandon();
+    storage.power_cut().expect("power cut");
+
+    let q = DiskQueue::open_with(config(dir.path()), Arc::new(storage.clone())).expect("reopen");
+    assert_eq!(peek_all(&q).await, (6..=10).collect::<Vec<_>>());
+}
+
+/// When appends pause, the position reaches the ack file within the interval.
+#[tokio::test]
+async fn without_appends_the_ack_position_reaches_the_ack_file_within_the_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = DiskQueue::open(config(dir.path())).expect("open");
+    q.append((0..10).map(|n| msg(n, 50)).collect())
+        .await
+        .expect("append");
+    let got = q.read(4).await.expect("read");
+    let last = got.last().expect("entries").seq;
+    q.ack(last).await.expect("ack");
+    let acked = Instant::now();
+    while read_ack_file(dir.path())
+        .expect("ack file")
+        .is_none_or(|(_, next)| next <= last)
+    {
+        assert!(
+            acked.elapsed() < ACK_PERSIST_INTERVAL * 2,
+            "the ack position did not reach the ack file while appends paused"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    println!("ack file written {:?} after the ack", acked.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ack_file_is_fsynced_at_most_once_per_interval() {
+async fn under_steady_appends_the_ack_file_is_not_fsynced_at_all() {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = FaultStorage::new();
     let q = DiskQueue::open_with(config(dir.path()), Arc::new(storage.clone())).expect("open");
     let before = storage.syncs_of("ack");
     let start = Instant::now();
     let mut n = 0;
-    // Every message acknowledged right after it is read: as many ack moves as possible.
+    let mut acked = 0;
+    // Every message acknowledged right after it is read: as many ack moves as possible, and
+    // an append after each.
     while start.elapsed() < Duration::from_secs(1) {
         q.append(vec![msg(n, 50)]).await.expect("append");
         let got = q.read(10).await.expect("read");
+        acked = got.last().expect("entry").seq;
+        q.ack(acked).await.expect("ack");
+        n += 1;
+    }
+    let elapsed = start.elapsed();
+    let syncs = storage.syncs_of("ack") - before;
+    let on_disk = read_ack_position(dir.path())
+        .expect("ack position")
+        .unwrap_or_default();
+    println!("{n} acks in {elapsed:?}: {syncs} ack fsyncs, position on disk {on_disk}");
+    assert!(n > 100, "the test needs many acks: {n}");
+    // A 100 ms stall of this test's task lets the timer write the file once.
+    assert!(syncs <= 1, "{syncs} ack fsyncs in {elapsed:?}");
+    // Every ack but the last rode in the following append's group commit.
+    assert!(
+        on_disk >= acked,
+        "on disk {on_disk}, acknowledged through {acked}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_appends_the_ack_file_is_fsynced_at_most_once_per_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = FaultStorage::new();
+    let q = DiskQueue::open_with(config(dir.path()), Arc::new(storage.clone())).expect("open");
+    q.append((0..20_000).map(|n| msg(n, 20)).collect())
+        .await
+        .expect("append");
+    let before = storage.syncs_of("ack");
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(1) {
+        let got = q.read(1).await.expect("read");
         q.ack(got.last().expect("entry").seq).await.expect("ack");
         n += 1;
+        tokio::time::sleep(Duration::from_micros(200)).await;
     }
     let elapsed = start.elapsed();
     let syncs = storage.syncs_of("ack") - before;
@@ -153,10 +237,7 @@ async fn the_ack_file_is_fsynced_at_most_once_per_interval() {
     println!("{n} acks in {elapsed:?}: {syncs} ack fsyncs (at most {allowed})");
     assert!(n > 100, "the test needs many acks: {n}");
     assert!(syncs <= allowed, "{syncs} ack fsyncs in {elapsed:?}");
-    assert!(
-        syncs >= 2,
-        "acks must reach disk while traffic flows: {syncs}"
-    );
+    assert!(syncs >= 2, "acks must reach disk without appends: {syncs}");
 }
 
 #[tokio::test]
@@ -514,12 +595,12 @@ enum Cut {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn power_cuts_mid_stream_replay_only_the_last_interval() {
+async fn power_cuts_mid_stream_replay_only_what_was_in_flight() {
     stream_with_cuts(Cut::PowerCut).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_stream_replays_only_the_last_interval() {
+async fn kill_9_mid_stream_replays_only_what_was_in_flight() {
     stream_with_cuts(Cut::Kill9).await;
 }
 
@@ -529,13 +610,17 @@ async fn stream_with_cuts(cut: Cut) {
     const TOTAL: u64 = 4000;
     const CUTS: u64 = 3;
     const PHASE: u64 = 1300;
-    /// What the README promises a crash replays (besides what was in flight). Written out, not
-    /// taken from `ACK_PERSIST_INTERVAL`, so that a longer interval fails this test.
-    const PROMISED_WINDOW: Duration = Duration::from_millis(100);
-    /// Read and not yet acknowledged at a cut (5 ms of messages), plus the writer finishing a
-    /// group commit before it writes a due ack position, plus scheduling delays on a busy
-    /// 2-core CI machine. Measured per cut: 0 to about 105 in total.
-    const IN_FLIGHT: u64 = 30;
+    /// The target: three cuts over 4,000 messages replay at most 100 in total. Under
+    /// steady appends the position rides in each group commit, so a cut replays what was in
+    /// flight (read and not yet acknowledged: about 5 ms of messages) plus the acks since the
+    /// last group commit (about 1 ms).
+    const MAX_DUPLICATES: usize = 100;
+    /// What this design replays per cut: about 5 in flight, plus room for scheduling delays on
+    /// a busy 2-core machine. Measured for three cuts: 10 to 25 in total, 12 to 32 with two
+    /// extra busy loops on the cores. Without ack records (the 100 ms ack-file timer alone) it
+    /// measured 60 to 82, inside the 100: the tests that the position reaches disk with
+    /// the next group commit are the ones that tell the two apart for sure.
+    const IN_FLIGHT_PER_CUT: usize = 20;
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = FaultStorage::new();
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -595,12 +680,9 @@ async fn stream_with_cuts(cut: Cut) {
     );
     assert!(missing.is_empty(), "appended but never read: {missing:?}");
     assert_eq!(t.appended.len() as u64, TOTAL, "every append worked");
-    // Per cut at most what was acknowledged in the promised window (at most one message per
-    // PACE), plus what was in flight.
-    let per_window = (PROMISED_WINDOW.as_micros() / PACE.as_micros()) as u64;
-    let bound = CUTS * (per_window + IN_FLIGHT);
+    let bound = MAX_DUPLICATES.min(CUTS as usize * IN_FLIGHT_PER_CUT);
     assert!(
-        duplicates as u64 <= bound,
+        duplicates <= bound,
         "{duplicates} duplicates after {CUTS} cuts ({cut:?}; at most {bound})"
     );
 }

@@ -1,7 +1,7 @@
 //! A model check of the disk queue: random appends, reads, acks, clean restarts, crashes and
 //! power cuts, compared with a `VecDeque`. Nothing appended is lost; nothing is delivered twice
 //! unless a crash or power cut came in between (and then only what was acknowledged since the
-//! last ack write).
+//! last append or clean restart: an append's group commit carries the ack position).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -69,7 +69,8 @@ struct Model {
     /// How many of `unacked` were read since the last restart.
     read: usize,
     next: u64,
-    /// Acknowledged since the last clean restart; a crash may deliver these again.
+    /// Acknowledged since the ack position last surely reached disk (a clean restart, or an
+    /// append, whose group commit carries it in an ack record); a crash may deliver these again.
     acked_since_durable: Vec<u64>,
 }
 
@@ -91,6 +92,8 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 queue.append(messages).await.expect("append");
                 model.unacked.extend(model.next..model.next + n as u64);
                 model.next += n as u64;
+                // The group commit carried every earlier ack in an ack record.
+                model.acked_since_durable.clear();
             }
             Op::Read(max) => {
                 let entries = queue.read_ready(max as usize).await.expect("read");

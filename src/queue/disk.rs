@@ -6,19 +6,24 @@
 //! <buffer.dir>/<rule>/
 //!     segment-00000000000000000000.log   records with sequence numbers from 0
 //!     segment-00000000000000052311.log   records from 52311 (the name is its first sequence)
-//!     ack                                the first unacknowledged sequence number
+//!     ack                                the first unacknowledged sequence number (when idle)
 //!     dead-letters.jsonl                 events Lambda can never accept (see deadletter.rs)
 //! ```
 //!
-//! A segment starts with the 8-byte magic `MLBSEG01`, followed by records (`record.rs`: length,
-//! CRC32C, sequence number, message). The `ack` file holds two 24-byte slots (generation, first
-//! unacknowledged sequence, CRC32C); each update overwrites the older slot, so a torn write
-//! leaves the other slot intact. It is created when the queue opens, so that recording an ack
-//! later never needs a free block.
+//! A segment starts with the 8-byte magic `MLBSEG02`, followed by records (`record.rs`: length,
+//! CRC32C, sequence number, then a message, or an ack record: the first unacknowledged
+//! sequence, marked by QoS 0xAC). Segments with the magic `MLBSEG01` (written before ack
+//! records existed) are read as before and never appended to: the first append after start-up
+//! begins a new segment. An older binary cannot read `MLBSEG02` segments: to downgrade, drain
+//! the buffer first. The `ack` file holds two 24-byte slots (generation, first unacknowledged
+//! sequence, CRC32C); each update overwrites the older slot, so a torn write leaves the other
+//! slot intact. It is created when the queue opens, so that recording an ack later never needs
+//! a free block.
 //!
 //! # Invariants
 //!
-//! - Sequence numbers grow by one per record, across segments; a segment holds only sequences
+//! - Sequence numbers grow by one per message record, across segments (ack records take
+//!   none, and readers skip them: never a gap, a loss or corruption); a segment holds only sequences
 //!   from its name up to the next segment's name. Records at or past the next segment's name
 //!   can only be what an append whose fsync failed left behind: readers skip them.
 //! - A record is handed to a reader only once it is fsync'd: `append` returns, and the MQTT
@@ -27,14 +32,21 @@
 //! - After a failed fsync the segment file takes no more appends: the next append starts a new
 //!   segment file. Linux may drop the pages it could not write and report success for a later
 //!   fsync of the same file, so nothing written there after the failure could be trusted.
-//! - A moved ack position is due on disk at the later of the `ack` call and one
-//!   [`ACK_PERSIST_INTERVAL`] after the previous ack write — so at most one interval after the
-//!   `ack`, and at most one ack write (one `pwrite`, one fdatasync of the `ack` file) per
-//!   interval, whether or not appends keep arriving. The writer writes it when it is due, or
-//!   right after the group commit it is busy with then; once more at `close`; and once at
-//!   open when the file is missing. A crash (kill -9 or power cut) therefore delivers again
-//!   at most what was acknowledged in the last interval (plus what was in flight), and never
-//!   skips a record that was not acknowledged.
+//! - The ack position on disk is the higher of the `ack` file's and the highest ack record in
+//!   the newest segment. Under steady appends the position rides in each group commit: when it
+//!   moved past what is on disk, one ack record follows the messages in the same write and the
+//!   same fsync (no extra fsync, 36 bytes). When appends pause, it reaches the `ack` file within
+//!   [`ACK_PERSIST_INTERVAL`] of the `ack` (one `pwrite`, one fdatasync; at most one per
+//!   interval, none while appends keep coming). The `ack` file is also written at `close`, at
+//!   open when it is missing or behind what recovery found, and before a segment is reused. A
+//!   crash (kill -9 or power cut) therefore delivers again what was in flight plus what was
+//!   acknowledged since the last group commit (or, when appends had paused, in the last
+//!   interval), and never skips a record that was not acknowledged: an ack record only ever
+//!   holds a position that was acknowledged, and it is durable only with its group commit.
+//! - The newest segment holds the newest position the log carried: a new segment written while
+//!   the `ack` file is behind opens with an ack record, in the same write and fsync as its
+//!   magic. So recovery, which reads only the newest segment, never finds less than the
+//!   position older segments were deleted on the strength of.
 //! - A segment is deleted only when every record in it is acknowledged and that acknowledgement
 //!   is on disk — or when `when_full = "drop_oldest"` drops it, and then its unacknowledged
 //!   records are counted as dropped. The directory is fsync'd after every create, rename and
@@ -43,7 +55,8 @@
 //!   acknowledgement is on disk, and writes are failing (a full disk), or the queue is at its
 //!   size cap, or the segment holds at least 1/[`REUSE_FRACTION`] of `segment_size` (so small
 //!   acks under normal traffic never touch the directory). Steps, in this order, with no read
-//!   in progress: cut it to its header and fsync it; rename it to
+//!   in progress: write the position to the `ack` file if only an ack record held it (the cut
+//!   removes the segment's ack records); cut it to its header and fsync it; rename it to
 //!   `segment-<next sequence>.log`; fsync the directory. Cutting and renaming need no free
 //!   block, so a full disk recovers by itself, and the next append succeeds. A crash between
 //!   any two steps recovers: before the cut, its records are all behind the ack position;
@@ -56,9 +69,10 @@
 //! # Life cycle
 //!
 //! One writer thread per queue owns every file mutation. Appends queue up for it; it writes all
-//! pending appends, fsyncs once for all of them (group commit), and answers each. After each
-//! group commit, and when the ack deadline passes while it waits, it persists a due ack
-//! position, deletes the segments behind it and reuses the newest one if worthwhile. Readers
+//! pending appends and a moved ack position, fsyncs once for all of them (group commit), answers
+//! each, and deletes the segments behind the position. When the ack deadline passes while it
+//! waits (no append carried the position), it writes the `ack` file, deletes the segments
+//! behind it and reuses the newest one if worthwhile. Readers
 //! read the fsync'd part of the segments with their own file handle, on tokio's blocking
 //! threads; what a read brings in waits in a hand-over list, so a caller that stops waiting
 //! (a cancelled `select!` branch) loses nothing. Acks move a shared position and wake the
@@ -66,9 +80,10 @@
 //!
 //! # Recovery
 //!
-//! Start-up reads only the newest segment (to find its last whole record and truncate a torn
-//! tail) and the `ack` file; the reader then scans forward within one segment to the ack
-//! position. Older segments are trusted by their names and checked as they are read: a corrupt
+//! Start-up reads only the newest segment (to find its last whole record and its highest ack
+//! record, and truncate a torn tail, ack records included) and the `ack` file; the ack
+//! position is the higher of the two. The reader then scans forward within one segment to the
+//! ack position. Older segments are trusted by their names and checked as they are read: a corrupt
 //! record is skipped by scanning for the next valid one, a missing segment is a gap; both are
 //! counted and logged with the file name. Nothing makes recovery refuse to start or loop.
 //!
@@ -92,12 +107,16 @@ use super::{Entry, Queue, QueueError, Seq};
 use crate::config::WhenFull;
 use crate::envelope::Message;
 
-/// Every segment file starts with this; a different format gets a different magic.
-pub const SEGMENT_MAGIC: &[u8; 8] = b"MLBSEG01";
-/// The window of possible re-delivery: a moved ack position reaches disk at most this long
-/// after `ack`, so a crash delivers again at most what Lambda accepted in this window (plus
-/// what was in flight). Also the least time between two writes of the `ack` file, so an SD card
-/// sees at most ten ack fsyncs a second however fast messages flow.
+/// Every new segment file starts with this; a different format gets a different magic.
+/// `MLBSEG02` segments may hold ack records (see `record.rs`).
+pub const SEGMENT_MAGIC: &[u8; 8] = b"MLBSEG02";
+/// The magic of segments written before ack records existed: still read (they hold no ack
+/// records), never appended to (the first append after start-up begins a new segment).
+pub const SEGMENT_MAGIC_V1: &[u8; 8] = b"MLBSEG01";
+/// When no append comes, a moved ack position reaches the `ack` file this long after the `ack`
+/// (under steady appends it rides in the next group commit instead, at no extra fsync). Also
+/// the least time between two writes of the `ack` file, so an SD card sees at most ten ack
+/// fsyncs a second, and none while appends keep coming.
 pub const ACK_PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// Default segment size: large enough for sequential writes, small enough that deleting a
 /// whole segment frees space in useful steps.
@@ -324,13 +343,59 @@ fn encode_ack_slot(generation: u64, seq: Seq) -> [u8; ACK_SLOT_LEN as usize] {
     slot
 }
 
+/// What the writer needs to know about the newest segment file.
+#[derive(Debug, Clone, Copy)]
+struct NewestSegment {
+    /// The highest ack record in it.
+    ack_in_log: Option<Seq>,
+    /// It has the old magic: no ack record may be written into it.
+    v1: bool,
+    /// Where its message records start (after the magic and a leading ack record): while its
+    /// length is no more than this, it holds no message.
+    data_start: u64,
+}
+
+impl Default for NewestSegment {
+    fn default() -> Self {
+        NewestSegment {
+            ack_in_log: None,
+            v1: false,
+            data_start: MAGIC_LEN,
+        }
+    }
+}
+
+/// The first bytes of a new segment: the magic, then an ack record when `ack` is given.
+fn segment_head(ack: Option<Seq>) -> Vec<u8> {
+    let mut head = SEGMENT_MAGIC.to_vec();
+    if let Some(position) = ack {
+        record::encode_ack(position, &mut head);
+    }
+    head
+}
+
+/// The ack position on disk in `dir`: the ack file's, or the highest ack record in the newest
+/// segment if that is higher — what a restart resumes from. `Ok(None)` when neither exists.
+pub fn read_ack_position(dir: &Path) -> io::Result<Option<Seq>> {
+    let file = read_ack_slots(&RealStorage, dir)?.map(|(_, seq)| seq);
+    let log = match list_segments(&RealStorage, dir)?.last() {
+        Some((_, path)) => scan_segment(&read_whole(&RealStorage, path)?).ack,
+        None => None,
+    };
+    Ok(file.max(log))
+}
+
 /// What scanning a segment's bytes found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ScanResult {
     /// Offset just after the last valid record (where appending may continue).
     pub valid_end: u64,
-    /// Sequence after the last valid record, if any record was found.
+    /// Sequence after the last valid message record, if any message record was found.
     pub next_seq: Option<Seq>,
+    /// The highest position an ack record in the segment holds.
+    pub ack: Option<Seq>,
+    /// The segment has the old magic `MLBSEG01`.
+    pub v1: bool,
     /// Bytes inside `valid_end` that were not valid records.
     pub corrupt_bytes: u64,
     /// Bytes after `valid_end` (a torn tail, or garbage).
@@ -341,7 +406,10 @@ pub struct ScanResult {
 /// the recovery decision for the newest segment.
 pub fn scan_segment(bytes: &[u8]) -> ScanResult {
     let mut result = ScanResult::default();
-    if bytes.len() < SEGMENT_MAGIC.len() || &bytes[..SEGMENT_MAGIC.len()] != SEGMENT_MAGIC {
+    let magic = bytes.get(..SEGMENT_MAGIC.len());
+    if magic == Some(SEGMENT_MAGIC_V1) {
+        result.v1 = true;
+    } else if magic != Some(SEGMENT_MAGIC) {
         result.tail_bytes = bytes.len() as u64;
         return result;
     }
@@ -356,6 +424,13 @@ pub fn scan_segment(bytes: &[u8]) -> ScanResult {
                 pending_corrupt = 0;
                 result.valid_end = at as u64;
                 result.next_seq = Some(seq + 1);
+            }
+            Decoded::Ack { position, len } => {
+                at += len;
+                result.corrupt_bytes += pending_corrupt;
+                pending_corrupt = 0;
+                result.valid_end = at as u64;
+                result.ack = result.ack.max(Some(position));
             }
             Decoded::Incomplete | Decoded::Corrupt => {
                 // Look for a later valid record: a corrupt record in the middle is skipped, a
@@ -385,12 +460,14 @@ impl DiskQueue {
         let names = list_segments(&*storage, &dir)?;
 
         let ack = read_ack_slots(&*storage, &dir)?;
-        let mut ack_next = ack.map(|(_, seq)| seq);
+        let file_ack = ack.map(|(_, seq)| seq);
         let generation = ack.map_or(0, |(g, _)| g);
 
-        // The newest segment: find its end, truncate a torn tail.
+        // The newest segment: find its end and its highest ack record, truncate a torn tail.
         let mut next_seq = 0;
         let mut newest_end = None;
+        let mut newest = NewestSegment::default();
+        let mut newest_has_messages = false;
         let mut segments: VecDeque<Segment> = VecDeque::new();
         for (i, (first_seq, path)) in names.iter().enumerate() {
             if i + 1 < names.len() {
@@ -431,16 +508,25 @@ impl DiskQueue {
             let end = scan.next_seq.unwrap_or(*first_seq).max(*first_seq);
             next_seq = end;
             newest_end = Some(end);
+            let len = scan.valid_end.max(MAGIC_LEN);
+            newest_has_messages = scan.next_seq.is_some();
+            newest = NewestSegment {
+                ack_in_log: scan.ack,
+                v1: scan.v1,
+                data_start: if newest_has_messages { MAGIC_LEN } else { len },
+            };
             segments.push_back(Segment {
                 first_seq: *first_seq,
                 path: path.clone(),
-                len: scan.valid_end.max(MAGIC_LEN),
+                len,
             });
         }
 
-        let newest_is_empty = segments.back().is_some_and(|s| s.len <= MAGIC_LEN);
+        let newest_is_empty = !segments.is_empty() && !newest_has_messages;
         let first_seq = segments.front().map_or(next_seq, |s| s.first_seq);
-        let mut ack_pos = ack_next.take().unwrap_or(first_seq);
+        // The position on disk: the ack file's, or a newer one an ack record in the newest
+        // segment carries (see the invariants).
+        let mut ack_pos = file_ack.max(newest.ack_in_log).unwrap_or(first_seq);
         if ack_pos > next_seq {
             // An empty newest segment behind the ack position is a reuse that a crash cut
             // short (see the invariants): nothing to warn about.
@@ -468,20 +554,30 @@ impl DiskQueue {
         if newest_end != Some(next_seq) {
             let to = segment_path(&dir, next_seq);
             match segments.back_mut() {
-                Some(last) if last.len <= MAGIC_LEN => {
-                    // Empty: rename it, which needs no free block (the disk may be full).
+                Some(last) if newest_is_empty => {
+                    // No messages: rename it, which needs no free block (the disk may be full).
                     storage.rename(&last.path, &to)?;
                     last.first_seq = next_seq;
                     last.path = to;
                 }
                 _ => {
+                    // Its first record carries the position when the ack file does not hold
+                    // it, so the newest segment never holds less than the segment before it.
+                    let carried = (file_ack < Some(ack_pos)).then_some(ack_pos);
+                    let head = segment_head(carried);
                     let file = storage.open(&to, OpenMode::Create)?;
-                    file.write_all_at(SEGMENT_MAGIC, 0)?;
+                    file.write_all_at(&head, 0)?;
                     file.sync_all()?;
+                    let len = head.len() as u64;
+                    newest = NewestSegment {
+                        ack_in_log: carried,
+                        v1: false,
+                        data_start: len,
+                    };
                     segments.push_back(Segment {
                         first_seq: next_seq,
                         path: to,
-                        len: MAGIC_LEN,
+                        len,
                     });
                 }
             }
@@ -518,17 +614,13 @@ impl DiskQueue {
             ack_signalled: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel();
-        let mut writer = Writer::new(
-            shared.clone(),
-            next_seq,
-            generation,
-            ack.map(|(_, seq)| seq),
-        )?;
-        if writer.ack_persisted.is_none() {
+        let mut writer = Writer::new(shared.clone(), next_seq, generation, file_ack, newest)?;
+        if writer.ack_in_file.is_none() || writer.ack_on_disk() < Some(ack_pos) {
             // Create the ack file now, while there is room: a later ack write then only
-            // overwrites a block the file already has, which works on a full disk.
+            // overwrites a block the file already has, which works on a full disk. Also when
+            // recovery moved the position past what is on disk (missing segments).
             match writer.write_ack(ack_pos) {
-                Ok(()) => writer.ack_persisted = Some(ack_pos),
+                Ok(()) => writer.ack_in_file = Some(ack_pos),
                 Err(e) => tracing::warn!(
                     dir = %dir.display(), error = %e,
                     "cannot create the buffer's ack file; will retry at the first acknowledgement"
@@ -702,7 +794,12 @@ impl Shared {
                 None
             } else {
                 match read_record_at(&**file, *offset, segment.len)? {
-                    Some(found) => Some(found),
+                    Some(Found::Message(seq, message, len)) => Some((seq, message, len)),
+                    Some(Found::Ack(len)) => {
+                        // The writer's bookkeeping, not a message: no sequence, no gap.
+                        *offset += len as u64;
+                        continue;
+                    }
                     None => {
                         // Not a valid record here: scan for the next one.
                         let (skipped, next) = scan_forward(&**file, *offset, segment.len)?;
@@ -787,12 +884,16 @@ impl Shared {
     }
 }
 
+/// A valid record found in a segment.
+enum Found {
+    /// A message record: its sequence, the message, its length.
+    Message(Seq, Message, usize),
+    /// An ack record of this length (readers skip it).
+    Ack(usize),
+}
+
 /// Reads the record at `offset` if a valid one is there and ends by `limit`.
-fn read_record_at(
-    file: &dyn StorageFile,
-    offset: u64,
-    limit: u64,
-) -> io::Result<Option<(Seq, Message, usize)>> {
+fn read_record_at(file: &dyn StorageFile, offset: u64, limit: u64) -> io::Result<Option<Found>> {
     let mut header = [0u8; record::HEADER_LEN];
     if offset + header.len() as u64 > limit {
         return Ok(None);
@@ -807,8 +908,9 @@ fn read_record_at(
     let mut buf = vec![0u8; len];
     file.read_exact_at(&mut buf, offset)?;
     Ok(match record::decode(&buf) {
-        Decoded::Record { seq, message, len } => Some((seq, message, len)),
-        _ => None,
+        Decoded::Record { seq, message, len } => Some(Found::Message(seq, message, len)),
+        Decoded::Ack { len, .. } => Some(Found::Ack(len)),
+        Decoded::Incomplete | Decoded::Corrupt => None,
     })
 }
 
@@ -937,11 +1039,15 @@ struct Writer {
     next_seq: Seq,
     /// Generation of the last ack slot written.
     ack_generation: u64,
-    /// Ack position last written to disk (`None`: no valid ack file yet).
-    ack_persisted: Option<Seq>,
+    /// Ack position last written to the ack file (`None`: no valid ack file yet).
+    ack_in_file: Option<Seq>,
+    /// The highest ack record durable in the newest segment file (`None`: none there).
+    ack_in_log: Option<Seq>,
+    /// The newest segment file has the old magic: the next append starts a new one.
+    v1: bool,
+    /// Where the newest segment's message records start: no longer than this, it holds none.
+    data_start: u64,
     ack_file: Option<Box<dyn StorageFile>>,
-    /// When the ack file was last written: the next write waits until an interval later.
-    ack_written_at: Option<Instant>,
     /// When the moved ack position is to be written (`None`: nothing is due).
     ack_due: Option<Instant>,
     /// Set after a failed write or fsync, so the failure is logged once and a full disk gets
@@ -958,7 +1064,8 @@ impl Writer {
         shared: Arc<Shared>,
         next_seq: Seq,
         ack_generation: u64,
-        ack_persisted: Option<Seq>,
+        ack_in_file: Option<Seq>,
+        newest: NewestSegment,
     ) -> io::Result<Writer> {
         let (path, len) = {
             let state = shared.lock();
@@ -975,14 +1082,21 @@ impl Writer {
             len,
             next_seq,
             ack_generation,
-            ack_persisted,
+            ack_in_file,
+            ack_in_log: newest.ack_in_log,
+            v1: newest.v1,
+            data_start: newest.data_start,
             ack_file: None,
-            ack_written_at: None,
             ack_due: None,
             failing: false,
             untrusted: false,
             buf: Vec::new(),
         })
+    }
+
+    /// The ack position a restart would resume from: the ack file's or the newest segment's.
+    fn ack_on_disk(&self) -> Option<Seq> {
+        self.ack_in_file.max(self.ack_in_log)
     }
 
     fn run(mut self, rx: mpsc::Receiver<WriterMsg>) {
@@ -1043,24 +1157,25 @@ impl Writer {
         self.shared.freed.notify_waiters();
     }
 
-    /// The ack position moved: due now, or an interval after the last ack write if that is
-    /// later (at most one ack fsync per interval, at most an interval after the ack).
+    /// The ack position moved: the ack file is due one interval later, unless a group commit
+    /// carries the position first (at most an interval after the ack, at most one ack-file
+    /// fsync per interval, none while appends keep coming).
     fn schedule_ack(&mut self) {
         if self.ack_due.is_none() {
-            let now = Instant::now();
-            let due = self
-                .ack_written_at
-                .map_or(now, |at| (at + ACK_PERSIST_INTERVAL).max(now));
-            self.ack_due = Some(due);
+            // Set only once the position moved after the last ack-file write, so this also
+            // spaces ack-file writes an interval apart.
+            self.ack_due = Some(Instant::now() + ACK_PERSIST_INTERVAL);
         }
     }
 
     /// Persists the ack position when it is due. Also notices a position moved without a
     /// message (the writer's own drops, a signal still on its way).
     fn persist_ack_if_due(&mut self) {
+        let ack_next = self.shared.lock().ack_next;
+        // A group commit may have carried it already: then only a retried reuse is left.
+        let on_disk = Some(ack_next) == self.ack_on_disk();
         if self.ack_due.is_none() {
-            let ack_next = self.shared.lock().ack_next;
-            if Some(ack_next) == self.ack_persisted {
+            if on_disk {
                 return;
             }
             self.schedule_ack();
@@ -1070,7 +1185,12 @@ impl Writer {
             return;
         }
         self.ack_due = None;
-        if !self.persist_ack_and_delete() {
+        let done = if on_disk {
+            self.reuse_if_worthwhile()
+        } else {
+            self.persist_ack_and_delete()
+        };
+        if !done {
             self.ack_due = Some(now + ACK_PERSIST_INTERVAL);
         }
     }
@@ -1119,6 +1239,13 @@ impl Writer {
         }
         if result.is_ok() {
             self.shared.appended.notify_waiters();
+            if let Some(position) = self.ack_on_disk() {
+                if position == self.shared.lock().ack_next {
+                    // Carried by this group commit: the ack file need not be written.
+                    self.ack_due = None;
+                }
+                self.delete_behind(position);
+            }
         } else if !self.reuse_if_worthwhile() {
             // A read holds the segment: try again shortly.
             self.ack_due = Some(Instant::now() + ACK_PERSIST_INTERVAL);
@@ -1141,7 +1268,7 @@ impl Writer {
                 return Ok(());
             }
             if segments <= 1 {
-                if self.len <= MAGIC_LEN {
+                if self.len <= self.data_start {
                     return Ok(()); // a single message larger than the cap: write it anyway
                 }
                 self.roll_over()?;
@@ -1201,13 +1328,26 @@ impl Writer {
         result
     }
 
+    /// The ack position a write should carry in an ack record: the in-memory one, when neither
+    /// the ack file nor this segment file holds it yet.
+    fn ack_to_carry(&self) -> Option<Seq> {
+        let ack_next = self.shared.lock().ack_next;
+        (self.ack_in_file < Some(ack_next) && self.ack_in_log < Some(ack_next)).then_some(ack_next)
+    }
+
     fn try_write(&mut self, messages: &[Message]) -> io::Result<()> {
-        if self.untrusted || self.len >= self.shared.config.segment_size {
+        if self.untrusted || self.v1 || self.len >= self.shared.config.segment_size {
             self.roll_over()?;
         }
         self.buf.clear();
         for (i, m) in messages.iter().enumerate() {
             record::encode(self.next_seq + i as u64, m, &mut self.buf);
+        }
+        // The ack position rides in the same write and fsync (group commit): no ack-file
+        // write while appends keep coming.
+        let carried = self.ack_to_carry();
+        if let Some(position) = carried {
+            record::encode_ack(position, &mut self.buf);
         }
         if let Err(e) = self.file.write_all_at(&self.buf, self.len) {
             // Cut what part of it landed: readers of this process must not see half an append,
@@ -1231,6 +1371,9 @@ impl Writer {
         }
         self.len += self.buf.len() as u64;
         self.next_seq += messages.len() as u64;
+        if carried.is_some() {
+            self.ack_in_log = carried;
+        }
         let mut state = self.shared.lock();
         if let Some(last) = state.segments.back_mut() {
             last.len = self.len;
@@ -1271,8 +1414,14 @@ impl Writer {
             return Err(e);
         }
         let path = segment_path(dir, self.next_seq);
+        // The newest segment must hold the newest position the log carried (older segments
+        // are deleted on its strength): it opens with an ack record, in the same write. The old
+        // file's ack records no longer count (it may even be the empty one removed above).
+        self.ack_in_log = None;
+        let carried = self.ack_to_carry();
+        let head = segment_head(carried);
         let created = storage.open(&path, OpenMode::Create).and_then(|file| {
-            file.write_all_at(SEGMENT_MAGIC, 0)?;
+            file.write_all_at(&head, 0)?;
             file.sync_all()?;
             storage.sync_dir(dir)?;
             Ok(file)
@@ -1286,8 +1435,11 @@ impl Writer {
             }
         };
         self.file = file;
-        self.len = MAGIC_LEN;
+        self.len = head.len() as u64;
+        self.data_start = self.len;
+        self.ack_in_log = carried;
         self.untrusted = false;
+        self.v1 = false;
         let mut state = self.shared.lock();
         state.segments.push_back(Segment {
             first_seq: self.next_seq,
@@ -1298,46 +1450,59 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes a moved ack position, deletes the segments wholly behind it, and reuses the
-    /// newest segment if worthwhile. Returns false when something should be tried again later.
+    /// Writes a moved ack position to the ack file, deletes the segments wholly behind it, and
+    /// reuses the newest segment if worthwhile. Returns false when something should be tried
+    /// again later.
     fn persist_ack_and_delete(&mut self) -> bool {
         let ack_next = self.shared.lock().ack_next;
-        if Some(ack_next) != self.ack_persisted {
-            if let Err(e) = self.write_ack(ack_next) {
+        if Some(ack_next) != self.ack_in_file {
+            if let Err(e) = self.write_ack_file(ack_next) {
                 tracing::warn!(dir = %self.shared.config.dir.display(), error = %e, "cannot persist the ack position; will retry");
                 return false;
             }
-            self.ack_persisted = Some(ack_next);
-            self.ack_written_at = Some(Instant::now());
-            let mut deleted = Vec::new();
-            {
-                let mut state = self.shared.lock();
-                while state.segments.len() > 1 && state.segments[1].first_seq <= ack_next {
-                    if let Some(old) = state.segments.pop_front() {
-                        state.bytes -= old.len;
-                        deleted.push(old.path);
-                    }
-                }
-            }
-            if !deleted.is_empty() {
-                for path in &deleted {
-                    if let Err(e) = self.shared.storage.remove_file(path) {
-                        tracing::warn!(file = %path.display(), error = %e, "cannot delete a delivered segment");
-                    }
-                }
-                let _ = self.shared.storage.sync_dir(&self.shared.config.dir);
-                self.shared.freed.notify_waiters();
-            }
+            self.delete_behind(ack_next);
         }
         self.reuse_if_worthwhile()
+    }
+
+    /// Writes the ack file and notes what it holds.
+    fn write_ack_file(&mut self, seq: Seq) -> io::Result<()> {
+        self.write_ack(seq)?;
+        self.ack_in_file = Some(seq);
+        Ok(())
+    }
+
+    /// Deletes the segments wholly behind `position`, which is on disk (in the ack file or in
+    /// the newest segment, which is never deleted here).
+    fn delete_behind(&mut self, position: Seq) {
+        let mut deleted = Vec::new();
+        {
+            let mut state = self.shared.lock();
+            while state.segments.len() > 1 && state.segments[1].first_seq <= position {
+                if let Some(old) = state.segments.pop_front() {
+                    state.bytes -= old.len;
+                    deleted.push(old.path);
+                }
+            }
+        }
+        if !deleted.is_empty() {
+            for path in &deleted {
+                if let Err(e) = self.shared.storage.remove_file(path) {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot delete a delivered segment");
+                }
+            }
+            let _ = self.shared.storage.sync_dir(&self.shared.config.dir);
+            self.shared.freed.notify_waiters();
+        }
     }
 
     /// Reuses the newest segment in place when everything in it is acknowledged on disk and
     /// its space is wanted (see the invariants). Returns false when a read in progress held it
     /// off, so the caller tries again.
     fn reuse_if_worthwhile(&mut self) -> bool {
-        let config = &self.shared.config;
-        if self.len <= MAGIC_LEN || self.ack_persisted != Some(self.next_seq) {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        if self.len <= self.data_start || self.ack_on_disk() != Some(self.next_seq) {
             return true;
         }
         let (path, bytes) = {
@@ -1355,6 +1520,14 @@ impl Writer {
         if !wanted {
             return true;
         }
+        // The cut removes the segment's ack records: the ack file must hold the position
+        // first. It overwrites a block the file has, so this works on a full disk.
+        if self.ack_in_file != Some(self.next_seq)
+            && let Err(e) = self.write_ack_file(self.next_seq)
+        {
+            tracing::warn!(dir = %config.dir.display(), error = %e, "cannot persist the ack position before reusing a segment; will retry");
+            return false;
+        }
         // No read may see the file while it is cut.
         let Ok(mut reader) = self.shared.reader.try_lock() else {
             return false;
@@ -1366,6 +1539,8 @@ impl Writer {
         }
         let freed = self.len - MAGIC_LEN;
         self.len = MAGIC_LEN;
+        self.data_start = MAGIC_LEN;
+        self.ack_in_log = None;
         {
             let mut state = self.shared.lock();
             if let Some(last) = state.segments.back_mut() {

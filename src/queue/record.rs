@@ -1,5 +1,5 @@
-//! The on-disk record: one message, framed with its length and a CRC32C. Pure: bytes in, bytes
-//! out.
+//! The on-disk record: one message, or an ack position, framed with its length and a CRC32C.
+//! Pure: bytes in, bytes out.
 //!
 //! ```text
 //! offset  size  field
@@ -16,8 +16,15 @@
 //!
 //! 36 bytes of framing per message: a 200-byte reading takes 236 bytes on disk.
 //!
-//! **Do not change these fields or their order**: existing buffers on gateways must stay
-//! readable. A new format gets a new segment magic (see `disk.rs`).
+//! An **ack record** (segments with magic `MLBSEG02` only) has the same framing and fields, with
+//! QoS [`ACK_MARKER`] (0xAC, a value no message has: MQTT QoS is 0 to 2, and decoding refuses
+//! anything else as a message), the first unacknowledged sequence number in the sequence field,
+//! and everything else empty: id all zeros, flags 0, topic length 0, no payload. It is 36 bytes,
+//! does not consume a sequence number, and is never handed to a reader. Anything else with
+//! QoS 0xAC is corrupt.
+//!
+//! **Do not change these fields, their order, or the meaning of QoS 0xAC**: existing buffers on
+//! gateways must stay readable. A new format gets a new segment magic (see `disk.rs`).
 
 use crate::envelope::Message;
 
@@ -30,6 +37,13 @@ const FIXED_BODY_LEN: usize = 8 + 16 + 1 + 1 + 2;
 /// Largest body accepted when reading: anything longer is a corrupt length field. Messages over
 /// Lambda's 6 MiB limit never reach the queue, so 64 MiB leaves ample room.
 pub const MAX_BODY_LEN: usize = 64 * 1024 * 1024;
+
+/// The QoS byte of an ack record: no message can have it (MQTT QoS is 0, 1 or 2).
+pub const ACK_MARKER: u8 = 0xAC;
+/// Bytes an ack record takes on disk, header included.
+pub const ACK_RECORD_LEN: usize = HEADER_LEN + FIXED_BODY_LEN;
+/// Highest QoS a message record may carry.
+const MAX_QOS: u8 = 2;
 
 /// Bytes a message takes on disk, header included.
 pub fn encoded_len(message: &Message) -> usize {
@@ -56,6 +70,20 @@ pub fn encode(seq: Seq, message: &Message, out: &mut Vec<u8>) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Appends an ack record saying that every sequence below `position` is acknowledged.
+pub fn encode_ack(position: Seq, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&(FIXED_BODY_LEN as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&position.to_le_bytes());
+    out.extend_from_slice(&[0; 16]);
+    out.push(ACK_MARKER);
+    out.push(0);
+    out.extend_from_slice(&0u16.to_le_bytes());
+    let crc = crc32c::crc32c(&out[start + HEADER_LEN..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
 /// What the bytes at the start of a buffer hold.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded {
@@ -65,6 +93,14 @@ pub enum Decoded {
         seq: Seq,
         /// The message.
         message: Message,
+        /// Bytes it took, header included.
+        len: usize,
+    },
+    /// A whole, valid ack record of `len` bytes: every sequence below `position` is
+    /// acknowledged.
+    Ack {
+        /// The first unacknowledged sequence number it records.
+        position: Seq,
         /// Bytes it took, header included.
         len: usize,
     },
@@ -92,6 +128,12 @@ pub fn decode(buf: &[u8]) -> Decoded {
     if crc32c::crc32c(body) != crc {
         return Decoded::Corrupt;
     }
+    if body.get(24) == Some(&ACK_MARKER) {
+        return match decode_ack_body(body) {
+            Some(position) => Decoded::Ack { position, len },
+            None => Decoded::Corrupt,
+        };
+    }
     match decode_body(body) {
         Some((seq, message)) => Decoded::Record { seq, message, len },
         None => Decoded::Corrupt,
@@ -108,6 +150,14 @@ pub fn claimed_len(header: &[u8]) -> Option<usize> {
         .then_some(HEADER_LEN + body_len)
 }
 
+/// An ack record's position, if the body is exactly an ack record's.
+fn decode_ack_body(body: &[u8]) -> Option<Seq> {
+    if body.len() != FIXED_BODY_LEN || body[8..24].iter().any(|b| *b != 0) || body[25..] != [0; 3] {
+        return None;
+    }
+    Some(u64::from_le_bytes(body.get(0..8)?.try_into().ok()?))
+}
+
 fn decode_body(body: &[u8]) -> Option<(Seq, Message)> {
     let u64_at = |at: usize| -> Option<u64> {
         Some(u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?))
@@ -119,7 +169,7 @@ fn decode_body(body: &[u8]) -> Option<(Seq, Message)> {
     let topic_len = u16::from_le_bytes(body.get(26..28)?.try_into().ok()?) as usize;
     let topic = std::str::from_utf8(body.get(28..28 + topic_len)?).ok()?;
     let payload = body.get(28 + topic_len..)?;
-    if qos > 2 {
+    if qos > MAX_QOS {
         return None;
     }
     Some((
@@ -197,6 +247,40 @@ mod tests {
                 "length bit {bit}"
             );
         }
+    }
+
+    #[test]
+    fn an_ack_record_round_trips_in_36_bytes_and_every_damage_is_caught() {
+        let mut buf = Vec::new();
+        encode_ack(52_311, &mut buf);
+        assert_eq!(buf.len(), ACK_RECORD_LEN);
+        assert_eq!(ACK_RECORD_LEN, 36);
+        assert_eq!(
+            decode(&buf),
+            Decoded::Ack {
+                position: 52_311,
+                len: 36
+            }
+        );
+        for cut in 0..buf.len() {
+            assert_eq!(decode(&buf[..cut]), Decoded::Incomplete, "cut at {cut}");
+        }
+        for byte in 4..buf.len() {
+            for bit in 0..8 {
+                let mut bad = buf.clone();
+                bad[byte] ^= 1 << bit;
+                assert_eq!(decode(&bad), Decoded::Corrupt, "byte {byte} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_with_the_ack_marker_and_a_message_body_is_corrupt() {
+        let mut m = message("a/b", b"payload");
+        m.qos = ACK_MARKER;
+        let mut buf = Vec::new();
+        encode(7, &m, &mut buf);
+        assert_eq!(decode(&buf), Decoded::Corrupt);
     }
 
     #[test]
