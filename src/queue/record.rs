@@ -221,21 +221,26 @@ mod tests {
         assert_eq!(encoded_len(&m) - 200, 36);
     }
 
-    #[test]
-    fn every_truncation_is_incomplete_and_every_bit_flip_is_corrupt() {
-        let m = message("a/b", b"payload");
-        let mut buf = Vec::new();
-        encode(7, &m, &mut buf);
+    /// Every cut of `buf` is incomplete and every flipped bit past the length is corrupt.
+    fn assert_truncations_incomplete_and_bit_flips_corrupt(buf: &[u8]) {
         for cut in 0..buf.len() {
             assert_eq!(decode(&buf[..cut]), Decoded::Incomplete, "cut at {cut}");
         }
         for byte in 4..buf.len() {
             for bit in 0..8 {
-                let mut bad = buf.clone();
+                let mut bad = buf.to_vec();
                 bad[byte] ^= 1 << bit;
                 assert_eq!(decode(&bad), Decoded::Corrupt, "byte {byte} bit {bit}");
             }
         }
+    }
+
+    #[test]
+    fn every_truncation_is_incomplete_and_every_bit_flip_is_corrupt() {
+        let m = message("a/b", b"payload");
+        let mut buf = Vec::new();
+        encode(7, &m, &mut buf);
+        assert_truncations_incomplete_and_bit_flips_corrupt(&buf);
         // A flipped length either claims too much (incomplete) or too little (corrupt): never a
         // record.
         for bit in 0..32 {
@@ -262,16 +267,7 @@ mod tests {
                 len: 36
             }
         );
-        for cut in 0..buf.len() {
-            assert_eq!(decode(&buf[..cut]), Decoded::Incomplete, "cut at {cut}");
-        }
-        for byte in 4..buf.len() {
-            for bit in 0..8 {
-                let mut bad = buf.clone();
-                bad[byte] ^= 1 << bit;
-                assert_eq!(decode(&bad), Decoded::Corrupt, "byte {byte} bit {bit}");
-            }
-        }
+        assert_truncations_incomplete_and_bit_flips_corrupt(&buf);
     }
 
     #[test]
