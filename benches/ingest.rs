@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::AckProxy;
 use common::{Bridge, STEP_PATIENCE, bridge_config, median, range, row, thousands};
-use support::fake_lambda::{FakeLambdaServer, Reply};
+use support::fake_lambda::{FakeLambda, FakeLambdaServer, Reply};
 use support::{Mosquitto, Publisher};
 
 const TOPIC: &str = "bench/dev-0042/reading";
@@ -341,7 +341,7 @@ async fn delivery(n: usize, pairs: usize) {
             bridge_config(proxy.port, &bridge_id, endpoint, dir, &rules)
         };
         {
-            let lambda = FakeLambdaServer::start().await;
+            let lambda = FakeLambdaServer::start_on(0, FakeLambda::lean()).await;
             register_bridge(|dir| config(dir, &lambda.endpoint())).await;
         }
         run_to_end(mosquitto_sub(proxy.port, &sub_id, None), "mosquitto_sub").await;
@@ -351,7 +351,7 @@ async fn delivery(n: usize, pairs: usize) {
             proxy.reset();
             let rate = match side {
                 Side::Bridge => {
-                    let lambda = FakeLambdaServer::start().await;
+                    let lambda = FakeLambdaServer::start_on(0, FakeLambda::lean()).await;
                     let bridge = Bridge::spawn(|dir| config(dir, &lambda.endpoint()));
                     let (got, _) =
                         common::poll_until(bridge.spawned, n, STEP_PATIENCE, || delivered(&lambda))
