@@ -202,7 +202,7 @@ pub async fn run<Q: Queue>(options: MqttOptions, routes: Arc<Routes<Q>>, shutdow
     let mut poll_task = tokio::spawn(poll(eventloop, client.clone(), filters, tx, hold.clone()));
 
     let mut publishes = Vec::with_capacity(INGEST_BATCH);
-    let mut acks = AckQueue::default();
+    let mut acks = AckQueue::new(hold.clone());
     loop {
         tokio::select! {
             biased;
@@ -217,16 +217,12 @@ pub async fn run<Q: Queue>(options: MqttOptions, routes: Arc<Routes<Q>>, shutdow
                 }
                 acks.extend(&publishes);
                 publishes.clear();
-                let flushed = acks.flush(&client, &poll_task);
-                hold.set_acks_waiting(acks.len());
-                if flushed.is_err() {
+                if acks.flush(&client, &poll_task).is_err() {
                     break;
                 }
             }
             _ = tokio::time::sleep(ACK_RETRY), if !acks.is_empty() => {
-                let flushed = acks.flush(&client, &poll_task);
-                hold.set_acks_waiting(acks.len());
-                if flushed.is_err() {
+                if acks.flush(&client, &poll_task).is_err() {
                     break;
                 }
                 if acks.is_empty() {
@@ -263,12 +259,20 @@ pub async fn run<Q: Queue>(options: MqttOptions, routes: Arc<Routes<Q>>, shutdow
 /// stop draining the publish channel, the poll task would stop polling, and nothing would ever
 /// drain the acks: a deadlock. So acks are handed over without waiting, and the rest wait here
 /// (a packet id and a QoS each) while ingest goes on.
-#[derive(Default)]
 struct AckQueue {
     waiting: VecDeque<Publish>,
+    /// Told how many wait after each flush, so the poll task never pauses while they do.
+    hold: Arc<Hold>,
 }
 
 impl AckQueue {
+    fn new(hold: Arc<Hold>) -> Self {
+        AckQueue {
+            waiting: VecDeque::new(),
+            hold,
+        }
+    }
+
     fn extend(&mut self, publishes: &[Publish]) {
         self.waiting.extend(
             publishes
@@ -292,18 +296,19 @@ impl AckQueue {
 
     /// Hands over as many acks as fit; `Err` when the event loop (the poll task) is gone.
     fn flush(&mut self, client: &AsyncClient, poll_task: &JoinHandle<()>) -> Result<(), ()> {
+        let mut result = Ok(());
         while let Some(ack) = self.waiting.front() {
             if client.try_ack(ack).is_err() {
                 // Full, or closed because the poll task ended.
-                return if poll_task.is_finished() {
-                    Err(())
-                } else {
-                    Ok(())
-                };
+                if poll_task.is_finished() {
+                    result = Err(());
+                }
+                break;
             }
             self.waiting.pop_front();
         }
-        Ok(())
+        self.hold.set_acks_waiting(self.waiting.len());
+        result
     }
 }
 

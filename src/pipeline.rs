@@ -199,7 +199,8 @@ impl Core {
         }
     }
 
-    /// Time passed: batch deadlines, windows, held messages, letter retries.
+    /// Time passed: batch deadlines, windows, held messages (letter retries are due by
+    /// [`Core::letter_to_write`], which compares `now` itself).
     pub fn on_tick(&mut self, now: Now) {
         if self.mode == Mode::Running {
             self.former.tick(now);

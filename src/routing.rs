@@ -115,12 +115,13 @@ impl<Q: Queue> Routes<Q> {
                 admission.unmatched += 1;
                 continue;
             }
-            // Every rule's copy carries the same id.
+            // Every rule's copy carries the same id; the last rule takes the message itself.
             let message = Message::received(r.topic, r.payload, r.qos, r.retain, now);
-            for i in matched {
-                match self.routes[i].plan.oversize(&message) {
-                    Some(size) => admission.set_aside.push((i, message.clone(), size)),
-                    None => admission.append[i].push(message.clone()),
+            let copies = std::iter::repeat_n(message, matched.len());
+            for (i, copy) in matched.into_iter().zip(copies) {
+                match self.routes[i].plan.oversize(&copy) {
+                    Some(size) => admission.set_aside.push((i, copy, size)),
+                    None => admission.append[i].push(copy),
                 }
             }
         }
