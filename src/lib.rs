@@ -27,6 +27,7 @@
 //! - [`preflight`]: what `run` would refuse before connecting (files, buffer.dir, region),
 //!   shared with `check`.
 //! - [`invoker`]: the [`invoker::Invoke`] seam, the AWS SDK client, failure classification.
+//! - [`health`]: facts about the daemon's state shared by its reporters (broker connection).
 //! - [`shutdown`]: the stop signal shared by every task.
 //! - [`admin`]: the `buffer stats` and `buffer dead-letters` commands.
 //!
@@ -37,6 +38,7 @@ pub mod aggregate;
 pub mod batch;
 pub mod config;
 pub mod envelope;
+pub mod health;
 pub mod invoker;
 pub mod mqtt;
 pub mod pipeline;
@@ -216,7 +218,13 @@ pub async fn run_with<I: Invoke>(
         "mqtt-lambda-bridge started"
     );
 
-    let ingest = tokio::spawn(mqtt::run(options, routes.clone(), ingest_shutdown));
+    let health = Arc::new(health::Health::new());
+    let ingest = tokio::spawn(mqtt::run(
+        options,
+        routes.clone(),
+        health.clone(),
+        ingest_shutdown,
+    ));
 
     shutdown.await;
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout.0;

@@ -29,6 +29,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::config::{MqttConfig, parse_mqtt_url};
+use crate::health::Health;
 use crate::queue::Queue;
 use crate::routing::{Received, Routes};
 use crate::shutdown::Shutdown;
@@ -190,7 +191,12 @@ fn qos(level: u8) -> QoS {
 }
 
 /// Connects, subscribes and ingests until `shutdown`; then sends the last acks and disconnects.
-pub async fn run<Q: Queue>(options: MqttOptions, routes: Arc<Routes<Q>>, shutdown: Shutdown) {
+pub async fn run<Q: Queue>(
+    options: MqttOptions,
+    routes: Arc<Routes<Q>>,
+    health: Arc<Health>,
+    shutdown: Shutdown,
+) {
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     let (tx, mut rx) = mpsc::unbounded_channel::<Publish>();
     let hold = Arc::new(Hold::default());
@@ -199,7 +205,14 @@ pub async fn run<Q: Queue>(options: MqttOptions, routes: Arc<Routes<Q>>, shutdow
         .into_iter()
         .map(|(path, level)| SubscribeFilter::new(path, qos(level)))
         .collect();
-    let mut poll_task = tokio::spawn(poll(eventloop, client.clone(), filters, tx, hold.clone()));
+    let mut poll_task = tokio::spawn(poll(
+        eventloop,
+        client.clone(),
+        filters,
+        tx,
+        hold.clone(),
+        health.clone(),
+    ));
 
     let mut publishes = Vec::with_capacity(INGEST_BATCH);
     let mut acks = AckQueue::new(hold.clone());
@@ -394,6 +407,7 @@ async fn poll(
     filters: Vec<SubscribeFilter>,
     tx: mpsc::UnboundedSender<Publish>,
     hold: Arc<Hold>,
+    health: Arc<Health>,
 ) {
     let mut backoff = reconnect_backoff();
     let mut subscribed_once = false;
@@ -403,6 +417,7 @@ async fn poll(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                health.set_mqtt_connected(true);
                 backoff = reconnect_backoff();
                 last_error = None;
                 tracing::info!(
@@ -458,9 +473,13 @@ async fn poll(
                     }
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                health.set_mqtt_connected(false);
+                return;
+            }
             Ok(_) => {}
             Err(err) => {
+                health.set_mqtt_connected(false);
                 if tx.is_closed() {
                     return;
                 }
