@@ -27,7 +27,11 @@
 //! - [`preflight`]: what `run` would refuse before connecting (files, buffer.dir, region),
 //!   shared with `check`.
 //! - [`invoker`]: the [`invoker::Invoke`] seam, the AWS SDK client, failure classification.
-//! - [`health`]: facts about the daemon's state shared by its reporters (broker connection).
+//! - [`health`]: facts about the daemon's state shared by its reporters (broker connection,
+//!   whether the ingest and delivery loops turn).
+//! - [`notify`]: systemd's notify protocol: READY, the watchdog, STATUS, RELOADING, STOPPING.
+//! - [`clock`]: wall clock jumps, and message ages for `buffer.max_age` that a jump cannot
+//!   inflate.
 //! - [`shutdown`]: the stop signal shared by every task.
 //! - [`admin`]: the `buffer stats` and `buffer dead-letters` commands.
 //!
@@ -36,11 +40,13 @@
 pub mod admin;
 pub mod aggregate;
 pub mod batch;
+pub mod clock;
 pub mod config;
 pub mod envelope;
 pub mod health;
 pub mod invoker;
 pub mod mqtt;
+pub mod notify;
 pub mod pipeline;
 pub mod plan;
 pub mod preflight;
@@ -170,6 +176,7 @@ pub async fn run_with<I: Invoke>(
     invoker: Arc<I>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    clock::start();
     let options = mqtt::options(&config.mqtt)?;
     let _lock = BufferLock::acquire(&config.buffer.dir)?;
     let queues = open_queues(&config)?;
@@ -202,13 +209,20 @@ pub async fn run_with<I: Invoke>(
     let global = Arc::new(tokio::sync::Semaphore::new(
         config.aws.max_concurrency.max(1),
     ));
+    let health = Arc::new(health::Health::new());
+    let notifier = Arc::new(notify::Notifier::from_env());
+    let watchdog = notify::watchdog_ping_interval().filter(|_| notifier.enabled());
+    if let Some(ping) = watchdog {
+        health.set_turn_interval(notify::turn_interval_for(ping));
+    }
     let mut deliveries = tokio::task::JoinSet::new();
     for route in routes.iter() {
-        deliveries.spawn(pipeline::deliver(
+        deliveries.spawn(pipeline::deliver_watched(
             route.clone(),
             invoker.clone(),
             global.clone(),
             drain.clone(),
+            health.watch_loop(format!("the delivery loop of rule {}", route.plan.name)),
         ));
     }
     tracing::info!(
@@ -218,15 +232,25 @@ pub async fn run_with<I: Invoke>(
         "mqtt-lambda-bridge started"
     );
 
-    let health = Arc::new(health::Health::new());
     let ingest = tokio::spawn(mqtt::run(
         options,
         routes.clone(),
         health.clone(),
         ingest_shutdown,
     ));
+    let clock_watch = tokio::spawn(clock::watch());
+    let supervisor = tokio::spawn(notify::supervise(
+        notifier.clone(),
+        health.clone(),
+        watchdog,
+        {
+            let routes = routes.clone();
+            move || routes.iter().map(|r| r.queue.stats().pending).sum()
+        },
+    ));
 
     shutdown.await;
+    notifier.stopping();
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout.0;
     tracing::info!(
         timeout = ?config.shutdown_timeout.0,
@@ -262,8 +286,8 @@ pub async fn run_with<I: Invoke>(
             rule = %route.plan.name,
             queued = get(&stats.queued),
             delivered = get(&stats.delivered),
-            invocations = get(&stats.invocations),
-            failed_attempts = get(&stats.failed_attempts),
+            accepted_invocations = get(&stats.invocations),
+            failed_invocation_attempts = get(&stats.failed_attempts),
             set_aside = get(&stats.set_aside),
             dead_lettered = get(&stats.dead_lettered),
             throttled_min_interval = get(&stats.throttled_min_interval),
@@ -278,5 +302,7 @@ pub async fn run_with<I: Invoke>(
             "rule summary"
         );
     }
+    supervisor.abort();
+    clock_watch.abort();
     Ok(())
 }

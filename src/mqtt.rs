@@ -15,6 +15,15 @@
 //!
 //! Manual acks are on: a publish that was not appended is never acknowledged, so after a crash
 //! the broker (persistent session, `clean_start = false`) delivers it again.
+//!
+//! A broker that stays down is logged for a person reading the journal: one warn line with
+//! the broker's URL at the first failure, reminders with the outage's length so far after
+//! [`reminder_after`] (1 min, 5 min, then every 15 min), and one info line with the outage's
+//! length when it is back. Repeats in between are at debug.
+//!
+//! The ingest loop is watched (health.rs `Beat`): it turns each time round and when idle. While
+//! it waits for the buffer to store a group it counts as alive, because with
+//! `when_full = "block"` that wait lasts as long as Lambda is down, by design.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -28,6 +37,7 @@ use rumqttc::{
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
+use crate::clock::human;
 use crate::config::{MqttConfig, parse_mqtt_url};
 use crate::health::Health;
 use crate::queue::Queue;
@@ -59,6 +69,10 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
 /// How soon acks that found rumqttc's request channel full are offered again.
 const ACK_RETRY: Duration = Duration::from_millis(1);
+/// When a broker is still down, the first reminders in the log come after these times...
+const OUTAGE_FIRST_REMINDERS: [Duration; 2] = [Duration::from_secs(60), Duration::from_secs(300)];
+/// ...and then one every this long.
+const OUTAGE_REMINDER_EVERY: Duration = Duration::from_secs(15 * 60);
 
 /// Why the MQTT side cannot start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +211,7 @@ pub async fn run<Q: Queue>(
     health: Arc<Health>,
     shutdown: Shutdown,
 ) {
+    let broker = broker_url(&options);
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     let (tx, mut rx) = mpsc::unbounded_channel::<Publish>();
     let hold = Arc::new(Hold::default());
@@ -212,11 +227,14 @@ pub async fn run<Q: Queue>(
         tx,
         hold.clone(),
         health.clone(),
+        broker,
     ));
 
+    let beat = health.watch_loop("the MQTT ingest loop");
     let mut publishes = Vec::with_capacity(INGEST_BATCH);
     let mut acks = AckQueue::new(hold.clone());
     loop {
+        beat.turn();
         tokio::select! {
             biased;
             _ = shutdown.wait() => break,
@@ -225,7 +243,7 @@ pub async fn run<Q: Queue>(
                     break;
                 }
                 hold.release(&publishes);
-                if !ingest(&routes, &publishes, &shutdown).await {
+                if !beat.alive_while(ingest(&routes, &publishes, &shutdown)).await {
                     break;
                 }
                 acks.extend(&publishes);
@@ -242,7 +260,15 @@ pub async fn run<Q: Queue>(
                     tracing::debug!("every acknowledgement handed to the event loop");
                 }
             }
+            _ = beat.due() => {}
         }
+    }
+    // Stopping is a normal end; any other (the event loop gone) leaves the loop watched, so the
+    // systemd watchdog sees it stalled.
+    if shutdown.is_triggered() {
+        beat.retire();
+    } else {
+        drop(beat);
     }
     // Publishes still buffered were not appended: they stay unacknowledged and the broker
     // delivers them again next time. Acks still waiting get a last chance below.
@@ -408,10 +434,11 @@ async fn poll(
     tx: mpsc::UnboundedSender<Publish>,
     hold: Arc<Hold>,
     health: Arc<Health>,
+    broker: String,
 ) {
     let mut backoff = reconnect_backoff();
     let mut subscribed_once = false;
-    let mut last_error: Option<String> = None;
+    let mut outage: Option<Outage> = None;
     let mut received: u64 = 0;
     let mut pauses: u64 = 0;
     loop {
@@ -419,11 +446,19 @@ async fn poll(
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                 health.set_mqtt_connected(true);
                 backoff = reconnect_backoff();
-                last_error = None;
-                tracing::info!(
-                    session_present = ack.session_present,
-                    "connected to the MQTT broker"
-                );
+                match outage.take() {
+                    Some(outage) => tracing::info!(
+                        broker = %broker,
+                        session_present = ack.session_present,
+                        "connected to the MQTT broker again after an outage of {}",
+                        human(outage.since.elapsed())
+                    ),
+                    None => tracing::info!(
+                        broker = %broker,
+                        session_present = ack.session_present,
+                        "connected to the MQTT broker"
+                    ),
+                }
                 // Subscribe on a new session, and once per process so rules added to the
                 // config since the session began are subscribed too.
                 if !ack.session_present || !subscribed_once {
@@ -485,18 +520,78 @@ async fn poll(
                 }
                 let delay = backoff.next().unwrap_or(RECONNECT_MAX_DELAY);
                 let text = describe(&err);
-                // Log each distinct failure once at warn, repeats at debug: a broker that is down
-                // for an hour must not fill the journal.
-                if last_error.as_deref() == Some(text.as_str()) {
-                    tracing::debug!(error = %text, "still cannot reach the MQTT broker");
-                } else {
-                    tracing::warn!(error = %text, retry_in = ?delay, "MQTT connection failed; reconnecting with backoff");
-                    last_error = Some(text);
-                }
+                log_failure(&mut outage, &broker, text, delay);
                 tokio::time::sleep(delay).await;
             }
         }
     }
+}
+
+/// A broker outage as the log tells it.
+struct Outage {
+    /// The first failed attempt.
+    since: tokio::time::Instant,
+    /// Reminders logged so far.
+    reminders: u32,
+    /// The last failure's words, to tell when the reason changes.
+    error: String,
+}
+
+/// When the `n`-th reminder (from 0) that the broker is still down is due, counted from the
+/// outage's first failure: 1 min, 5 min, then every 15 min (20 min, 35 min, ...).
+pub fn reminder_after(n: u32) -> Duration {
+    match OUTAGE_FIRST_REMINDERS.get(n as usize) {
+        Some(at) => *at,
+        None => {
+            let last = OUTAGE_FIRST_REMINDERS[OUTAGE_FIRST_REMINDERS.len() - 1];
+            let beyond = n - (OUTAGE_FIRST_REMINDERS.len() as u32 - 1);
+            last + OUTAGE_REMINDER_EVERY * beyond
+        }
+    }
+}
+
+/// Logs one failed connection attempt: warn at the first of an outage and at each reminder,
+/// info when the reason changes, debug otherwise (a broker down for a day must not fill the
+/// journal, nor fall silent).
+fn log_failure(outage: &mut Option<Outage>, broker: &str, error: String, retry_in: Duration) {
+    let Some(current) = outage else {
+        tracing::warn!(
+            broker = %broker,
+            retry_in = %human(retry_in),
+            "cannot connect to the MQTT broker: {error}; retrying with backoff, no messages arrive meanwhile"
+        );
+        *outage = Some(Outage {
+            since: tokio::time::Instant::now(),
+            reminders: 0,
+            error,
+        });
+        return;
+    };
+    let down_for = current.since.elapsed();
+    if down_for >= reminder_after(current.reminders) {
+        current.reminders += 1;
+        tracing::warn!(
+            broker = %broker,
+            retry_in = %human(retry_in),
+            "the MQTT broker is still unreachable after {}: {error}; no messages arrive meanwhile",
+            human(down_for)
+        );
+    } else if current.error != error {
+        tracing::info!(broker = %broker, retry_in = %human(retry_in), "the MQTT broker still cannot be reached, now: {error}");
+    } else {
+        tracing::debug!(broker = %broker, retry_in = %human(retry_in), "still cannot reach the MQTT broker: {error}");
+    }
+    current.error = error;
+}
+
+/// The broker as `mqtt.url` names it, for log lines.
+fn broker_url(options: &MqttOptions) -> String {
+    let (host, port) = options.broker_address();
+    let scheme = match options.transport() {
+        Transport::Tcp => "mqtt",
+        _ => "mqtts",
+    };
+    format!("{scheme}://{host}:{port}")
 }
 
 fn describe(err: &ConnectionError) -> String {
@@ -505,5 +600,54 @@ fn describe(err: &ConnectionError) -> String {
             "the broker refused the connection ({code:?}); check mqtt.username, the password and mqtt.client_id"
         ),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: u64 = 60;
+
+    #[test]
+    fn reminders_come_after_one_and_five_minutes_then_every_fifteen() {
+        let at: Vec<u64> = (0..6).map(|n| reminder_after(n).as_secs()).collect();
+        assert_eq!(
+            at,
+            vec![MIN, 5 * MIN, 20 * MIN, 35 * MIN, 50 * MIN, 65 * MIN]
+        );
+    }
+
+    #[test]
+    fn a_day_down_gives_about_a_hundred_reminders_not_one_per_retry() {
+        let day = Duration::from_secs(24 * 3600);
+        let reminders = (0..).take_while(|n| reminder_after(*n) <= day).count();
+        // 1 min, 5 min, then 95 of every 15 min up to 24 h.
+        assert_eq!(reminders, 2 + (24 * 60 - 5) / 15);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_is_reminded_on_schedule_and_its_length_told() {
+        let mut outage = None;
+        let broker = "mqtt://127.0.0.1:1883";
+        let mut reminders_seen = Vec::new();
+        log_failure(&mut outage, broker, "refused".into(), RECONNECT_MIN_DELAY);
+        let start = tokio::time::Instant::now();
+        // A retry every 30 s for 40 minutes.
+        for _ in 0..80 {
+            tokio::time::advance(RECONNECT_MAX_DELAY).await;
+            let before = outage.as_ref().map_or(0, |o: &Outage| o.reminders);
+            log_failure(&mut outage, broker, "refused".into(), RECONNECT_MAX_DELAY);
+            if outage.as_ref().is_some_and(|o| o.reminders > before) {
+                reminders_seen.push(start.elapsed().as_secs());
+            }
+        }
+        assert_eq!(reminders_seen, vec![60, 300, 1200, 2100]);
+    }
+
+    #[test]
+    fn broker_urls_name_scheme_host_and_port() {
+        let options = MqttOptions::new("id", "gateway.local", 8883);
+        assert_eq!(broker_url(&options), "mqtt://gateway.local:8883");
     }
 }

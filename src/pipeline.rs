@@ -39,6 +39,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::batch::{Former, Now, Unit};
+use crate::health::Beat;
 use crate::invoker::{Invoke, InvokeError, InvokeRequest};
 use crate::plan::{RulePlan, RuleStats};
 use crate::queue::deadletter::{self, DeadLetter};
@@ -439,6 +440,18 @@ pub async fn deliver<Q: Queue, I: Invoke>(
     global: Arc<Semaphore>,
     drain: Shutdown,
 ) -> Result<(), DeliveryError> {
+    deliver_watched(route, invoker, global, drain, Beat::unwatched()).await
+}
+
+/// [`deliver`], proving the loop alive through `beat` (health.rs): it turns each time round
+/// and when idle, so a loop stuck in an await outside its `select!` stops the watchdog.
+pub async fn deliver_watched<Q: Queue, I: Invoke>(
+    route: Arc<Route<Q>>,
+    invoker: Arc<I>,
+    global: Arc<Semaphore>,
+    drain: Shutdown,
+    beat: Beat,
+) -> Result<(), DeliveryError> {
     let plan = route.plan.clone();
     let queue = &*route.queue;
     let queue_err = |source| DeliveryError::Queue {
@@ -460,6 +473,7 @@ pub async fn deliver<Q: Queue, I: Invoke>(
     let mut carrying: BTreeMap<tokio::task::Id, Ticket> = BTreeMap::new();
     let mut letter_writes: JoinSet<Result<(), String>> = JoinSet::new();
     loop {
+        beat.turn();
         if let Some(through) = core.ack_through() {
             queue.ack(through).await.map_err(queue_err)?;
         }
@@ -511,6 +525,8 @@ pub async fn deliver<Q: Queue, I: Invoke>(
 
         let wait = core.wait(at);
         if wait.done {
+            // A normal end; on an error the beat stays watched and the watchdog sees it stall.
+            beat.retire();
             return Ok(());
         }
         tokio::select! {
@@ -544,6 +560,7 @@ pub async fn deliver<Q: Queue, I: Invoke>(
                 // A slot freed up in another rule; loop round to use it.
                 drop(permit);
             }
+            _ = beat.due() => {}
         }
     }
 }

@@ -283,9 +283,11 @@ impl Throttle {
                 );
             }
             (Some(interval), Keep::First) => {
+                // A message stamped before the last one passed (the clock was stepped back)
+                // is not "within" it: a jump must not drop an hour of messages.
                 let within = state
                     .last_passed_ms
-                    .is_some_and(|last| at < last.saturating_add(interval));
+                    .is_some_and(|last| at >= last && at < last.saturating_add(interval));
                 if within {
                     outcome.dropped.push((entry, DropReason::MinInterval));
                 } else {
@@ -408,6 +410,33 @@ mod tests {
     }
 
     const T0: u64 = 1_795_774_500_000;
+
+    #[test]
+    fn keep_first_after_the_clock_went_back_does_not_drop_until_it_catches_up() {
+        let mut t = Throttle::new(ThrottleSpec {
+            min_interval_ms: Some(60_000),
+            ..spec()
+        });
+        // Stamped by hand: within one process ids never go back (uuid's context holds them at
+        // the last time), but a message recovered from before a restart can be later than a
+        // new one when the clock was set back in between.
+        let stamped = |seq: u64, at_ms: u64| {
+            let mut e = entry(seq, "a", "x", T0);
+            let ts = uuid::Timestamp::from_unix(
+                uuid::NoContext,
+                at_ms / 1000,
+                (at_ms % 1000) as u32 * 1_000_000,
+            );
+            e.message.id = uuid::Uuid::new_v7(ts);
+            e
+        };
+        assert_eq!(seqs(&t.push(stamped(0, T0)).pass), vec![0]);
+        // The clock was set back an hour: the next message is stamped before the last one.
+        let back = T0 - 3_600_000;
+        assert_eq!(seqs(&t.push(stamped(1, back)).pass), vec![1]);
+        // And the interval runs from that one.
+        assert!(t.push(stamped(2, back + 1000)).pass.is_empty());
+    }
 
     #[test]
     fn keep_first_passes_one_per_interval_per_topic() {
@@ -709,7 +738,10 @@ mod tests {
                         state.held = Some((entry, at - at % interval + interval));
                     }
                     (Some(interval), Keep::First) => {
-                        if state.last_passed_ms.is_some_and(|l| at < l + interval) {
+                        if state
+                            .last_passed_ms
+                            .is_some_and(|l| at >= l && at < l + interval)
+                        {
                             out.dropped.push((entry, DropReason::MinInterval));
                         } else {
                             self.release(&mut state, entry, &mut out);

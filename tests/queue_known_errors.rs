@@ -294,11 +294,31 @@ async fn messages_older_than_max_age_are_dropped_and_counted() {
         b"old".to_vec(),
         1,
         false,
-        UNIX_EPOCH + Duration::from_secs(1),
+        SystemTime::now() - Duration::from_secs(2 * 3600),
     );
     q.append(vec![old, msg(2)]).await.expect("append");
     assert_eq!(numbers(&drain(&q).await), vec![2]);
     assert_eq!(q.counters().expired.load(Ordering::Relaxed), 1);
+}
+
+/// A message stamped while the clock was unset (1970, before NTP) has no age anyone can know:
+/// it counts from the daemon's start, so the clock being set does not expire it.
+#[tokio::test]
+async fn a_message_stamped_before_the_clock_was_set_is_not_expired() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.max_age = Some(Duration::from_secs(3600));
+    let q = DiskQueue::open(c).expect("open");
+    let unset = Message::received(
+        "t/1".into(),
+        b"stamped in 1970".to_vec(),
+        1,
+        false,
+        UNIX_EPOCH + Duration::from_secs(1),
+    );
+    q.append(vec![unset, msg(2)]).await.expect("append");
+    assert_eq!(numbers(&drain(&q).await), vec![1, 2]);
+    assert_eq!(q.counters().expired.load(Ordering::Relaxed), 0);
 }
 
 /// Kill -9 right after an append that carried a moved ack position: the ack file still holds

@@ -97,7 +97,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, oneshot};
 
@@ -294,12 +294,6 @@ fn parse_segment_name(name: &str) -> Option<Seq> {
         .strip_suffix(".log")?
         .parse()
         .ok()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Reads a whole file through `storage`.
@@ -854,12 +848,14 @@ impl Shared {
             }
             reader.next_seq = seq + 1;
             if let Some(max_age) = self.config.max_age {
-                let age = now_ms().saturating_sub(message.received_at_ms());
-                if age > max_age.as_millis() as u64 {
+                // Not `now - received_at`: a clock stepped by NTP must not expire a backlog
+                // stamped before it (clock.rs).
+                let age = crate::clock::age_of(message.received_at_ms());
+                if age > max_age {
                     self.counters.expired.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         dir = %self.config.dir.display(), topic = %message.topic, id = %message.id,
-                        age = ?Duration::from_millis(age), "message older than buffer.max_age: dropped"
+                        age = %crate::clock::human(age), "message older than buffer.max_age: dropped"
                     );
                     let nothing_before = out.is_empty() && self.lock_ready().is_empty();
                     if nothing_before && seq == ack_next {
