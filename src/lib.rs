@@ -177,6 +177,15 @@ pub async fn run_with<I: Invoke>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     clock::start();
+    // Poll the shutdown future once before anything starts: signal handlers are installed on
+    // the first poll, and until then a SIGTERM (systemd may send one right after READY=1)
+    // would kill the process instead of stopping it gracefully.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let stopped_early = tokio::select! {
+        biased;
+        _ = &mut shutdown => true,
+        _ = std::future::ready(()) => false,
+    };
     let options = mqtt::options(&config.mqtt)?;
     let _lock = BufferLock::acquire(&config.buffer.dir)?;
     let queues = open_queues(&config)?;
@@ -249,7 +258,9 @@ pub async fn run_with<I: Invoke>(
         },
     ));
 
-    shutdown.await;
+    if !stopped_early {
+        shutdown.await;
+    }
     notifier.stopping();
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout.0;
     tracing::info!(

@@ -165,7 +165,7 @@ max_wait = "50ms"
         "{}",
         daemon.log_text()
     );
-    assert_eq!(daemon.count_log("MQTT connection failed"), 0);
+    assert_eq!(daemon.count_log("cannot connect to the MQTT broker"), 0);
 
     let fake = FakeLambda::default();
     let _lambda = FakeLambdaServer::start_on(lambda_port, fake.clone()).await;

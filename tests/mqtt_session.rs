@@ -76,7 +76,7 @@ async fn after_a_broker_restart_without_its_sessions_the_daemon_reconnects_and_r
     assert!(
         daemon
             .log_text()
-            .contains("MQTT connection failed; reconnecting with backoff")
+            .contains("cannot connect to the MQTT broker")
     );
     let (code, _) = daemon.terminate().await;
     assert_eq!(code, Some(0));
@@ -92,7 +92,9 @@ async fn an_unreachable_broker_is_retried_with_backoff_and_shutdown_still_works(
         RULES,
     ))
     .await;
-    daemon.wait_for_log("MQTT connection failed").await;
+    daemon
+        .wait_for_log("cannot connect to the MQTT broker")
+        .await;
     // Let it fail a few times: repeats go to debug, each with a growing delay.
     daemon
         .wait_for_log_count("still cannot reach the MQTT broker", 2)
