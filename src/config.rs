@@ -308,9 +308,16 @@ mod defaults {
         HumanDuration(Duration::from_secs(8))
     }
     pub fn client_id() -> String {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_owned())
+        // gethostname(2), not /proc/sys/kernel/hostname: the systemd unit hides /proc/sys
+        // (ProcSubset=pid), and a client id that changed with it would lose the broker session.
+        let mut buf = [0u8; 256];
+        // SAFETY: `buf` is writable for its whole length; the name is read up to its NUL.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        let host = (rc == 0)
+            .then(|| {
+                let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+                String::from_utf8_lossy(&buf[..end]).trim().to_owned()
+            })
             .filter(|h| !h.is_empty());
         match host {
             Some(host) => format!("mqtt-lambda-bridge-{host}"),
@@ -1112,6 +1119,17 @@ function = "ingest"
                 port: 1884,
                 tls: false
             })
+        );
+    }
+
+    #[test]
+    fn the_default_client_id_names_the_host_without_reading_proc() {
+        // The test itself runs outside the unit's sandbox, where /proc/sys is readable.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .expect("a hostname to compare with");
+        assert_eq!(
+            super::defaults::client_id(),
+            format!("mqtt-lambda-bridge-{}", host.trim())
         );
     }
 }
