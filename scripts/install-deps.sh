@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the tests and the demo need, when missing: mosquitto (Debian's package),
-# MiniStack (PyPI) and cargo-nextest. Safe to run again; it changes nothing when all is there.
+# Installs what the tests and the demo need, when missing: mosquitto and systemd-analyze
+# (Debian's packages), MiniStack (PyPI) and cargo-nextest. Safe to run again; it changes
+# nothing when all is there.
 set -euo pipefail
 
 MINISTACK_VERSION=1.5.33
@@ -14,6 +15,8 @@ packages=()
 have mosquitto || packages+=(mosquitto)
 have mosquitto_pub || packages+=(mosquitto-clients)
 have python3 || packages+=(python3)
+# systemd-analyze, for scripts/check-unit.sh (verify and security of the unit file).
+have systemd-analyze || packages+=(systemd)
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 if [ "${#packages[@]}" -gt 0 ]; then
     echo "installing ${packages[*]} from Debian's packages"
