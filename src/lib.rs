@@ -248,15 +248,15 @@ pub async fn run_with<I: Invoke>(
         ingest_shutdown,
     ));
     let clock_watch = tokio::spawn(clock::watch());
-    let supervisor = tokio::spawn(notify::supervise(
-        notifier.clone(),
-        health.clone(),
-        watchdog,
-        {
-            let routes = routes.clone();
-            move || routes.iter().map(|r| r.queue.stats().pending).sum()
-        },
-    ));
+    let supervisor = notifier.enabled().then(|| {
+        let routes = routes.clone();
+        tokio::spawn(notify::supervise(
+            notifier.clone(),
+            health.clone(),
+            watchdog,
+            move || routes.iter().map(|r| r.queue.stats().pending).sum(),
+        ))
+    });
 
     if !stopped_early {
         shutdown.await;
@@ -313,7 +313,9 @@ pub async fn run_with<I: Invoke>(
             "rule summary"
         );
     }
-    supervisor.abort();
+    if let Some(supervisor) = supervisor {
+        supervisor.abort();
+    }
     clock_watch.abort();
     Ok(())
 }

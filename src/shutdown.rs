@@ -1,7 +1,9 @@
 //! Shutdown signalling: a trigger that flips once and any number of listeners.
 //!
 //! SIGTERM and SIGINT both start a graceful stop: ingest stops taking messages, the queues are
-//! drained of what Lambda accepts within `shutdown_timeout`, and the process exits 0.
+//! drained of what Lambda accepts within `shutdown_timeout`, and the process exits 0. Under
+//! systemd, `run` says `STOPPING=1` as the stop begins (notify.rs). `run` polls the signal
+//! future once before it starts anything, so the handlers are in place before READY=1.
 
 use tokio::sync::watch;
 
