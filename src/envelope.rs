@@ -29,8 +29,18 @@ pub struct Message {
 }
 
 /// Orders ids created within the same millisecond (UUIDv7's counter).
-static ID_CONTEXT: std::sync::Mutex<uuid::ContextV7> =
-    std::sync::Mutex::new(uuid::ContextV7::new());
+static ID_CONTEXT: std::sync::Mutex<IdContext> = std::sync::Mutex::new(IdContext {
+    context: uuid::ContextV7::new(),
+    last_ms: 0,
+});
+
+/// uuid's context, and the latest time it stamped.
+struct IdContext {
+    /// Keeps ids in order; on a small step back it stamps its last time instead.
+    context: uuid::ContextV7,
+    /// Milliseconds of the latest stamp.
+    last_ms: u64,
+}
 
 impl Message {
     /// A message received at `now`, with a fresh time-ordered id (UUIDv7) that carries `now`:
@@ -44,8 +54,20 @@ impl Message {
     ) -> Self {
         let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         let id = {
-            let context = ID_CONTEXT.lock().unwrap_or_else(|p| p.into_inner());
-            let ts = uuid::Timestamp::from_unix(&*context, since.as_secs(), since.subsec_nanos());
+            let mut ids = ID_CONTEXT.lock().unwrap_or_else(|p| p.into_inner());
+            let ms = since.as_millis().min(u128::from(u64::MAX)) as u64;
+            // A clock set back (not a small NTP step): stamp the time it reads now. The
+            // context would hold every id at the time before the jump until the clock caught
+            // up, so an hour of messages would share one received_at (and min_interval would
+            // drop them). Order does not suffer: the queue orders by sequence number.
+            if ms.saturating_add(crate::clock::JUMP_THRESHOLD.as_millis() as u64) < ids.last_ms {
+                ids.context = uuid::ContextV7::new();
+                ids.last_ms = ms;
+            } else {
+                ids.last_ms = ids.last_ms.max(ms);
+            }
+            let ts =
+                uuid::Timestamp::from_unix(&ids.context, since.as_secs(), since.subsec_nanos());
             uuid::Uuid::new_v7(ts)
         };
         Message {
@@ -205,6 +227,17 @@ fn json_string_len(s: &str) -> usize {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn after_the_clock_is_set_back_received_at_is_the_time_it_reads() {
+        // An hour apart, at a time no other test uses (tests share the id context).
+        let t0 = 1_955_000_000_000u64;
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        let before = Message::received("t".into(), vec![], 1, false, at(t0));
+        let after = Message::received("t".into(), vec![], 1, false, at(t0 - 3_600_000));
+        assert_eq!(before.received_at_ms(), t0);
+        assert_eq!(after.received_at_ms(), t0 - 3_600_000);
+    }
 
     fn msg(payload: &[u8]) -> Message {
         let mut m = Message::received(
