@@ -263,6 +263,14 @@ impl<I: Invoke> LiveRules<I> {
         self.table.clone()
     }
 
+    /// Every rule's route, those in force and removed ones still draining, by name (for
+    /// reporters such as metrics: a removed rule's counters stay until it stops).
+    pub fn routes(&self) -> Vec<Arc<Route<DiskQueue>>> {
+        let mut routes: Vec<_> = self.tasks.values().map(|t| t.route.clone()).collect();
+        routes.sort_by(|a, b| a.plan.name.cmp(&b.plan.name));
+        routes
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
