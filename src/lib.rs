@@ -32,10 +32,13 @@
 //! - [`notify`]: systemd's notify protocol: READY, the watchdog, STATUS, RELOADING, STOPPING.
 //! - [`clock`]: wall clock jumps, and message ages for `buffer.max_age` that a jump cannot
 //!   inflate.
-//! - [`shutdown`]: the stop signal shared by every task.
+//! - [`reload`]: SIGHUP's live reload: what changed in the file (pure), and applying it to the
+//!   running rules (routes, queues, delivery tasks, subscriptions).
+//! - [`shutdown`]: the stop signal shared by every task, and SIGHUP's reload requests.
 //! - [`admin`]: the `buffer stats` and `buffer dead-letters` commands.
 //!
-//! [`run`] wires them together and takes the shutdown future, so tests can stop it.
+//! [`run`] wires them together and takes the shutdown future, so tests can stop it; a reload
+//! request (SIGHUP) goes through [`reload_now`].
 
 pub mod admin;
 pub mod aggregate;
@@ -52,6 +55,7 @@ pub mod plan;
 pub mod preflight;
 pub mod queue;
 pub mod ratelimit;
+pub mod reload;
 pub mod routing;
 pub mod rules;
 pub mod shutdown;
@@ -65,10 +69,9 @@ use std::path::{Path, PathBuf};
 
 use config::{Config, RuleConfig};
 use invoker::{Invoke, LambdaInvoker};
-use plan::{RulePlan, RuleStats};
-use queue::deadletter::DeadLetters;
+use plan::RuleStats;
 use queue::{DiskQueue, DiskQueueConfig};
-use routing::{Route, Routes};
+use routing::Route;
 
 /// Why the daemon (or a `buffer` command) could not start.
 #[derive(Debug, thiserror::Error)]
@@ -164,17 +167,46 @@ pub fn open_queues(config: &Config) -> Result<Vec<Arc<DiskQueue>>, RunError> {
         .collect()
 }
 
-/// Runs the daemon with the AWS SDK invoker until `shutdown` resolves, then stops gracefully.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    let invoker = LambdaInvoker::new(&config.aws).await?;
-    run_with(config, Arc::new(invoker), shutdown).await
+/// Where a reload reads the configuration and when it is asked for.
+pub struct Reloads {
+    /// The configuration file, read again at each request.
+    pub path: PathBuf,
+    /// One `()` per request (SIGHUP: [`shutdown::reload_requests`]).
+    pub requests: tokio::sync::mpsc::Receiver<()>,
 }
 
-/// Runs the daemon with the given invoker.
+/// Runs the daemon with the AWS SDK invoker until `shutdown` resolves, then stops gracefully;
+/// SIGHUP reloads `config_path`.
+pub async fn run(
+    config: Config,
+    config_path: &Path,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    // First, so a SIGHUP from now on reloads instead of killing the process.
+    let requests = shutdown::reload_requests();
+    let invoker = LambdaInvoker::new(&config.aws).await?;
+    let reloads = Reloads {
+        path: config_path.to_owned(),
+        requests,
+    };
+    run_with_reloads(config, Arc::new(invoker), shutdown, Some(reloads)).await
+}
+
+/// Runs the daemon with the given invoker, without reloads.
 pub async fn run_with<I: Invoke>(
     config: Config,
     invoker: Arc<I>,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    run_with_reloads(config, invoker, shutdown, None).await
+}
+
+/// Runs the daemon with the given invoker; each request of `reloads` re-reads its file.
+pub async fn run_with_reloads<I: Invoke>(
+    config: Config,
+    invoker: Arc<I>,
+    shutdown: impl Future<Output = ()>,
+    reloads: Option<Reloads>,
 ) -> Result<(), RunError> {
     clock::start();
     // Poll the shutdown future once before anything starts: signal handlers are installed on
@@ -189,50 +221,22 @@ pub async fn run_with<I: Invoke>(
     let options = mqtt::options(&config.mqtt)?;
     let _lock = BufferLock::acquire(&config.buffer.dir)?;
     let queues = open_queues(&config)?;
-    let routes: Vec<Arc<Route<DiskQueue>>> = config
-        .rules
-        .iter()
-        .zip(queues)
-        .map(|(rule, queue)| {
-            Arc::new(Route {
-                plan: Arc::new(RulePlan::from_config(rule)),
-                filter: rule.topic.clone(),
-                qos: rule.qos,
-                queue,
-                stats: Arc::new(RuleStats::default()),
-                dead_letters: DeadLetters::new(&rule_dir(&config, &rule.name)),
-            })
-        })
-        .collect();
-    let routes = Arc::new(Routes::new(routes));
-    for route in routes.iter() {
-        let pending = route.queue.stats();
+    for (rule, queue) in config.rules.iter().zip(&queues) {
+        let pending = queue.stats();
         if pending.pending > 0 {
-            tracing::info!(rule = %route.plan.name, pending = pending.pending, bytes = pending.bytes, "buffered messages from before: delivering them");
+            tracing::info!(rule = %rule.name, pending = pending.pending, bytes = pending.bytes, "buffered messages from before: delivering them");
         }
     }
 
     let (stop_ingest, ingest_shutdown) = shutdown::channel();
     let (stop_delivery, drain) = shutdown::channel();
-
-    let global = Arc::new(tokio::sync::Semaphore::new(
-        config.aws.max_concurrency.max(1),
-    ));
+    let (subscriptions, subscription_requests) = mqtt::subscriptions();
+    let shutdown_timeout = config.shutdown_timeout.0;
     let health = Arc::new(health::Health::new());
     let notifier = Arc::new(notify::Notifier::from_env());
     let watchdog = notify::watchdog_ping_interval().filter(|_| notifier.enabled());
     if let Some(ping) = watchdog {
         health.set_turn_interval(notify::turn_interval_for(ping));
-    }
-    let mut deliveries = tokio::task::JoinSet::new();
-    for route in routes.iter() {
-        deliveries.spawn(pipeline::deliver_watched(
-            route.clone(),
-            invoker.clone(),
-            global.clone(),
-            drain.clone(),
-            health.watch_loop(format!("the delivery loop of rule {}", route.plan.name)),
-        ));
     }
     tracing::info!(
         rules = config.rules.len(),
@@ -240,31 +244,58 @@ pub async fn run_with<I: Invoke>(
         client_id = %config.mqtt.client_id,
         "mqtt-lambda-bridge started"
     );
+    let mut rules = reload::LiveRules::start(
+        config,
+        queues,
+        invoker,
+        drain,
+        subscriptions,
+        health.clone(),
+    );
 
     let ingest = tokio::spawn(mqtt::run(
         options,
-        routes.clone(),
+        rules.table(),
+        subscription_requests,
         health.clone(),
         ingest_shutdown,
     ));
     let clock_watch = tokio::spawn(clock::watch());
     let supervisor = notifier.enabled().then(|| {
-        let routes = routes.clone();
+        let routes = rules.shared_routes();
         tokio::spawn(notify::supervise(
             notifier.clone(),
             health.clone(),
             watchdog,
-            move || routes.iter().map(|r| r.queue.stats().pending).sum(),
+            move || {
+                routes.read().map_or(0, |routes| {
+                    routes.iter().map(|r| r.queue.stats().pending).sum()
+                })
+            },
         ))
     });
 
+    let (path, mut requests) = match reloads {
+        Some(Reloads { path, requests }) => (Some(path), Some(requests)),
+        None => (None, None),
+    };
     if !stopped_early {
-        shutdown.await;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                request = recv_opt(&mut requests) => match (request, &path) {
+                    (Some(()), Some(path)) => reload_now(&mut rules, &notifier, path).await,
+                    // No more requests can come (no SIGHUP handler).
+                    _ => requests = None,
+                },
+                ended = rules.next_ended() => rules.on_ended(ended).await,
+            }
+        }
     }
     notifier.stopping();
-    let deadline = tokio::time::Instant::now() + config.shutdown_timeout.0;
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
     tracing::info!(
-        timeout = ?config.shutdown_timeout.0,
+        timeout = ?shutdown_timeout,
         "stopping: no new messages; delivering what is queued"
     );
     stop_ingest.trigger();
@@ -272,50 +303,56 @@ pub async fn run_with<I: Invoke>(
         tracing::warn!("MQTT ingest did not stop in time");
     }
     stop_delivery.trigger();
-    let drained = tokio::time::timeout_at(deadline, async {
-        while let Some(result) = deliveries.join_next().await {
-            match result {
-                Ok(Err(err)) => tracing::error!(error = %err, "delivery stopped"),
-                Err(err) if err.is_panic() => {
-                    tracing::error!(error = %err, "delivery task panicked")
-                }
-                _ => {}
-            }
-        }
-    })
-    .await;
-    if drained.is_err() {
-        deliveries.abort_all();
-        tracing::warn!("shutdown deadline reached with invocations still in flight");
-    }
-    for route in routes.iter() {
-        let (queue, stats) = (&route.queue, &route.stats);
-        queue.close().await;
-        let counters = queue.counters();
-        let get = RuleStats::get;
-        tracing::info!(
-            rule = %route.plan.name,
-            queued = get(&stats.queued),
-            delivered = get(&stats.delivered),
-            accepted_invocations = get(&stats.invocations),
-            failed_invocation_attempts = get(&stats.failed_attempts),
-            set_aside = get(&stats.set_aside),
-            dead_lettered = get(&stats.dead_lettered),
-            throttled_min_interval = get(&stats.throttled_min_interval),
-            throttled_only_changes = get(&stats.throttled_unchanged),
-            throttled_deadband = get(&stats.throttled_deadband),
-            throttle_forgotten = get(&stats.throttle_forgotten),
-            dropped_oldest = get(&counters.dropped_oldest),
-            dropped_newest = get(&counters.dropped_newest),
-            expired = get(&counters.expired),
-            lost_to_corruption = get(&counters.lost),
-            left_in_buffer = queue.stats().pending,
-            "rule summary"
-        );
-    }
+    rules.finish(deadline).await;
     if let Some(supervisor) = supervisor {
         supervisor.abort();
     }
     clock_watch.abort();
     Ok(())
+}
+
+/// One reload, from request to result: the single place around which the service manager is
+/// told (systemd: `RELOADING=1` before, `READY=1` after, whatever the outcome).
+async fn reload_now<I: Invoke>(
+    rules: &mut reload::LiveRules<I>,
+    notifier: &notify::Notifier,
+    path: &Path,
+) {
+    notifier.reloading();
+    rules.reload(path).await;
+    notifier.ready();
+}
+
+/// The next request, or pending forever when there is no source of requests.
+async fn recv_opt(requests: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option<()> {
+    match requests {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Logs one rule's counters (at shutdown, or when a removed rule has drained).
+pub(crate) fn rule_summary(route: &Route<DiskQueue>) {
+    let (queue, stats) = (&route.queue, &route.stats);
+    let counters = queue.counters();
+    let get = RuleStats::get;
+    tracing::info!(
+        rule = %route.plan.name,
+        queued = get(&stats.queued),
+        delivered = get(&stats.delivered),
+        accepted_invocations = get(&stats.invocations),
+        failed_invocation_attempts = get(&stats.failed_attempts),
+        set_aside = get(&stats.set_aside),
+        dead_lettered = get(&stats.dead_lettered),
+        throttled_min_interval = get(&stats.throttled_min_interval),
+        throttled_only_changes = get(&stats.throttled_unchanged),
+        throttled_deadband = get(&stats.throttled_deadband),
+        throttle_forgotten = get(&stats.throttle_forgotten),
+        dropped_oldest = get(&counters.dropped_oldest),
+        dropped_newest = get(&counters.dropped_newest),
+        expired = get(&counters.expired),
+        lost_to_corruption = get(&counters.lost),
+        left_in_buffer = queue.stats().pending,
+        "rule summary"
+    );
 }

@@ -128,6 +128,7 @@ fn main() -> ExitCode {
             };
             let result = runtime.block_on(mqtt_lambda_bridge::run(
                 config,
+                &path,
                 mqtt_lambda_bridge::shutdown::signal(),
             ));
             match result {

@@ -24,10 +24,14 @@
 //! The ingest loop is watched (health.rs `Beat`): it turns each time round and when idle. While
 //! it waits for the buffer to store a group it counts as alive, because with
 //! `when_full = "block"` that wait lasts as long as Lambda is down, by design.
+//! A third task, the *subscriber*, sends every SUBSCRIBE and UNSUBSCRIBE: the whole current rule
+//! set when the poll task reports a new session (and once per process start), and what a reload
+//! adds or removes ([`Subscriptions`]) on the same connection and session. Being the only
+//! sender, it notes each request in order, so a SUBACK names the filters it answers.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rumqttc::{
@@ -41,7 +45,7 @@ use crate::clock::human;
 use crate::config::{MqttConfig, parse_mqtt_url};
 use crate::health::Health;
 use crate::queue::Queue;
-use crate::routing::{Received, Routes};
+use crate::routing::{Received, RouteTable, Routes};
 use crate::shutdown::Shutdown;
 
 /// The MQTT protocol's largest packet. Set as our incoming limit so no message can make
@@ -204,10 +208,76 @@ fn qos(level: u8) -> QoS {
     }
 }
 
+/// What the subscriber task is asked to do.
+#[derive(Debug)]
+enum SubscriberEvent {
+    /// The broker accepted the connection; subscribe everything on a new session.
+    Connected {
+        /// The broker still had our session (and its subscriptions).
+        session_present: bool,
+    },
+    /// A reload added these filters (or raised their QoS).
+    Subscribe(Vec<(String, u8)>),
+    /// No rule uses these filters any more.
+    Unsubscribe(Vec<String>),
+}
+
+/// Subscribe and unsubscribe on the running connection (a reload's changes); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Subscriptions(mpsc::UnboundedSender<SubscriberEvent>);
+
+/// The other end of [`Subscriptions`], handed to [`run`].
+#[derive(Debug)]
+pub struct SubscriptionRequests {
+    tx: mpsc::UnboundedSender<SubscriberEvent>,
+    rx: mpsc::UnboundedReceiver<SubscriberEvent>,
+}
+
+/// A handle for reloads and the requests it sends, for [`run`].
+pub fn subscriptions() -> (Subscriptions, SubscriptionRequests) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Subscriptions(tx.clone()), SubscriptionRequests { tx, rx })
+}
+
+impl Subscriptions {
+    /// Subscribes `filters` (filter, QoS) on the live connection. Sent when connected, or
+    /// right after the next connection.
+    pub fn subscribe(&self, filters: Vec<(String, u8)>) {
+        if !filters.is_empty() {
+            let _ = self.0.send(SubscriberEvent::Subscribe(filters));
+        }
+    }
+
+    /// Unsubscribes `filters` on the live connection.
+    pub fn unsubscribe(&self, filters: Vec<String>) {
+        if !filters.is_empty() {
+            let _ = self.0.send(SubscriberEvent::Unsubscribe(filters));
+        }
+    }
+}
+
+/// A SUBSCRIBE or UNSUBSCRIBE as sent, to name its filters (and the rules that use them)
+/// when the broker answers.
+#[derive(Debug, Clone)]
+enum Request {
+    Subscribe(Vec<(SubscribeFilter, Vec<String>)>),
+    Unsubscribe(String),
+}
+
+/// Requests in the order the subscriber sent them, then by packet id once they went out.
+#[derive(Debug, Default)]
+struct Requested {
+    /// Handed to the event loop, not yet seen going out (the event loop keeps their order).
+    queued: VecDeque<Request>,
+    /// Gone out, waiting for the broker's answer.
+    sent: HashMap<u16, Request>,
+}
+
 /// Connects, subscribes and ingests until `shutdown`; then sends the last acks and disconnects.
 pub async fn run<Q: Queue>(
     options: MqttOptions,
-    routes: Arc<Routes<Q>>,
+    routes: RouteTable<Q>,
+    requests: SubscriptionRequests,
     health: Arc<Health>,
     shutdown: Shutdown,
 ) {
@@ -215,15 +285,21 @@ pub async fn run<Q: Queue>(
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     let (tx, mut rx) = mpsc::unbounded_channel::<Publish>();
     let hold = Arc::new(Hold::default());
-    let filters: Vec<SubscribeFilter> = routes
-        .subscriptions()
-        .into_iter()
-        .map(|(path, level)| SubscribeFilter::new(path, qos(level)))
-        .collect();
+    let requested = Arc::new(Mutex::new(Requested::default()));
+    let SubscriptionRequests {
+        tx: subscriber_tx,
+        rx: subscriber_rx,
+    } = requests;
+    let subscriber_task = tokio::spawn(subscriber(
+        client.clone(),
+        routes.clone(),
+        subscriber_rx,
+        requested.clone(),
+    ));
     let mut poll_task = tokio::spawn(poll(
         eventloop,
-        client.clone(),
-        filters,
+        subscriber_tx,
+        requested,
         tx,
         hold.clone(),
         health.clone(),
@@ -243,7 +319,9 @@ pub async fn run<Q: Queue>(
                     break;
                 }
                 hold.release(&publishes);
-                if !beat.alive_while(ingest(&routes, &publishes, &shutdown)).await {
+                // This group is matched against, and stored by, one snapshot of the rules.
+                let snapshot = routes.snapshot();
+                if !beat.alive_while(ingest(&snapshot, &publishes, &shutdown)).await {
                     break;
                 }
                 acks.extend(&publishes);
@@ -280,6 +358,7 @@ pub async fn run<Q: Queue>(
         }
         tokio::time::sleep(ACK_RETRY).await;
     }
+    subscriber_task.abort();
     let _ = client.try_disconnect();
     if tokio::time::timeout(DISCONNECT_GRACE, &mut poll_task)
         .await
@@ -405,6 +484,68 @@ impl Hold {
     }
 }
 
+/// Sends every SUBSCRIBE and UNSUBSCRIBE, in order, noting each in `requested` first. Awaits
+/// room in rumqttc's request channel, which the poll task drains while it polls; ingest never
+/// waits on this task.
+async fn subscriber<Q: Queue>(
+    client: AsyncClient,
+    routes: RouteTable<Q>,
+    mut events: mpsc::UnboundedReceiver<SubscriberEvent>,
+    requested: Arc<Mutex<Requested>>,
+) {
+    let mut subscribed_once = false;
+    let note = |request: Request| {
+        if let Ok(mut requested) = requested.lock() {
+            requested.queued.push_back(request);
+        }
+    };
+    while let Some(event) = events.recv().await {
+        let filters = match event {
+            // Subscribe on a new session, and once per process so rules added to the config
+            // since the session began are subscribed too.
+            SubscriberEvent::Connected { session_present } => {
+                if session_present && subscribed_once {
+                    continue;
+                }
+                subscribed_once = true;
+                routes.current().subscriptions()
+            }
+            SubscriberEvent::Subscribe(filters) => filters,
+            SubscriberEvent::Unsubscribe(filters) => {
+                for filter in filters {
+                    note(Request::Unsubscribe(filter.clone()));
+                    if let Err(err) = client.unsubscribe(filter).await {
+                        tracing::error!(error = %err, "cannot queue the unsubscribe request");
+                    }
+                }
+                continue;
+            }
+        };
+        if filters.is_empty() {
+            continue;
+        }
+        let current = routes.current();
+        let named = filters
+            .iter()
+            .map(|(path, level)| {
+                let rules = current
+                    .iter()
+                    .filter(|r| r.filter == *path)
+                    .map(|r| r.plan.name.clone())
+                    .collect();
+                (SubscribeFilter::new(path.clone(), qos(*level)), rules)
+            })
+            .collect();
+        note(Request::Subscribe(named));
+        let filters = filters
+            .into_iter()
+            .map(|(path, level)| SubscribeFilter::new(path, qos(level)));
+        if let Err(err) = client.subscribe_many(filters).await {
+            tracing::error!(error = %err, "cannot queue the subscription request");
+        }
+    }
+}
+
 /// Stores one group of publishes in their rules' queues; the caller acknowledges them after.
 /// Returns `false` when shutdown interrupted it (nothing unstored is acknowledged).
 async fn ingest<Q: Queue>(routes: &Routes<Q>, publishes: &[Publish], shutdown: &Shutdown) -> bool {
@@ -429,15 +570,14 @@ fn reconnect_backoff() -> backon::ExponentialBackoff {
 /// Drives the event loop until DISCONNECT went out (or the task is aborted).
 async fn poll(
     mut eventloop: EventLoop,
-    client: AsyncClient,
-    filters: Vec<SubscribeFilter>,
+    subscriber: mpsc::UnboundedSender<SubscriberEvent>,
+    requested: Arc<Mutex<Requested>>,
     tx: mpsc::UnboundedSender<Publish>,
     hold: Arc<Hold>,
     health: Arc<Health>,
     broker: String,
 ) {
     let mut backoff = reconnect_backoff();
-    let mut subscribed_once = false;
     let mut outage: Option<Outage> = None;
     let mut received: u64 = 0;
     let mut pauses: u64 = 0;
@@ -459,25 +599,47 @@ async fn poll(
                         "connected to the MQTT broker"
                     ),
                 }
-                // Subscribe on a new session, and once per process so rules added to the
-                // config since the session began are subscribed too.
-                if !ack.session_present || !subscribed_once {
-                    if let Err(err) = client.try_subscribe_many(filters.clone()) {
-                        tracing::error!(error = %err, "cannot queue the subscription request");
-                    }
-                    subscribed_once = true;
+                let _ = subscriber.send(SubscriberEvent::Connected {
+                    session_present: ack.session_present,
+                });
+            }
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid) | Outgoing::Unsubscribe(pkid))) => {
+                if let Ok(mut requested) = requested.lock()
+                    && let Some(request) = requested.queued.pop_front()
+                {
+                    requested.sent.insert(pkid, request);
+                }
+            }
+            Ok(Event::Incoming(Incoming::UnsubAck(ack))) => {
+                let request = requested
+                    .lock()
+                    .ok()
+                    .and_then(|mut r| r.sent.remove(&ack.pkid));
+                if let Some(Request::Unsubscribe(filter)) = request {
+                    tracing::info!(filter = %filter, "unsubscribed: no rule uses this filter any more");
                 }
             }
             Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                for (filter, code) in filters.iter().zip(&ack.return_codes) {
-                    match code {
-                        SubscribeReasonCode::Success(granted) => {
-                            tracing::info!(filter = %filter.path, granted = ?granted, "subscribed")
+                let request = requested
+                    .lock()
+                    .ok()
+                    .and_then(|mut r| r.sent.remove(&ack.pkid));
+                let filters = match request {
+                    Some(Request::Subscribe(filters)) => filters,
+                    _ => Vec::new(),
+                };
+                for ((filter, rules), code) in filters.iter().zip(&ack.return_codes) {
+                    // One line per rule, so each rule's subscription can be found by its name.
+                    for rule in rules {
+                        match code {
+                            SubscribeReasonCode::Success(granted) => tracing::info!(
+                                rule = %rule, filter = %filter.path, granted = ?granted, "subscribed"
+                            ),
+                            SubscribeReasonCode::Failure => tracing::error!(
+                                rule = %rule, filter = %filter.path,
+                                "the broker refused the subscription; check its ACL for this client"
+                            ),
                         }
-                        SubscribeReasonCode::Failure => tracing::error!(
-                            filter = %filter.path,
-                            "the broker refused the subscription; check its ACL for this client"
-                        ),
                     }
                 }
             }

@@ -17,6 +17,12 @@
 //!     └────────────► Halting ──nothing in flight──► done (the rest stays in the queue)
 //! ```
 //!
+//! A reload steers a running task with a [`Directive`]: `Run` with a changed plan swaps it in
+//! place over the same queue (the open batch, window or held messages become events at once;
+//! events not yet started go out under the new plan, those in flight finish under the old);
+//! `Retire` (the rule was removed) is a drain of this rule alone: read the queue to its end,
+//! deliver, stop. `Run` again before the end (the rule was added back) returns it to Running.
+//!
 //! Invariants:
 //! - The queue is acknowledged through `min(every unfinished event's first sequence) - 1`, never
 //!   past a message not yet accepted by Lambda or written to the dead-letter store: a crash only
@@ -34,7 +40,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -75,6 +81,9 @@ pub enum DeliveryError {
         /// What the queue said.
         source: QueueError,
     },
+    /// The delivery task itself failed (a bug).
+    #[error("delivery task failed: {0}")]
+    Task(String),
 }
 
 /// What the delivery of one rule is doing.
@@ -89,6 +98,15 @@ pub enum Mode {
     },
     /// Start nothing more; let what is in flight finish, then stop.
     Halting,
+}
+
+/// What a reload wants of a rule's delivery task.
+#[derive(Debug, Clone)]
+pub enum Directive {
+    /// Deliver with this plan (a changed rule, or a removed rule added back).
+    Run(Arc<RulePlan>),
+    /// The rule was removed: deliver what its queue holds, then stop.
+    Retire,
 }
 
 /// How the loop should read next.
@@ -144,6 +162,8 @@ pub struct Core {
     stats: Arc<RuleStats>,
     mode: Mode,
     former: Former,
+    /// Events formed under an earlier plan and not started yet; they go before the former's.
+    carried: VecDeque<Unit>,
     /// First sequences of unfinished events (invoking, or refused and not yet dead-lettered),
     /// with how many events start there (a window's chunks share one).
     unfinished: BTreeMap<Seq, usize>,
@@ -169,6 +189,7 @@ impl Core {
             plan,
             stats,
             mode: Mode::Running,
+            carried: VecDeque::new(),
             unfinished: BTreeMap::new(),
             invoking: 0,
             invoking_bytes: 0,
@@ -215,6 +236,31 @@ impl Core {
         }
     }
 
+    /// A reload changed the rule: what was read and not formed into events yet becomes events
+    /// now (they have no later chance under the old batching), and everything formed from now
+    /// on follows `plan`.
+    pub fn on_plan(&mut self, plan: Arc<RulePlan>, now: Now) {
+        self.former.flush(now);
+        let mut old = std::mem::replace(
+            &mut self.former,
+            Former::new(plan.clone(), self.stats.clone()),
+        );
+        self.carried.extend(std::iter::from_fn(|| old.take_ready()));
+        self.plan = plan;
+    }
+
+    /// The rule was removed: deliver what is queued, then stop (as at shutdown, for this rule).
+    pub fn on_retire(&mut self) {
+        self.on_drain();
+    }
+
+    /// The rule was added back while it was draining: take new messages again.
+    pub fn on_resume(&mut self) {
+        if let Mode::Draining { .. } = self.mode {
+            self.mode = Mode::Running;
+        }
+    }
+
     /// How many invocations may start now, given the rule's current concurrency limit and
     /// [`MAX_INFLIGHT_BYTES`].
     pub fn startable(&self, limit: usize) -> usize {
@@ -226,7 +272,12 @@ impl Core {
         let slots = limit.saturating_sub(self.invoking);
         let mut bytes = self.invoking_bytes;
         let mut n = 0;
-        for size in self.former.ready_sizes().take(slots) {
+        let sizes = self
+            .carried
+            .iter()
+            .map(|u| u.payload.len())
+            .chain(self.former.ready_sizes());
+        for size in sizes.take(slots) {
             if self.invoking + n > 0 && bytes + size > MAX_INFLIGHT_BYTES {
                 break;
             }
@@ -238,9 +289,13 @@ impl Core {
 
     /// Takes up to `n` formed events to invoke now.
     pub fn start(&mut self, n: usize) -> Vec<Unit> {
-        let units: Vec<Unit> = std::iter::from_fn(|| self.former.take_ready())
-            .take(n)
-            .collect();
+        let units: Vec<Unit> = std::iter::from_fn(|| {
+            self.carried
+                .pop_front()
+                .or_else(|| self.former.take_ready())
+        })
+        .take(n)
+        .collect();
         for unit in &units {
             *self.unfinished.entry(unit.first_seq).or_default() += 1;
             self.invoking += 1;
@@ -326,6 +381,7 @@ impl Core {
         let barrier = [
             self.unfinished.keys().next().copied(),
             self.former.lowest_pending(),
+            self.carried.iter().map(|u| u.first_seq).min(),
         ]
         .into_iter()
         .flatten()
@@ -344,7 +400,7 @@ impl Core {
 
     /// What to wait for next.
     pub fn wait(&self, now: Now) -> Wait {
-        let room = self.former.ready_len() < READY_AHEAD;
+        let room = self.former.ready_len() + self.carried.len() < READY_AHEAD;
         let letter_retry = self
             .letters
             .front()
@@ -364,7 +420,7 @@ impl Core {
                     ReadWant::None
                 },
                 None,
-                read_to_end && self.former.is_idle() && nothing_left,
+                read_to_end && self.former.is_idle() && self.carried.is_empty() && nothing_left,
             ),
             // Letters still failing at halt stay unacknowledged: the next start redelivers.
             Mode::Halting => (
@@ -440,33 +496,56 @@ pub async fn deliver<Q: Queue, I: Invoke>(
     global: Arc<Semaphore>,
     drain: Shutdown,
 ) -> Result<(), DeliveryError> {
-    deliver_watched(route, invoker, global, drain, Beat::unwatched()).await
+    let (_steady, directives) = watch::channel(Directive::Run(route.plan.clone()));
+    deliver_with(route, invoker, global, drain, directives, Beat::unwatched()).await
 }
 
-/// [`deliver`], proving the loop alive through `beat` (health.rs): it turns each time round
-/// and when idle, so a loop stuck in an await outside its `select!` stops the watchdog.
-pub async fn deliver_watched<Q: Queue, I: Invoke>(
+/// The pacing state a plan asks for: its token bucket and its adaptive concurrency.
+struct Pacing {
+    bucket: Option<Arc<Mutex<TokenBucket>>>,
+    aimd: Arc<Mutex<Aimd>>,
+}
+
+impl Pacing {
+    fn new(plan: &RulePlan) -> Self {
+        Pacing {
+            bucket: plan.rate_limit.map(|(rate, burst)| {
+                Arc::new(Mutex::new(TokenBucket::new(rate, burst, Instant::now())))
+            }),
+            aimd: Arc::new(Mutex::new(if plan.slow_start {
+                Aimd::slow_start(plan.max_concurrency)
+            } else {
+                Aimd::new(plan.max_concurrency)
+            })),
+        }
+    }
+
+    fn limit(&self) -> usize {
+        self.aimd.lock().map_or(1, |a| a.limit())
+    }
+}
+
+/// As [`deliver`], steered by a reload through `directives` (see [`Directive`]) and proving the
+/// loop alive through `beat` (health.rs): it turns each time round and when idle, so a loop
+/// stuck in an await outside its `select!` stops the watchdog. The task ends when a drain
+/// (shutdown) or a retirement has delivered everything, or on a queue failure.
+pub async fn deliver_with<Q: Queue, I: Invoke>(
     route: Arc<Route<Q>>,
     invoker: Arc<I>,
     global: Arc<Semaphore>,
     drain: Shutdown,
+    mut directives: watch::Receiver<Directive>,
     beat: Beat,
 ) -> Result<(), DeliveryError> {
-    let plan = route.plan.clone();
+    let mut plan = route.plan.clone();
     let queue = &*route.queue;
     let queue_err = |source| DeliveryError::Queue {
-        rule: plan.name.clone(),
+        rule: route.plan.name.clone(),
         source,
     };
-    let bucket = plan
-        .rate_limit
-        .map(|(rate, burst)| Arc::new(Mutex::new(TokenBucket::new(rate, burst, Instant::now()))));
-    let aimd = Arc::new(Mutex::new(if plan.slow_start {
-        Aimd::slow_start(plan.max_concurrency)
-    } else {
-        Aimd::new(plan.max_concurrency)
-    }));
-    let limit = || aimd.lock().map_or(1, |a| a.limit());
+    let mut pacing = Pacing::new(&plan);
+    // A sender dropped without a directive leaves the rule as it is.
+    let mut steered = true;
     let mut core = Core::new(plan.clone(), route.stats.clone());
     let mut invocations: JoinSet<(Ticket, Outcome)> = JoinSet::new();
     // Which event each invocation task carries, to account for a task that failed.
@@ -479,7 +558,7 @@ pub async fn deliver_watched<Q: Queue, I: Invoke>(
         }
 
         // Start what may start: the rule's limit, then a global slot each.
-        let startable = core.startable(limit());
+        let startable = core.startable(pacing.limit());
         let mut permits = Vec::with_capacity(startable);
         while permits.len() < startable {
             match global.clone().try_acquire_owned() {
@@ -493,8 +572,8 @@ pub async fn deliver_watched<Q: Queue, I: Invoke>(
                 plan.clone(),
                 invoker.clone(),
                 route.stats.clone(),
-                bucket.clone(),
-                aimd.clone(),
+                pacing.bucket.clone(),
+                pacing.aimd.clone(),
                 drain.clone(),
             );
             let ticket = Ticket::of(&unit);
@@ -549,6 +628,24 @@ pub async fn deliver_watched<Q: Queue, I: Invoke>(
                 core.on_letter_written(result, now());
             }
             _ = drain.wait(), if wait.drain => core.on_drain(),
+            changed = directives.changed(), if steered => {
+                if changed.is_err() {
+                    steered = false;
+                    continue;
+                }
+                let directive = directives.borrow_and_update().clone();
+                match directive {
+                    Directive::Run(next) => {
+                        core.on_resume();
+                        if !Arc::ptr_eq(&next, &plan) {
+                            core.on_plan(next.clone(), now());
+                            pacing = Pacing::new(&next);
+                            plan = next;
+                        }
+                    }
+                    Directive::Retire => core.on_retire(),
+                }
+            }
             read = queue.read(READ_MAX), if wait.read == ReadWant::Wait => {
                 core.on_read(read.map_err(queue_err)?, now());
             }
@@ -1150,5 +1247,140 @@ mod tests {
         assert_eq!(core.startable(64), 0);
         core.on_finished(Ticket::of(&units[0]), Some(Outcome::Delivered));
         assert_eq!(core.startable(64), 1);
+    }
+
+    #[test]
+    fn a_new_plan_turns_the_open_batch_into_an_event_that_goes_first_and_holds_the_acks() {
+        let start = std::time::Instant::now();
+        let mut core = Core::new(Arc::new(plan(10, Duration::from_secs(60))), Arc::default());
+        core.on_read(entries(0..3), at(start, 0));
+        assert_eq!(core.startable(8), 0, "the batch waits for more");
+        let mut next = plan(1, Duration::ZERO);
+        next.function = "g".into();
+        core.on_plan(Arc::new(next), at(start, 10));
+        assert_eq!(
+            core.ack_through(),
+            None,
+            "the carried event is not delivered yet"
+        );
+        core.on_read(entries(3..5), at(start, 20));
+        assert_eq!(
+            core.startable(8),
+            3,
+            "the carried batch, then one event per message"
+        );
+        let units = core.start(3);
+        assert_eq!(units[0].messages, 3);
+        assert_eq!(units[0].first_seq, 0);
+        assert_eq!(units[1].first_seq, 3);
+        for unit in &units {
+            core.on_finished(Ticket::of(unit), Some(Outcome::Delivered));
+        }
+        assert_eq!(core.ack_through(), Some(4));
+    }
+
+    fn spawn_steered(
+        route: &Arc<Route<MemoryQueue>>,
+        invoker: &Arc<FakeInvoker>,
+        drain: Shutdown,
+    ) -> (
+        watch::Sender<Directive>,
+        tokio::task::JoinHandle<Result<(), DeliveryError>>,
+    ) {
+        let (tx, rx) = watch::channel(Directive::Run(route.plan.clone()));
+        let task = tokio::spawn(deliver_with(
+            route.clone(),
+            invoker.clone(),
+            Arc::new(Semaphore::new(32)),
+            drain,
+            rx,
+            Beat::unwatched(),
+        ));
+        (tx, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_plan_sends_what_was_not_in_flight_to_the_new_function() {
+        let queue = Arc::new(MemoryQueue::new(100));
+        let invoker = Arc::new(FakeInvoker::default());
+        let (_dir, route) = route(plan(10, Duration::from_secs(60)), queue.clone());
+        let (_trigger, drain) = shutdown::channel();
+        let (steer, task) = spawn_steered(&route, &invoker, drain);
+        queue
+            .append((0..3).map(msg).collect())
+            .await
+            .expect("append");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(invoker.events().is_empty(), "the batch is open");
+
+        let mut next = plan(1, Duration::ZERO);
+        next.function = "g".into();
+        steer.send_replace(Directive::Run(Arc::new(next)));
+        // Let the task take the directive before more messages arrive.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        queue
+            .append((3..5).map(msg).collect())
+            .await
+            .expect("append");
+        while !queue.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let requests = invoker.requests.lock().expect("lock").clone();
+        let sent: Vec<(String, usize)> = requests
+            .iter()
+            .map(|r| {
+                let event: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
+                (
+                    r.function.clone(),
+                    event["messages"].as_array().map_or(0, Vec::len),
+                )
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            vec![("g".into(), 3), ("g".into(), 1), ("g".into(), 1)]
+        );
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_rule_delivers_its_queue_then_stops_unless_it_comes_back() {
+        let queue = Arc::new(MemoryQueue::new(100));
+        let invoker = Arc::new(FakeInvoker {
+            fail_first: 2,
+            error: Some(InvokeError::Transient {
+                code: "ServiceException".into(),
+                message: "down".into(),
+            }),
+            ..Default::default()
+        });
+        let (_dir, route) = route(plan(1, Duration::ZERO), queue.clone());
+        let (_trigger, drain) = shutdown::channel();
+        let (steer, task) = spawn_steered(&route, &invoker, drain.clone());
+        queue
+            .append((0..5).map(msg).collect())
+            .await
+            .expect("append");
+        steer.send_replace(Directive::Retire);
+        task.await.expect("join").expect("deliver");
+        assert!(queue.is_empty(), "everything delivered before it stopped");
+        assert_eq!(
+            invoker.events().len(),
+            2 + 5,
+            "two failed attempts, five deliveries"
+        );
+
+        // Retired, then added back before the end: it keeps taking messages.
+        let (steer, task) = spawn_steered(&route, &invoker, drain);
+        steer.send_replace(Directive::Retire);
+        steer.send_replace(Directive::Run(route.plan.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!task.is_finished(), "running again");
+        queue.append(vec![msg(9)]).await.expect("append");
+        while !queue.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(invoker.events().len(), 2 + 6);
+        task.abort();
     }
 }

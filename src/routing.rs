@@ -11,10 +11,18 @@
 //! store instead of the queue). Storing ([`Routes::store`]) then performs that decision: the
 //! set-aside writes and one durable append per rule, all rules at once. Only when `store`
 //! returns `true` may the caller acknowledge the messages to the broker.
+//!
+//! The set in force is swappable ([`RouteTable`]): a reload (`reload.rs`) puts a new
+//! [`Routes`] in force and ingest takes the current one for each group of publishes, holding
+//! that [`Snapshot`] until the group is stored. A message matched to a rule is therefore
+//! appended to it even when a reload removes the rule meanwhile, and
+//! [`RouteTable::released_before`] says when no snapshot older than a reload is held any more,
+//! so a removed rule's queue is drained to its real end.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::envelope::{self, Message};
@@ -90,12 +98,22 @@ impl<Q: Queue> Routes<Q> {
         self.routes.iter()
     }
 
-    /// The subscriptions these routes need: (filter, QoS).
+    /// The route of the rule called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Route<Q>>> {
+        self.routes.iter().find(|r| r.plan.name == name)
+    }
+
+    /// The subscriptions these routes need: each filter once, with the highest QoS a rule
+    /// asks of it, in rule order.
     pub fn subscriptions(&self) -> Vec<(String, u8)> {
-        self.routes
-            .iter()
-            .map(|r| (r.filter.clone(), r.qos))
-            .collect()
+        let mut subscriptions: Vec<(String, u8)> = Vec::new();
+        for route in &self.routes {
+            match subscriptions.iter_mut().find(|(f, _)| *f == route.filter) {
+                Some((_, qos)) => *qos = (*qos).max(route.qos),
+                None => subscriptions.push((route.filter.clone(), route.qos)),
+            }
+        }
+        subscriptions
     }
 
     /// Decides where each message goes. Pure but for the fresh ids, which carry `now`.
@@ -181,6 +199,138 @@ impl<Q: Queue> Routes<Q> {
             all &= stored.unwrap_or(false);
         }
         all
+    }
+}
+
+/// The route set in force, swappable while ingest runs: a reload replaces, ingest takes
+/// snapshots. Cheap to clone (all clones share the table).
+pub struct RouteTable<Q> {
+    shared: Arc<TableShared<Q>>,
+}
+
+impl<Q> Clone for RouteTable<Q> {
+    fn clone(&self) -> Self {
+        RouteTable {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct TableShared<Q> {
+    state: std::sync::Mutex<TableState<Q>>,
+    /// Told whenever a snapshot is let go.
+    let_go: Notify,
+}
+
+struct TableState<Q> {
+    current: Arc<Routes<Q>>,
+    /// Bumped by every replace; a snapshot carries the generation it was taken at.
+    generation: u64,
+    /// Snapshots held now, by generation.
+    held: std::collections::BTreeMap<u64, usize>,
+}
+
+/// A route set taken for one group of messages; while it is held, a reload that removed one of
+/// its rules waits before draining that rule's queue.
+pub struct Snapshot<Q> {
+    routes: Arc<Routes<Q>>,
+    generation: u64,
+    shared: Arc<TableShared<Q>>,
+}
+
+impl<Q> std::ops::Deref for Snapshot<Q> {
+    type Target = Routes<Q>;
+    fn deref(&self) -> &Routes<Q> {
+        &self.routes
+    }
+}
+
+impl<Q> Drop for Snapshot<Q> {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.shared.state.lock()
+            && let Some(n) = state.held.get_mut(&self.generation)
+        {
+            *n -= 1;
+            if *n == 0 {
+                state.held.remove(&self.generation);
+            }
+        }
+        self.shared.let_go.notify_waiters();
+    }
+}
+
+impl<Q: Queue> RouteTable<Q> {
+    /// A table holding `routes`.
+    pub fn new(routes: Routes<Q>) -> Self {
+        RouteTable {
+            shared: Arc::new(TableShared {
+                state: std::sync::Mutex::new(TableState {
+                    current: Arc::new(routes),
+                    generation: 0,
+                    held: Default::default(),
+                }),
+                let_go: Notify::new(),
+            }),
+        }
+    }
+
+    /// The set in force now, to look at (not to store messages with: see [`Self::snapshot`]).
+    pub fn current(&self) -> Arc<Routes<Q>> {
+        match self.shared.state.lock() {
+            Ok(state) => state.current.clone(),
+            Err(poisoned) => poisoned.into_inner().current.clone(),
+        }
+    }
+
+    /// The set in force now, held until the snapshot is dropped: match and store with it.
+    pub fn snapshot(&self) -> Snapshot<Q> {
+        let mut state = match self.shared.state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let generation = state.generation;
+        *state.held.entry(generation).or_default() += 1;
+        Snapshot {
+            routes: state.current.clone(),
+            generation,
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Puts `routes` in force for every message matched from now on. Returns the generation
+    /// it starts, for [`Self::released_before`].
+    pub fn replace(&self, routes: Routes<Q>) -> u64 {
+        let mut state = match self.shared.state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        state.current = Arc::new(routes);
+        state.generation += 1;
+        state.generation
+    }
+
+    /// Completes once no snapshot taken before `generation` is held: every message matched
+    /// against an older set is stored (or was given back to the broker unacknowledged).
+    pub fn released_before(
+        &self,
+        generation: u64,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let shared = self.shared.clone();
+        async move {
+            loop {
+                let let_go = shared.let_go.notified();
+                tokio::pin!(let_go);
+                let_go.as_mut().enable();
+                let oldest = match shared.state.lock() {
+                    Ok(state) => state.held.keys().next().copied(),
+                    Err(_) => None,
+                };
+                if oldest.is_none_or(|g| g >= generation) {
+                    return;
+                }
+                let_go.await;
+            }
+        }
     }
 }
 
@@ -326,5 +476,38 @@ mod tests {
         assert_eq!(RuleStats::get(&r[0].stats.queued), 1);
         assert_eq!(r[1].dead_letters.list().expect("list").len(), 1);
         assert_eq!(RuleStats::get(&r[1].stats.set_aside), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replaced_set_is_released_only_when_no_older_snapshot_is_held() {
+        let (_dir, first) = routes(&["a/#", "b/#"]);
+        let (_dir2, second) = routes(&["a/#"]);
+        let (_dir3, third) = routes(&["a/#"]);
+        let table = RouteTable::new(first);
+        let held = table.snapshot();
+        assert_eq!(held.iter().count(), 2);
+        let g2 = table.replace(second);
+        // Taken after the replace: the new set, which does not hold back generation 2.
+        let fresh = table.snapshot();
+        assert_eq!(fresh.iter().count(), 1);
+        let g3 = table.replace(third);
+        let released = tokio::spawn(table.released_before(g3));
+        tokio::task::yield_now().await;
+        assert!(!released.is_finished(), "the first set is still held");
+        drop(held);
+        tokio::task::yield_now().await;
+        assert!(!released.is_finished(), "the second set is still held");
+        drop(fresh);
+        released.await.expect("released");
+        table.released_before(g2).await;
+    }
+
+    #[test]
+    fn each_filter_is_subscribed_once_with_the_highest_qos() {
+        let (_dir, routes) = routes(&["a/#", "b/#", "a/#"]);
+        assert_eq!(
+            routes.subscriptions(),
+            vec![("a/#".to_owned(), 1), ("b/#".to_owned(), 1)]
+        );
     }
 }
