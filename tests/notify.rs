@@ -183,7 +183,27 @@ async fn ready_watchdog_status_and_stopping_reach_systemd_with_the_broker_down_a
     )
     .await;
 
+    // A reload (SIGHUP, what ExecReload sends) is bracketed by RELOADING=1 and READY=1.
     let pid = daemon.id().expect("pid");
+    std::process::Command::new("kill")
+        .args(["-s", "HUP", "--"])
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    notes.wait_count("READY=1", 2, &log).await;
+    log.wait_count("configuration reloaded", 1, &notes).await;
+    let all = notes.snapshot();
+    let reloading = all
+        .iter()
+        .position(|l| l.contains("RELOADING=1"))
+        .expect("RELOADING=1 before the second READY=1");
+    assert!(
+        all[reloading].contains("MONOTONIC_USEC="),
+        "{}",
+        all[reloading]
+    );
+    assert!(all[reloading..].iter().any(|l| l.contains("READY=1")));
+
     std::process::Command::new("kill")
         .args(["-s", "TERM", "--"])
         .arg(pid.to_string())
@@ -202,5 +222,5 @@ async fn ready_watchdog_status_and_stopping_reach_systemd_with_the_broker_down_a
         .position(|l| l.contains("STOPPING=1"))
         .expect("STOPPING");
     assert!(!all[stopping..].iter().any(|l| l.contains("READY=1")));
-    assert_eq!(notes.count("READY=1"), 1);
+    assert_eq!(notes.count("READY=1"), 2);
 }
