@@ -33,6 +33,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon; it performs `check`'s checks first and exits 78 when one fails.
+    ///
+    /// Then it resolves AWS credentials once: when no source has any (environment, profile,
+    /// web identity, container endpoint, EC2 instance metadata, [aws.iot]) it exits 78 saying
+    /// where it looked; when a source fails now (the IoT endpoint or the network is down), it
+    /// warns once and runs, buffering, while deliveries retry.
     Run {
         /// The configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
