@@ -709,3 +709,34 @@ fn check_reads_the_iot_files_and_names_each_bad_key_with_its_line() {
     );
     assert_eq!(stderr.lines().count(), 2, "{stderr}");
 }
+
+#[tokio::test]
+async fn check_aws_against_ministack_finds_the_deployed_function_and_not_the_other() {
+    let ministack = support::MiniStack::start().await;
+    let record = ministack.deploy_recorder("record-check").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(
+        dir.path(),
+        &ministack.endpoint(),
+        "",
+        "[[rules]]\nname = \"here\"\ntopic = \"h/#\"\nfunction = \"record-check\"\n\
+         [[rules]]\nname = \"absent\"\ntopic = \"a/#\"\nfunction = \"no-such-function\"\n",
+    );
+    // demo/deploy_function.py deploys into us-east-1.
+    let text_in = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(&path, text_in.replace("eu-west-1", "us-east-1")).expect("write");
+    let out = check_aws(&path, true).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(77), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("\nhere: ok: record-check\n"), "{stdout}");
+    assert!(
+        stdout.contains("\nabsent: not found: no-such-function (ResourceNotFoundException"),
+        "{stdout}"
+    );
+    assert!(
+        std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .is_empty(),
+        "a DryRun runs nothing"
+    );
+}
