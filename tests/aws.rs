@@ -580,8 +580,8 @@ async fn iot_credentials_are_fetched_with_the_device_certificate_and_sign_the_in
 #[tokio::test]
 async fn iot_credentials_close_to_expiry_are_fetched_again_before_they_lapse() {
     let pki = Pki::new();
-    // Still valid for four minutes: inside the five minutes before expiry when they are renewed.
-    let stand_in = IotStandIn::start(&pki, Duration::from_secs(4 * 60)).await;
+    // Still valid for two minutes: inside the last 2.5 to 5 minutes, when they are renewed.
+    let stand_in = IotStandIn::start(&pki, Duration::from_secs(2 * 60)).await;
     let lambda = FakeLambdaServer::start().await;
     let invoker = iot_invoker(&pki, stand_in.port, &lambda).await;
     invoker

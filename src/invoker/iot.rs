@@ -39,8 +39,9 @@ use crate::config::IotConfig;
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the SDK's identity cache may wait for a fetch before giving up on it.
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(12);
-/// Credentials are fetched anew this long (plus up to half again, jittered by the SDK) before
-/// they expire, so an invocation never signs with credentials about to lapse, and a slow LTE
+/// Credentials are fetched anew at most this long and at least half this long before they
+/// expire (the SDK's identity cache picks the moment at random, so a fleet of gateways does not
+/// ask all at once): an invocation never signs with credentials about to lapse, and a slow LTE
 /// link has minutes, not seconds, to fetch the next ones.
 pub const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(5 * 60);
 /// HTTPS port when the endpoint names none.
