@@ -421,9 +421,22 @@ fn buffer_command(command: BufferCommand) -> ExitCode {
     }
 }
 
+/// aws-config's credentials chain logs each failing source at `warn` with the error's `Debug`
+/// structure, many lines of it; the bridge says the same in one line (invoker::credentials), so
+/// the chain is heard only at `error` unless RUST_LOG names it.
+const QUIET_SDK_CHAIN: &str = "aws_config::meta::credentials::chain=error";
+
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if !from_env.is_some_and(|v| v.contains("aws_config"))
+        && let Ok(directive) = QUIET_SDK_CHAIN.parse()
+    {
+        filter = filter.add_directive(directive);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

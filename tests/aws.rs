@@ -740,3 +740,35 @@ async fn check_aws_against_ministack_finds_the_deployed_function_and_not_the_oth
         "a DryRun runs nothing"
     );
 }
+
+#[tokio::test]
+async fn a_credentials_source_that_fails_now_is_one_line_and_exit_69_without_the_sdk_dump() {
+    let lambda = FakeLambdaServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), &lambda.endpoint(), "", THREE_RULES);
+    // A container credentials endpoint (ECS, Greengrass TES) that is down.
+    let uri = format!("http://127.0.0.1:{}/credentials", free_port());
+    let mut cmd = bridge(dir.path(), false);
+    cmd.env("AWS_CONTAINER_CREDENTIALS_FULL_URI", uri)
+        .args(["check", "--aws", "--config"])
+        .arg(&path);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run check"))
+        .await
+        .expect("join");
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(69), "{stdout}{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("credentials: "))
+        .expect("a credentials line");
+    assert!(
+        line.starts_with("credentials: unreachable: no AWS credentials yet: "),
+        "{line}"
+    );
+    assert!(!line.contains('{'), "{line}");
+    assert!(
+        !stderr.contains('{'),
+        "the SDK's Debug dump leaked: {stderr}"
+    );
+    assert!(lambda.fake.invocations().is_empty());
+}
