@@ -118,6 +118,31 @@ pub struct AwsConfig {
     /// Most Invoke calls in flight across all rules.
     #[serde(default = "defaults::global_concurrency")]
     pub max_concurrency: usize,
+    /// Temporary credentials from the AWS IoT credentials provider, with the device's X.509
+    /// certificate, instead of the SDK's default chain.
+    pub iot: Option<IotConfig>,
+}
+
+/// `[aws.iot]`: the AWS IoT credentials provider, the way Greengrass devices get credentials.
+/// The device presents its certificate (mutual TLS) and receives temporary credentials for the
+/// IAM role behind `role_alias`; no long-lived key is stored on the device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IotConfig {
+    /// The account's credentials endpoint, `host` or `host:port`
+    /// (`aws iot describe-endpoint --endpoint-type iot:CredentialProvider`).
+    pub credentials_endpoint: String,
+    /// The IoT role alias that points at the IAM role the bridge assumes.
+    pub role_alias: String,
+    /// The thing the certificate is attached to; sent as `x-amzn-iot-thingname`.
+    pub thing_name: String,
+    /// PEM device certificate (chain).
+    pub cert_file: PathBuf,
+    /// PEM private key of `cert_file`.
+    pub key_file: PathBuf,
+    /// PEM CA certificates that sign the endpoint's certificate (Amazon Root CA 1); absent:
+    /// the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for AwsConfig {
@@ -129,6 +154,7 @@ impl Default for AwsConfig {
             connect_timeout: defaults::connect_timeout(),
             operation_timeout: defaults::operation_timeout(),
             max_concurrency: defaults::global_concurrency(),
+            iot: None,
         }
     }
 }

@@ -3,15 +3,28 @@
 //!
 //! The SDK's own retries are switched off: the delivery loop owns retrying (with backoff that
 //! never blocks other rules), so every failure reaches [`classify`] and is logged with AWS's
-//! error code.
+//! error code. Every failure's message is one line made of the errors' `Display` texts
+//! ([`one_line_chain`]), never the SDK's `Debug` structure: journald shows one line per event.
+//!
+//! - [`credentials`]: resolving credentials once at start, and saying where it looked.
+//! - [`iot`]: the AWS IoT credentials provider (device certificate → temporary credentials).
+//! - [`dry_run`]: `check --aws`, a DryRun invocation per rule.
+//! - [`policy`]: the least-privilege IAM policy for the configured functions.
+
+pub mod credentials;
+pub mod dry_run;
+pub mod iot;
+pub mod policy;
 
 use std::future::Future;
 use std::time::Duration;
 
-use aws_config::BehaviorVersion;
+use aws_config::identity::IdentityCache;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
-use aws_sdk_lambda::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_credential_types::provider::error::CredentialsError;
+use aws_sdk_lambda::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_lambda::operation::invoke::InvokeError as SdkInvokeError;
 use aws_sdk_lambda::primitives::Blob;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
@@ -93,15 +106,60 @@ pub trait Invoke: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), InvokeError>> + Send;
 }
 
-/// Why the Lambda client could not be set up.
+/// Why the Lambda client could not be set up; each is a configuration problem (exit 78).
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// No region in the config nor in the environment.
     #[error("aws.region: no AWS region configured; set aws.region, MLB_AWS__REGION or AWS_REGION")]
     NoRegion,
+    /// `[aws.iot]` cannot be used (its files).
+    #[error(transparent)]
+    Iot(#[from] iot::IotError),
+    /// No credential source is configured at all.
+    #[error("{0}")]
+    NoCredentials(String),
 }
 
-/// Invokes through aws-sdk-lambda, with the default credential chain.
+/// The SDK configuration `run` and `check --aws` share: rustls with ring, the configured
+/// timeouts, SDK retries off, and `[aws.iot]` as the credentials provider when it is set.
+pub async fn sdk_config(config: &AwsConfig) -> Result<SdkConfig, SetupError> {
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(config.connect_timeout.0)
+        .operation_timeout(config.operation_timeout.0)
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http_client)
+        .timeout_config(timeouts)
+        .retry_config(RetryConfig::disabled());
+    if let Some(region) = &config.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(profile) = &config.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(endpoint) = &config.endpoint_url {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let Some(iot_config) = &config.iot {
+        let provider = iot::IotCredentialsProvider::new(iot_config)?;
+        loader = loader.credentials_provider(provider).identity_cache(
+            IdentityCache::lazy()
+                .load_timeout(iot::LOAD_TIMEOUT)
+                .buffer_time(iot::REFRESH_BEFORE_EXPIRY)
+                .build(),
+        );
+    }
+    let sdk_config = loader.load().await;
+    if sdk_config.region().is_none() {
+        return Err(SetupError::NoRegion);
+    }
+    Ok(sdk_config)
+}
+
+/// Invokes through aws-sdk-lambda.
 #[derive(Debug, Clone)]
 pub struct LambdaInvoker {
     /// The SDK client; cheap to clone, shares one connection pool.
@@ -109,35 +167,34 @@ pub struct LambdaInvoker {
 }
 
 impl LambdaInvoker {
-    /// Builds the client: rustls with ring, the configured timeouts, SDK retries off.
+    /// Builds the client and resolves credentials once, so that the first log lines say
+    /// whether and where they were found. No source at all is an error ([`SetupError`]); a
+    /// source that fails now (the IoT endpoint or the network is down) is one warning, and the
+    /// daemon keeps buffering while every invocation retries.
     pub async fn new(config: &AwsConfig) -> Result<Self, SetupError> {
-        let http_client = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-            .build_https();
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(config.connect_timeout.0)
-            .operation_timeout(config.operation_timeout.0)
-            .build();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(http_client)
-            .timeout_config(timeouts)
-            .retry_config(RetryConfig::disabled());
-        if let Some(region) = &config.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
+        let sdk = sdk_config(config).await?;
+        match credentials::resolve(&sdk, config).await {
+            Ok(found) => tracing::info!("{found}"),
+            Err(credentials::Problem::NoSource(line)) => {
+                return Err(SetupError::NoCredentials(line));
+            }
+            Err(credentials::Problem::Unavailable(line)) => tracing::warn!(
+                "{line}; messages are buffered and delivery retries until credentials can be had"
+            ),
         }
-        if let Some(profile) = &config.profile {
-            loader = loader.profile_name(profile);
+        Ok(Self::from_sdk_config(&sdk))
+    }
+
+    /// A client for `sdk`, without resolving anything.
+    pub fn from_sdk_config(sdk: &SdkConfig) -> Self {
+        LambdaInvoker {
+            client: aws_sdk_lambda::Client::new(sdk),
         }
-        if let Some(endpoint) = &config.endpoint_url {
-            loader = loader.endpoint_url(endpoint);
-        }
-        let sdk_config = loader.load().await;
-        if sdk_config.region().is_none() {
-            return Err(SetupError::NoRegion);
-        }
-        Ok(LambdaInvoker {
-            client: aws_sdk_lambda::Client::new(&sdk_config),
-        })
+    }
+
+    /// The SDK client, for `check --aws`.
+    pub fn client(&self) -> &aws_sdk_lambda::Client {
+        &self.client
     }
 }
 
@@ -186,13 +243,13 @@ const PERMANENT_CODES: &[&str] = &[
     "AccessDenied",
 ];
 
-/// Sorts an SDK failure into [`InvokeError`].
-pub fn classify<R: std::fmt::Debug>(err: SdkError<SdkInvokeError, R>) -> InvokeError {
+/// Sorts an SDK failure into [`InvokeError`], with a one-line message.
+pub fn classify<R: std::fmt::Debug + 'static>(err: SdkError<SdkInvokeError, R>) -> InvokeError {
     match &err {
         SdkError::ServiceError(service) => {
             let e = service.err();
             let code = e.code().unwrap_or("Unknown").to_owned();
-            let message = e.message().unwrap_or_default().to_owned();
+            let message = one_line(e.message().unwrap_or_default());
             if let SdkInvokeError::TooManyRequestsException(t) = e {
                 let retry_after = t
                     .retry_after_seconds()
@@ -207,25 +264,84 @@ pub fn classify<R: std::fmt::Debug>(err: SdkError<SdkInvokeError, R>) -> InvokeE
             }
             classify_code(code, message)
         }
-        SdkError::TimeoutError(_) => InvokeError::Transient {
-            code: "Timeout".into(),
-            message: format!("no answer in time: {}", DisplayErrorContext(&err)),
-        },
-        SdkError::DispatchFailure(_) => InvokeError::Transient {
-            code: "Dispatch".into(),
-            message: DisplayErrorContext(&err).to_string(),
-        },
-        SdkError::ResponseError(_) => InvokeError::Transient {
-            code: "Response".into(),
-            message: DisplayErrorContext(&err).to_string(),
-        },
-        // Missing credentials and the like surface here; they are fixed by an operator, and
-        // until then the messages wait rather than being refused.
-        _ => InvokeError::Transient {
-            code: "Request".into(),
-            message: DisplayErrorContext(&err).to_string(),
-        },
+        // Missing credentials and the like surface as dispatch or construction failures; they
+        // are fixed by an operator or by the network coming back, and until then the messages
+        // wait rather than being refused.
+        _ => {
+            let fallback = match &err {
+                SdkError::TimeoutError(_) => "Timeout",
+                SdkError::ResponseError(_) => "Response",
+                SdkError::DispatchFailure(_) => "Dispatch",
+                _ => "Request",
+            };
+            let (code, message) = local_failure(&err, fallback);
+            InvokeError::Transient { code, message }
+        }
     }
+}
+
+/// A short code and a one-line reason for a failure that happened on this side: no
+/// credentials, no connection, no answer in time, an answer that is not Lambda's.
+/// `fallback` is the code when it is neither of those.
+pub fn local_failure(err: &(dyn std::error::Error + 'static), fallback: &str) -> (String, String) {
+    let chain = || std::iter::successors(Some(err), |e| e.source());
+    // The SDK reports a failed credentials provider inside a connector error: look for the
+    // credentials first, they are the cause to fix.
+    if let Some(cred) = chain().find_map(|e| e.downcast_ref::<CredentialsError>()) {
+        return credentials::describe(cred);
+    }
+    if let Some(connector) =
+        chain().find_map(|e| e.downcast_ref::<aws_sdk_lambda::error::ConnectorError>())
+    {
+        let code = if connector.is_timeout() {
+            "Timeout"
+        } else {
+            "ConnectionFailed"
+        };
+        return (
+            code.to_owned(),
+            format!("cannot reach Lambda: {}", innermost(connector)),
+        );
+    }
+    (fallback.to_owned(), one_line_chain(err))
+}
+
+/// The deepest cause's text: what actually went wrong (`Connection refused (os error 111)`),
+/// with the one above it when that adds words (`dns error: …`).
+fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut texts = Vec::new();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        texts.push(one_line(&e.to_string()));
+        source = e.source();
+    }
+    texts.dedup();
+    match texts.as_slice() {
+        [] => String::new(),
+        [only] => only.clone(),
+        [.., above, last] if above.contains(last.as_str()) => above.clone(),
+        [.., above, last] => format!("{above}: {last}"),
+    }
+}
+
+/// An error and its causes as one line of their `Display` texts, each once.
+pub fn one_line_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        let text = one_line(&e.to_string());
+        // A wrapper often repeats its cause's text; keep the words once.
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
+}
+
+/// `text` on one line, runs of white space as one space.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Sorts a service error by its code.

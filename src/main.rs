@@ -33,6 +33,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon; it performs `check`'s checks first and exits 78 when one fails.
+    ///
+    /// Then it resolves AWS credentials once: when no source has any (environment, profile,
+    /// web identity, container endpoint, EC2 instance metadata, [aws.iot]) it exits 78 saying
+    /// where it looked; when a source fails now (the IoT endpoint or the network is down), it
+    /// warns once and runs, buffering, while deliveries retry.
     Run {
         /// The configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
@@ -44,10 +49,32 @@ enum Command {
     /// creatable; nothing is created) and the AWS region (set, from the environment, the
     /// profile, or EC2 instance metadata within 2s) are checked, as `run` does before
     /// connecting.
+    ///
+    /// With --aws, then resolve AWS credentials and invoke every rule's function with
+    /// InvocationType DryRun (nothing runs): one line per rule, `ok`, `not found`, `access
+    /// denied`, `refused` or `unreachable`. Exit 0 when all are ok; 77 when any is denied, not
+    /// found or refused (or there are no credentials); else 69 when Lambda or the credentials
+    /// source cannot be reached. 77 wins over 69.
     Check {
         /// The configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// Also ask AWS: credentials, and a DryRun invocation of every rule's function.
+        #[arg(long)]
+        aws: bool,
+    },
+    /// Print the least-privilege IAM policy: lambda:InvokeFunction on exactly the configured
+    /// functions' ARNs, qualifiers included.
+    ///
+    /// Function names and partial ARNs are completed with aws.region (or AWS_REGION) and
+    /// --account-id; what is missing is said, one line per rule, and the exit code is 78.
+    Policy {
+        /// The configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The account id for functions given by name (12 digits).
+        #[arg(long)]
+        account_id: Option<String>,
     },
     /// Inspect the disk buffer while the daemon is stopped.
     ///
@@ -115,7 +142,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, aws } => check(&config, aws),
+        Command::Policy { config, account_id } => policy(&config, account_id.as_deref()),
         Command::Buffer { command } => buffer_command(command),
         Command::Run { config: path } => {
             let runtime = match runtime() {
@@ -136,15 +164,21 @@ fn main() -> ExitCode {
                 Err(err) => {
                     tracing::error!("{err:#}");
                     eprintln!("mqtt-lambda-bridge: {err:#}");
-                    ExitCode::FAILURE
+                    match err {
+                        // Nothing changes until the configuration does: systemd's
+                        // RestartPreventExitStatus=78 stops the restart loop.
+                        mqtt_lambda_bridge::RunError::Lambda(_) => ExitCode::from(EX_CONFIG),
+                        _ => ExitCode::FAILURE,
+                    }
                 }
             }
         }
     }
 }
 
-/// `check`: what `run` would refuse before connecting, without starting anything.
-fn check(path: &Path) -> ExitCode {
+/// `check`: what `run` would refuse before connecting, without starting anything; with `aws`,
+/// then credentials and a DryRun invocation per rule.
+fn check(path: &Path, aws: bool) -> ExitCode {
     // One thread is enough for the region lookup, the only thing here that waits.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -164,9 +198,72 @@ fn check(path: &Path) -> ExitCode {
                 loaded.rules.len(),
                 if loaded.rules.len() == 1 { "" } else { "s" }
             );
-            ExitCode::SUCCESS
+            if aws {
+                runtime.block_on(check_aws(&loaded))
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(code) => code,
+    }
+}
+
+/// `check --aws`: credentials first (without them every DryRun would say the same), then a
+/// DryRun invocation per rule, one line each on stdout.
+async fn check_aws(config: &Config) -> ExitCode {
+    use mqtt_lambda_bridge::invoker::dry_run::{self, EX_NOPERM, EX_UNAVAILABLE};
+    use mqtt_lambda_bridge::invoker::{LambdaInvoker, credentials, sdk_config};
+    let sdk = match sdk_config(&config.aws).await {
+        Ok(sdk) => sdk,
+        Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    match credentials::resolve(&sdk, &config.aws).await {
+        Ok(found) => println!("credentials: ok: {found}"),
+        Err(credentials::Problem::NoSource(line)) => {
+            println!("credentials: missing: {line}");
+            return ExitCode::from(EX_NOPERM);
+        }
+        Err(credentials::Problem::Unavailable(line)) => {
+            println!("credentials: unreachable: {line}");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    }
+    let invoker = LambdaInvoker::from_sdk_config(&sdk);
+    let results = dry_run::check_rules(&invoker, &config.rules).await;
+    for result in &results {
+        println!("{result}");
+    }
+    ExitCode::from(dry_run::exit_code(results.iter().map(|r| &r.status)))
+}
+
+/// `policy`: the IAM policy document on stdout, or what is missing on stderr (exit 78).
+fn policy(path: &Path, account_id: Option<&str>) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let region = config
+        .aws
+        .region
+        .clone()
+        .or_else(|| env("AWS_REGION"))
+        .or_else(|| env("AWS_DEFAULT_REGION"));
+    match mqtt_lambda_bridge::invoker::policy::policy(&config.rules, region.as_deref(), account_id)
+    {
+        Ok(policy) => {
+            println!("{}", policy.to_json());
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            for problem in problems {
+                eprintln!("{}: {problem}", path.display());
+            }
+            ExitCode::from(EX_CONFIG)
+        }
     }
 }
 
@@ -325,9 +422,22 @@ fn buffer_command(command: BufferCommand) -> ExitCode {
     }
 }
 
+/// aws-config's credentials chain logs each failing source at `warn` with the error's `Debug`
+/// structure, many lines of it; the bridge says the same in one line (invoker::credentials), so
+/// the chain is heard only at `error` unless RUST_LOG names it.
+const QUIET_SDK_CHAIN: &str = "aws_config::meta::credentials::chain=error";
+
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if !from_env.is_some_and(|v| v.contains("aws_config"))
+        && let Ok(directive) = QUIET_SDK_CHAIN.parse()
+    {
+        filter = filter.add_directive(directive);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -11,6 +11,9 @@
 //! mqtt.tls.ca_file         readable, holds PEM certificates rustls accepts   (mqtt::options builds
 //! mqtt.tls.cert_file       readable, a PEM chain that goes with key_file      the TLS config
 //! mqtt.tls.key_file        readable, a PEM private key                        exactly as run does)
+//! aws.iot.ca_file          readable, holds PEM certificates rustls accepts   (invoker::iot builds
+//! aws.iot.cert_file        readable, a PEM chain that goes with key_file      the TLS config
+//! aws.iot.key_file         readable, a PEM private key                        exactly as run does)
 //! buffer.dir               a directory this user can write, or creatable: its nearest existing
 //!                          parent is a directory this user can write; inside it, `lock` and each
 //!                          rule's directory and files are readable and writable
@@ -39,6 +42,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::instrument::WithSubscriber;
 
 use crate::config::{AwsConfig, Config, Issue, MqttConfig, TlsConfig};
+use crate::invoker::iot;
 use crate::mqtt::{self, MqttError};
 
 /// How long the region lookup may wait for EC2 instance metadata. On EC2 it answers in
@@ -53,6 +57,7 @@ const LOCK_FILE: &str = "lock";
 /// directory, the AWS region.
 pub async fn check(config: &Config) -> Vec<Issue> {
     let mut issues = mqtt_files(&config.mqtt);
+    issues.extend(iot_files(&config.aws));
     issues.extend(buffer_dir(config));
     issues.extend(region(&config.aws).await);
     issues
@@ -138,6 +143,50 @@ pub fn mqtt_files(config: &MqttConfig) -> Vec<Issue> {
                 ),
             )
         }));
+    }
+    issues
+}
+
+/// The files `[aws.iot]` names: each readable and of the right kind, and together the TLS
+/// configuration the IoT credentials provider builds (by calling the same
+/// [`iot::tls_config`]).
+pub fn iot_files(config: &AwsConfig) -> Vec<Issue> {
+    let Some(iot_config) = &config.iot else {
+        return Vec::new();
+    };
+    /// Reads a file and says what is wrong with it.
+    type Parse = fn(&Path) -> Result<(), String>;
+    let named: [(&'static str, Option<&PathBuf>, Parse); 3] = [
+        (
+            "aws.iot.ca_file",
+            iot_config.ca_file.as_ref(),
+            pem_certificates,
+        ),
+        (
+            "aws.iot.cert_file",
+            Some(&iot_config.cert_file),
+            pem_certificates,
+        ),
+        (
+            "aws.iot.key_file",
+            Some(&iot_config.key_file),
+            pem_private_key,
+        ),
+    ];
+    let mut issues = Vec::new();
+    for (key, path, parse) in named {
+        let Some(path) = path else { continue };
+        let result = readable_file(path)
+            .map_err(|why| format!("cannot read {}: {why}", path.display()))
+            .and_then(|()| parse(path));
+        if let Err(message) = result {
+            issues.push(Issue::new(key, message));
+        }
+    }
+    if issues.is_empty()
+        && let Err(iot::IotError::File { key, message }) = iot::tls_config(iot_config)
+    {
+        issues.push(Issue::new(key, message));
     }
     issues
 }

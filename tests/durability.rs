@@ -108,7 +108,7 @@ async fn a_lambda_outage_then_throttling_then_recovery_delivers_everything_acros
         publisher.publish("stream/a", 1, i.to_string()).await;
     }
     daemon.wait_buffered((N / 2) as usize).await;
-    daemon.wait_for_log("code=Dispatch").await;
+    daemon.wait_for_log("code=ConnectionFailed").await;
 
     // Restart the daemon during the outage: what it buffered stays on disk.
     let mut daemon = daemon;

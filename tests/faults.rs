@@ -150,7 +150,7 @@ max_wait = "50ms"
     }
     publisher.wait_acked(N as usize).await;
     // The buffer is full (64 KiB) long before 3,000 messages of 200 bytes; Lambda is down.
-    daemon.wait_for_log("code=Dispatch").await;
+    daemon.wait_for_log("code=ConnectionFailed").await;
     let buffered = daemon.buffered();
     assert!(
         buffered < N as usize,

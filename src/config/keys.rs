@@ -99,6 +99,25 @@ pub const KEYS: &[(&str, Expect)] = &[
     ("aws.connect_timeout", Expect::Duration("5s")),
     ("aws.operation_timeout", Expect::Duration("30s")),
     ("aws.max_concurrency", Expect::Count("32")),
+    ("aws.iot", Expect::Table("[aws.iot]")),
+    (
+        "aws.iot.credentials_endpoint",
+        Expect::Text("c1234567890abc.credentials.iot.eu-west-1.amazonaws.com"),
+    ),
+    ("aws.iot.role_alias", Expect::Text("mqtt-lambda-bridge")),
+    ("aws.iot.thing_name", Expect::Text("gw-01")),
+    (
+        "aws.iot.cert_file",
+        Expect::Path("/etc/mqtt-lambda-bridge/device.pem"),
+    ),
+    (
+        "aws.iot.key_file",
+        Expect::Path("/etc/mqtt-lambda-bridge/device.key"),
+    ),
+    (
+        "aws.iot.ca_file",
+        Expect::Path("/etc/mqtt-lambda-bridge/AmazonRootCA1.pem"),
+    ),
     ("buffer", Expect::Table("[buffer]")),
     ("buffer.dir", Expect::Path("/var/lib/mqtt-lambda-bridge")),
     ("buffer.max_size", Expect::Size("256MiB")),

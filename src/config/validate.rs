@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{
-    AggregateConfig, AwsConfig, BatchConfig, BufferConfig, InvocationType, MIN_QUEUE_SIZE,
-    MqttConfig, RateLimitConfig, RuleConfig, ThrottleConfig, TlsConfig, parse_mqtt_url,
+    AggregateConfig, AwsConfig, BatchConfig, BufferConfig, InvocationType, IotConfig,
+    MIN_QUEUE_SIZE, MqttConfig, RateLimitConfig, RuleConfig, ThrottleConfig, TlsConfig,
+    parse_mqtt_url,
 };
 use crate::rules;
 
@@ -115,7 +116,66 @@ pub fn aws(aws: &AwsConfig) -> Vec<Issue> {
     if aws.connect_timeout.0.is_zero() {
         issues.push(Issue::new("aws.connect_timeout", "must be above zero"));
     }
+    if let Some(iot) = &aws.iot {
+        issues.extend(aws_iot(iot));
+    }
     issues
+}
+
+/// `[aws.iot]`: the shape of the endpoint and the names; its files are read by `preflight`.
+fn aws_iot(iot: &IotConfig) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    if let Err(message) = iot_endpoint(&iot.credentials_endpoint) {
+        issues.push(Issue::new("aws.iot.credentials_endpoint", message));
+    }
+    // AWS's patterns: role alias [\w=,@-]+, thing name [a-zA-Z0-9:_-]+; both go into the
+    // request as they are, so nothing else may pass.
+    let names = [
+        ("aws.iot.role_alias", &iot.role_alias, "=,@"),
+        ("aws.iot.thing_name", &iot.thing_name, ":"),
+    ];
+    for (key, value, extra) in names {
+        if value.is_empty() {
+            issues.push(Issue::new(key, "must not be empty"));
+        } else if let Some(bad) = value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-' || extra.contains(*c)))
+        {
+            issues.push(Issue::new(
+                key,
+                format!("{value:?} contains {bad:?}; AWS IoT allows letters, digits, '_', '-' and {extra:?}"),
+            ));
+        }
+    }
+    issues
+}
+
+/// `host` or `host:port`, as `aws iot describe-endpoint` prints it: no scheme, no path.
+pub fn iot_endpoint(endpoint: &str) -> Result<(), String> {
+    if endpoint.contains("://") || endpoint.contains('/') {
+        return Err(format!(
+            "{endpoint:?}: write the host alone, e.g. \"c1234567890abc.credentials.iot.eu-west-1.amazonaws.com\" (the bridge adds https:// and the path)"
+        ));
+    }
+    let (host, port) = match endpoint.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (endpoint, None),
+    };
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return Err(format!("{endpoint:?} is not a host name"));
+    }
+    if let Some(port) = port
+        && port.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return Err(format!(
+            "{endpoint:?}: the port must be a number from 1 to 65535"
+        ));
+    }
+    Ok(())
 }
 
 /// `[buffer]`; `rule_count` because `max_size` is shared by the rules.
@@ -422,6 +482,30 @@ pub fn function(function: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iot_endpoints_are_a_host_and_an_optional_port() {
+        for ok in [
+            "c1.credentials.iot.eu-west-1.amazonaws.com",
+            "localhost:8443",
+        ] {
+            assert_eq!(iot_endpoint(ok), Ok(()), "{ok}");
+        }
+        for (bad, expected) in [
+            (
+                "https://c1.credentials.iot.eu-west-1.amazonaws.com",
+                "write the host alone",
+            ),
+            ("host/role-aliases", "write the host alone"),
+            ("host:0", "port must be"),
+            ("host:https", "port must be"),
+            ("", "not a host name"),
+            ("a b", "not a host name"),
+        ] {
+            let err = iot_endpoint(bad).expect_err(bad);
+            assert!(err.contains(expected), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn function_names_and_arns_are_accepted() {

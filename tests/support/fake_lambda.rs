@@ -81,6 +81,8 @@ struct Inner {
     scripts: HashMap<String, VecDeque<Reply>>,
     /// Functions answered with 404 ResourceNotFoundException, always.
     missing: HashSet<String>,
+    /// Functions answered with 403 AccessDeniedException, always.
+    denied: HashSet<String>,
     /// Requests answered with an error, in all.
     refused: usize,
     /// Requests being answered now.
@@ -165,6 +167,16 @@ impl FakeLambda {
             .lock()
             .expect("lock")
             .missing
+            .insert(function.to_owned());
+    }
+
+    /// Answers every request for `function` with 403 AccessDeniedException, as Lambda does
+    /// when the caller's policy does not allow lambda:InvokeFunction on it.
+    pub fn denied(&self, function: &str) {
+        self.inner
+            .lock()
+            .expect("lock")
+            .denied
             .insert(function.to_owned());
     }
 
@@ -288,6 +300,13 @@ async fn answer(
                 message: "Function not found",
                 retry_after: None,
             }
+        } else if inner.denied.contains(&function) {
+            Reply::Error {
+                status: 403,
+                code: "AccessDeniedException",
+                message: "User: arn:aws:iam::123456789012:user/bridge is not authorized to perform: lambda:InvokeFunction",
+                retry_after: None,
+            }
         } else {
             inner
                 .scripts
@@ -353,6 +372,9 @@ async fn answer(
     fake.notify.notify_waiters();
     if invocation_type.as_deref() == Some("RequestResponse") {
         (StatusCode::OK, "null").into_response()
+    } else if invocation_type.as_deref() == Some("DryRun") {
+        // Lambda checked the function, the qualifier and the permission, and ran nothing.
+        StatusCode::NO_CONTENT.into_response()
     } else {
         StatusCode::ACCEPTED.into_response()
     }
