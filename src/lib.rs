@@ -28,6 +28,8 @@
 //!   shared with `check`.
 //! - [`invoker`]: the [`invoker::Invoke`] seam, the AWS SDK client, failure classification.
 //! - [`health`]: facts about the daemon's state shared by its reporters (broker connection).
+//! - [`metrics`]: `/metrics` (Prometheus), `/healthz` and `/readyz`, read from the counters.
+//! - [`http`]: a small HTTP/1.1 listener with bounded connections; routing is the caller's.
 //! - [`shutdown`]: the stop signal shared by every task.
 //! - [`admin`]: the `buffer stats` and `buffer dead-letters` commands.
 //!
@@ -39,7 +41,9 @@ pub mod batch;
 pub mod config;
 pub mod envelope;
 pub mod health;
+pub mod http;
 pub mod invoker;
+pub mod metrics;
 pub mod mqtt;
 pub mod pipeline;
 pub mod plan;
@@ -81,6 +85,9 @@ pub enum RunError {
         /// Why.
         source: std::io::Error,
     },
+    /// The metrics listener could not start.
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     /// Another process (a running daemon) holds the buffer.
     #[error(
         "buffer.dir {0}: in use by another mqtt-lambda-bridge process (stop the daemon first, e.g. systemctl stop mqtt-lambda-bridge)"
@@ -196,6 +203,15 @@ pub async fn run_with<I: Invoke>(
         }
     }
 
+    let health = Arc::new(health::Health::new());
+    let metrics = metrics::serve(
+        config.metrics.as_ref(),
+        &config.mqtt.url,
+        routes.clone(),
+        health.clone(),
+    )
+    .await?;
+
     let (stop_ingest, ingest_shutdown) = shutdown::channel();
     let (stop_delivery, drain) = shutdown::channel();
 
@@ -218,7 +234,6 @@ pub async fn run_with<I: Invoke>(
         "mqtt-lambda-bridge started"
     );
 
-    let health = Arc::new(health::Health::new());
     let ingest = tokio::spawn(mqtt::run(
         options,
         routes.clone(),
@@ -278,5 +293,6 @@ pub async fn run_with<I: Invoke>(
             "rule summary"
         );
     }
+    metrics.stop().await;
     Ok(())
 }
