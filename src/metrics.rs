@@ -170,9 +170,11 @@ pub fn wants_openmetrics(accept: Option<&str>) -> bool {
         accept.split(',').any(|part| {
             let mut params = part.split(';').map(str::trim);
             let media = params.next().unwrap_or("");
-            // `q=0` means "not this one".
+            // `q=0` (or `0.0`, `0.000`) means "not this one". Compared as text: parsing floats
+            // would pull float parsing into memory for this alone.
+            let refused = |q: &str| !q.is_empty() && q.chars().all(|c| c == '0' || c == '.');
             media.eq_ignore_ascii_case(OPENMETRICS_MEDIA_TYPE)
-                && !params.any(|p| p.strip_prefix("q=").is_some_and(|q| q.parse() == Ok(0.0)))
+                && !params.any(|p| p.strip_prefix("q=").is_some_and(refused))
         })
     })
 }
@@ -563,7 +565,8 @@ fn parse_stat(text: &str, ticks_per_second: f64, page_size: f64) -> Option<Proce
     let rest = &text[text.rfind(')')? + 1..];
     // `rest` starts at field 3 (state); utime is field 14.
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
+    // Whole numbers, parsed as such (float parsing is a lot of code to keep resident).
+    let field = |n: usize| -> Option<f64> { Some(fields.get(n - 3)?.parse::<u64>().ok()? as f64) };
     Some(ProcessStat {
         cpu_seconds: (field(14)? + field(15)?) / ticks_per_second,
         started_after_boot: field(22)? / ticks_per_second,
@@ -575,20 +578,22 @@ fn parse_stat(text: &str, ticks_per_second: f64, page_size: f64) -> Option<Proce
 /// When the process started, from its start after boot and the boot time in `/proc/stat`.
 fn process_start_time() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let boot: f64 = stat
+    let boot: u64 = stat
         .lines()
         .find_map(|l| l.strip_prefix("btime "))?
         .trim()
         .parse()
         .ok()?;
-    Some(boot + ProcessStat::read()?.started_after_boot)
+    Some(boot as f64 + ProcessStat::read()?.started_after_boot)
 }
 
 /// The soft limit on open file descriptors.
 fn max_fds() -> Option<f64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
+    // "unlimited" is left out, as the Go client does.
+    let max: u64 = line.split_whitespace().nth(3)?.parse().ok()?;
+    Some(max as f64)
 }
 
 fn now_seconds() -> f64 {
