@@ -40,8 +40,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -49,7 +47,7 @@ use prometheus_client::registry::Registry;
 
 use crate::config::{MetricsConfig, parse_mqtt_url};
 use crate::health::Health;
-use crate::http::{self, Body};
+use crate::http::{self, Request, Response};
 use crate::plan::RuleStats;
 use crate::queue::DiskQueue;
 use crate::routing::{Route, Routes};
@@ -149,15 +147,15 @@ pub enum Endpoint {
     MethodNotAllowed,
 }
 
-/// Routes a request by method and path (the query string is ignored). Pure.
-pub fn route(method: &Method, path: &str) -> Endpoint {
+/// Routes a request by method and path. Pure.
+pub fn route(method: &str, path: &str) -> Endpoint {
     let endpoint = match path {
         "/metrics" => Endpoint::Metrics,
         "/healthz" => Endpoint::Healthz,
         "/readyz" => Endpoint::Readyz,
         _ => return Endpoint::NotFound,
     };
-    if method == Method::GET || method == Method::HEAD {
+    if method == "GET" || method == "HEAD" {
         endpoint
     } else {
         Endpoint::MethodNotAllowed
@@ -209,7 +207,7 @@ impl Endpoints {
         }
     }
 
-    fn metrics(&self, openmetrics: bool) -> Response<Body> {
+    fn metrics(&self, openmetrics: bool) -> Response {
         let mut out = String::with_capacity(16 * 1024);
         let (encoded, content_type) = if openmetrics {
             let encoded = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -220,41 +218,30 @@ impl Endpoints {
             (encoded, PROMETHEUS_TEXT)
         };
         match encoded {
-            Ok(()) => http::response(200, content_type, out),
+            Ok(()) => Response::new(200, content_type, out),
             Err(fmt::Error) => {
                 tracing::error!("cannot encode the metrics");
-                http::text(500, "cannot encode the metrics")
+                Response::text(500, "cannot encode the metrics")
             }
         }
     }
 }
 
 impl http::Handler for Endpoints {
-    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
-        match route(request.method(), request.uri().path()) {
-            Endpoint::Metrics => {
-                let accept = request
-                    .headers()
-                    .get(hyper::header::ACCEPT)
-                    .and_then(|v| v.to_str().ok());
-                self.metrics(wants_openmetrics(accept))
-            }
-            Endpoint::Healthz => http::text(200, "ok"),
+    async fn handle(&self, request: Request) -> Response {
+        match route(&request.method, &request.path) {
+            Endpoint::Metrics => self.metrics(wants_openmetrics(request.header("accept"))),
+            Endpoint::Healthz => Response::text(200, "ok"),
             Endpoint::Readyz => match self.readiness.not_ready() {
-                None => http::text(200, "ready"),
-                Some(reason) => http::text(503, &reason),
+                None => Response::text(200, "ready"),
+                Some(reason) => Response::text(503, &reason),
             },
-            Endpoint::NotFound => http::text(
+            Endpoint::NotFound => Response::text(
                 404,
                 "not found: the paths are /metrics, /healthz and /readyz",
             ),
             Endpoint::MethodNotAllowed => {
-                let mut response = http::text(405, "method not allowed: use GET");
-                response.headers_mut().insert(
-                    hyper::header::ALLOW,
-                    hyper::header::HeaderValue::from_static("GET, HEAD"),
-                );
-                response
+                Response::text(405, "method not allowed: use GET").with_header("allow", "GET, HEAD")
             }
         }
     }
@@ -608,13 +595,13 @@ mod tests {
 
     #[test]
     fn paths_and_methods_are_routed() {
-        assert_eq!(route(&Method::GET, "/metrics"), Endpoint::Metrics);
-        assert_eq!(route(&Method::HEAD, "/healthz"), Endpoint::Healthz);
-        assert_eq!(route(&Method::GET, "/readyz"), Endpoint::Readyz);
-        assert_eq!(route(&Method::GET, "/"), Endpoint::NotFound);
-        assert_eq!(route(&Method::GET, "/metrics/"), Endpoint::NotFound);
-        assert_eq!(route(&Method::POST, "/metrics"), Endpoint::MethodNotAllowed);
-        assert_eq!(route(&Method::DELETE, "/nope"), Endpoint::NotFound);
+        assert_eq!(route("GET", "/metrics"), Endpoint::Metrics);
+        assert_eq!(route("HEAD", "/healthz"), Endpoint::Healthz);
+        assert_eq!(route("GET", "/readyz"), Endpoint::Readyz);
+        assert_eq!(route("GET", "/"), Endpoint::NotFound);
+        assert_eq!(route("GET", "/metrics/"), Endpoint::NotFound);
+        assert_eq!(route("POST", "/metrics"), Endpoint::MethodNotAllowed);
+        assert_eq!(route("DELETE", "/nope"), Endpoint::NotFound);
     }
 
     #[test]
