@@ -187,7 +187,7 @@ impl Endpoints {
     fn new(broker_url: &str, routes: Arc<Routes<DiskQueue>>, health: Arc<Health>) -> Self {
         // The URL without credentials or path: it goes into a response anyone may read.
         let broker = parse_mqtt_url(broker_url).map_or_else(
-            |_| broker_url.to_owned(),
+            |_| without_userinfo(broker_url),
             |a| {
                 let scheme = if a.tls { "mqtts" } else { "mqtt" };
                 format!("{scheme}://{}:{}", a.host, a.port)
@@ -583,6 +583,16 @@ fn max_fds() -> Option<f64> {
     Some(max as f64)
 }
 
+/// `mqtt://user:pass@host` → `mqtt://host`: what a URL may show to anyone. Pure.
+fn without_userinfo(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}{}", &url[..scheme_end + 3], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 fn now_seconds() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -614,6 +624,64 @@ mod tests {
         assert!(!wants_openmetrics(Some("application/openmetrics-text;q=0")));
         assert!(!wants_openmetrics(Some("*/*")));
         assert!(!wants_openmetrics(None));
+    }
+
+    #[tokio::test]
+    async fn not_ready_names_the_broker_then_a_buffer_that_cannot_be_written() {
+        use crate::plan::RulePlan;
+        use crate::queue::deadletter::DeadLetters;
+        use crate::queue::{DiskQueueConfig, FaultStorage};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let queue = DiskQueue::open_with(
+            DiskQueueConfig {
+                dir: dir.path().join("temperature"),
+                segment_size: crate::queue::disk::DEFAULT_SEGMENT_SIZE,
+                max_size: 1024 * 1024,
+                when_full: crate::config::WhenFull::DropOldest,
+                max_age: None,
+            },
+            Arc::new(storage.clone()),
+        )
+        .expect("open");
+        let route = Arc::new(Route {
+            plan: Arc::new(RulePlan::for_tests("temperature")),
+            filter: "t/#".into(),
+            qos: 1,
+            queue: Arc::new(queue),
+            stats: Arc::default(),
+            dead_letters: DeadLetters::new(dir.path()),
+        });
+        let routes = Arc::new(Routes::new(vec![route.clone()]));
+        let health = Arc::new(Health::new());
+        let endpoints =
+            Endpoints::new("mqtt://user:secret@broker.lan:1884", routes, health.clone());
+        let reason = || endpoints.readiness.not_ready();
+
+        assert_eq!(
+            reason().as_deref(),
+            Some("not connected to the MQTT broker at mqtt://broker.lan:1884")
+        );
+        health.set_mqtt_connected(true);
+        assert_eq!(reason(), None);
+
+        storage.read_only(true);
+        let message = crate::envelope::Message::received(
+            "t/1".into(),
+            b"1".to_vec(),
+            1,
+            false,
+            SystemTime::now(),
+        );
+        use crate::queue::Queue;
+        assert!(route.queue.append(vec![message]).await.is_err());
+        assert_eq!(
+            reason().as_deref(),
+            Some(
+                "buffer for rule temperature cannot be written: the last write failed (disk full, read-only or I/O error)"
+            )
+        );
     }
 
     #[test]
