@@ -598,3 +598,41 @@ async fn a_real_prometheus_server_scrapes_the_bridge() {
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
 }
+
+#[tokio::test]
+async fn the_oldest_buffered_message_ages_until_lambda_accepts_it() {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    lambda
+        .fake
+        .script("slow", [Reply::Slow(Duration::from_secs(3))]);
+    let port = free_port();
+    let rules = "[[rules]]\nname = \"r\"\ntopic = \"t/#\"\nfunction = \"slow\"\n";
+    let daemon = Daemon::start(&with_metrics(
+        config(&broker.url(), &lambda.endpoint(), rules),
+        port,
+    ))
+    .await;
+    daemon.wait_for_log("subscribed").await;
+    wait_for_port(port).await;
+    let publisher = Publisher::connect(broker.port).await;
+    publisher.publish("t/1", 1, "x").await;
+    publisher.wait_acked(1).await;
+
+    let series = "mlb_buffer_oldest_age_seconds{rule=\"r\"}";
+    let text = scrape_until(port, "the message is a second old, still buffered", |t| {
+        sample(t, series).is_some_and(|age| age >= 1.0)
+    })
+    .await;
+    assert_eq!(sample(&text, "mlb_buffer_messages{rule=\"r\"}"), Some(1.0));
+    let age = sample(&text, series).expect("age");
+    assert!(age < 3.5, "{age}");
+    scrape_until(port, "delivered, nothing buffered", |t| {
+        sample(t, "mlb_messages_delivered_total{rule=\"r\"}") == Some(1.0)
+            && sample(t, series) == Some(0.0)
+            && sample(t, "mlb_buffer_messages{rule=\"r\"}") == Some(0.0)
+    })
+    .await;
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}
