@@ -56,6 +56,9 @@ pub struct Config {
     /// Where messages wait between the broker's acknowledgement and Lambda's.
     #[serde(default)]
     pub buffer: BufferConfig,
+    /// The HTTP listener for `/metrics`, `/healthz` and `/readyz`; absent: none.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     /// Topic filters and the functions their messages go to.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
@@ -156,6 +159,27 @@ impl Default for AwsConfig {
             max_concurrency: defaults::global_concurrency(),
             iot: None,
         }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address and port of the HTTP listener, e.g. `127.0.0.1:9464` (validated as an IP
+    /// socket address, so a typo is a configuration error rather than a failed bind).
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The listen address; validation made sure it parses.
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, String> {
+        self.listen.trim().parse().map_err(|_| {
+            format!(
+                "expected an IP address and port like \"127.0.0.1:9464\" or \"[::1]:9464\", got \"{}\"",
+                self.listen
+            )
+        })
     }
 }
 
@@ -561,6 +585,7 @@ impl Config {
         let mut issues = validate::mqtt(&self.mqtt);
         issues.extend(validate::aws(&self.aws));
         issues.extend(validate::buffer(&self.buffer, self.rules.len()));
+        issues.extend(validate::metrics(self.metrics.as_ref()));
         issues.extend(validate::rules(&self.rules));
         if issues.is_empty() {
             Ok(self)

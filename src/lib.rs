@@ -29,6 +29,8 @@
 //! - [`invoker`]: the [`invoker::Invoke`] seam, the AWS SDK client, failure classification.
 //! - [`health`]: facts about the daemon's state shared by its reporters (broker connection,
 //!   whether the ingest and delivery loops turn).
+//! - [`metrics`]: `/metrics` (Prometheus), `/healthz` and `/readyz`, read from the counters.
+//! - [`http`]: a small HTTP/1.1 listener with bounded connections; routing is the caller's.
 //! - [`notify`]: systemd's notify protocol: READY, the watchdog, STATUS, RELOADING, STOPPING.
 //! - [`clock`]: wall clock jumps, and message ages for `buffer.max_age` that a jump cannot
 //!   inflate.
@@ -47,7 +49,9 @@ pub mod clock;
 pub mod config;
 pub mod envelope;
 pub mod health;
+pub mod http;
 pub mod invoker;
+pub mod metrics;
 pub mod mqtt;
 pub mod notify;
 pub mod pipeline;
@@ -90,6 +94,9 @@ pub enum RunError {
         /// Why.
         source: std::io::Error,
     },
+    /// The metrics listener could not start.
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     /// Another process (a running daemon) holds the buffer.
     #[error(
         "buffer.dir {0}: in use by another mqtt-lambda-bridge process (stop the daemon first, e.g. systemctl stop mqtt-lambda-bridge)"
@@ -228,11 +235,21 @@ pub async fn run_with_reloads<I: Invoke>(
         }
     }
 
+    let health = Arc::new(health::Health::new());
+    // Every rule's route, kept current by the live rule set, for the reporters.
+    let shared = routing::SharedRoutes::default();
+    let metrics = metrics::serve(
+        config.metrics.as_ref(),
+        &config.mqtt.url,
+        shared.clone(),
+        health.clone(),
+    )
+    .await?;
+
     let (stop_ingest, ingest_shutdown) = shutdown::channel();
     let (stop_delivery, drain) = shutdown::channel();
     let (subscriptions, subscription_requests) = mqtt::subscriptions();
     let shutdown_timeout = config.shutdown_timeout.0;
-    let health = Arc::new(health::Health::new());
     let notifier = Arc::new(notify::Notifier::from_env());
     let watchdog = notify::watchdog_ping_interval().filter(|_| notifier.enabled());
     if let Some(ping) = watchdog {
@@ -251,6 +268,7 @@ pub async fn run_with_reloads<I: Invoke>(
         drain,
         subscriptions,
         health.clone(),
+        shared,
     );
 
     let ingest = tokio::spawn(mqtt::run(
@@ -308,6 +326,7 @@ pub async fn run_with_reloads<I: Invoke>(
         supervisor.abort();
     }
     clock_watch.abort();
+    metrics.stop().await;
     Ok(())
 }
 

@@ -37,6 +37,7 @@
 //! failing function holds up only its own rule.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -179,6 +180,9 @@ pub struct Core {
     consumed: Option<Seq>,
     /// Acknowledged through this.
     acked: Option<Seq>,
+    /// Sequence and receipt time (ms) of each message read and not yet acknowledged, oldest
+    /// first: the front is the buffer's oldest message, for `mlb_buffer_oldest_age_seconds`.
+    unacked_received: VecDeque<(Seq, u64)>,
 }
 
 impl Core {
@@ -197,6 +201,7 @@ impl Core {
             writing_letter: false,
             consumed: None,
             acked: None,
+            unacked_received: VecDeque::new(),
         }
     }
 
@@ -217,8 +222,19 @@ impl Core {
         }
         for entry in entries {
             self.consumed = Some(self.consumed.map_or(entry.seq, |c| c.max(entry.seq)));
+            self.unacked_received
+                .push_back((entry.seq, entry.message.received_at_ms()));
             self.former.push(entry, now);
         }
+        self.publish_oldest();
+    }
+
+    /// Tells the counters the receipt time of the oldest message still unacknowledged.
+    fn publish_oldest(&self) {
+        let oldest = self.unacked_received.front().map_or(0, |(_, ms)| *ms);
+        self.stats
+            .oldest_unacked_ms
+            .store(oldest, Ordering::Relaxed);
     }
 
     /// Time passed: batch deadlines, windows, held messages (letter retries are due by
@@ -395,6 +411,14 @@ impl Core {
             return None;
         }
         self.acked = Some(through);
+        while self
+            .unacked_received
+            .front()
+            .is_some_and(|(seq, _)| *seq <= through)
+        {
+            self.unacked_received.pop_front();
+        }
+        self.publish_oldest();
         Some(through)
     }
 
@@ -716,7 +740,10 @@ async fn send_event<I: Invoke>(
             invocation: plan.invocation,
             payload: payload.to_vec(),
         };
-        let err = match invoker.invoke(request).await {
+        let started = Instant::now();
+        let result = invoker.invoke(request).await;
+        stats.invoke_seconds.observe(started.elapsed());
+        let err = match result {
             Ok(()) => {
                 if let Ok(mut aimd) = aimd.lock() {
                     aimd.on_success();
@@ -737,6 +764,7 @@ async fn send_event<I: Invoke>(
             tracing::info!(rule = %plan.name, concurrency = aimd.limit(), "throttled: fewer invocations in flight");
         }
         if is_permanent(&err, attempt) {
+            RuleStats::add(&stats.attempts_refused, 1);
             let (code, reason) = match &err {
                 InvokeError::FunctionError { kind, detail } => (
                     "FunctionError".to_owned(),
@@ -753,6 +781,10 @@ async fn send_event<I: Invoke>(
                 last_attempt_at: deadletter::timestamp(SystemTime::now()),
                 event: serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null),
             }));
+        }
+        match err {
+            InvokeError::Throttled { .. } => RuleStats::add(&stats.attempts_throttled, 1),
+            _ => RuleStats::add(&stats.attempts_error, 1),
         }
         let mut delay = backoff.next().unwrap_or(RETRY_MAX_DELAY);
         if let InvokeError::Throttled {
@@ -1154,6 +1186,38 @@ mod tests {
         core.on_finished(Ticket::of(&units[0]), Some(Outcome::Delivered));
         assert_eq!(core.ack_through(), Some(2));
         assert_eq!(core.ack_through(), None, "reported once");
+    }
+
+    #[test]
+    fn the_oldest_unacknowledged_message_is_published_until_its_ack() {
+        let start = std::time::Instant::now();
+        let stats = Arc::new(RuleStats::default());
+        let mut core = Core::new(Arc::new(plan(1, Duration::ZERO)), stats.clone());
+        let received = |n: u64| {
+            Message::received(
+                "t".into(),
+                b"x".to_vec(),
+                1,
+                false,
+                UNIX_EPOCH + Duration::from_secs(1_000 + n),
+            )
+        };
+        let read: Vec<Entry> = (0..2)
+            .map(|seq| Entry {
+                seq,
+                message: received(seq),
+            })
+            .collect();
+        core.on_read(read, at(start, 0));
+        let oldest = || RuleStats::get(&stats.oldest_unacked_ms);
+        assert_eq!(oldest(), 1_000_000);
+        let units = core.start(2);
+        core.on_finished(Ticket::of(&units[0]), Some(Outcome::Delivered));
+        assert_eq!(core.ack_through(), Some(0));
+        assert_eq!(oldest(), 1_001_000, "the second is the oldest now");
+        core.on_finished(Ticket::of(&units[1]), Some(Outcome::Delivered));
+        assert_eq!(core.ack_through(), Some(1));
+        assert_eq!(oldest(), 0, "none left");
     }
 
     #[test]

@@ -168,6 +168,17 @@ pub struct RuleStats {
     pub throttled_deadband: AtomicU64,
     /// Topics `[rules.throttle]` forgot to stay under its cap on tracked topics.
     pub throttle_forgotten: AtomicU64,
+    /// Failed invocation attempts that Lambda throttled (retried).
+    pub attempts_throttled: AtomicU64,
+    /// Failed invocation attempts retried for any other reason.
+    pub attempts_error: AtomicU64,
+    /// Failed invocation attempts after which the event went to the dead-letter store.
+    pub attempts_refused: AtomicU64,
+    /// How long each invocation attempt took.
+    pub invoke_seconds: DurationHistogram,
+    /// Receipt time (ms since the epoch) of the oldest message delivery has read and not yet
+    /// acknowledged in the queue; 0 when it holds none.
+    pub oldest_unacked_ms: AtomicU64,
 }
 
 impl RuleStats {
@@ -182,6 +193,61 @@ impl RuleStats {
     }
 }
 
+/// Upper bounds (seconds) of the invocation duration buckets: an Invoke over a good link
+/// takes tens of milliseconds, over LTE hundreds, and the SDK gives up on a dead one after its
+/// timeouts, some tens of seconds.
+pub const INVOKE_BUCKETS: [f64; 12] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
+];
+
+/// A histogram of durations over [`INVOKE_BUCKETS`], written without locks.
+#[derive(Debug, Default)]
+pub struct DurationHistogram {
+    /// Observations per bucket (not cumulative); the last one is above every bound (+Inf).
+    buckets: [AtomicU64; INVOKE_BUCKETS.len() + 1],
+    /// Sum of all observations, in microseconds.
+    sum_micros: AtomicU64,
+}
+
+/// What a [`DurationHistogram`] held when read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Sum of the observations, in seconds.
+    pub sum: f64,
+    /// Number of observations.
+    pub count: u64,
+    /// (upper bound, observations in this bucket alone), the last bound `f64::INFINITY`.
+    pub buckets: Vec<(f64, u64)>,
+}
+
+impl DurationHistogram {
+    /// Counts one duration.
+    pub fn observe(&self, duration: Duration) {
+        let secs = duration.as_secs_f64();
+        let i = INVOKE_BUCKETS
+            .iter()
+            .position(|bound| secs <= *bound)
+            .unwrap_or(INVOKE_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// The counts now. The count is the buckets' total, so the two always agree.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let bounds = INVOKE_BUCKETS.iter().copied().chain([f64::INFINITY]);
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(&self.buckets)
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        HistogramSnapshot {
+            sum: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            count: buckets.iter().map(|(_, n)| n).sum(),
+            buckets,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +255,20 @@ mod tests {
 
     fn message(payload: Vec<u8>) -> Message {
         Message::received("t".into(), payload, 1, false, UNIX_EPOCH)
+    }
+
+    #[test]
+    fn durations_land_in_the_first_bucket_that_holds_them() {
+        let h = DurationHistogram::default();
+        h.observe(Duration::from_millis(10));
+        h.observe(Duration::from_millis(11));
+        h.observe(Duration::from_secs(60));
+        let s = h.snapshot();
+        assert_eq!(s.count, 3);
+        assert_eq!(s.buckets[0], (0.01, 1));
+        assert_eq!(s.buckets[1], (0.025, 1));
+        assert_eq!(s.buckets.last(), Some(&(f64::INFINITY, 1)));
+        assert!((s.sum - 60.021).abs() < 1e-9, "{}", s.sum);
     }
 
     #[test]

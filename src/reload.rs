@@ -41,7 +41,7 @@ use crate::pipeline::{self, DeliveryError, Directive};
 use crate::plan::{RulePlan, RuleStats};
 use crate::queue::DiskQueue;
 use crate::queue::deadletter::DeadLetters;
-use crate::routing::{Route, RouteTable, Routes};
+use crate::routing::{Route, RouteTable, Routes, SharedRoutes};
 use crate::shutdown::Shutdown;
 
 /// What changed between the configuration in force and the file. Pure data.
@@ -102,6 +102,11 @@ fn restart_settings(config: &Config) -> Vec<(&'static str, String)> {
             format!("{:?}", aws.operation_timeout),
         ),
         ("aws.max_concurrency", aws.max_concurrency.to_string()),
+        ("aws.iot", format!("{:?}", aws.iot)),
+        (
+            "metrics.listen",
+            format!("{:?}", config.metrics.as_ref().map(|m| &m.listen)),
+        ),
         ("buffer.dir", buffer.dir.display().to_string()),
         ("buffer.max_size", buffer.max_size.0.to_string()),
         ("buffer.when_full", format!("{:?}", buffer.when_full)),
@@ -227,12 +232,8 @@ pub struct LiveRules<I> {
     /// Proves each delivery loop alive for the systemd watchdog.
     health: Arc<Health>,
     /// [`LiveRules::routes`] as of the last change, for reporters in other tasks.
-    shared: SharedRoutes,
+    shared: SharedRoutes<DiskQueue>,
 }
-
-/// Every rule's route (in force and draining), readable from any task; updated whenever a
-/// rule starts or stops.
-pub type SharedRoutes = Arc<std::sync::RwLock<Vec<Arc<Route<DiskQueue>>>>>;
 
 impl<I: Invoke> LiveRules<I> {
     /// Starts a delivery task for every rule of `config` over its opened queue (rule order).
@@ -243,6 +244,7 @@ impl<I: Invoke> LiveRules<I> {
         drain: Shutdown,
         subscriptions: crate::mqtt::Subscriptions,
         health: Arc<Health>,
+        shared: SharedRoutes<DiskQueue>,
     ) -> Self {
         let routes: Vec<Arc<Route<DiskQueue>>> = config
             .rules
@@ -262,7 +264,7 @@ impl<I: Invoke> LiveRules<I> {
             drain,
             subscriptions,
             health,
-            shared: SharedRoutes::default(),
+            shared,
         };
         for route in routes {
             live.spawn(route);
@@ -285,7 +287,7 @@ impl<I: Invoke> LiveRules<I> {
 
     /// [`LiveRules::routes`], kept up to date, for reporters in other tasks (status lines,
     /// metrics).
-    pub fn shared_routes(&self) -> SharedRoutes {
+    pub fn shared_routes(&self) -> SharedRoutes<DiskQueue> {
         self.shared.clone()
     }
 

@@ -403,6 +403,11 @@ fn set_aside_letter(
     }
 }
 
+/// Every rule's route (in force and removed-but-draining), readable from any task; the live
+/// rule set (reload.rs) replaces it whenever a rule starts or stops. Reporters (metrics, status
+/// lines) read it; ingest reads the [`RouteTable`] instead.
+pub type SharedRoutes<Q> = Arc<std::sync::RwLock<Vec<Arc<Route<Q>>>>>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

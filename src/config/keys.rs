@@ -127,6 +127,8 @@ pub const KEYS: &[(&str, Expect)] = &[
     ),
     ("buffer.max_age", Expect::Duration("7d")),
     ("buffer.segment_size", Expect::Size("8MiB")),
+    ("metrics", Expect::Table("[metrics]")),
+    ("metrics.listen", Expect::Text("127.0.0.1:9464")),
     ("rules", Expect::Tables("[[rules]]")),
     ("rules[]", Expect::Table("[[rules]]")),
     ("rules[].name", Expect::Text("temperature")),

@@ -1,5 +1,5 @@
 //! What serde cannot check, one function per section: `[mqtt]` (and `[mqtt.tls]`), `[aws]`,
-//! `[buffer]`, and each `[[rules]]` entry with its sub-tables. Each returns the problems it
+//! `[buffer]`, `[metrics]`, and each `[[rules]]` entry with its sub-tables. Each returns the problems it
 //! found as [`Issue`]s (key and message); [`super::Config::validate`] collects them all and
 //! places them in the file. None stops the others, and none touches the file system or the
 //! network: that is `preflight`'s job.
@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::{
     AggregateConfig, AwsConfig, BatchConfig, BufferConfig, InvocationType, IotConfig,
-    MIN_QUEUE_SIZE, MqttConfig, RateLimitConfig, RuleConfig, ThrottleConfig, TlsConfig,
-    parse_mqtt_url,
+    MIN_QUEUE_SIZE, MetricsConfig, MqttConfig, RateLimitConfig, RuleConfig, ThrottleConfig,
+    TlsConfig, parse_mqtt_url,
 };
 use crate::rules;
 
@@ -206,6 +206,14 @@ pub fn buffer(buffer: &BufferConfig, rule_count: usize) -> Vec<Issue> {
         ));
     }
     issues
+}
+
+/// `[metrics]`: the listen address must be an IP address and a port.
+pub fn metrics(metrics: Option<&MetricsConfig>) -> Vec<Issue> {
+    match metrics.map(MetricsConfig::listen_addr) {
+        Some(Err(message)) => vec![Issue::new("metrics.listen", message)],
+        _ => Vec::new(),
+    }
 }
 
 /// `[[rules]]`: at least one, names unique (also ignoring letter case), then each rule.
