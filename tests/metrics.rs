@@ -636,3 +636,52 @@ async fn the_oldest_buffered_message_ages_until_lambda_accepts_it() {
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
 }
+
+#[tokio::test]
+async fn a_rule_added_by_a_reload_is_scraped_and_a_removed_one_goes_once_drained() {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let port = free_port();
+    let rule = |name: &str, topic: &str| {
+        format!("[[rules]]\nname = \"{name}\"\ntopic = \"{topic}\"\nfunction = \"f{name}\"\n")
+    };
+    let daemon = Daemon::start(&with_metrics(
+        config(&broker.url(), &lambda.endpoint(), &rule("a", "a/#")),
+        port,
+    ))
+    .await;
+    daemon.wait_for_log("subscribed").await;
+    wait_for_port(port).await;
+
+    // Add rule b and remove a: edit the file (keeping the buffer where it is) and send SIGHUP.
+    let edited = with_metrics(
+        config(&broker.url(), &lambda.endpoint(), &rule("b", "b/#")),
+        port,
+    );
+    let buffer = format!("\n[buffer]\ndir = \"{}\"\n", daemon.buffer_dir().display());
+    std::fs::write(&daemon.config_path, format!("{edited}{buffer}")).expect("write config");
+    let pid = daemon.pid().expect("the daemon runs");
+    let hup = std::process::Command::new("kill")
+        .args(["-s", "HUP", "--"])
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    daemon.wait_for_log("configuration reloaded").await;
+    daemon.wait_for_log("rule=b filter=b/# granted").await;
+
+    let publisher = Publisher::connect(broker.port).await;
+    publisher.publish("b/1", 1, "1").await;
+    lambda.fake.wait_for_messages("fb", 1).await;
+    let text = scrape_until(port, "rule b counted, rule a gone once drained", |t| {
+        sample(t, "mlb_messages_delivered_total{rule=\"b\"}") == Some(1.0)
+            && sample(t, "mlb_messages_received_total{rule=\"a\"}").is_none()
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "mlb_messages_received_total{rule=\"b\"}"),
+        Some(1.0)
+    );
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}
