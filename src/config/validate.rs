@@ -187,6 +187,16 @@ pub fn rules(rules: &[RuleConfig]) -> Vec<Issue> {
             },
         }
         issues.extend(rule_fields(&prefix, rule));
+        if let Some((first, why)) = rules[..i]
+            .iter()
+            .enumerate()
+            .find_map(|(j, r)| rules::conflict(&r.topic, &rule.topic).map(|why| (j, why)))
+        {
+            issues.push(Issue::new(
+                format!("{prefix}.topic"),
+                format!("conflicts with rules[{first}].topic: {why}"),
+            ));
+        }
     }
     issues
 }
@@ -233,7 +243,7 @@ pub fn rule_name(name: &str) -> Result<(), String> {
 fn rule_fields(prefix: &str, rule: &RuleConfig) -> Vec<Issue> {
     let key = |field: &str| format!("{prefix}.{field}");
     let mut issues = Vec::new();
-    if let Err(message) = rules::validate_filter(&rule.topic) {
+    if let Err(message) = rules::validate_topic(&rule.topic) {
         issues.push(Issue::new(key("topic"), message));
     }
     if let Err(message) = function(&rule.function) {
@@ -481,6 +491,26 @@ mod tests {
             keys(rules(&config.rules)),
             ["rules[0].name", "rules[0].topic"]
         );
+    }
+
+    #[test]
+    fn shared_topics_are_checked_and_conflicts_named() {
+        let config = super::super::tests::load_unvalidated(
+            "[mqtt]\nurl = \"mqtt://x\"\n\
+             [[rules]]\nname = \"a\"\ntopic = \"$share/g/s/#\"\nfunction = \"f\"\n\
+             [[rules]]\nname = \"b\"\ntopic = \"$share/g/s/#\"\nfunction = \"f\"\n\
+             [[rules]]\nname = \"c\"\ntopic = \"s/x\"\nfunction = \"f\"\n\
+             [[rules]]\nname = \"d\"\ntopic = \"$share/g+/s\"\nfunction = \"f\"\n",
+        );
+        let issues = rules(&config.rules);
+        let keys: Vec<_> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, ["rules[2].topic", "rules[3].topic"], "{issues:#?}");
+        assert!(
+            issues[0]
+                .message
+                .starts_with("conflicts with rules[0].topic")
+        );
+        assert!(issues[1].message.contains("must not contain '+' or '#'"));
     }
 
     #[test]
