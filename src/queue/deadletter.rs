@@ -360,6 +360,9 @@ fn message_of(m: &serde_json::Value) -> Option<Message> {
         payload,
         qos: m.get("qos").and_then(|q| q.as_u64()).unwrap_or(1).min(2) as u8,
         retain: m.get("retain").and_then(|r| r.as_bool()).unwrap_or(false),
+        properties: m
+            .get("properties")
+            .and_then(crate::envelope::Properties::from_json),
     })
 }
 
@@ -473,6 +476,7 @@ mod tests {
             payload: payload.to_vec(),
             qos: 1,
             retain: false,
+            properties: None,
         }
     }
 
