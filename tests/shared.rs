@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use support::fake_lambda::{FakeLambda, FakeLambdaServer, Invocation};
-use support::{Daemon, Mosquitto, Publisher, config};
+use support::{Daemon, Mosquitto, Protocol, Publisher, config_for};
 
 /// The rule every member runs; `{function}` tells the members apart at the fake Lambda.
 fn rules(function: &str) -> String {
@@ -49,20 +49,40 @@ async fn wait_every_payload(fake: &FakeLambda, n: u64) -> BTreeMap<u64, BTreeMap
     fake.with_invocations(deliveries)
 }
 
-async fn member(broker: &Mosquitto, lambda: &FakeLambdaServer, function: &str) -> Daemon {
-    // `config` gives each a client id of its own, `Daemon::start` a buffer dir of its own.
-    let daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), &rules(function))).await;
+async fn member(
+    protocol: Protocol,
+    broker: &Mosquitto,
+    lambda: &FakeLambdaServer,
+    function: &str,
+) -> Daemon {
+    // `config_for` gives each a client id of its own, `Daemon::start` a buffer dir of its own.
+    let text = config_for(
+        protocol,
+        &broker.url(),
+        &lambda.endpoint(),
+        &rules(function),
+    );
+    let daemon = Daemon::start(&text).await;
     daemon.wait_for_log("subscribed").await;
     daemon
 }
 
 #[tokio::test]
 async fn two_bridges_in_one_group_each_take_a_fair_share_and_every_message_arrives_once() {
+    fair_share_once_each(Protocol::V311).await;
+}
+
+#[tokio::test]
+async fn over_mqtt5_two_bridges_in_one_group_split_the_load_and_every_message_arrives_once() {
+    fair_share_once_each(Protocol::V5).await;
+}
+
+async fn fair_share_once_each(protocol: Protocol) {
     const N: u64 = 1000;
     let broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
-    let a = member(&broker, &lambda, "a").await;
-    let b = member(&broker, &lambda, "b").await;
+    let a = member(protocol, &broker, &lambda, "a").await;
+    let b = member(protocol, &broker, &lambda, "b").await;
     assert!(a.log_text().contains("filter=$share/bridges/stream/#"));
 
     let publisher = Publisher::connect(broker.port).await;
@@ -92,8 +112,8 @@ async fn kill_9_of_one_member_mid_stream_loses_nothing() {
     const N: u64 = 2000;
     let broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
-    let a = member(&broker, &lambda, "a").await;
-    let b = member(&broker, &lambda, "b").await;
+    let a = member(Protocol::V311, &broker, &lambda, "a").await;
+    let b = member(Protocol::V311, &broker, &lambda, "b").await;
 
     let publisher = Publisher::connect(broker.port).await;
     let stream = {

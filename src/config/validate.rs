@@ -120,6 +120,14 @@ fn mqtt_v5(mqtt: &MqttConfig) -> Vec<Issue> {
             ));
         }
     }
+    if mqtt.keep_alive.0 >= Duration::from_secs(1)
+        && mqtt.keep_alive.0 < crate::mqtt::protocol::MIN_KEEP_ALIVE_V5
+    {
+        issues.push(Issue::new(
+            "mqtt.keep_alive",
+            "must be at least 5s with mqtt.protocol = \"5\" (the MQTT 5 client allows no less)",
+        ));
+    }
     if mqtt.receive_maximum == Some(0) {
         issues.push(Issue::new(
             "mqtt.receive_maximum",
@@ -568,6 +576,8 @@ mod tests {
         );
         let got = issues("protocol = \"5\"\nsession_expiry = \"0s\"");
         assert!(got[0].contains("must be at least 1s"), "{got:?}");
+        let got = issues("protocol = \"5\"\nkeep_alive = \"2s\"");
+        assert!(got[0].contains("at least 5s"), "{got:?}");
         let got = issues("protocol = \"5\"\nreceive_maximum = 0");
         assert!(got[0].contains("1 to 65535"), "{got:?}");
         let config = super::super::tests::load_unvalidated(
