@@ -129,6 +129,39 @@ async fn properties_survive_a_restart_in_the_disk_buffer() {
     assert_eq!(code, Some(0), "{log}");
 }
 
+#[tokio::test]
+async fn properties_are_kept_in_dead_letters() {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    lambda.fake.missing("f");
+    let daemon = Daemon::start(&config_for(
+        Protocol::V5,
+        &broker.url(),
+        &lambda.endpoint(),
+        RULES,
+    ))
+    .await;
+    daemon.wait_for_log("subscribed").await;
+    publish_v5(
+        broker.port,
+        "s/dead",
+        "1",
+        &["-D", "publish", "content-type", "text/plain"],
+    )
+    .await;
+    daemon.wait_for_log("moved to the dead-letter store").await;
+    let dead = std::fs::read_to_string(daemon.buffer_dir().join("t/dead-letters.jsonl"))
+        .expect("dead letters written");
+    let letter: serde_json::Value =
+        serde_json::from_str(dead.lines().next().expect("a letter")).expect("json line");
+    assert_eq!(
+        letter["event"]["messages"][0]["properties"],
+        json!({"content_type": "text/plain"})
+    );
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
 /// mosquitto's dynamic-security plugin, which (unlike `acl_file`, whose ACLs only filter
 /// delivery and never refuse a SUBSCRIBE) answers a denied subscription with a failure code.
 fn dynsec_plugin() -> &'static str {

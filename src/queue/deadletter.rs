@@ -395,7 +395,11 @@ mod tests {
                 false,
                 UNIX_EPOCH,
             ),
-            Message::received("a/text".into(), b"hello".to_vec(), 2, true, UNIX_EPOCH),
+            Message::received("a/text".into(), b"hello".to_vec(), 2, true, UNIX_EPOCH)
+                .with_properties(crate::envelope::Properties::kept(
+                    vec![("k".into(), "v".into())],
+                    Some("text/plain".into()),
+                )),
             Message::received("a/bin".into(), vec![0xff, 0], 1, false, UNIX_EPOCH),
         ];
         let event: serde_json::Value =
