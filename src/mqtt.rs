@@ -61,6 +61,9 @@ use protocol::{Ack, Client, Event, EventLoop, Granted, Inbound};
 /// large for Lambda are set aside after they arrive. Bound memory with the broker's own
 /// `message_size_limit`.
 pub const MAX_INCOMING_PACKET: usize = 268_435_455 + 5;
+/// Outgoing QoS 1/2 publishes in flight, as rumqttc's 3.1.1 client defaults to. Set for MQTT 5
+/// because its client otherwise sizes a table for 65,535 of them up front (about 13 MiB).
+const OUTGOING_INFLIGHT: u16 = 100;
 /// Requests (acks, subscribes) buffered towards the event loop.
 const REQUEST_CAPACITY: usize = 10_000;
 /// Publishes held between the poll task and the ingest loop; past it the poll task stops
@@ -149,6 +152,7 @@ pub fn options(config: &MqttConfig) -> Result<Options, MqttError> {
                 .set_manual_acks(true)
                 .set_session_expiry_interval(Some(config.session_expiry_secs()))
                 .set_receive_maximum(Some(config.receive_maximum()))
+                .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT)
                 .set_max_packet_size(Some(MAX_INCOMING_PACKET as u32))
                 .set_request_channel_capacity(REQUEST_CAPACITY);
             if let Some((username, password)) = credentials {

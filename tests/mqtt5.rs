@@ -277,3 +277,32 @@ async fn over_mqtt5_a_refused_connection_is_logged_with_its_reason_code() {
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
 }
+
+#[tokio::test]
+async fn idle_over_mqtt5_takes_about_the_memory_of_mqtt311() {
+    // rumqttc's MQTT 5 client sizes its outgoing table by the in-flight limit, 65,535 unless
+    // set: about 13 MiB more at idle.
+    const MARGIN_KIB: u64 = 4 * 1024;
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let mut peaks = Vec::new();
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let daemon = Daemon::start(&config_for(
+            protocol,
+            &broker.url(),
+            &lambda.endpoint(),
+            RULES,
+        ))
+        .await;
+        daemon.wait_for_log("subscribed").await;
+        peaks.push(daemon.peak_rss_kib().expect("VmHWM"));
+        let (code, log) = daemon.terminate().await;
+        assert_eq!(code, Some(0), "{log}");
+    }
+    assert!(
+        peaks[1] <= peaks[0] + MARGIN_KIB,
+        "MQTT 3.1.1 peak {} KiB, MQTT 5 peak {} KiB",
+        peaks[0],
+        peaks[1]
+    );
+}
