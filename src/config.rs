@@ -77,6 +77,15 @@ pub struct MqttConfig {
     /// `false` (the default) asks the broker to keep our session across disconnects.
     #[serde(default)]
     pub clean_start: bool,
+    /// The MQTT version spoken: `"3.1.1"` (the default) or `"5"`.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// MQTT 5 only: how long the broker keeps our session (and queues messages for it) after
+    /// a disconnect. Default [`DEFAULT_SESSION_EXPIRY`]; 0 with `clean_start = true`.
+    pub session_expiry: Option<HumanDuration>,
+    /// MQTT 5 only: most unacknowledged QoS 1/2 messages the broker may send at once.
+    /// Default [`DEFAULT_RECEIVE_MAXIMUM`].
+    pub receive_maximum: Option<u16>,
     /// MQTT keep-alive interval.
     #[serde(default = "defaults::keep_alive")]
     pub keep_alive: HumanDuration,
@@ -88,6 +97,42 @@ pub struct MqttConfig {
     pub password_file: Option<PathBuf>,
     /// TLS settings for `mqtts://`.
     pub tls: Option<TlsConfig>,
+}
+
+/// `mqtt.protocol`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1.
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5.
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// How long an MQTT 5 broker keeps our session by default: a gateway offline for a long
+/// weekend still finds its messages queued (within the broker's own limits).
+pub const DEFAULT_SESSION_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Unacknowledged messages an MQTT 5 broker may send at once by default: one ingest group
+/// (one durable append per rule) per round trip.
+pub const DEFAULT_RECEIVE_MAXIMUM: u16 = 256;
+
+impl MqttConfig {
+    /// The session expiry interval sent in CONNECT (MQTT 5), in seconds.
+    pub fn session_expiry_secs(&self) -> u32 {
+        match (self.session_expiry, self.clean_start) {
+            (Some(d), _) => u32::try_from(d.0.as_secs()).unwrap_or(u32::MAX),
+            (None, true) => 0,
+            (None, false) => DEFAULT_SESSION_EXPIRY.as_secs() as u32,
+        }
+    }
+
+    /// The receive maximum sent in CONNECT (MQTT 5).
+    pub fn receive_maximum(&self) -> u16 {
+        self.receive_maximum.unwrap_or(DEFAULT_RECEIVE_MAXIMUM)
+    }
 }
 
 /// `[mqtt.tls]`

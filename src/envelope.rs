@@ -6,6 +6,12 @@
 //! Payload rules: a payload that is valid JSON travels as JSON (verbatim, not re-serialized), a
 //! UTF-8 payload that is not JSON travels as a string, an empty payload is `""`, and anything else
 //! travels as `payload_base64`.
+//!
+//! MQTT 5 properties: a message's user properties and content type travel as
+//! `"properties": {"user": {...}, "content_type": "..."}`, each part only when present and the
+//! whole object only when one is. MQTT lets a user property's name repeat: a name sent once maps
+//! to its value (a string), a name sent several times maps to an array of its values in the
+//! order sent, so nothing is lost and the common case stays a plain string.
 
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,6 +32,50 @@ pub struct Message {
     pub qos: u8,
     /// Whether the broker sent it as a retained message.
     pub retain: bool,
+    /// MQTT 5 user properties and content type, when the publish carried any (boxed: most
+    /// messages have none, and a message is held many times over in queues and batches).
+    pub properties: Option<Box<Properties>>,
+}
+
+/// The MQTT 5 properties a message keeps (SPEC.md, "More ways in").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Properties {
+    /// User properties in the order sent; a name may repeat.
+    pub user: Vec<(String, String)>,
+    /// The publish's content type.
+    pub content_type: Option<String>,
+}
+
+impl Properties {
+    /// The properties worth keeping, or `None` when there are none.
+    pub fn kept(user: Vec<(String, String)>, content_type: Option<String>) -> Option<Box<Self>> {
+        (!user.is_empty() || content_type.is_some())
+            .then(|| Box::new(Properties { user, content_type }))
+    }
+
+    /// Reads back the `"properties"` object of an event entry (a dead letter replayed).
+    pub fn from_json(value: &serde_json::Value) -> Option<Box<Self>> {
+        let mut user = Vec::new();
+        if let Some(map) = value.get("user").and_then(|u| u.as_object()) {
+            for (name, v) in map {
+                match v {
+                    serde_json::Value::String(s) => user.push((name.clone(), s.clone())),
+                    serde_json::Value::Array(values) => user.extend(
+                        values
+                            .iter()
+                            .filter_map(|v| v.as_str())
+                            .map(|s| (name.clone(), s.to_owned())),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        let content_type = value
+            .get("content_type")
+            .and_then(|c| c.as_str())
+            .map(str::to_owned);
+        Self::kept(user, content_type)
+    }
 }
 
 /// Orders ids created within the same millisecond (UUIDv7's counter).
@@ -76,7 +126,14 @@ impl Message {
             payload,
             qos,
             retain,
+            properties: None,
         }
+    }
+
+    /// The same message carrying `properties`.
+    pub fn with_properties(mut self, properties: Option<Box<Properties>>) -> Self {
+        self.properties = properties;
+        self
     }
 
     /// Milliseconds since the Unix epoch at receipt, from the id (0 for an id that is not v7).
@@ -167,6 +224,9 @@ fn write_message(out: &mut Vec<u8>, m: &Message) {
             out.push(b'"');
         }
     }
+    if let Some(properties) = &m.properties {
+        write_properties(out, properties);
+    }
     // Writing to a Vec cannot fail.
     let _ = write!(
         out,
@@ -175,6 +235,58 @@ fn write_message(out: &mut Vec<u8>, m: &Message) {
         m.retain,
         m.received_at()
     );
+}
+
+/// `,"properties":{...}` with only the parts present.
+fn write_properties(out: &mut Vec<u8>, p: &Properties) {
+    out.extend_from_slice(b",\"properties\":{");
+    let mut first = true;
+    if !p.user.is_empty() {
+        out.extend_from_slice(b"\"user\":{");
+        // Names in first-seen order, each with all its values.
+        let mut names: Vec<&str> = Vec::new();
+        for (name, _) in &p.user {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+        for (i, name) in names.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_string(out, name);
+            out.push(b':');
+            let values: Vec<&str> = p
+                .user
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .collect();
+            match values.as_slice() {
+                [one] => write_json_string(out, one),
+                many => {
+                    out.push(b'[');
+                    for (j, v) in many.iter().enumerate() {
+                        if j > 0 {
+                            out.push(b',');
+                        }
+                        write_json_string(out, v);
+                    }
+                    out.push(b']');
+                }
+            }
+        }
+        out.push(b'}');
+        first = false;
+    }
+    if let Some(content_type) = &p.content_type {
+        if !first {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"content_type\":");
+        write_json_string(out, content_type);
+    }
+    out.push(b'}');
 }
 
 enum Payload<'a> {
@@ -307,6 +419,57 @@ mod tests {
             + messages.iter().map(encoded_message_len).sum::<usize>()
             - 1;
         assert_eq!(predicted, encode_event("temperature", &messages).len());
+    }
+
+    #[test]
+    fn properties_appear_only_when_present_and_repeated_names_become_arrays() {
+        let plain = event(&[b"1"]);
+        assert!(plain["messages"][0].get("properties").is_none());
+
+        let user = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<Vec<_>>()
+        };
+        let with = |props| {
+            let m = msg(b"1").with_properties(props);
+            let e: Value = serde_json::from_slice(&encode_event("r", std::slice::from_ref(&m)))
+                .expect("valid JSON");
+            let sizes = envelope_overhead("r") + encoded_message_len(&m) - 1;
+            assert_eq!(sizes, encode_event("r", &[m]).len());
+            e["messages"][0]["properties"].clone()
+        };
+        let both = Properties::kept(
+            user(&[
+                ("site", "north"),
+                ("tag", "a"),
+                ("line", "3"),
+                ("tag", "b\""),
+            ]),
+            Some("application/json".into()),
+        );
+        assert_eq!(
+            with(both.clone()),
+            json!({
+                "user": {"site": "north", "tag": ["a", "b\""], "line": "3"},
+                "content_type": "application/json"
+            })
+        );
+        assert_eq!(
+            with(Properties::kept(vec![], Some("text/plain".into()))),
+            json!({"content_type": "text/plain"})
+        );
+        assert_eq!(
+            with(Properties::kept(user(&[("k", "v")]), None)),
+            json!({"user": {"k": "v"}})
+        );
+        assert!(Properties::kept(vec![], None).is_none());
+        // Read back from an event (a replayed dead letter): the same values, names grouped.
+        let back = Properties::from_json(&with(both)).expect("properties");
+        assert_eq!(back.content_type.as_deref(), Some("application/json"));
+        assert_eq!(back.user.len(), 4);
+        assert!(back.user.contains(&("tag".into(), "b\"".into())));
     }
 
     #[test]

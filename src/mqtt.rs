@@ -28,31 +28,42 @@
 //! set when the poll task reports a new session (and once per process start), and what a reload
 //! adds or removes ([`Subscriptions`]) on the same connection and session. Being the only
 //! sender, it notes each request in order, so a SUBACK names the filters it answers.
+//!
+//! MQTT 3.1.1 and MQTT 5 (`mqtt.protocol`) differ only behind [`protocol`]: the same tasks run
+//! over either client, publishes arrive as one [`protocol::Inbound`] type (MQTT 5's user
+//! properties and content type included) and are acknowledged by packet id. Under MQTT 5 the
+//! session persists through the session expiry interval instead of the clean-session flag,
+//! and the broker's reason codes are logged when it refuses a connection or a subscription.
+
+pub mod protocol;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS,
-    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
-};
+use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::clock::human;
-use crate::config::{MqttConfig, parse_mqtt_url};
+use crate::config::{MqttConfig, MqttProtocol, parse_mqtt_url};
 use crate::health::Health;
 use crate::queue::Queue;
 use crate::routing::{Received, RouteTable, Routes};
 use crate::shutdown::Shutdown;
+
+pub use protocol::Options;
+use protocol::{Ack, Client, Event, EventLoop, Granted, Inbound};
 
 /// The MQTT protocol's largest packet. Set as our incoming limit so no message can make
 /// rumqttc drop the connection (the broker would redeliver it and we would loop); messages too
 /// large for Lambda are set aside after they arrive. Bound memory with the broker's own
 /// `message_size_limit`.
 pub const MAX_INCOMING_PACKET: usize = 268_435_455 + 5;
+/// Outgoing QoS 1/2 publishes in flight, as rumqttc's 3.1.1 client defaults to. Set for MQTT 5
+/// because its client otherwise sizes a table for 65,535 of them up front (about 13 MiB).
+const OUTGOING_INFLIGHT: u16 = 100;
 /// Requests (acks, subscribes) buffered towards the event loop.
 const REQUEST_CAPACITY: usize = 10_000;
 /// Publishes held between the poll task and the ingest loop; past it the poll task stops
@@ -104,16 +115,59 @@ pub enum MqttError {
     },
 }
 
-/// Builds rumqttc's options from `[mqtt]`: persistent session, manual acks, TLS with ring.
-pub fn options(config: &MqttConfig) -> Result<MqttOptions, MqttError> {
+/// Builds rumqttc's options from `[mqtt]` for the configured protocol: persistent session
+/// (3.1.1: clean session off; 5: the session expiry interval), manual acks, TLS with ring.
+pub fn options(config: &MqttConfig) -> Result<Options, MqttError> {
     let address = parse_mqtt_url(&config.url).map_err(MqttError::Url)?;
-    let mut options = MqttOptions::new(config.client_id.clone(), address.host, address.port);
-    options
-        .set_clean_session(config.clean_start)
-        .set_keep_alive(config.keep_alive.0.max(Duration::from_secs(1)))
-        .set_manual_acks(true)
-        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET)
-        .set_request_channel_capacity(REQUEST_CAPACITY);
+    let credentials = credentials(config)?;
+    let transport = if address.tls {
+        Some(Transport::tls_with_config(tls_config(config)?))
+    } else {
+        None
+    };
+    match config.protocol {
+        MqttProtocol::V311 => {
+            let mut options =
+                rumqttc::MqttOptions::new(config.client_id.clone(), address.host, address.port);
+            options
+                .set_clean_session(config.clean_start)
+                .set_keep_alive(config.keep_alive.0.max(Duration::from_secs(1)))
+                .set_manual_acks(true)
+                .set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET)
+                .set_request_channel_capacity(REQUEST_CAPACITY);
+            if let Some((username, password)) = credentials {
+                options.set_credentials(username, password);
+            }
+            if let Some(transport) = transport {
+                options.set_transport(transport);
+            }
+            Ok(Options::V311(options))
+        }
+        MqttProtocol::V5 => {
+            let mut options =
+                rumqttc::v5::MqttOptions::new(config.client_id.clone(), address.host, address.port);
+            options
+                .set_clean_start(config.clean_start)
+                .set_keep_alive(config.keep_alive.0.max(protocol::MIN_KEEP_ALIVE_V5))
+                .set_manual_acks(true)
+                .set_session_expiry_interval(Some(config.session_expiry_secs()))
+                .set_receive_maximum(Some(config.receive_maximum()))
+                .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT)
+                .set_max_packet_size(Some(MAX_INCOMING_PACKET as u32))
+                .set_request_channel_capacity(REQUEST_CAPACITY);
+            if let Some((username, password)) = credentials {
+                options.set_credentials(username, password);
+            }
+            if let Some(transport) = transport {
+                options.set_transport(transport);
+            }
+            Ok(Options::V5(options))
+        }
+    }
+}
+
+/// The user name and password to send, if `mqtt.username` is set.
+fn credentials(config: &MqttConfig) -> Result<Option<(String, String)>, MqttError> {
     if let Some(username) = &config.username {
         let password = match (&config.password, &config.password_file) {
             (Some(p), _) => p.expose().to_owned(),
@@ -129,12 +183,9 @@ pub fn options(config: &MqttConfig) -> Result<MqttOptions, MqttError> {
                 .to_owned(),
             (None, None) => String::new(),
         };
-        options.set_credentials(username.clone(), password);
+        return Ok(Some((username.clone(), password)));
     }
-    if address.tls {
-        options.set_transport(Transport::tls_with_config(tls_config(config)?));
-    }
-    Ok(options)
+    Ok(None)
 }
 
 fn tls_config(config: &MqttConfig) -> Result<TlsConfiguration, MqttError> {
@@ -200,14 +251,6 @@ fn tls_config(config: &MqttConfig) -> Result<TlsConfiguration, MqttError> {
     Ok(TlsConfiguration::Rustls(Arc::new(client)))
 }
 
-fn qos(level: u8) -> QoS {
-    match level {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
 /// What the subscriber task is asked to do.
 #[derive(Debug)]
 enum SubscriberEvent {
@@ -260,7 +303,8 @@ impl Subscriptions {
 /// when the broker answers.
 #[derive(Debug, Clone)]
 enum Request {
-    Subscribe(Vec<(SubscribeFilter, Vec<String>)>),
+    /// Each filter and the names of the rules that use it.
+    Subscribe(Vec<(String, Vec<String>)>),
     Unsubscribe(String),
 }
 
@@ -275,15 +319,15 @@ struct Requested {
 
 /// Connects, subscribes and ingests until `shutdown`; then sends the last acks and disconnects.
 pub async fn run<Q: Queue>(
-    options: MqttOptions,
+    options: Options,
     routes: RouteTable<Q>,
     requests: SubscriptionRequests,
     health: Arc<Health>,
     shutdown: Shutdown,
 ) {
-    let broker = broker_url(&options);
-    let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Publish>();
+    let broker = options.broker_url();
+    let (client, eventloop) = protocol::connect(options, REQUEST_CAPACITY);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Inbound>();
     let hold = Arc::new(Hold::default());
     let requested = Arc::new(Mutex::new(Requested::default()));
     let SubscriptionRequests {
@@ -325,6 +369,7 @@ pub async fn run<Q: Queue>(
                     break;
                 }
                 acks.extend(&publishes);
+                // The payloads are stored: let them go now, not when the next group comes.
                 publishes.clear();
                 if acks.flush(&client, &poll_task).is_err() {
                     break;
@@ -359,7 +404,7 @@ pub async fn run<Q: Queue>(
         tokio::time::sleep(ACK_RETRY).await;
     }
     subscriber_task.abort();
-    let _ = client.try_disconnect();
+    client.try_disconnect();
     if tokio::time::timeout(DISCONNECT_GRACE, &mut poll_task)
         .await
         .is_err()
@@ -378,7 +423,7 @@ pub async fn run<Q: Queue>(
 /// drain the acks: a deadlock. So acks are handed over without waiting, and the rest wait here
 /// (a packet id and a QoS each) while ingest goes on.
 struct AckQueue {
-    waiting: VecDeque<Publish>,
+    waiting: VecDeque<Ack>,
     /// Told how many wait after each flush, so the poll task never pauses while they do.
     hold: Arc<Hold>,
 }
@@ -391,17 +436,9 @@ impl AckQueue {
         }
     }
 
-    fn extend(&mut self, publishes: &[Publish]) {
-        self.waiting.extend(
-            publishes
-                .iter()
-                .filter(|p| p.qos != QoS::AtMostOnce)
-                .map(|p| {
-                    let mut ack = Publish::new("", p.qos, Vec::new());
-                    ack.pkid = p.pkid;
-                    ack
-                }),
-        );
+    fn extend(&mut self, publishes: &[Inbound]) {
+        self.waiting
+            .extend(publishes.iter().map(|p| p.ack).filter(|ack| ack.qos > 0));
     }
 
     fn is_empty(&self) -> bool {
@@ -413,10 +450,10 @@ impl AckQueue {
     }
 
     /// Hands over as many acks as fit; `Err` when the event loop (the poll task) is gone.
-    fn flush(&mut self, client: &AsyncClient, poll_task: &JoinHandle<()>) -> Result<(), ()> {
+    fn flush(&mut self, client: &Client, poll_task: &JoinHandle<()>) -> Result<(), ()> {
         let mut result = Ok(());
         while let Some(ack) = self.waiting.front() {
-            if client.try_ack(ack).is_err() {
+            if !client.try_ack(*ack) {
                 // Full, or closed because the poll task ended.
                 if poll_task.is_finished() {
                     result = Err(());
@@ -446,13 +483,13 @@ struct Hold {
 }
 
 impl Hold {
-    fn add(&self, publish: &Publish) {
+    fn add(&self, publish: &Inbound) {
         self.publishes.fetch_add(1, Ordering::Relaxed);
         self.bytes
             .fetch_add(publish.payload.len(), Ordering::Relaxed);
     }
 
-    fn release(&self, publishes: &[Publish]) {
+    fn release(&self, publishes: &[Inbound]) {
         let bytes = publishes.iter().map(|p| p.payload.len()).sum();
         self.publishes.fetch_sub(publishes.len(), Ordering::Relaxed);
         self.bytes.fetch_sub(bytes, Ordering::Relaxed);
@@ -488,7 +525,7 @@ impl Hold {
 /// room in rumqttc's request channel, which the poll task drains while it polls; ingest never
 /// waits on this task.
 async fn subscriber<Q: Queue>(
-    client: AsyncClient,
+    client: Client,
     routes: RouteTable<Q>,
     mut events: mpsc::UnboundedReceiver<SubscriberEvent>,
     requested: Arc<Mutex<Requested>>,
@@ -527,19 +564,16 @@ async fn subscriber<Q: Queue>(
         let current = routes.current();
         let named = filters
             .iter()
-            .map(|(path, level)| {
+            .map(|(path, _)| {
                 let rules = current
                     .iter()
                     .filter(|r| r.filter == *path)
                     .map(|r| r.plan.name.clone())
                     .collect();
-                (SubscribeFilter::new(path.clone(), qos(*level)), rules)
+                (path.clone(), rules)
             })
             .collect();
         note(Request::Subscribe(named));
-        let filters = filters
-            .into_iter()
-            .map(|(path, level)| SubscribeFilter::new(path, qos(level)));
         if let Err(err) = client.subscribe_many(filters).await {
             tracing::error!(error = %err, "cannot queue the subscription request");
         }
@@ -548,12 +582,13 @@ async fn subscriber<Q: Queue>(
 
 /// Stores one group of publishes in their rules' queues; the caller acknowledges them after.
 /// Returns `false` when shutdown interrupted it (nothing unstored is acknowledged).
-async fn ingest<Q: Queue>(routes: &Routes<Q>, publishes: &[Publish], shutdown: &Shutdown) -> bool {
+async fn ingest<Q: Queue>(routes: &Routes<Q>, publishes: &[Inbound], shutdown: &Shutdown) -> bool {
     let received = publishes.iter().map(|p| Received {
         topic: p.topic.clone(),
         payload: p.payload.to_vec(),
-        qos: p.qos as u8,
+        qos: p.qos,
         retain: p.retain,
+        properties: p.properties.clone(),
     });
     let admission = routes.admit(received, SystemTime::now());
     if !routes.store(admission, shutdown).await {
@@ -572,7 +607,7 @@ async fn poll(
     mut eventloop: EventLoop,
     subscriber: mpsc::UnboundedSender<SubscriberEvent>,
     requested: Arc<Mutex<Requested>>,
-    tx: mpsc::UnboundedSender<Publish>,
+    tx: mpsc::UnboundedSender<Inbound>,
     hold: Arc<Hold>,
     health: Arc<Health>,
     broker: String,
@@ -583,67 +618,67 @@ async fn poll(
     let mut pauses: u64 = 0;
     loop {
         match eventloop.poll().await {
-            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+            Ok(Event::Connected { session_present }) => {
                 health.set_mqtt_connected(true);
                 backoff = reconnect_backoff();
                 match outage.take() {
                     Some(outage) => tracing::info!(
                         broker = %broker,
-                        session_present = ack.session_present,
+                        session_present,
                         "connected to the MQTT broker again after an outage of {}",
                         human(outage.since.elapsed())
                     ),
                     None => tracing::info!(
                         broker = %broker,
-                        session_present = ack.session_present,
+                        session_present,
                         "connected to the MQTT broker"
                     ),
                 }
-                let _ = subscriber.send(SubscriberEvent::Connected {
-                    session_present: ack.session_present,
-                });
+                let _ = subscriber.send(SubscriberEvent::Connected { session_present });
             }
-            Ok(Event::Outgoing(Outgoing::Subscribe(pkid) | Outgoing::Unsubscribe(pkid))) => {
+            Ok(Event::SubscribeSent(pkid) | Event::UnsubscribeSent(pkid)) => {
                 if let Ok(mut requested) = requested.lock()
                     && let Some(request) = requested.queued.pop_front()
                 {
                     requested.sent.insert(pkid, request);
                 }
             }
-            Ok(Event::Incoming(Incoming::UnsubAck(ack))) => {
-                let request = requested
-                    .lock()
-                    .ok()
-                    .and_then(|mut r| r.sent.remove(&ack.pkid));
+            Ok(Event::UnsubAck { pkid, refused }) => {
+                let request = requested.lock().ok().and_then(|mut r| r.sent.remove(&pkid));
                 if let Some(Request::Unsubscribe(filter)) = request {
-                    tracing::info!(filter = %filter, "unsubscribed: no rule uses this filter any more");
+                    match refused {
+                        None => {
+                            tracing::info!(filter = %filter, "unsubscribed: no rule uses this filter any more")
+                        }
+                        Some(reason) => tracing::warn!(
+                            filter = %filter, reason = %reason,
+                            "the broker refused to unsubscribe; messages on this filter that match no rule are acknowledged and dropped"
+                        ),
+                    }
                 }
             }
-            Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                let request = requested
-                    .lock()
-                    .ok()
-                    .and_then(|mut r| r.sent.remove(&ack.pkid));
+            Ok(Event::SubAck { pkid, granted }) => {
+                let request = requested.lock().ok().and_then(|mut r| r.sent.remove(&pkid));
                 let filters = match request {
                     Some(Request::Subscribe(filters)) => filters,
                     _ => Vec::new(),
                 };
-                for ((filter, rules), code) in filters.iter().zip(&ack.return_codes) {
+                for ((filter, rules), granted) in filters.iter().zip(&granted) {
                     // One line per rule, so each rule's subscription can be found by its name.
                     for rule in rules {
-                        match code {
-                            SubscribeReasonCode::Success(granted) => tracing::info!(
-                                rule = %rule, filter = %filter.path, granted = ?granted, "subscribed"
+                        match granted {
+                            Granted::Qos(qos) => tracing::info!(
+                                rule = %rule, filter = %filter, granted = qos, "subscribed"
                             ),
-                            SubscribeReasonCode::Failure => tracing::error!(
-                                rule = %rule, filter = %filter.path,
-                                "the broker refused the subscription; check its ACL for this client"
+                            Granted::Refused(reason) => tracing::error!(
+                                rule = %rule, filter = %filter, reason = %reason,
+                                "the broker refused the subscription ({reason}); check its ACL for this client"
                             ),
                         }
                     }
                 }
             }
-            Ok(Event::Incoming(Incoming::Publish(publish))) => {
+            Ok(Event::Publish(publish)) => {
                 received += 1;
                 if received.is_multiple_of(10_000) {
                     tracing::debug!(received, "publishes received from the broker");
@@ -670,18 +705,17 @@ async fn poll(
                     }
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+            Ok(Event::DisconnectSent) => {
                 health.set_mqtt_connected(false);
                 return;
             }
-            Ok(_) => {}
-            Err(err) => {
+            Ok(Event::Other) => {}
+            Err(text) => {
                 health.set_mqtt_connected(false);
                 if tx.is_closed() {
                     return;
                 }
                 let delay = backoff.next().unwrap_or(RECONNECT_MAX_DELAY);
-                let text = describe(&err);
                 log_failure(&mut outage, &broker, text, delay);
                 tokio::time::sleep(delay).await;
             }
@@ -746,25 +780,6 @@ fn log_failure(outage: &mut Option<Outage>, broker: &str, error: String, retry_i
     current.error = error;
 }
 
-/// The broker as `mqtt.url` names it, for log lines.
-fn broker_url(options: &MqttOptions) -> String {
-    let (host, port) = options.broker_address();
-    let scheme = match options.transport() {
-        Transport::Tcp => "mqtt",
-        _ => "mqtts",
-    };
-    format!("{scheme}://{host}:{port}")
-}
-
-fn describe(err: &ConnectionError) -> String {
-    match err {
-        ConnectionError::ConnectionRefused(code) => format!(
-            "the broker refused the connection ({code:?}); check mqtt.username, the password and mqtt.client_id"
-        ),
-        other => other.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -805,11 +820,5 @@ mod tests {
             }
         }
         assert_eq!(reminders_seen, vec![60, 300, 1200, 2100]);
-    }
-
-    #[test]
-    fn broker_urls_name_scheme_host_and_port() {
-        let options = MqttOptions::new("id", "gateway.local", 8883);
-        assert_eq!(broker_url(&options), "mqtt://gateway.local:8883");
     }
 }

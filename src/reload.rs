@@ -80,6 +80,9 @@ fn restart_settings(config: &Config) -> Vec<(&'static str, String)> {
         ("mqtt.client_id", mqtt.client_id.clone()),
         ("mqtt.clean_start", mqtt.clean_start.to_string()),
         ("mqtt.keep_alive", format!("{:?}", mqtt.keep_alive)),
+        ("mqtt.protocol", format!("{:?}", mqtt.protocol)),
+        ("mqtt.session_expiry", format!("{:?}", mqtt.session_expiry)),
+        ("mqtt.receive_maximum", format!("{:?}", mqtt.receive_maximum)),
         ("mqtt.username", format!("{:?}", mqtt.username)),
         // Compared, never logged.
         (

@@ -65,6 +65,8 @@ pub struct Received {
     pub qos: u8,
     /// The retain flag.
     pub retain: bool,
+    /// MQTT 5 user properties and content type, when present.
+    pub properties: Option<Box<envelope::Properties>>,
 }
 
 /// What [`Routes::admit`] decided for a group of received messages.
@@ -134,7 +136,8 @@ impl<Q: Queue> Routes<Q> {
                 continue;
             }
             // Every rule's copy carries the same id; the last rule takes the message itself.
-            let message = Message::received(r.topic, r.payload, r.qos, r.retain, now);
+            let message = Message::received(r.topic, r.payload, r.qos, r.retain, now)
+                .with_properties(r.properties);
             let copies = std::iter::repeat_n(message, matched.len());
             for (i, copy) in matched.into_iter().zip(copies) {
                 match self.routes[i].plan.oversize(&copy) {
@@ -438,6 +441,7 @@ mod tests {
             payload,
             qos: 1,
             retain: false,
+            properties: None,
         }
     }
 

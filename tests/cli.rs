@@ -891,6 +891,7 @@ fn message_received(topic: &str, payload: &[u8], ago: Duration) -> Message {
         payload: payload.to_vec(),
         qos: 1,
         retain: false,
+        properties: None,
     }
 }
 

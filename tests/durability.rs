@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use support::fake_lambda::{FakeLambda, FakeLambdaServer, Invocation, Reply};
-use support::{Daemon, Mosquitto, Publisher, binary, config};
+use support::{Daemon, Mosquitto, Protocol, Publisher, binary, config, config_for};
 
 const RULES: &str = r#"
 [[rules]]
@@ -56,10 +56,25 @@ impl Lcg {
 
 #[tokio::test]
 async fn kill_9_at_random_points_while_streaming_loses_nothing() {
+    kill_9_while_streaming(Protocol::V311).await;
+}
+
+#[tokio::test]
+async fn over_mqtt5_kill_9_at_random_points_while_streaming_loses_nothing() {
+    kill_9_while_streaming(Protocol::V5).await;
+}
+
+async fn kill_9_while_streaming(protocol: Protocol) {
     const N: u64 = 3000;
     let broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
-    let mut daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), RULES)).await;
+    let mut daemon = Daemon::start(&config_for(
+        protocol,
+        &broker.url(),
+        &lambda.endpoint(),
+        RULES,
+    ))
+    .await;
     daemon.wait_for_log("subscribed").await;
 
     let publisher = Publisher::connect(broker.port).await;
@@ -142,12 +157,27 @@ async fn a_lambda_outage_then_throttling_then_recovery_delivers_everything_acros
 
 #[tokio::test]
 async fn a_backlog_flood_from_the_broker_is_ingested_without_stalling() {
+    backlog_flood(Protocol::V311).await;
+}
+
+#[tokio::test]
+async fn over_mqtt5_a_backlog_flood_from_the_broker_is_ingested_without_stalling() {
+    backlog_flood(Protocol::V5).await;
+}
+
+async fn backlog_flood(protocol: Protocol) {
     // mosquitto with persistence sends a stored backlog without waiting for acks; rumqttc then
     // lags in sending them, which once deadlocked ingest at about 10,000 messages.
     const N: u64 = 20_000;
     let broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
-    let mut daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), RULES)).await;
+    let mut daemon = Daemon::start(&config_for(
+        protocol,
+        &broker.url(),
+        &lambda.endpoint(),
+        RULES,
+    ))
+    .await;
     daemon.wait_for_log("subscribed").await;
     daemon.stop().await;
     let publisher = Publisher::connect(broker.port).await;
@@ -163,6 +193,15 @@ async fn a_backlog_flood_from_the_broker_is_ingested_without_stalling() {
 
 #[tokio::test]
 async fn a_broker_restart_mid_stream_loses_nothing() {
+    broker_restart_mid_stream(Protocol::V311).await;
+}
+
+#[tokio::test]
+async fn over_mqtt5_a_broker_restart_mid_stream_loses_nothing() {
+    broker_restart_mid_stream(Protocol::V5).await;
+}
+
+async fn broker_restart_mid_stream(protocol: Protocol) {
     const N: u64 = 1000;
     let mut broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
@@ -170,7 +209,13 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
         "sink",
         (0..5).map(|_| Reply::Slow(Duration::from_millis(100))),
     );
-    let daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), RULES)).await;
+    let daemon = Daemon::start(&config_for(
+        protocol,
+        &broker.url(),
+        &lambda.endpoint(),
+        RULES,
+    ))
+    .await;
     daemon.wait_for_log("subscribed").await;
     {
         let publisher = Publisher::connect(broker.port).await;

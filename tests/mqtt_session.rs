@@ -4,7 +4,7 @@ mod support;
 
 use serde_json::json;
 use support::fake_lambda::FakeLambdaServer;
-use support::{Daemon, Mosquitto, Publisher, config};
+use support::{Daemon, Mosquitto, Protocol, Publisher, config, config_for};
 
 const RULES: &str = r#"
 [[rules]]
@@ -25,10 +25,19 @@ fn payloads(lambda: &FakeLambdaServer) -> Vec<serde_json::Value> {
 
 #[tokio::test]
 async fn qos1_messages_published_while_the_daemon_is_stopped_arrive_after_it_starts() {
+    published_while_stopped_arrive_after_start(Protocol::V311).await;
+}
+
+#[tokio::test]
+async fn over_mqtt5_the_session_expiry_keeps_messages_published_while_the_daemon_is_stopped() {
+    published_while_stopped_arrive_after_start(Protocol::V5).await;
+}
+
+async fn published_while_stopped_arrive_after_start(protocol: Protocol) {
     let broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
     // The same text twice: the same client id, so the same broker session.
-    let text = config(&broker.url(), &lambda.endpoint(), RULES);
+    let text = config_for(protocol, &broker.url(), &lambda.endpoint(), RULES);
     let daemon = Daemon::start(&text).await;
     daemon.wait_for_log("subscribed").await;
     let (code, _) = daemon.terminate().await;
@@ -55,9 +64,24 @@ async fn qos1_messages_published_while_the_daemon_is_stopped_arrive_after_it_sta
 
 #[tokio::test]
 async fn after_a_broker_restart_without_its_sessions_the_daemon_reconnects_and_resubscribes() {
+    broker_restart_without_sessions(Protocol::V311).await;
+}
+
+#[tokio::test]
+async fn over_mqtt5_after_a_broker_restart_without_its_sessions_the_daemon_resubscribes() {
+    broker_restart_without_sessions(Protocol::V5).await;
+}
+
+async fn broker_restart_without_sessions(protocol: Protocol) {
     let mut broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
-    let daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), RULES)).await;
+    let daemon = Daemon::start(&config_for(
+        protocol,
+        &broker.url(),
+        &lambda.endpoint(),
+        RULES,
+    ))
+    .await;
     daemon.wait_for_log("subscribed").await;
     {
         let publisher = Publisher::connect(broker.port).await;

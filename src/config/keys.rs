@@ -73,6 +73,9 @@ pub const KEYS: &[(&str, Expect)] = &[
     ("mqtt.client_id", Expect::Text("gw-01-lambda-bridge")),
     ("mqtt.clean_start", Expect::Bool),
     ("mqtt.keep_alive", Expect::Duration("30s")),
+    ("mqtt.protocol", Expect::Choice(&["3.1.1", "5"])),
+    ("mqtt.session_expiry", Expect::Duration("7d")),
+    ("mqtt.receive_maximum", Expect::Count("256")),
     ("mqtt.username", Expect::Text("bridge")),
     ("mqtt.password", Expect::Secret),
     (

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::{
     AggregateConfig, AwsConfig, BatchConfig, BufferConfig, InvocationType, IotConfig,
-    MIN_QUEUE_SIZE, MetricsConfig, MqttConfig, RateLimitConfig, RuleConfig, ThrottleConfig,
-    TlsConfig, parse_mqtt_url,
+    MIN_QUEUE_SIZE, MetricsConfig, MqttConfig, MqttProtocol, RateLimitConfig, RuleConfig,
+    ThrottleConfig, TlsConfig, parse_mqtt_url,
 };
 use crate::rules;
 
@@ -76,6 +76,63 @@ pub fn mqtt(mqtt: &MqttConfig) -> Vec<Issue> {
     }
     if let Some(tls) = &mqtt.tls {
         issues.extend(mqtt_tls(tls, &mqtt.url));
+    }
+    issues.extend(mqtt_v5(mqtt));
+    issues
+}
+
+/// The keys only MQTT 5 uses.
+fn mqtt_v5(mqtt: &MqttConfig) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    if mqtt.protocol != MqttProtocol::V5 {
+        for (set, key) in [
+            (mqtt.session_expiry.is_some(), "mqtt.session_expiry"),
+            (mqtt.receive_maximum.is_some(), "mqtt.receive_maximum"),
+        ] {
+            if set {
+                issues.push(Issue::new(
+                    key,
+                    "is used only with mqtt.protocol = \"5\" (MQTT 3.1.1 has no such setting); \
+                     remove it or set the protocol",
+                ));
+            }
+        }
+        return issues;
+    }
+    if let Some(expiry) = mqtt.session_expiry {
+        if expiry.0.as_secs() > u64::from(u32::MAX) {
+            issues.push(Issue::new(
+                "mqtt.session_expiry",
+                format!("must be at most {}s (about 136 years)", u32::MAX),
+            ));
+        } else if mqtt.clean_start && !expiry.0.is_zero() {
+            issues.push(Issue::new(
+                "mqtt.session_expiry",
+                "clean_start = true starts a fresh session on every connection, so a kept \
+                 session is never used: remove session_expiry or set clean_start = false",
+            ));
+        } else if !mqtt.clean_start && expiry.0 < Duration::from_secs(1) {
+            issues.push(Issue::new(
+                "mqtt.session_expiry",
+                "must be at least 1s with clean_start = false: at 0 the broker drops our \
+                 session at each disconnect and the messages published meanwhile are lost \
+                 (write clean_start = true to mean that)",
+            ));
+        }
+    }
+    if mqtt.keep_alive.0 >= Duration::from_secs(1)
+        && mqtt.keep_alive.0 < crate::mqtt::protocol::MIN_KEEP_ALIVE_V5
+    {
+        issues.push(Issue::new(
+            "mqtt.keep_alive",
+            "must be at least 5s with mqtt.protocol = \"5\" (the MQTT 5 client allows no less)",
+        ));
+    }
+    if mqtt.receive_maximum == Some(0) {
+        issues.push(Issue::new(
+            "mqtt.receive_maximum",
+            "must be 1 to 65535 (MQTT 5 forbids 0)",
+        ));
     }
     issues
 }
@@ -255,6 +312,16 @@ pub fn rules(rules: &[RuleConfig]) -> Vec<Issue> {
             },
         }
         issues.extend(rule_fields(&prefix, rule));
+        if let Some((first, why)) = rules[..i]
+            .iter()
+            .enumerate()
+            .find_map(|(j, r)| rules::conflict(&r.topic, &rule.topic).map(|why| (j, why)))
+        {
+            issues.push(Issue::new(
+                format!("{prefix}.topic"),
+                format!("conflicts with rules[{first}].topic: {why}"),
+            ));
+        }
     }
     issues
 }
@@ -301,7 +368,7 @@ pub fn rule_name(name: &str) -> Result<(), String> {
 fn rule_fields(prefix: &str, rule: &RuleConfig) -> Vec<Issue> {
     let key = |field: &str| format!("{prefix}.{field}");
     let mut issues = Vec::new();
-    if let Err(message) = rules::validate_filter(&rule.topic) {
+    if let Err(message) = rules::validate_topic(&rule.topic) {
         issues.push(Issue::new(key("topic"), message));
     }
     if let Err(message) = function(&rule.function) {
@@ -573,6 +640,65 @@ mod tests {
             keys(rules(&config.rules)),
             ["rules[0].name", "rules[0].topic"]
         );
+    }
+
+    #[test]
+    fn mqtt5_keys_need_protocol_5_and_sensible_values() {
+        let issues = |extra: &str| {
+            let config = super::super::tests::load_unvalidated(&format!(
+                "[mqtt]\nurl = \"mqtt://x\"\n{extra}\n"
+            ));
+            mqtt(&config.mqtt)
+                .into_iter()
+                .map(|i| format!("{}: {}", i.key, i.message))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            issues("protocol = \"5\"\nsession_expiry = \"1h\"\nreceive_maximum = 10").is_empty()
+        );
+        assert!(issues("protocol = \"3.1.1\"").is_empty());
+        let got = issues("session_expiry = \"1h\"\nreceive_maximum = 5");
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].starts_with("mqtt.session_expiry: is used only with mqtt.protocol = \"5\""));
+        let got = issues("protocol = \"5\"\nclean_start = true\nsession_expiry = \"1h\"");
+        assert!(
+            got[0].contains("fresh session on every connection"),
+            "{got:?}"
+        );
+        let got = issues("protocol = \"5\"\nsession_expiry = \"0s\"");
+        assert!(got[0].contains("must be at least 1s"), "{got:?}");
+        let got = issues("protocol = \"5\"\nkeep_alive = \"2s\"");
+        assert!(got[0].contains("at least 5s"), "{got:?}");
+        let got = issues("protocol = \"5\"\nreceive_maximum = 0");
+        assert!(got[0].contains("1 to 65535"), "{got:?}");
+        let config = super::super::tests::load_unvalidated(
+            "[mqtt]\nurl = \"mqtt://x\"\nprotocol = \"5\"\nclean_start = true\n",
+        );
+        assert_eq!(config.mqtt.session_expiry_secs(), 0);
+        let config =
+            super::super::tests::load_unvalidated("[mqtt]\nurl = \"mqtt://x\"\nprotocol = \"5\"\n");
+        assert_eq!(config.mqtt.session_expiry_secs(), 7 * 24 * 3600);
+        assert_eq!(config.mqtt.receive_maximum(), 256);
+    }
+
+    #[test]
+    fn shared_topics_are_checked_and_conflicts_named() {
+        let config = super::super::tests::load_unvalidated(
+            "[mqtt]\nurl = \"mqtt://x\"\n\
+             [[rules]]\nname = \"a\"\ntopic = \"$share/g/s/#\"\nfunction = \"f\"\n\
+             [[rules]]\nname = \"b\"\ntopic = \"$share/g/s/#\"\nfunction = \"f\"\n\
+             [[rules]]\nname = \"c\"\ntopic = \"s/x\"\nfunction = \"f\"\n\
+             [[rules]]\nname = \"d\"\ntopic = \"$share/g+/s\"\nfunction = \"f\"\n",
+        );
+        let issues = rules(&config.rules);
+        let keys: Vec<_> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, ["rules[2].topic", "rules[3].topic"], "{issues:#?}");
+        assert!(
+            issues[0]
+                .message
+                .starts_with("conflicts with rules[0].topic")
+        );
+        assert!(issues[1].message.contains("must not contain '+' or '#'"));
     }
 
     #[test]

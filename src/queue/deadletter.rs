@@ -360,6 +360,9 @@ fn message_of(m: &serde_json::Value) -> Option<Message> {
         payload,
         qos: m.get("qos").and_then(|q| q.as_u64()).unwrap_or(1).min(2) as u8,
         retain: m.get("retain").and_then(|r| r.as_bool()).unwrap_or(false),
+        properties: m
+            .get("properties")
+            .and_then(crate::envelope::Properties::from_json),
     })
 }
 
@@ -392,7 +395,11 @@ mod tests {
                 false,
                 UNIX_EPOCH,
             ),
-            Message::received("a/text".into(), b"hello".to_vec(), 2, true, UNIX_EPOCH),
+            Message::received("a/text".into(), b"hello".to_vec(), 2, true, UNIX_EPOCH)
+                .with_properties(crate::envelope::Properties::kept(
+                    vec![("k".into(), "v".into())],
+                    Some("text/plain".into()),
+                )),
             Message::received("a/bin".into(), vec![0xff, 0], 1, false, UNIX_EPOCH),
         ];
         let event: serde_json::Value =
@@ -473,6 +480,7 @@ mod tests {
             payload: payload.to_vec(),
             qos: 1,
             retain: false,
+            properties: None,
         }
     }
 

@@ -8,13 +8,30 @@
 //!      8     8  sequence number, u64 LE
 //!     16    16  message id (UUIDv7 bytes; its timestamp is received_at)
 //!     32     1  QoS
-//!     33     1  flags: bit 0 = retain
+//!     33     1  flags: bit 0 = retain, bit 1 = MQTT 5 properties follow the topic
 //!     34     2  topic length T, u16 LE
 //!     36     T  topic, UTF-8
 //!   36+T     …  payload, to the end of the body
 //! ```
 //!
 //! 36 bytes of framing per message: a 200-byte reading takes 236 bytes on disk.
+//!
+//! With flags bit 1 (a message that carried MQTT 5 user properties or a content type), a
+//! properties block sits between the topic and the payload:
+//!
+//! ```text
+//! size  field
+//!    4  block length P, u32 LE (the bytes below)
+//!    1  content type present: 0 or 1
+//!  2+C  if present: length C, u16 LE, then the content type, UTF-8
+//!    4  user property count U, u32 LE
+//!       U times: name length, u16 LE, name, value length, u16 LE, value (UTF-8)
+//! ```
+//!
+//! Records without bit 1 (every record written before properties existed) read as before, so
+//! old buffers need no conversion. Other flag bits are unused and make a record corrupt. A
+//! binary older than the properties block would read a record with bit 1 as a payload with the
+//! block in front: drain the buffer before downgrading.
 //!
 //! An **ack record** (segments with magic `MLBSEG02` only) has the same framing and fields, with
 //! QoS [`ACK_MARKER`] (0xAC, a value no message has: MQTT QoS is 0 to 2, and decoding refuses
@@ -26,7 +43,7 @@
 //! **Do not change these fields, their order, or the meaning of QoS 0xAC**: existing buffers on
 //! gateways must stay readable. A new format gets a new segment magic (see `disk.rs`).
 
-use crate::envelope::Message;
+use crate::envelope::{Message, Properties};
 
 use super::Seq;
 
@@ -44,10 +61,106 @@ pub const ACK_MARKER: u8 = 0xAC;
 pub const ACK_RECORD_LEN: usize = HEADER_LEN + FIXED_BODY_LEN;
 /// Highest QoS a message record may carry.
 const MAX_QOS: u8 = 2;
+/// Flags bit: the message was retained.
+const FLAG_RETAIN: u8 = 1;
+/// Flags bit: a properties block follows the topic.
+const FLAG_PROPERTIES: u8 = 2;
 
 /// Bytes a message takes on disk, header included.
 pub fn encoded_len(message: &Message) -> usize {
-    HEADER_LEN + FIXED_BODY_LEN + message.topic.len() + message.payload.len()
+    HEADER_LEN
+        + FIXED_BODY_LEN
+        + message.topic.len()
+        + message
+            .properties
+            .as_deref()
+            .map_or(0, |p| 4 + properties_len(p))
+        + message.payload.len()
+}
+
+/// MQTT strings are at most 65535 bytes; longer ones (never from a broker) are cut.
+fn mqtt_str(s: &str) -> &[u8] {
+    &s.as_bytes()[..s.len().min(u16::MAX as usize)]
+}
+
+fn properties_len(p: &Properties) -> usize {
+    1 + p
+        .content_type
+        .as_deref()
+        .map_or(0, |c| 2 + mqtt_str(c).len())
+        + 4
+        + p.user
+            .iter()
+            .map(|(k, v)| 4 + mqtt_str(k).len() + mqtt_str(v).len())
+            .sum::<usize>()
+}
+
+fn encode_properties(p: &Properties, out: &mut Vec<u8>) {
+    let push_str = |out: &mut Vec<u8>, s: &str| {
+        let bytes = mqtt_str(s);
+        out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    out.extend_from_slice(&(properties_len(p) as u32).to_le_bytes());
+    match &p.content_type {
+        Some(c) => {
+            out.push(1);
+            push_str(out, c);
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&(p.user.len() as u32).to_le_bytes());
+    for (k, v) in &p.user {
+        push_str(out, k);
+        push_str(out, v);
+    }
+}
+
+/// Reads a properties block front to back.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let bytes = self.bytes.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(bytes)
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let n = u16::from_le_bytes(self.take(2)?.try_into().ok()?) as usize;
+        Some(std::str::from_utf8(self.take(n)?).ok()?.to_owned())
+    }
+}
+
+/// The properties block at the start of `rest` and the bytes after it.
+fn decode_properties(rest: &[u8]) -> Option<(Properties, &[u8])> {
+    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let block = rest.get(4..4usize.checked_add(len)?)?;
+    let after = &rest[4 + len..];
+    let mut cursor = Cursor {
+        bytes: block,
+        at: 0,
+    };
+    let content_type = match cursor.take(1)? {
+        [0] => None,
+        [1] => Some(cursor.string()?),
+        _ => return None,
+    };
+    let count = u32::from_le_bytes(cursor.take(4)?.try_into().ok()?);
+    let mut user = Vec::new();
+    for _ in 0..count {
+        let name = cursor.string()?;
+        let value = cursor.string()?;
+        user.push((name, value));
+    }
+    // The block must be exactly what its fields take.
+    if cursor.at != block.len() {
+        return None;
+    }
+    Some((Properties { user, content_type }, after))
 }
 
 /// Appends the record for `message` with sequence number `seq` to `out`.
@@ -55,16 +168,30 @@ pub fn encode(seq: Seq, message: &Message, out: &mut Vec<u8>) {
     let topic = message.topic.as_bytes();
     // MQTT limits topics to 65535 bytes, so the cast cannot truncate.
     let topic_len = topic.len().min(u16::MAX as usize);
-    let body_len = FIXED_BODY_LEN + topic_len + message.payload.len();
+    let properties = message.properties.as_deref();
+    let body_len = FIXED_BODY_LEN
+        + topic_len
+        + properties.map_or(0, |p| 4 + properties_len(p))
+        + message.payload.len();
     let start = out.len();
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(message.id.as_bytes());
     out.push(message.qos);
-    out.push(u8::from(message.retain));
+    let mut flags = 0;
+    if message.retain {
+        flags |= FLAG_RETAIN;
+    }
+    if properties.is_some() {
+        flags |= FLAG_PROPERTIES;
+    }
+    out.push(flags);
     out.extend_from_slice(&(topic_len as u16).to_le_bytes());
     out.extend_from_slice(&topic[..topic_len]);
+    if let Some(p) = properties {
+        encode_properties(p, out);
+    }
     out.extend_from_slice(&message.payload);
     let crc = crc32c::crc32c(&out[start + HEADER_LEN..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -168,10 +295,16 @@ fn decode_body(body: &[u8]) -> Option<(Seq, Message)> {
     let flags = *body.get(25)?;
     let topic_len = u16::from_le_bytes(body.get(26..28)?.try_into().ok()?) as usize;
     let topic = std::str::from_utf8(body.get(28..28 + topic_len)?).ok()?;
-    let payload = body.get(28 + topic_len..)?;
-    if qos > MAX_QOS {
+    let rest = body.get(28 + topic_len..)?;
+    if qos > MAX_QOS || flags & !(FLAG_RETAIN | FLAG_PROPERTIES) != 0 {
         return None;
     }
+    let (properties, payload) = if flags & FLAG_PROPERTIES != 0 {
+        let (p, payload) = decode_properties(rest)?;
+        (Some(Box::new(p)), payload)
+    } else {
+        (None, rest)
+    };
     Some((
         seq,
         Message {
@@ -179,7 +312,8 @@ fn decode_body(body: &[u8]) -> Option<(Seq, Message)> {
             topic: topic.to_owned(),
             payload: payload.to_vec(),
             qos,
-            retain: flags & 1 == 1,
+            retain: flags & FLAG_RETAIN != 0,
+            properties,
         },
     ))
 }
@@ -196,7 +330,65 @@ mod tests {
             payload: payload.to_vec(),
             qos: 1,
             retain: true,
+            properties: None,
         }
+    }
+
+    #[test]
+    fn a_record_with_properties_round_trips_and_every_damage_is_caught() {
+        let m = message("a/b", b"{}").with_properties(Properties::kept(
+            vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+            Some("application/json".into()),
+        ));
+        let mut buf = Vec::new();
+        encode(9, &m, &mut buf);
+        assert_eq!(buf.len(), encoded_len(&m));
+        assert_eq!(
+            decode(&buf),
+            Decoded::Record {
+                seq: 9,
+                message: m,
+                len: buf.len()
+            }
+        );
+        assert_truncations_incomplete_and_bit_flips_corrupt(&buf);
+    }
+
+    /// A record as written before properties existed (flags bit 1 unused), byte for byte:
+    /// seq 5, id 0x0123…cdef, QoS 1, retained, topic "a/b", payload "hi".
+    const OLD_RECORD: [u8; 41] = [
+        0x21, 0, 0, 0, 0x33, 0x52, 0x0b, 0x88, // body length 33, CRC32C
+        5, 0, 0, 0, 0, 0, 0, 0, // sequence
+        0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0x7d, 0xef, 0x81, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd,
+        0xef, // id
+        1, 1, 3, 0, // QoS, flags, topic length
+        b'a', b'/', b'b', b'h', b'i',
+    ];
+
+    #[test]
+    fn a_record_written_before_properties_existed_still_reads() {
+        assert_eq!(
+            decode(&OLD_RECORD),
+            Decoded::Record {
+                seq: 5,
+                message: message("a/b", b"hi"),
+                len: OLD_RECORD.len()
+            }
+        );
+        // And a message without properties is still written exactly so.
+        let mut buf = Vec::new();
+        encode(5, &message("a/b", b"hi"), &mut buf);
+        assert_eq!(buf, OLD_RECORD);
+    }
+
+    #[test]
+    fn unknown_flag_bits_are_corrupt() {
+        let mut buf = Vec::new();
+        encode(5, &message("a/b", b"hi"), &mut buf);
+        buf[HEADER_LEN + 25] |= 0x80;
+        let crc = crc32c::crc32c(&buf[HEADER_LEN..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode(&buf), Decoded::Corrupt);
     }
 
     #[test]
@@ -293,8 +485,14 @@ mod tests {
             qos in 0u8..3,
             retain in any::<bool>(),
             id in any::<u128>(),
+            user in prop::collection::vec(("[a-z]{0,4}", "\\PC{0,6}"), 0..4),
+            content_type in prop::option::of("[a-z/]{0,12}"),
         ) {
-            let m = Message { id: uuid::Uuid::from_u128(id), topic, payload, qos, retain };
+            let properties = Properties::kept(
+                user.into_iter().collect(),
+                content_type,
+            );
+            let m = Message { id: uuid::Uuid::from_u128(id), topic, payload, qos, retain, properties };
             let mut buf = vec![0xAA; 3];
             encode(seq, &m, &mut buf);
             let decoded = decode(&buf[3..]);

@@ -542,3 +542,24 @@ pub async fn wait_for_recorded(path: &Path, n: usize) -> Vec<serde_json::Value> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The MQTT version a test speaks, for tests run over both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    V311,
+    V5,
+}
+
+/// [`config`] speaking `protocol` (MQTT 5 keeps the defaults: a 7-day session expiry).
+pub fn config_for(
+    protocol: Protocol,
+    mqtt_url: &str,
+    lambda_endpoint: &str,
+    rules: &str,
+) -> String {
+    let text = config(mqtt_url, lambda_endpoint, rules);
+    match protocol {
+        Protocol::V311 => text,
+        Protocol::V5 => text.replacen("[mqtt]\n", "[mqtt]\nprotocol = \"5\"\n", 1),
+    }
+}

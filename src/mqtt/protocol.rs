@@ -1,0 +1,500 @@
+//! The seam between MQTT 3.1.1 and MQTT 5: one client, one event loop and one event type over
+//! rumqttc's two implementations (`rumqttc` and `rumqttc::v5`), so the ingest, ack and hold
+//! logic in `mqtt.rs` is written once.
+//!
+//! Invariants: an [`Inbound`] publish carries everything the bridge keeps of it (topic, payload,
+//! QoS, retain, and under MQTT 5 its user properties and content type) and an [`Ack`] handle,
+//! which is only a packet id and a QoS: acknowledging needs nothing else, so the payload can be
+//! dropped once stored. Whatever the broker refuses (CONNACK, SUBACK per filter, UNSUBACK,
+//! DISCONNECT) comes out as words a person can act on, with MQTT 5's reason code.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::v5::mqttbytes::v5 as p5;
+use rumqttc::{Outgoing, QoS, Transport};
+
+use crate::envelope::Properties;
+
+/// The shortest keep-alive rumqttc's MQTT 5 client accepts (it panics below it).
+pub const MIN_KEEP_ALIVE_V5: Duration = Duration::from_secs(5);
+
+/// Connection options for one of the two versions.
+// One per process, built once: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Options {
+    /// MQTT 3.1.1.
+    V311(rumqttc::MqttOptions),
+    /// MQTT 5.
+    V5(rumqttc::v5::MqttOptions),
+}
+
+impl Options {
+    /// The broker as `mqtt.url` names it, for log lines.
+    pub fn broker_url(&self) -> String {
+        let ((host, port), transport) = match self {
+            Options::V311(o) => (o.broker_address(), o.transport()),
+            Options::V5(o) => (o.broker_address(), o.transport()),
+        };
+        let scheme = match transport {
+            Transport::Tcp => "mqtt",
+            _ => "mqtts",
+        };
+        format!("{scheme}://{host}:{port}")
+    }
+}
+
+/// Sends requests to the event loop; cheap to clone.
+#[derive(Clone)]
+pub enum Client {
+    /// MQTT 3.1.1.
+    V311(rumqttc::AsyncClient),
+    /// MQTT 5.
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// The event loop to poll; nothing happens unless it is polled.
+// One per process, owned by the poll task: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum EventLoop {
+    /// MQTT 3.1.1.
+    V311(rumqttc::EventLoop),
+    /// MQTT 5.
+    V5(rumqttc::v5::EventLoop),
+}
+
+/// A client and its event loop for `options`, with `capacity` requests buffered between them.
+pub fn connect(options: Options, capacity: usize) -> (Client, EventLoop) {
+    match options {
+        Options::V311(o) => {
+            let (c, e) = rumqttc::AsyncClient::new(o, capacity);
+            (Client::V311(c), EventLoop::V311(e))
+        }
+        Options::V5(o) => {
+            let (c, e) = rumqttc::v5::AsyncClient::new(o, capacity);
+            (Client::V5(c), EventLoop::V5(e))
+        }
+    }
+}
+
+/// What acknowledging a publish needs: its packet id and QoS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// The broker's packet id.
+    pub pkid: u16,
+    /// 0, 1 or 2; QoS 0 needs no acknowledgement.
+    pub qos: u8,
+}
+
+/// A publish as received, whichever the version.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// The concrete topic.
+    pub topic: String,
+    /// The payload, shared with rumqttc's read buffer until stored.
+    pub payload: Bytes,
+    /// The QoS it was delivered with.
+    pub qos: u8,
+    /// The retain flag.
+    pub retain: bool,
+    /// MQTT 5 user properties and content type, when present.
+    pub properties: Option<Box<Properties>>,
+    /// How to acknowledge it once stored.
+    pub ack: Ack,
+}
+
+/// What the broker answered for one filter of a SUBSCRIBE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Granted {
+    /// Subscribed at this QoS.
+    Qos(u8),
+    /// Refused, and why in words (with MQTT 5's reason code).
+    Refused(String),
+}
+
+/// One event from the event loop, as the ingest side needs it.
+#[derive(Debug)]
+pub enum Event {
+    /// The broker accepted the connection.
+    Connected {
+        /// It still had our session.
+        session_present: bool,
+    },
+    /// A message.
+    Publish(Inbound),
+    /// A SUBSCRIBE went out with this packet id.
+    SubscribeSent(u16),
+    /// An UNSUBSCRIBE went out with this packet id.
+    UnsubscribeSent(u16),
+    /// The answer to a SUBSCRIBE, per filter in the order sent.
+    SubAck {
+        /// Its packet id.
+        pkid: u16,
+        /// Per filter.
+        granted: Vec<Granted>,
+    },
+    /// The answer to an UNSUBSCRIBE; MQTT 5 may refuse it.
+    UnsubAck {
+        /// Its packet id.
+        pkid: u16,
+        /// Why the broker refused, if it did.
+        refused: Option<String>,
+    },
+    /// Our DISCONNECT went out: the event loop is done.
+    DisconnectSent,
+    /// Anything else (pings, acks going out).
+    Other,
+}
+
+impl EventLoop {
+    /// Polls once; an error is the connection's end, described for a person.
+    pub async fn poll(&mut self) -> Result<Event, String> {
+        match self {
+            EventLoop::V311(e) => e.poll().await.map(from_v311).map_err(|e| describe_v311(&e)),
+            EventLoop::V5(e) => e.poll().await.map(from_v5).map_err(|e| describe_v5(&e)),
+        }
+    }
+}
+
+impl Client {
+    /// Hands an acknowledgement to the event loop without waiting; `false` when its request
+    /// channel is full or closed.
+    pub fn try_ack(&self, ack: Ack) -> bool {
+        match self {
+            Client::V311(c) => {
+                let mut publish = rumqttc::Publish::new("", qos(ack.qos), Vec::new());
+                publish.pkid = ack.pkid;
+                c.try_ack(&publish).is_ok()
+            }
+            Client::V5(c) => {
+                let mut publish = p5::Publish::new("", qos5(ack.qos), Bytes::new(), None);
+                publish.pkid = ack.pkid;
+                c.try_ack(&publish).is_ok()
+            }
+        }
+    }
+
+    /// Queues one SUBSCRIBE for `filters` (filter, QoS).
+    pub async fn subscribe_many(&self, filters: Vec<(String, u8)>) -> Result<(), String> {
+        match self {
+            Client::V311(c) => c
+                .subscribe_many(
+                    filters
+                        .into_iter()
+                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f, qos(q))),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .subscribe_many(
+                    filters
+                        .into_iter()
+                        .map(|(f, q)| p5::Filter::new(f, qos5(q))),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Queues one UNSUBSCRIBE for `filter`.
+    pub async fn unsubscribe(&self, filter: String) -> Result<(), String> {
+        match self {
+            Client::V311(c) => c.unsubscribe(filter).await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.unsubscribe(filter).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Asks the event loop to send DISCONNECT, without waiting.
+    pub fn try_disconnect(&self) {
+        let _ = match self {
+            Client::V311(c) => c.try_disconnect().map_err(|_| ()),
+            Client::V5(c) => c.try_disconnect().map_err(|_| ()),
+        };
+    }
+}
+
+fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn qos5(level: u8) -> QoS5 {
+    match level {
+        0 => QoS5::AtMostOnce,
+        1 => QoS5::AtLeastOnce,
+        _ => QoS5::ExactlyOnce,
+    }
+}
+
+fn outgoing(event: Outgoing) -> Event {
+    match event {
+        Outgoing::Subscribe(pkid) => Event::SubscribeSent(pkid),
+        Outgoing::Unsubscribe(pkid) => Event::UnsubscribeSent(pkid),
+        Outgoing::Disconnect => Event::DisconnectSent,
+        _ => Event::Other,
+    }
+}
+
+fn from_v311(event: rumqttc::Event) -> Event {
+    use rumqttc::{Event as E, Incoming as I, SubscribeReasonCode as R};
+    match event {
+        E::Incoming(I::ConnAck(ack)) => Event::Connected {
+            session_present: ack.session_present,
+        },
+        E::Incoming(I::Publish(p)) => Event::Publish(Inbound {
+            ack: Ack {
+                pkid: p.pkid,
+                qos: p.qos as u8,
+            },
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos as u8,
+            retain: p.retain,
+            properties: None,
+        }),
+        E::Incoming(I::SubAck(ack)) => Event::SubAck {
+            pkid: ack.pkid,
+            granted: ack
+                .return_codes
+                .iter()
+                .map(|code| match code {
+                    R::Success(q) => Granted::Qos(*q as u8),
+                    // 3.1.1 has one failure code and no reason.
+                    R::Failure => Granted::Refused("failure (0x80)".into()),
+                })
+                .collect(),
+        },
+        E::Incoming(I::UnsubAck(ack)) => Event::UnsubAck {
+            pkid: ack.pkid,
+            refused: None,
+        },
+        E::Outgoing(o) => outgoing(o),
+        E::Incoming(_) => Event::Other,
+    }
+}
+
+fn from_v5(event: rumqttc::v5::Event) -> Event {
+    use rumqttc::v5::{Event as E, Incoming as I};
+    match event {
+        E::Incoming(I::ConnAck(ack)) => Event::Connected {
+            session_present: ack.session_present,
+        },
+        E::Incoming(I::Publish(p)) => {
+            let properties = p
+                .properties
+                .and_then(|props| Properties::kept(props.user_properties, props.content_type));
+            Event::Publish(Inbound {
+                ack: Ack {
+                    pkid: p.pkid,
+                    qos: p.qos as u8,
+                },
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload,
+                qos: p.qos as u8,
+                retain: p.retain,
+                properties,
+            })
+        }
+        E::Incoming(I::SubAck(ack)) => {
+            let reason = ack.properties.and_then(|p| p.reason_string);
+            Event::SubAck {
+                pkid: ack.pkid,
+                granted: ack
+                    .return_codes
+                    .iter()
+                    .map(|code| match code {
+                        p5::SubscribeReasonCode::Success(q) => Granted::Qos(*q as u8),
+                        refused => Granted::Refused(with_reason(
+                            subscribe_reason(refused),
+                            reason.as_deref(),
+                        )),
+                    })
+                    .collect(),
+            }
+        }
+        E::Incoming(I::UnsubAck(ack)) => {
+            let reason = ack.properties.and_then(|p| p.reason_string);
+            let refused = ack.reasons.iter().find_map(|r| match r {
+                p5::UnsubAckReason::Success | p5::UnsubAckReason::NoSubscriptionExisted => None,
+                other => Some(with_reason(words(&format!("{other:?}")), reason.as_deref())),
+            });
+            Event::UnsubAck {
+                pkid: ack.pkid,
+                refused,
+            }
+        }
+        E::Outgoing(o) => outgoing(o),
+        E::Incoming(_) => Event::Other,
+    }
+}
+
+/// `NotAuthorized` → `not authorized`: rumqttc's reason code names as words.
+fn words(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push(' ');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// The reason code's words, and the broker's reason string when it sent one.
+fn with_reason(code: String, reason: Option<&str>) -> String {
+    match reason {
+        Some(r) if !r.is_empty() => format!("{code}: {r}"),
+        _ => code,
+    }
+}
+
+/// A SUBACK failure as words with its MQTT 5 reason code.
+fn subscribe_reason(code: &p5::SubscribeReasonCode) -> String {
+    use p5::SubscribeReasonCode as R;
+    let number = match code {
+        R::Success(q) => *q as u8,
+        R::Failure | R::Unspecified => 0x80,
+        R::ImplementationSpecific => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicFilterInvalid => 0x8F,
+        R::PkidInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::SharedSubscriptionsNotSupported => 0x9E,
+        R::SubscriptionIdNotSupported => 0xA1,
+        R::WildcardSubscriptionsNotSupported => 0xA2,
+    };
+    format!("{} (0x{number:02X})", words(&format!("{code:?}")))
+}
+
+/// A CONNACK refusal as words with its MQTT 5 reason code, and what to check.
+fn connect_reason(code: &p5::ConnectReturnCode) -> String {
+    use p5::ConnectReturnCode as R;
+    let (number, hint) = match code {
+        R::BadUserNamePassword => (Some(0x86), "; check mqtt.username and the password"),
+        R::NotAuthorized => (
+            Some(0x87),
+            "; check the broker's ACL for this user and client id",
+        ),
+        R::ClientIdentifierNotValid => (Some(0x85), "; check mqtt.client_id"),
+        R::Banned => (Some(0x8A), ""),
+        R::UnsupportedProtocolVersion => (
+            Some(0x84),
+            "; the broker does not speak MQTT 5: set mqtt.protocol = \"3.1.1\"",
+        ),
+        R::ServerUnavailable => (Some(0x88), ""),
+        R::ServerBusy => (Some(0x89), ""),
+        R::QuotaExceeded => (Some(0x97), ""),
+        R::ConnectionRateExceeded => (Some(0x9F), ""),
+        R::UseAnotherServer => (Some(0x9C), ""),
+        R::ServerMoved => (Some(0x9D), ""),
+        R::UnspecifiedError => (Some(0x80), ""),
+        R::MalformedPacket => (Some(0x81), ""),
+        R::ProtocolError => (Some(0x82), ""),
+        _ => (None, ""),
+    };
+    let name = words(&format!("{code:?}"));
+    match number {
+        Some(n) => format!("{name} (0x{n:02X}){hint}"),
+        None => format!("{name}{hint}"),
+    }
+}
+
+/// A DISCONNECT from the broker as words with its reason code, and what to check.
+fn disconnect_reason(code: p5::DisconnectReasonCode, reason: Option<&str>) -> String {
+    use p5::DisconnectReasonCode as R;
+    let hint = match code {
+        R::SessionTakenOver => {
+            "; another client connected with the same mqtt.client_id (each bridge needs its own)"
+        }
+        R::NotAuthorized => "; check the broker's ACL for this user and client id",
+        R::ReceiveMaximumExceeded => "; the broker sent more than mqtt.receive_maximum",
+        _ => "",
+    };
+    format!(
+        "the broker disconnected us: {} (0x{:02X}){hint}",
+        with_reason(words(&format!("{code:?}")), reason),
+        code as u8
+    )
+}
+
+fn describe_v311(err: &rumqttc::ConnectionError) -> String {
+    match err {
+        rumqttc::ConnectionError::ConnectionRefused(code) => format!(
+            "the broker refused the connection: {}; check mqtt.username, the password and mqtt.client_id",
+            words(&format!("{code:?}"))
+        ),
+        other => other.to_string(),
+    }
+}
+
+fn describe_v5(err: &rumqttc::v5::ConnectionError) -> String {
+    use rumqttc::v5::{ConnectionError as C, StateError as S};
+    match err {
+        C::ConnectionRefused(code) | C::MqttState(S::ConnFail { reason: code }) => {
+            format!(
+                "the broker refused the connection: {}",
+                connect_reason(code)
+            )
+        }
+        C::MqttState(S::ServerDisconnect {
+            reason_code,
+            reason_string,
+        }) => disconnect_reason(*reason_code, reason_string.as_deref()),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_codes_read_as_words_with_their_number() {
+        assert_eq!(words("NotAuthorized"), "not authorized");
+        assert_eq!(
+            subscribe_reason(&p5::SubscribeReasonCode::NotAuthorized),
+            "not authorized (0x87)"
+        );
+        assert!(
+            connect_reason(&p5::ConnectReturnCode::BadUserNamePassword)
+                .starts_with("bad user name password (0x86); check mqtt.username")
+        );
+        assert_eq!(
+            disconnect_reason(p5::DisconnectReasonCode::SessionTakenOver, None),
+            "the broker disconnected us: session taken over (0x8E); another client connected \
+             with the same mqtt.client_id (each bridge needs its own)"
+        );
+    }
+
+    #[test]
+    fn an_mqtt5_publish_keeps_its_user_properties_and_content_type() {
+        let props = p5::PublishProperties {
+            user_properties: vec![("k".into(), "v".into())],
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        };
+        let mut publish = p5::Publish::new("a/b", QoS5::AtLeastOnce, "x", Some(props));
+        publish.pkid = 7;
+        let Event::Publish(inbound) = from_v5(rumqttc::v5::Event::Incoming(
+            rumqttc::v5::Incoming::Publish(publish),
+        )) else {
+            panic!("not a publish");
+        };
+        assert_eq!(inbound.topic, "a/b");
+        assert_eq!(inbound.ack, Ack { pkid: 7, qos: 1 });
+        let p = inbound.properties.expect("properties");
+        assert_eq!(p.user, vec![("k".to_owned(), "v".to_owned())]);
+        assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+    }
+
+    #[test]
+    fn broker_urls_name_scheme_host_and_port() {
+        let options = Options::V311(rumqttc::MqttOptions::new("id", "gateway.local", 8883));
+        assert_eq!(options.broker_url(), "mqtt://gateway.local:8883");
+    }
+}
