@@ -1,13 +1,40 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian or Ubuntu machine with Rust:
 #   scripts/test.sh
-# Installs what is missing (mosquitto, MiniStack, cargo-nextest), then checks formatting and
-# lints, and runs every unit, property and integration test.
+# Installs what is missing (mosquitto, MiniStack, hadolint, cargo-nextest, cross toolchains,
+# qemu), then checks formatting and lints, cross-compiles the ARM binaries for the qemu tests,
+# runs every unit, property and integration test, and checks the packaging: the Dockerfile
+# (hadolint, build-stage replay) and the Debian package (install, check, remove, purge; as root).
+#   scripts/test.sh -E 'test(/pattern/)'   # with arguments: only those tests, no packaging
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-export PATH="$HOME/.local/bin:$PATH"
+# The project's own Python tools (MiniStack, hadolint) first; see install-deps.sh.
+export PATH="$PWD/target/venv/bin:$HOME/.local/bin:$PATH"
+
+# The ARM binaries under qemu are built with the `ci` profile: thin LTO instead of release's
+# fat LTO, the same code otherwise (README: "Building release artifacts" for the measurements).
+CROSS_PROFILE=ci
+step() { printf '==> %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
+
+step "cross-compiling the ARM binaries (profile $CROSS_PROFILE)"
+for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+    cargo build --locked --profile "$CROSS_PROFILE" --target "$target"
+done
+export BRIDGE_CROSS_AARCH64="$PWD/target/aarch64-unknown-linux-gnu/$CROSS_PROFILE/mqtt-lambda-bridge"
+export BRIDGE_CROSS_ARMV7="$PWD/target/armv7-unknown-linux-gnueabihf/$CROSS_PROFILE/mqtt-lambda-bridge"
+
+step "tests"
 cargo nextest run --locked --no-fail-fast "$@"
+[ "$#" -eq 0 ] || exit 0
+
+step "Dockerfile: hadolint"
+hadolint Dockerfile
+step "Dockerfile: replaying the build stage"
+PROFILE="$CROSS_PROFILE" scripts/docker-replay.sh
+step "Debian package: install, check, remove, purge"
+DEB_PROFILE="$CROSS_PROFILE" scripts/deb-test.sh
+step "done"

@@ -1,6 +1,8 @@
 //! The `mqtt-lambda-bridge` command: argument parsing, logging, exit codes. The daemon itself
 //! is the library's `run`.
 
+mod probe;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -56,6 +58,12 @@ enum Command {
     Buffer {
         #[command(subcommand)]
         command: BufferCommand,
+    },
+    /// GET a loopback URL (e.g. http://127.0.0.1:9898/readyz): exit 0 on 200, else 1 with the
+    /// reason on stderr. For container health checks, where there is no curl.
+    Probe {
+        /// http://HOST:PORT/PATH, HOST a loopback address.
+        url: String,
     },
 }
 
@@ -117,6 +125,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Buffer { command } => buffer_command(command),
+        Command::Probe { url } => match probe::probe(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("mqtt-lambda-bridge: {err}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config: path } => {
             let runtime = match runtime() {
                 Ok(runtime) => runtime,
