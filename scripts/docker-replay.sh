@@ -9,9 +9,11 @@
 #   scripts/docker-replay.sh                    # TARGETPLATFORM=linux/amd64, PROFILE=release
 #   PROFILE=ci TARGETPLATFORM=linux/arm64 scripts/docker-replay.sh
 #
-# Paths: the stage's absolute paths (/src, the cache mounts) are mapped into
-# target/docker-replay/root; cache mounts persist there between runs, as BuildKit's do. The
-# base image is this machine (Debian bookworm with rustup, like rust:1-bookworm).
+# Paths: the stage's absolute paths (/src, ...) are mapped into a scratch directory under /tmp,
+# removed afterwards; cache mounts persist in target/docker-replay between runs, as BuildKit's do.
+# REPLAY_TARGET_CACHE=target starts cargo's target-dir cache mount warm from the project's own
+# target/ (scripts/test.sh does, to build the dependencies once). The base image is this
+# machine (Debian bookworm with rustup, like rust:1-bookworm).
 # Not replayed: the base images themselves, the runtime stage's COPY --chown/--chmod effects.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,12 +25,17 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.getcwd()
-WORK = os.path.join(ROOT, "target", "docker-replay")
-FS = os.path.join(WORK, "root")          # the build stage's filesystem, where it differs
-CONTEXT = os.path.join(WORK, "context")  # what `docker build .` sends
+WORK = os.path.join(ROOT, "target", "docker-replay")  # persistent cache mounts
+# Outside the project, so that cargo finds no .cargo/config.toml or manifest above the stage's
+# files that the image would not have.
+SCRATCH = tempfile.mkdtemp(prefix="mlb-docker-replay.")
+FS = os.path.join(SCRATCH, "root")          # the build stage's filesystem, where it differs
+CONTEXT = os.path.join(SCRATCH, "context")  # what `docker build .` sends
 STAGE = os.environ.get("REPLAY_STAGE", "builder")
+DOCKERFILE = os.environ.get("REPLAY_DOCKERFILE", "Dockerfile")
 BUILD_ARGS = {
     "TARGETPLATFORM": os.environ.get("TARGETPLATFORM", "linux/amd64"),
     "BUILDPLATFORM": "linux/amd64",
@@ -112,7 +119,6 @@ def excluded(path, patterns):
 
 
 def make_context():
-    shutil.rmtree(CONTEXT, ignore_errors=True)
     os.makedirs(CONTEXT)
     patterns = ignore_patterns()
     # What a clean clone has: the committed files (untracked but unignored ones too, as docker
@@ -163,7 +169,7 @@ def copy_into(sources, dest, workdir):
 
 
 def replay():
-    steps = instructions("Dockerfile")
+    steps = instructions(DOCKERFILE)
     stages, current = {}, None
     for keyword, rest in steps:
         if keyword == "FROM":
@@ -221,6 +227,8 @@ def replay():
                 if mount.startswith("/usr/local/cargo"):
                     continue
                 cache = os.path.join(WORK, "cache", mount.strip("/").replace("/", "_"))
+                if mount.endswith("/target") and os.environ.get("REPLAY_TARGET_CACHE"):
+                    cache = os.path.abspath(os.environ["REPLAY_TARGET_CACHE"])
                 os.makedirs(cache, exist_ok=True)
                 link = in_fs(mount, "/")
                 if os.path.islink(link):
@@ -254,6 +262,9 @@ def replay():
     print("docker-replay: the build stage builds from this context")
 
 
-make_context()
-replay()
+try:
+    make_context()
+    replay()
+finally:
+    shutil.rmtree(SCRATCH, ignore_errors=True)
 PY
