@@ -5,6 +5,7 @@
 # reinstalling, `dpkg -r` leaving only the buffer and the edited config, `dpkg -P` leaving
 # nothing. Run as root, on a machine where the package is not installed.
 #   DEB_PROFILE=ci scripts/deb-test.sh      # the cargo profile of the packaged binary
+#   DEB_FILE=dist/mqtt-lambda-bridge_0.1.0_amd64.deb scripts/deb-test.sh   # a package built before
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,9 +24,13 @@ if dpkg-query -W -f='${Status}' "$NAME" 2>/dev/null | grep -q installed; then
     fail "$NAME is installed on this machine already; not touching it"
 fi
 
-say "building the amd64 package (profile $PROFILE)"
-DIST_DIR="$OUT" DIST_PROFILE="$PROFILE" DIST_TARGETS=x86_64-unknown-linux-gnu scripts/dist.sh >/dev/null
-deb="$(ls "$OUT"/${NAME}_*_amd64.deb)"
+if [ -n "${DEB_FILE:-}" ]; then
+    deb="$DEB_FILE"
+else
+    say "building the amd64 package (profile $PROFILE)"
+    DIST_DIR="$OUT" DIST_PROFILE="$PROFILE" DIST_TARGETS=x86_64-unknown-linux-gnu scripts/dist.sh >/dev/null
+    deb="$(ls "$OUT"/${NAME}_*_amd64.deb)"
+fi
 version="$(dpkg-deb -f "$deb" Version)"
 [ "$(basename "$deb")" = "${NAME}_${version}_amd64.deb" ] || fail "package file name $(basename "$deb")"
 
@@ -83,8 +88,10 @@ dpkg -r "$NAME"
 left="$(changes)"
 say "left after dpkg -r:"
 sed 's/^/    /' <<<"$left"
+# deb-systemd-helper remembers that the unit was enabled (for a reinstall) until the purge.
 expected="$(printf '%s\n' /etc/$NAME "$CONFIG" /var/lib/$NAME /var/lib/private/$NAME \
-    /var/lib/private/$NAME/temperature /var/lib/private/$NAME/temperature/00000000000000000000.seg | sort)"
+    /var/lib/private/$NAME/temperature /var/lib/private/$NAME/temperature/00000000000000000000.seg \
+    /var/lib/systemd/deb-systemd-helper-enabled/$NAME.service.dsh-also | sort)"
 # /var/lib/private itself may be new on a machine where no DynamicUser service ever ran.
 [ "$(grep -vx /var/lib/private <<<"$left")" = "$expected" ] \
     || fail "dpkg -r left more or less than the buffer and the edited config"
