@@ -11,9 +11,7 @@
 #
 # Paths: the stage's absolute paths (/src, ...) are mapped into a scratch directory under /tmp,
 # removed afterwards; cache mounts persist in target/docker-replay between runs, as BuildKit's do.
-# REPLAY_TARGET_CACHE=target starts cargo's target-dir cache mount warm from the project's own
-# target/ (scripts/test.sh does, to build the dependencies once). The base image is this
-# machine (Debian bookworm with rustup, like rust:1-bookworm).
+# The base image is this machine (Debian bookworm with rustup, like rust:1-bookworm).
 # Not replayed: the base images themselves, the runtime stage's COPY --chown/--chmod effects.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -227,8 +225,6 @@ def replay():
                 if mount.startswith("/usr/local/cargo"):
                     continue
                 cache = os.path.join(WORK, "cache", mount.strip("/").replace("/", "_"))
-                if mount.endswith("/target") and os.environ.get("REPLAY_TARGET_CACHE"):
-                    cache = os.path.abspath(os.environ["REPLAY_TARGET_CACHE"])
                 os.makedirs(cache, exist_ok=True)
                 link = in_fs(mount, "/")
                 if os.path.islink(link):
