@@ -31,8 +31,12 @@ step "tests"
 cargo nextest run --locked --no-fail-fast "$@"
 [ "$#" -eq 0 ] || exit 0
 
-step "Debian package: install, check, remove, purge"
-DEB_PROFILE="$CROSS_PROFILE" scripts/deb-test.sh
+if [ "$(id -u)" -eq 0 ]; then
+    step "Debian package: install, check, remove, purge"
+    DEB_PROFILE="$CROSS_PROFILE" scripts/deb-test.sh
+else
+    step "Debian package test skipped: it installs a package, run as root (CI does)"
+fi
 step "Dockerfile: hadolint"
 hadolint Dockerfile
 step "Dockerfile: replaying the build stage"
