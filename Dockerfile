@@ -9,7 +9,7 @@
 # ---- build ----
 FROM --platform=$BUILDPLATFORM rust:1-bookworm AS builder
 ARG TARGETPLATFORM
-# Cargo profile: "release" (fat LTO) for images; CI's replay passes "ci" (thin LTO) for time.
+# Cargo profile of the binary.
 ARG PROFILE=release
 WORKDIR /src
 

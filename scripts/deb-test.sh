@@ -4,7 +4,7 @@
 # that `check` refuses until a rule is added and accepts after, an edit that survives
 # reinstalling, `dpkg -r` leaving only the buffer and the edited config, `dpkg -P` leaving
 # nothing. Run as root, on a machine where the package is not installed.
-#   DEB_PROFILE=ci scripts/deb-test.sh      # the cargo profile of the packaged binary
+#   DEB_PROFILE=release scripts/deb-test.sh   # the cargo profile of the packaged binary
 #   DEB_FILE=dist/mqtt-lambda-bridge_0.1.0_amd64.deb scripts/deb-test.sh   # a package built before
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,7 +9,7 @@
 #
 #   scripts/dist.sh                    # everything, profile "release" (fat LTO)
 #   DIST_TARGETS="aarch64-unknown-linux-gnu" scripts/dist.sh
-#   DIST_PROFILE=ci scripts/dist.sh    # thin LTO: quicker, for trying the packaging
+#   DIST_PROFILE=dev scripts/dist.sh   # another cargo profile, e.g. for trying the packaging
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

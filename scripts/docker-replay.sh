@@ -7,7 +7,7 @@
 # fails here as it would in `docker build`.
 #
 #   scripts/docker-replay.sh                    # TARGETPLATFORM=linux/amd64, PROFILE=release
-#   PROFILE=ci TARGETPLATFORM=linux/arm64 scripts/docker-replay.sh
+#   TARGETPLATFORM=linux/arm64 scripts/docker-replay.sh
 #
 # Paths: the stage's absolute paths (/src, ...) are mapped into a scratch directory under /tmp,
 # removed afterwards; cache mounts persist in target/docker-replay between runs, as BuildKit's do.

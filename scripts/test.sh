@@ -12,9 +12,10 @@ scripts/install-deps.sh
 # The project's own Python tools (MiniStack, hadolint) first; see install-deps.sh.
 export PATH="$PWD/target/venv/bin:$HOME/.local/bin:$PATH"
 
-# The ARM binaries under qemu are built with the `ci` profile: thin LTO instead of release's
-# fat LTO, the same code otherwise (README: "Building release artifacts" for the measurements).
-CROSS_PROFILE=ci
+# The ARM binaries under qemu are the release ones (fat LTO). A thin-LTO profile was measured
+# and rejected: with fat LTO the dependencies are compiled to bitcode only, and the final
+# aarch64 link took 1.5 min of CPU against 5.8 min for thin LTO with 16 codegen units.
+CROSS_PROFILE=release
 step() { printf '==> %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 cargo fmt --all -- --check

@@ -4,8 +4,8 @@
 //!
 //! The binaries are cross-compiled outside cargo's test build, so the test takes their paths
 //! from the environment (scripts/test.sh builds them and sets these):
-//!   BRIDGE_CROSS_AARCH64=target/aarch64-unknown-linux-gnu/ci/mqtt-lambda-bridge
-//!   BRIDGE_CROSS_ARMV7=target/armv7-unknown-linux-gnueabihf/ci/mqtt-lambda-bridge
+//!   BRIDGE_CROSS_AARCH64=target/aarch64-unknown-linux-gnu/release/mqtt-lambda-bridge
+//!   BRIDGE_CROSS_ARMV7=target/armv7-unknown-linux-gnueabihf/release/mqtt-lambda-bridge
 //! (Not MLB_: that prefix is the daemon's own configuration override.)
 //! Without the variable a test says so on stderr and passes: `cargo nextest run` alone does not
 //! cross-compile. With it, the file must be an ELF for that architecture (so the host binary
