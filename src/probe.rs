@@ -50,11 +50,10 @@ pub fn probe(url: &str) -> Result<(), ProbeError> {
     let mut stream = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).map_err(io)?;
     stream.set_read_timeout(Some(PROBE_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(PROBE_TIMEOUT)).map_err(io)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(io)?;
+    // One write: a request split over several segments can meet a server that answers after
+    // the first and resets the connection over the unread rest.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(io)?;
     let mut head = Vec::with_capacity(STATUS_LINE_MAX);
     let mut buf = [0u8; STATUS_LINE_MAX];
     while !head.contains(&b'\n') && head.len() < STATUS_LINE_MAX {
@@ -85,8 +84,15 @@ mod tests {
         let port = listener.local_addr().expect("addr").port();
         std::thread::spawn(move || {
             if let Ok((mut conn, _)) = listener.accept() {
-                let mut request = [0u8; 1024];
-                let _ = conn.read(&mut request);
+                // The whole request first: closing over unread bytes would reset the connection.
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let _ = conn.write_all(answer.as_bytes());
             }
         });
@@ -95,7 +101,8 @@ mod tests {
 
     #[test]
     fn a_200_is_healthy_anything_else_is_not() {
-        assert!(probe(&serve_once("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")).is_ok());
+        let healthy = probe(&serve_once("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        assert!(healthy.is_ok(), "{healthy:?}");
         let err = probe(&serve_once("HTTP/1.1 503 Service Unavailable\r\n\r\n"))
             .expect_err("503 is unhealthy");
         assert!(matches!(err, ProbeError::Status(_, ref line) if line.contains("503")));
