@@ -23,39 +23,17 @@ find_mosquitto() {
 
 # --- prerequisites -----------------------------------------------------------------------------
 
-if [ -z "$(find_mosquitto)" ] || ! command -v mosquitto_pub >/dev/null 2>&1; then
-    say "installing mosquitto and mosquitto-clients"
-    $SUDO apt-get update
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto mosquitto-clients
-    # The package enables a system broker on port 1883; the demo runs its own and leaves that alone.
-fi
+# mosquitto from Debian's packages, and MiniStack pinned in the project's own virtual
+# environment (target/venv), never in the system Python: the same install step as the tests.
+# (Debian's mosquitto package enables a system broker on port 1883; the demo runs its own.)
+"$ROOT/scripts/install-deps.sh" --demo
+PATH="$ROOT/target/venv/bin:$PATH"
 MOSQUITTO="$(find_mosquitto)"
+[ -n "$MOSQUITTO" ] && command -v ministack >/dev/null 2>&1 \
+    || { echo "error: mosquitto or ministack missing after scripts/install-deps.sh --demo" >&2; exit 1; }
 
-# pip --user installs scripts here; make them visible before and after installing.
-PATH="$PATH:$(python3 -m site --user-base)/bin"
-if ! command -v ministack >/dev/null 2>&1; then
-    say "installing ministack (pip)"
-    if ! python3 -m pip --version >/dev/null 2>&1; then
-        $SUDO apt-get update
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-pip
-    fi
-    pip_log="$(mktemp)"
-    if ! python3 -m pip install ministack 2>"$pip_log"; then
-        if grep -q externally-managed "$pip_log"; then
-            python3 -m pip install --user --break-system-packages ministack
-        else
-            cat "$pip_log" >&2
-            rm -f "$pip_log"
-            exit 1
-        fi
-    fi
-    rm -f "$pip_log"
-    hash -r
-    command -v ministack >/dev/null 2>&1 || { echo "ministack was installed but is not on PATH" >&2; exit 1; }
-fi
-
-say "building the bridge (cargo build --release)"
-cargo build --release --quiet
+say "building the bridge (cargo build --release: several minutes the first time, fat LTO)"
+cargo build --release
 BRIDGE="$ROOT/target/release/mqtt-lambda-bridge"
 
 # --- processes and cleanup ---------------------------------------------------------------------
@@ -84,7 +62,7 @@ stop_group() {
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
-    [ "$OK" -eq 1 ] && say "stopping (the bridge first, with SIGTERM)"
+    [ "$OK" -eq 1 ] && say "stopping MiniStack and mosquitto"
     # The bridge first, with SIGTERM: it finishes in-flight invocations (shutdown_timeout).
     stop_group "$BRIDGE_PID" 12
     stop_group "$MINISTACK_PID" 5
@@ -263,6 +241,13 @@ for event in events:
     print(json.dumps(event, indent=2))
 PY
 echo
-say "$temperature temperature events (one message each), $status status messages in $batches batch(es); other/topic matched no rule"
-
+# Stop the bridge now (SIGTERM): on the way out it logs one summary line per rule, what it
+# delivered and dropped; those lines, with its subscriptions, are the routing in its own words.
+say "stopping the bridge (SIGTERM); its log:"
+stop_group "$BRIDGE_PID" 12
+BRIDGE_PID=""
+grep -E 'mqtt-lambda-bridge started|subscribed|rule summary' "$TMP/bridge.log" | sed 's/^/    /'
+echo
+unmatched="$(grep -c '"other/topic"' "$RECORD" || true)"
+say "the function received $temperature temperature events (one message each), $status status messages in $batches batch(es), and $unmatched event(s) with other/topic"
 OK=1

