@@ -440,25 +440,34 @@ fn buffer_command(command: BufferCommand) -> ExitCode {
 /// aws-config's credentials chain logs each failing source at `warn` with the error's `Debug`
 /// structure, many lines of it; the bridge says the same in one line (invoker::credentials), so
 /// the chain is heard only at `error` unless RUST_LOG names it.
-const QUIET_SDK_CHAIN: &str = "aws_config::meta::credentials::chain=error";
+const QUIET_SDK_CHAIN_TARGET: &str = "aws_config::meta::credentials::chain";
 
 fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty());
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if !from_env.is_some_and(|v| v.contains("aws_config"))
-        && let Ok(directive) = QUIET_SDK_CHAIN.parse()
-    {
-        filter = filter.add_directive(directive);
+    let mut filter = match from_env.as_deref().map(str::parse::<Targets>) {
+        Some(Ok(filter)) => filter,
+        Some(Err(err)) => {
+            eprintln!("mqtt-lambda-bridge: RUST_LOG is not a log filter ({err}); logging at info");
+            Targets::new().with_default(LevelFilter::INFO)
+        }
+        None => Targets::new().with_default(LevelFilter::INFO),
+    };
+    if !from_env.is_some_and(|v| v.contains("aws_config")) {
+        filter = filter.with_target(QUIET_SDK_CHAIN_TARGET, LevelFilter::ERROR);
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => tracing_subscriber::registry().with(fmt).with(filter).init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(fmt.json().flatten_event(true))
+            .with(filter)
+            .init(),
     }
 }
