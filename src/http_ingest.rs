@@ -513,7 +513,8 @@ impl Ingest {
                 "too many messages are being received at once; retry later".into(),
             ));
         };
-        let hint = usize::try_from(reserve).unwrap_or(0);
+        // Room for a declared length at once; an undeclared one grows as it comes.
+        let hint = declared.map_or(0, |n| usize::try_from(n).unwrap_or(0));
         let payload = match read_body(request.into_body(), max_body, hint, deadline).await {
             Ok(payload) => payload,
             Err(BodyError::TooLarge) => return closing(too_large(max_body)),
@@ -978,6 +979,31 @@ mod tests {
             TcpStream::connect(addr).await.is_err(),
             "the port is closed"
         );
+    }
+
+    #[tokio::test]
+    async fn an_idle_kept_alive_connection_is_closed_after_the_read_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (table, _queue) = table(dir.path(), WhenFull::Block, 1 << 20, FaultStorage::new());
+        let mut listener = listener(WhenFull::Block, STORE_WAIT).await;
+        listener.settings.read_timeout = Duration::from_millis(300);
+        let addr = listener.local_addr();
+        let (_stop, stopping) = crate::shutdown::channel();
+        let _running = listener.serve(table, stopping);
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"POST /topics/a/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n1")
+            .await
+            .expect("send");
+        let started = std::time::Instant::now();
+        let mut answer = String::new();
+        // The connection stays open after the 202 (keep-alive) until the idle limit.
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+            .await
+            .expect("closed by the server")
+            .expect("read");
+        assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+        assert!(started.elapsed() >= Duration::from_millis(250));
     }
 
     #[tokio::test]

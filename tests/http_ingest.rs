@@ -364,16 +364,14 @@ fn a_token_file_that_cannot_be_read_is_a_configuration_problem() {
     }
 }
 
-#[tokio::test]
-async fn every_post_answered_202_is_delivered_after_a_kill_9_during_many_concurrent_posts() {
-    const CLIENTS: usize = 16;
-    let broker = Mosquitto::start().await;
-    let lambda = FakeLambdaServer::start().await;
-    let (daemon, port) = start(&broker, &lambda.endpoint(), "", ONE_RULE).await;
-
-    // Each client posts its own numbers one after another until the daemon is gone.
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..CLIENTS)
+/// Clients posting their own numbers one after another until the daemon is gone (or, when
+/// stopping, answers 503); each returns what was answered 202: payload → id.
+fn post_until_gone(
+    port: u16,
+    clients: usize,
+    accepted: Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<BTreeMap<String, String>>> {
+    (0..clients)
         .map(|c| {
             let accepted = accepted.clone();
             tokio::spawn(async move {
@@ -386,28 +384,20 @@ async fn every_post_answered_202_is_delivered_after_a_kill_9_during_many_concurr
                             ids.insert(payload, id);
                             accepted.fetch_add(1, Ordering::Relaxed);
                         }
+                        Ok(answer) if answer.status == 503 => break,
                         Ok(answer) => panic!("unexpected answer: {answer:?}"),
-                        // The daemon was killed: connection refused or reset.
+                        // The daemon is gone: connection refused or reset.
                         Err(_) => break,
                     }
                 }
                 ids
             })
         })
-        .collect();
-    while accepted.load(Ordering::Relaxed) < 500 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let daemon = daemon.kill().await;
-    let mut promised = BTreeMap::new();
-    for client in clients {
-        promised.extend(client.await.expect("client"));
-    }
-    assert!(promised.len() >= 500, "{}", promised.len());
+        .collect()
+}
 
-    let daemon = daemon.restart().await;
-    daemon.wait_for_log("HTTP ingest listening").await;
-    let n = promised.len();
+/// Waits until every promised payload reached the function with its promised id.
+async fn wait_promised_delivered(lambda: &FakeLambdaServer, promised: &BTreeMap<String, String>) {
     let delivered = |all: &[Invocation]| -> BTreeMap<String, String> {
         messages(all)
             .into_iter()
@@ -421,17 +411,63 @@ async fn every_post_answered_202_is_delivered_after_a_kill_9_during_many_concurr
     };
     lambda
         .fake
-        .wait_until(&format!("{n} promised messages"), |all| {
+        .wait_until(&format!("{} promised messages", promised.len()), |all| {
             let seen = delivered(all);
-            promised
-                .iter()
-                .all(|(payload, _)| seen.contains_key(payload))
+            promised.keys().all(|payload| seen.contains_key(payload))
         })
         .await;
     let seen = lambda.fake.with_invocations(delivered);
-    for (payload, id) in &promised {
+    for (payload, id) in promised {
         assert_eq!(seen.get(payload), Some(id), "payload {payload}");
     }
+}
+
+#[tokio::test]
+async fn every_post_answered_202_is_delivered_after_a_kill_9_during_many_concurrent_posts() {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let (daemon, port) = start(&broker, &lambda.endpoint(), "", ONE_RULE).await;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let clients = post_until_gone(port, 16, accepted.clone());
+    while accepted.load(Ordering::Relaxed) < 500 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let daemon = daemon.kill().await;
+    let mut promised = BTreeMap::new();
+    for client in clients {
+        promised.extend(client.await.expect("client"));
+    }
+    assert!(promised.len() >= 500, "{}", promised.len());
+
+    let daemon = daemon.restart().await;
+    daemon.wait_for_log("HTTP ingest listening").await;
+    wait_promised_delivered(&lambda, &promised).await;
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[tokio::test]
+async fn a_sigterm_during_many_concurrent_posts_answers_the_requests_in_flight_and_keeps_each_202()
+{
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let (mut daemon, port) = start(&broker, &lambda.endpoint(), "", ONE_RULE).await;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let clients = post_until_gone(port, 16, accepted.clone());
+    while accepted.load(Ordering::Relaxed) < 300 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (code, log) = daemon.stop().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("HTTP ingest stopped"), "{log}");
+    let mut promised = BTreeMap::new();
+    for client in clients {
+        promised.extend(client.await.expect("client"));
+    }
+    // What the stop left undelivered goes out after a restart.
+    let daemon = daemon.restart().await;
+    daemon.wait_for_log("HTTP ingest listening").await;
+    wait_promised_delivered(&lambda, &promised).await;
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
 }
