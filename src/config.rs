@@ -59,6 +59,9 @@ pub struct Config {
     /// The HTTP listener for `/metrics`, `/healthz` and `/readyz`; absent: none.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// HTTP ingest (`POST /topics/<topic>`); without `http.listen`, none.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Topic filters and the functions their messages go to.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
@@ -225,6 +228,51 @@ impl MetricsConfig {
                 self.listen
             )
         })
+    }
+}
+
+/// `[http]`: HTTP ingest for devices that cannot speak MQTT (`crate::http_ingest`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address and port to listen on, e.g. `127.0.0.1:8080`; absent: no listener.
+    pub listen: Option<String>,
+    /// A file whose first line (trimmed) is the bearer token every request must carry.
+    pub token_file: Option<PathBuf>,
+    /// Largest request body (the message's payload); larger ones are refused with 413.
+    #[serde(default = "defaults::http_max_body")]
+    pub max_body: Size,
+    /// Time a client has to send a request's head, and again its body; slower ones are cut off.
+    #[serde(default = "defaults::http_read_timeout")]
+    pub read_timeout: HumanDuration,
+    /// PEM certificate chain: with `key_file`, the listener speaks HTTPS only.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: None,
+            token_file: None,
+            max_body: defaults::http_max_body(),
+            read_timeout: defaults::http_read_timeout(),
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The listen address, when there is one; validation made sure it parses.
+    pub fn listen_addr(&self) -> Option<Result<std::net::SocketAddr, String>> {
+        let listen = self.listen.as_ref()?;
+        Some(listen.trim().parse().map_err(|_| {
+            format!(
+                "expected an IP address and port like \"127.0.0.1:8080\" or \"[::1]:8080\", got \"{listen}\""
+            )
+        }))
     }
 }
 
@@ -401,6 +449,12 @@ mod defaults {
 
     pub fn shutdown_timeout() -> HumanDuration {
         HumanDuration(Duration::from_secs(8))
+    }
+    pub fn http_max_body() -> Size {
+        Size(256 * 1024)
+    }
+    pub fn http_read_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
     }
     pub fn client_id() -> String {
         // gethostname(2), not /proc/sys/kernel/hostname: the systemd unit hides /proc/sys
@@ -631,6 +685,7 @@ impl Config {
         issues.extend(validate::aws(&self.aws));
         issues.extend(validate::buffer(&self.buffer, self.rules.len()));
         issues.extend(validate::metrics(self.metrics.as_ref()));
+        issues.extend(validate::http(&self.http));
         issues.extend(validate::rules(&self.rules));
         if issues.is_empty() {
             Ok(self)

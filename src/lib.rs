@@ -31,6 +31,8 @@
 //!   whether the ingest and delivery loops turn).
 //! - [`metrics`]: `/metrics` (Prometheus), `/healthz` and `/readyz`, read from the counters.
 //! - [`http`]: a small HTTP/1.1 listener with bounded connections; routing is the caller's.
+//! - [`http_ingest`]: `POST /topics/<topic>` (hyper), into the same routes as MQTT; answered
+//!   202 once the message is on disk.
 //! - [`notify`]: systemd's notify protocol: READY, the watchdog, STATUS, RELOADING, STOPPING.
 //! - [`clock`]: wall clock jumps, and message ages for `buffer.max_age` that a jump cannot
 //!   inflate.
@@ -50,6 +52,7 @@ pub mod config;
 pub mod envelope;
 pub mod health;
 pub mod http;
+pub mod http_ingest;
 pub mod invoker;
 pub mod metrics;
 pub mod mqtt;
@@ -97,6 +100,9 @@ pub enum RunError {
     /// The metrics listener could not start.
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    /// HTTP ingest could not start.
+    #[error(transparent)]
+    Http(#[from] http_ingest::HttpError),
     /// Another process (a running daemon) holds the buffer.
     #[error(
         "buffer.dir {0}: in use by another mqtt-lambda-bridge process (stop the daemon first, e.g. systemctl stop mqtt-lambda-bridge)"
@@ -245,6 +251,7 @@ pub async fn run_with_reloads<I: Invoke>(
         health.clone(),
     )
     .await?;
+    let http = http_ingest::bind(&config.http, config.buffer.when_full).await?;
 
     let (stop_ingest, ingest_shutdown) = shutdown::channel();
     let (stop_delivery, drain) = shutdown::channel();
@@ -271,6 +278,7 @@ pub async fn run_with_reloads<I: Invoke>(
         shared,
     );
 
+    let http = http.map(|listener| listener.serve(rules.table(), ingest_shutdown.clone()));
     let ingest = tokio::spawn(mqtt::run(
         options,
         rules.table(),
@@ -319,6 +327,9 @@ pub async fn run_with_reloads<I: Invoke>(
     stop_ingest.trigger();
     if tokio::time::timeout_at(deadline, ingest).await.is_err() {
         tracing::warn!("MQTT ingest did not stop in time");
+    }
+    if let Some(http) = http {
+        http.finish(deadline).await;
     }
     stop_delivery.trigger();
     rules.finish(deadline).await;

@@ -14,6 +14,9 @@
 //! aws.iot.ca_file          readable, holds PEM certificates rustls accepts   (invoker::iot builds
 //! aws.iot.cert_file        readable, a PEM chain that goes with key_file      the TLS config
 //! aws.iot.key_file         readable, a PEM private key                        exactly as run does)
+//! http.token_file          readable, its first line (the token) not empty
+//! http.cert_file           readable, a PEM chain that goes with key_file     (http_ingest builds
+//! http.key_file            readable, a PEM private key                        the TLS config)
 //! buffer.dir               a directory this user can write, or creatable: its nearest existing
 //!                          parent is a directory this user can write; inside it, `lock` and each
 //!                          rule's directory and files are readable and writable
@@ -41,7 +44,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::instrument::WithSubscriber;
 
-use crate::config::{AwsConfig, Config, Issue, MqttConfig, TlsConfig};
+use crate::config::{AwsConfig, Config, HttpConfig, Issue, MqttConfig, TlsConfig};
+use crate::http_ingest::{self, HttpError};
 use crate::invoker::iot;
 use crate::mqtt::{self, MqttError};
 
@@ -58,6 +62,7 @@ const LOCK_FILE: &str = "lock";
 pub async fn check(config: &Config) -> Vec<Issue> {
     let mut issues = mqtt_files(&config.mqtt);
     issues.extend(iot_files(&config.aws));
+    issues.extend(http_files(&config.http));
     issues.extend(buffer_dir(config));
     issues.extend(region(&config.aws).await);
     issues
@@ -189,6 +194,51 @@ pub fn iot_files(config: &AwsConfig) -> Vec<Issue> {
         issues.push(Issue::new(key, message));
     }
     issues
+}
+
+/// The files `[http]` names: the token file readable with a token on its first line, and the
+/// TLS pair building the server configuration `run` builds (by calling the same
+/// [`http_ingest::tls_config`]).
+pub fn http_files(config: &HttpConfig) -> Vec<Issue> {
+    type Parse = fn(&Path) -> Result<(), String>;
+    let token = |path: &Path| {
+        http_ingest::read_token(path)
+            .map(|_| ())
+            .map_err(http_message)
+    };
+    let named: [(&'static str, Option<&PathBuf>, Parse); 3] = [
+        ("http.token_file", config.token_file.as_ref(), token),
+        (
+            "http.cert_file",
+            config.cert_file.as_ref(),
+            pem_certificates,
+        ),
+        ("http.key_file", config.key_file.as_ref(), pem_private_key),
+    ];
+    let mut issues = Vec::new();
+    for (key, path, parse) in named {
+        let Some(path) = path else { continue };
+        let result = readable_file(path)
+            .map_err(|why| format!("cannot read {}: {why}", path.display()))
+            .and_then(|()| parse(path));
+        if let Err(message) = result {
+            issues.push(Issue::new(key, message));
+        }
+    }
+    if issues.is_empty()
+        && let Err(HttpError::File { key, message }) = http_ingest::tls_config(config)
+    {
+        issues.push(Issue::new(key, message));
+    }
+    issues
+}
+
+/// The message of an [`HttpError`], without the key (the issue carries it).
+fn http_message(err: HttpError) -> String {
+    match err {
+        HttpError::File { message, .. } => message,
+        other => other.to_string(),
+    }
 }
 
 /// A PEM file with at least one certificate in it.
@@ -506,5 +556,48 @@ mod tests {
         let err = creatable(&file.join("buffer")).expect_err("under a file");
         assert!(err.contains("is not a directory"), "{err}");
         assert!(!dir.path().join("a").exists(), "nothing was created");
+    }
+
+    #[test]
+    fn http_files_are_read_and_the_tls_pair_must_go_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        let one = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let two = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let config = HttpConfig {
+            token_file: Some(write("token", "\n")),
+            cert_file: Some(write("cert.pem", &one.cert.pem())),
+            key_file: Some(dir.path().join("missing.key")),
+            ..HttpConfig::default()
+        };
+        let issues = http_files(&config);
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, ["http.token_file", "http.key_file"], "{issues:?}");
+        assert!(
+            issues[0].message.contains("first line is empty"),
+            "{issues:?}"
+        );
+        assert!(issues[1].message.contains("cannot read"), "{issues:?}");
+
+        let mismatched = HttpConfig {
+            token_file: Some(write("token", "t0ken\n")),
+            key_file: Some(write("other.key", &two.signing_key.serialize_pem())),
+            ..config.clone()
+        };
+        let issues = http_files(&mismatched);
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert!(
+            issues[0].message.contains("cannot be used together"),
+            "{issues:?}"
+        );
+        let matched = HttpConfig {
+            key_file: Some(write("one.key", &one.signing_key.serialize_pem())),
+            ..mismatched
+        };
+        assert!(http_files(&matched).is_empty());
     }
 }

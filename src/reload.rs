@@ -113,6 +113,24 @@ fn restart_settings(config: &Config) -> Vec<(&'static str, String)> {
             "metrics.listen",
             format!("{:?}", config.metrics.as_ref().map(|m| &m.listen)),
         ),
+        ("http.listen", format!("{:?}", config.http.listen)),
+        (
+            "http.token_file",
+            format!("{:?}", path(&config.http.token_file)),
+        ),
+        ("http.max_body", config.http.max_body.0.to_string()),
+        (
+            "http.read_timeout",
+            format!("{:?}", config.http.read_timeout),
+        ),
+        (
+            "http.cert_file",
+            format!("{:?}", path(&config.http.cert_file)),
+        ),
+        (
+            "http.key_file",
+            format!("{:?}", path(&config.http.key_file)),
+        ),
         ("buffer.dir", buffer.dir.display().to_string()),
         ("buffer.max_size", buffer.max_size.0.to_string()),
         ("buffer.when_full", format!("{:?}", buffer.when_full)),
@@ -691,5 +709,19 @@ mod tests {
         assert_eq!(running.aws.region, None, "the value in force stays");
         assert_eq!(running.buffer.max_size, old.buffer.max_size);
         assert!(diff(&running, &running.clone()).needs_restart.is_empty());
+    }
+
+    #[test]
+    fn http_settings_need_a_restart() {
+        let old = config("", &[("a", "s/#", "f")]);
+        let new = config(
+            "[http]\nlisten = \"127.0.0.1:8080\"\nmax_body = \"1KiB\"",
+            &[("a", "s/#", "f")],
+        );
+        assert_eq!(
+            diff(&old, &new).needs_restart,
+            vec!["http.listen", "http.max_body"]
+        );
+        assert_eq!(effective(&old, new).http.listen, None);
     }
 }

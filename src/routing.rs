@@ -361,7 +361,7 @@ where
             Err(error) => {
                 failures += 1;
                 if failures == 1 {
-                    tracing::error!(rule, error = %error, "cannot write {what}: not acknowledging these messages (the broker keeps them); retrying");
+                    tracing::error!(rule, error = %error, "cannot write {what}: not acknowledging these messages until they are stored (the broker keeps them; an HTTP sender gets 503 after 10s); retrying");
                 } else {
                     tracing::debug!(rule, error = %error, "still cannot write {what}");
                 }

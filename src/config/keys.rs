@@ -132,6 +132,22 @@ pub const KEYS: &[(&str, Expect)] = &[
     ("buffer.segment_size", Expect::Size("8MiB")),
     ("metrics", Expect::Table("[metrics]")),
     ("metrics.listen", Expect::Text("127.0.0.1:9464")),
+    ("http", Expect::Table("[http]")),
+    ("http.listen", Expect::Text("127.0.0.1:8080")),
+    (
+        "http.token_file",
+        Expect::Path("/etc/mqtt-lambda-bridge/http-token"),
+    ),
+    ("http.max_body", Expect::Size("256KiB")),
+    ("http.read_timeout", Expect::Duration("30s")),
+    (
+        "http.cert_file",
+        Expect::Path("/etc/mqtt-lambda-bridge/http.pem"),
+    ),
+    (
+        "http.key_file",
+        Expect::Path("/etc/mqtt-lambda-bridge/http.key"),
+    ),
     ("rules", Expect::Tables("[[rules]]")),
     ("rules[]", Expect::Table("[[rules]]")),
     ("rules[].name", Expect::Text("temperature")),

@@ -1,5 +1,5 @@
 //! What serde cannot check, one function per section: `[mqtt]` (and `[mqtt.tls]`), `[aws]`,
-//! `[buffer]`, `[metrics]`, and each `[[rules]]` entry with its sub-tables. Each returns the problems it
+//! `[buffer]`, `[metrics]`, `[http]`, and each `[[rules]]` entry with its sub-tables. Each returns the problems it
 //! found as [`Issue`]s (key and message); [`super::Config::validate`] collects them all and
 //! places them in the file. None stops the others, and none touches the file system or the
 //! network: that is `preflight`'s job.
@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{
-    AggregateConfig, AwsConfig, BatchConfig, BufferConfig, InvocationType, IotConfig,
-    MIN_QUEUE_SIZE, MetricsConfig, MqttConfig, MqttProtocol, RateLimitConfig, RuleConfig,
-    ThrottleConfig, TlsConfig, parse_mqtt_url,
+    AggregateConfig, AwsConfig, BatchConfig, BufferConfig, HttpConfig, InvocationType, IotConfig,
+    MIN_QUEUE_SIZE, MetricsConfig, MqttConfig, MqttProtocol, REQUEST_RESPONSE_PAYLOAD_LIMIT,
+    RateLimitConfig, RuleConfig, ThrottleConfig, TlsConfig, parse_mqtt_url,
 };
 use crate::rules;
 
@@ -271,6 +271,42 @@ pub fn metrics(metrics: Option<&MetricsConfig>) -> Vec<Issue> {
         Some(Err(message)) => vec![Issue::new("metrics.listen", message)],
         _ => Vec::new(),
     }
+}
+
+/// `[http]`: an IP address and port to listen on, a body limit no function could exceed, a
+/// read timeout above zero, and the TLS files as a pair.
+pub fn http(http: &HttpConfig) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    if let Some(Err(message)) = http.listen_addr() {
+        issues.push(Issue::new("http.listen", message));
+    }
+    if http.max_body.0 == 0 || http.max_body.0 > REQUEST_RESPONSE_PAYLOAD_LIMIT {
+        issues.push(Issue::new(
+            "http.max_body",
+            format!(
+                "must be from 1 byte to 6MiB (Lambda's largest payload: a larger message could never be invoked), got {} bytes",
+                http.max_body.0
+            ),
+        ));
+    }
+    if http.read_timeout.0.is_zero() {
+        issues.push(Issue::new(
+            "http.read_timeout",
+            "must be above zero; write e.g. \"30s\"",
+        ));
+    }
+    match (&http.cert_file, &http.key_file) {
+        (Some(_), None) => issues.push(Issue::new(
+            "http.key_file",
+            "http.cert_file is set: set http.key_file too (its private key), or neither for plain HTTP",
+        )),
+        (None, Some(_)) => issues.push(Issue::new(
+            "http.cert_file",
+            "http.key_file is set: set http.cert_file too (its certificate chain), or neither for plain HTTP",
+        )),
+        _ => {}
+    }
+    issues
 }
 
 /// `[[rules]]`: at least one, names unique (also ignoring letter case), then each rule.
@@ -557,6 +593,47 @@ pub fn function(function: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_needs_an_ip_address_a_body_limit_lambda_can_take_and_both_tls_files() {
+        assert!(
+            http(&HttpConfig::default()).is_empty(),
+            "no listener, no problem"
+        );
+        let config = HttpConfig {
+            listen: Some("localhost:8080".into()),
+            max_body: crate::config::Size(7 * 1024 * 1024),
+            read_timeout: crate::config::HumanDuration(Duration::ZERO),
+            cert_file: Some("/etc/c.pem".into()),
+            ..HttpConfig::default()
+        };
+        let issues = http(&config);
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "http.listen",
+                "http.max_body",
+                "http.read_timeout",
+                "http.key_file"
+            ]
+        );
+        assert!(
+            issues[0].message.contains("\"127.0.0.1:8080\""),
+            "{issues:?}"
+        );
+        let fine = HttpConfig {
+            listen: Some("[::1]:8080".into()),
+            max_body: crate::config::Size(REQUEST_RESPONSE_PAYLOAD_LIMIT),
+            ..HttpConfig::default()
+        };
+        assert!(http(&fine).is_empty());
+        let key_only = HttpConfig {
+            key_file: Some("/etc/k.pem".into()),
+            ..HttpConfig::default()
+        };
+        assert_eq!(http(&key_only)[0].key, "http.cert_file");
+    }
 
     #[test]
     fn iot_endpoints_are_a_host_and_an_optional_port() {
