@@ -38,13 +38,16 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::shutdown::Shutdown;
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 16;
+
+/// How long to wait after a failed accept (out of file descriptors, most likely).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Longest wait for a complete request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head: plenty for a scraper's few headers.
@@ -122,34 +125,57 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Accepts connections on a listener, at most a fixed number open at once: each comes with the
+/// permit that holds its place until dropped, and past the limit clients wait in the kernel's
+/// backlog. Shared by the metrics listener and HTTP ingest.
+pub struct BoundedAccept {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+    /// Names the listener in the one log line an accept failure gives.
+    what: &'static str,
+}
+
+impl BoundedAccept {
+    /// At most `max` connections of `listener` at once.
+    pub fn new(listener: TcpListener, max: usize, what: &'static str) -> Self {
+        BoundedAccept {
+            listener,
+            slots: Arc::new(Semaphore::new(max)),
+            what,
+        }
+    }
+
+    /// The next connection and its slot, or `None` once `shutdown` fires.
+    pub async fn next(&self, shutdown: &Shutdown) -> Option<(TcpStream, OwnedSemaphorePermit)> {
+        loop {
+            // A slot first, then accept: past the limit, clients wait in the backlog.
+            let slot = tokio::select! {
+                slot = self.slots.clone().acquire_owned() => slot.ok()?,
+                _ = shutdown.wait() => return None,
+            };
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = shutdown.wait() => return None,
+            };
+            match accepted {
+                Ok((stream, _)) => return Some((stream, slot)),
+                Err(err) => {
+                    // Out of file descriptors, most likely: wait a little rather than spin.
+                    tracing::warn!(error = %err, "{} cannot accept a connection", self.what);
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                }
+            }
+        }
+    }
+}
+
 /// Serves connections on `listener` with `handler` until `shutdown`, then drops them all.
 pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, shutdown: Shutdown) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let acceptor = BoundedAccept::new(listener, MAX_CONNECTIONS, "HTTP listener");
     let mut connections = JoinSet::new();
-    loop {
-        // A slot first, then accept: past the limit, clients wait in the backlog.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-            _ = shutdown.wait() => break,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait() => break,
-        };
+    while let Some((stream, slot)) = acceptor.next(&shutdown).await {
         // Reap finished connections so the set does not grow.
         while connections.try_join_next().is_some() {}
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                // Out of file descriptors, most likely: wait a little rather than spin.
-                tracing::warn!(error = %err, "HTTP listener cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
         let handler = handler.clone();
         connections.spawn(async move {
             // Errors are the client's (it went away, was too slow): not ours to log above debug.

@@ -74,6 +74,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{HttpConfig, WhenFull};
+use crate::http::BoundedAccept;
 use crate::queue::DiskQueue;
 use crate::routing::{Received, Route, RouteTable};
 use crate::shutdown::Shutdown;
@@ -335,32 +336,11 @@ async fn accept(
     ingest: Arc<Ingest>,
     stopping: Shutdown,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let acceptor = BoundedAccept::new(listener, MAX_CONNECTIONS, "HTTP ingest");
     let mut connections = JoinSet::new();
-    loop {
-        // A slot first, then accept: past the limit, clients wait in the backlog.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-            _ = stopping.wait() => break,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stopping.wait() => break,
-        };
+    while let Some((stream, slot)) = acceptor.next(&stopping).await {
         // Reap finished connections so the set does not grow.
         while connections.try_join_next().is_some() {}
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                // Out of file descriptors, most likely: wait a little rather than spin.
-                tracing::warn!(error = %err, "HTTP ingest cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
         let (ingest, tls, stopping) = (ingest.clone(), tls.clone(), stopping.clone());
         connections.spawn(async move {
             connection(stream, tls, ingest, stopping).await;
@@ -368,7 +348,7 @@ async fn accept(
         });
     }
     // No new connections from here on: the port is closed.
-    drop(listener);
+    drop(acceptor);
     while connections.join_next().await.is_some() {}
 }
 
