@@ -660,13 +660,7 @@ async fn a_rule_added_by_a_reload_is_scraped_and_a_removed_one_goes_once_drained
     );
     let buffer = format!("\n[buffer]\ndir = \"{}\"\n", daemon.buffer_dir().display());
     std::fs::write(&daemon.config_path, format!("{edited}{buffer}")).expect("write config");
-    let pid = daemon.pid().expect("the daemon runs");
-    let hup = std::process::Command::new("kill")
-        .args(["-s", "HUP", "--"])
-        .arg(pid.to_string())
-        .status()
-        .expect("kill");
-    assert!(hup.success());
+    daemon.signal("HUP");
     daemon.wait_for_log("configuration reloaded").await;
     daemon.wait_for_log("rule=b filter=b/# granted").await;
 

@@ -45,13 +45,7 @@ fn rewrite_config(daemon: &Daemon, config: &str) {
 /// Rewrites the daemon's configuration file and sends SIGHUP.
 fn edit_and_reload(daemon: &Daemon, config: &str) {
     rewrite_config(daemon, config);
-    let pid = daemon.pid().expect("the daemon runs");
-    let status = std::process::Command::new("kill")
-        .args(["-s", "HUP", "--"])
-        .arg(pid.to_string())
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    daemon.signal("HUP");
 }
 
 fn payloads(lambda: &FakeLambda, function: &str) -> Vec<serde_json::Value> {

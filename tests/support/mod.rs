@@ -404,6 +404,17 @@ impl Daemon {
         self.log.lock().expect("log lock").join("\n")
     }
 
+    /// Sends the signal `name` (e.g. "HUP", as `systemctl reload` does) to the running daemon.
+    pub fn signal(&self, name: &str) {
+        let pid = self.pid().expect("the daemon runs");
+        let status = std::process::Command::new("kill")
+            .args(["-s", name, "--"])
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -s {name} {pid}");
+    }
+
     /// Sends SIGTERM and waits for the exit code.
     pub async fn terminate(mut self) -> (Option<i32>, String) {
         self.stop().await
