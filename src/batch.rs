@@ -56,6 +56,8 @@ pub struct Unit {
     pub payload: Vec<u8>,
     /// Messages it carries (a window counts the messages it summarizes; its later chunks 0).
     pub messages: usize,
+    /// The request it answers, when the rule replies (one message per event).
+    pub request: Option<Box<crate::reply::Request>>,
 }
 
 /// The batch being filled, its messages already encoded and joined with commas.
@@ -68,6 +70,9 @@ struct OpenBatch {
     bytes: usize,
     /// When it must close even if not full.
     deadline: Option<Instant>,
+    /// The request its message makes, when the rule replies (replies need one message per
+    /// event, so it is the only one).
+    request: Option<Box<crate::reply::Request>>,
 }
 
 /// Throttle, then batch or window, for one rule.
@@ -240,6 +245,9 @@ impl Former {
         batch.bytes += len;
         batch.messages += 1;
         batch.first_seq.get_or_insert(entry.seq);
+        if self.plan.reply.is_some() {
+            batch.request = Some(Box::new(crate::reply::Request::of(&entry.message)));
+        }
         if batch.messages >= self.plan.max_messages || self.plan.max_wait.is_zero() {
             self.close_batch();
         } else if batch.deadline.is_none() {
@@ -256,6 +264,7 @@ impl Former {
             first_seq,
             payload: envelope::event_from_encoded(&self.plan.name, &batch.encoded),
             messages: batch.messages,
+            request: batch.request,
         });
     }
 
@@ -292,6 +301,7 @@ impl Former {
                 payload: serde_json::to_vec(&chunk.to_event(&self.plan.name, &spec))
                     .unwrap_or_default(),
                 messages: if i == 0 { messages } else { 0 },
+                request: None,
             });
         }
     }

@@ -352,6 +352,20 @@ pub struct RuleConfig {
     /// Unset: `event` rules start at one and grow (slow start) to a default cap,
     /// `request_response` rules keep one.
     pub max_concurrency: Option<usize>,
+    /// Publish the function's response back to MQTT (`request_response` rules only).
+    pub reply: Option<ReplyConfig>,
+}
+
+/// `[rules.reply]`: where a `request_response` rule publishes the function's response.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyConfig {
+    /// The topic for requests without an MQTT 5 Response Topic; `{topic}` stands for the
+    /// request's topic. Without it, such requests get no reply.
+    pub topic: Option<String>,
+    /// Publish replies with the retain flag.
+    #[serde(default)]
+    pub retain: bool,
 }
 
 /// `[rules.throttle]`
@@ -687,6 +701,7 @@ impl Config {
         issues.extend(validate::metrics(self.metrics.as_ref()));
         issues.extend(validate::http(&self.http));
         issues.extend(validate::rules(&self.rules));
+        issues.extend(validate::replies(&self.rules, self.mqtt.protocol));
         if issues.is_empty() {
             Ok(self)
         } else {

@@ -11,7 +11,9 @@
 //! `"properties": {"user": {...}, "content_type": "..."}`, each part only when present and the
 //! whole object only when one is. MQTT lets a user property's name repeat: a name sent once maps
 //! to its value (a string), a name sent several times maps to an array of its values in the
-//! order sent, so nothing is lost and the common case stays a plain string.
+//! order sent, so nothing is lost and the common case stays a plain string. A request's
+//! Response Topic and Correlation Data travel there too, as `"response_topic"` and
+//! `"correlation_data_base64"`, so a dead letter replayed still knows where its reply goes.
 
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,20 +39,40 @@ pub struct Message {
     pub properties: Option<Box<Properties>>,
 }
 
-/// The MQTT 5 properties a message keeps (SPEC.md, "More ways in").
+/// The MQTT 5 properties a message keeps (SPEC.md, "More ways in"), and where a request wants
+/// its reply (`[rules.reply]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Properties {
     /// User properties in the order sent; a name may repeat.
     pub user: Vec<(String, String)>,
     /// The publish's content type.
     pub content_type: Option<String>,
+    /// The publish's Response Topic: where the requester wants the reply.
+    pub response_topic: Option<String>,
+    /// The publish's Correlation Data, returned with the reply.
+    pub correlation_data: Option<Vec<u8>>,
 }
 
 impl Properties {
     /// The properties worth keeping, or `None` when there are none.
     pub fn kept(user: Vec<(String, String)>, content_type: Option<String>) -> Option<Box<Self>> {
-        (!user.is_empty() || content_type.is_some())
-            .then(|| Box::new(Properties { user, content_type }))
+        Self::of_request(user, content_type, None, None)
+    }
+
+    /// As [`Properties::kept`], with a request's Response Topic and Correlation Data.
+    pub fn of_request(
+        user: Vec<(String, String)>,
+        content_type: Option<String>,
+        response_topic: Option<String>,
+        correlation_data: Option<Vec<u8>>,
+    ) -> Option<Box<Self>> {
+        let props = Properties {
+            user,
+            content_type,
+            response_topic,
+            correlation_data,
+        };
+        (props != Properties::default()).then(|| Box::new(props))
     }
 
     /// Reads back the `"properties"` object of an event entry (a dead letter replayed).
@@ -70,11 +92,15 @@ impl Properties {
                 }
             }
         }
-        let content_type = value
-            .get("content_type")
-            .and_then(|c| c.as_str())
-            .map(str::to_owned);
-        Self::kept(user, content_type)
+        let text = |key: &str| value.get(key).and_then(|c| c.as_str()).map(str::to_owned);
+        let correlation_data = text("correlation_data_base64")
+            .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok());
+        Self::of_request(
+            user,
+            text("content_type"),
+            text("response_topic"),
+            correlation_data,
+        )
     }
 }
 
@@ -279,12 +305,23 @@ fn write_properties(out: &mut Vec<u8>, p: &Properties) {
         out.push(b'}');
         first = false;
     }
-    if let Some(content_type) = &p.content_type {
+    let mut field = |out: &mut Vec<u8>, name: &[u8], value: &str| {
         if !first {
             out.push(b',');
         }
-        out.extend_from_slice(b"\"content_type\":");
-        write_json_string(out, content_type);
+        first = false;
+        out.extend_from_slice(name);
+        write_json_string(out, value);
+    };
+    if let Some(content_type) = &p.content_type {
+        field(out, b"\"content_type\":", content_type);
+    }
+    if let Some(topic) = &p.response_topic {
+        field(out, b"\"response_topic\":", topic);
+    }
+    if let Some(data) = &p.correlation_data {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(data);
+        field(out, b"\"correlation_data_base64\":", &b64);
     }
     out.push(b'}');
 }

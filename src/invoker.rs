@@ -99,11 +99,11 @@ impl InvokeError {
 /// Something that invokes Lambda functions: the AWS SDK in production, fakes in tests.
 pub trait Invoke: Send + Sync + 'static {
     /// Invokes once; `Ok` means Lambda accepted the event (202 for Event, 200 without a function
-    /// error for RequestResponse).
+    /// error for RequestResponse), with the function's response (empty for Event).
     fn invoke(
         &self,
         request: InvokeRequest,
-    ) -> impl Future<Output = Result<(), InvokeError>> + Send;
+    ) -> impl Future<Output = Result<Vec<u8>, InvokeError>> + Send;
 }
 
 /// Why the Lambda client could not be set up; each is a configuration problem (exit 78).
@@ -199,7 +199,7 @@ impl LambdaInvoker {
 }
 
 impl Invoke for LambdaInvoker {
-    async fn invoke(&self, request: InvokeRequest) -> Result<(), InvokeError> {
+    async fn invoke(&self, request: InvokeRequest) -> Result<Vec<u8>, InvokeError> {
         let invocation_type = match request.invocation {
             InvocationType::Event => aws_sdk_lambda::types::InvocationType::Event,
             InvocationType::RequestResponse => {
@@ -228,7 +228,10 @@ impl Invoke for LambdaInvoker {
                 detail,
             });
         }
-        Ok(())
+        Ok(output
+            .payload()
+            .map(|p| p.as_ref().to_vec())
+            .unwrap_or_default())
     }
 }
 

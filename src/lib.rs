@@ -38,6 +38,8 @@
 //!   inflate.
 //! - [`reload`]: SIGHUP's live reload: what changed in the file (pure), and applying it to the
 //!   running rules (routes, queues, delivery tasks, subscriptions).
+//! - [`reply`]: publishing a `request_response` function's response back to MQTT, and which
+//!   PUBACK answers which reply across reconnects.
 //! - [`shutdown`]: the stop signal shared by every task, and SIGHUP's reload requests.
 //! - [`admin`]: the `buffer stats` and `buffer dead-letters` commands.
 //!
@@ -63,6 +65,7 @@ pub mod preflight;
 pub mod queue;
 pub mod ratelimit;
 pub mod reload;
+pub mod reply;
 pub mod routing;
 pub mod rules;
 pub mod shutdown;
@@ -256,6 +259,7 @@ pub async fn run_with_reloads<I: Invoke>(
     let (stop_ingest, ingest_shutdown) = shutdown::channel();
     let (stop_delivery, drain) = shutdown::channel();
     let (subscriptions, subscription_requests) = mqtt::subscriptions();
+    let (link, replier) = mqtt::link(options, subscription_requests);
     let shutdown_timeout = config.shutdown_timeout.0;
     let notifier = Arc::new(notify::Notifier::from_env());
     let watchdog = notify::watchdog_ping_interval().filter(|_| notifier.enabled());
@@ -273,18 +277,24 @@ pub async fn run_with_reloads<I: Invoke>(
         queues,
         invoker,
         drain,
-        subscriptions,
+        reload::MqttHandles {
+            subscriptions,
+            replier,
+        },
         health.clone(),
         shared,
     );
 
     let http = http.map(|listener| listener.serve(rules.table(), ingest_shutdown.clone()));
-    let ingest = tokio::spawn(mqtt::run(
-        options,
+    let (close_mqtt, mqtt_close) = shutdown::channel();
+    let (ingest_stopped_tx, ingest_stopped) = tokio::sync::oneshot::channel();
+    let mut mqtt_task = tokio::spawn(mqtt::run(
+        link,
         rules.table(),
-        subscription_requests,
         health.clone(),
         ingest_shutdown,
+        mqtt_close,
+        ingest_stopped_tx,
     ));
     let clock_watch = tokio::spawn(clock::watch());
     let supervisor = notifier.enabled().then(|| {
@@ -325,7 +335,10 @@ pub async fn run_with_reloads<I: Invoke>(
         "stopping: no new messages; delivering what is queued"
     );
     stop_ingest.trigger();
-    if tokio::time::timeout_at(deadline, ingest).await.is_err() {
+    if tokio::time::timeout_at(deadline, ingest_stopped)
+        .await
+        .is_err()
+    {
         tracing::warn!("MQTT ingest did not stop in time");
     }
     if let Some(http) = http {
@@ -333,6 +346,14 @@ pub async fn run_with_reloads<I: Invoke>(
     }
     stop_delivery.trigger();
     rules.finish(deadline).await;
+    // Now that no reply can still be waiting for it, the MQTT connection goes.
+    close_mqtt.trigger();
+    if tokio::time::timeout(mqtt::CLOSE_GRACE, &mut mqtt_task)
+        .await
+        .is_err()
+    {
+        mqtt_task.abort();
+    }
     if let Some(supervisor) = supervisor {
         supervisor.abort();
     }

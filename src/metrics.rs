@@ -21,6 +21,8 @@
 //! mlb_dead_letters_total{rule}                 counter  messages moved to the dead-letter store
 //! mlb_invocations_total{rule,result}           counter  invocation attempts: ok | throttled |
 //!                                                       error (retried) | dead_lettered
+//! mlb_replies_total{rule,result}               counter  rules with [rules.reply]: published |
+//!                                                       no_topic | dead_lettered
 //! mlb_invocation_duration_seconds{rule}        histogram  each attempt, 10 ms … 30 s buckets
 //! mlb_buffer_messages{rule}                    gauge    buffered, not yet acknowledged
 //! mlb_buffer_bytes{rule}                       gauge    size of the rule's segment files
@@ -412,6 +414,26 @@ impl Collector for Collected {
             "Invocation attempts, by result: ok, throttled (retried), error (retried), dead_lettered (the event went to the dead-letter store).",
             invocations,
         )?;
+        let mut replies = Vec::new();
+        for r in routes.iter().filter(|r| r.plan.reply.is_some()) {
+            let s = &r.stats;
+            for (result, counter) in [
+                ("published", &s.replies_published),
+                ("no_topic", &s.replies_without_topic),
+                ("dead_lettered", &s.replies_refused),
+            ] {
+                replies.push((with(rule_label(r), "result", result), get(counter)));
+            }
+        }
+        // Only when a rule replies: the family is noise on every other gateway.
+        if !replies.is_empty() {
+            counters(
+                &mut encoder,
+                "mlb_replies",
+                "Replies of rules with [rules.reply], by result: published (the broker acknowledged it), no_topic (no Response Topic and no reply.topic), dead_lettered (it could not be published).",
+                replies,
+            )?;
+        }
         {
             let mut family = encoder.encode_descriptor(
                 "mlb_invocation_duration_seconds",

@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rumqttc::{TlsConfiguration, Transport};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::clock::human;
@@ -53,8 +53,9 @@ use crate::queue::Queue;
 use crate::routing::{Received, RouteTable, Routes};
 use crate::shutdown::Shutdown;
 
+use crate::reply::Replier;
 pub use protocol::Options;
-use protocol::{Ack, Client, Event, EventLoop, Granted, Inbound};
+use protocol::{Ack, Client, Event, EventLoop, Granted, Inbound, PendingPublishes};
 
 /// The MQTT protocol's largest packet. Set as our incoming limit so no message can make
 /// rumqttc drop the connection (the broker would redeliver it and we would loop); messages too
@@ -82,6 +83,8 @@ const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(250);
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
 /// Time given to the final acks and DISCONNECT at shutdown.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+/// Time the MQTT side takes at most to disconnect once told to close.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// How soon acks that found rumqttc's request channel full are offered again.
 const ACK_RETRY: Duration = Duration::from_millis(1);
 /// When a broker is still down, the first reminders in the log come after these times...
@@ -317,16 +320,49 @@ struct Requested {
     sent: HashMap<u16, Request>,
 }
 
-/// Connects, subscribes and ingests until `shutdown`; then sends the last acks and disconnects.
-pub async fn run<Q: Queue>(
-    options: Options,
-    routes: RouteTable<Q>,
+/// The MQTT client before it runs: made first, so replies can be handed to it (they wait in
+/// its request channel until it connects).
+pub struct Link {
+    client: Client,
+    eventloop: EventLoop,
+    broker: String,
+    replier: Replier,
     requests: SubscriptionRequests,
-    health: Arc<Health>,
-    shutdown: Shutdown,
-) {
+}
+
+/// The client for `options`, and the [`Replier`] that publishes through it.
+pub fn link(options: Options, requests: SubscriptionRequests) -> (Link, Replier) {
     let broker = options.broker_url();
     let (client, eventloop) = protocol::connect(options, REQUEST_CAPACITY);
+    let replier = Replier::new(client.clone());
+    let link = Link {
+        client,
+        eventloop,
+        broker,
+        replier: replier.clone(),
+        requests,
+    };
+    (link, replier)
+}
+
+/// Connects, subscribes and ingests until `stop_ingest`; then sends the last acks, says so on
+/// `ingest_stopped`, and keeps the connection (for replies still being published) until
+/// `close`, when it disconnects.
+pub async fn run<Q: Queue>(
+    link: Link,
+    routes: RouteTable<Q>,
+    health: Arc<Health>,
+    shutdown: Shutdown,
+    close: Shutdown,
+    ingest_stopped: oneshot::Sender<()>,
+) {
+    let Link {
+        client,
+        eventloop,
+        broker,
+        replier,
+        requests,
+    } = link;
     let (tx, mut rx) = mpsc::unbounded_channel::<Inbound>();
     let hold = Arc::new(Hold::default());
     let requested = Arc::new(Mutex::new(Requested::default()));
@@ -342,10 +378,13 @@ pub async fn run<Q: Queue>(
     ));
     let mut poll_task = tokio::spawn(poll(
         eventloop,
-        subscriber_tx,
-        requested,
-        tx,
-        hold.clone(),
+        Channels {
+            subscriber: subscriber_tx,
+            requested,
+            tx,
+            hold: hold.clone(),
+            replier,
+        },
         health.clone(),
         broker,
     ));
@@ -402,6 +441,12 @@ pub async fn run<Q: Queue>(
             break;
         }
         tokio::time::sleep(ACK_RETRY).await;
+    }
+    let _ = ingest_stopped.send(());
+    // Replies of deliveries still finishing need the connection: keep polling until told.
+    tokio::select! {
+        _ = close.wait() => {}
+        _ = &mut poll_task => {}
     }
     subscriber_task.abort();
     client.try_disconnect();
@@ -602,16 +647,36 @@ fn reconnect_backoff() -> backon::ExponentialBackoff {
     crate::ratelimit::retry_delays(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY)
 }
 
-/// Drives the event loop until DISCONNECT went out (or the task is aborted).
-async fn poll(
-    mut eventloop: EventLoop,
+/// Where the poll task sends what it hears.
+struct Channels {
     subscriber: mpsc::UnboundedSender<SubscriberEvent>,
     requested: Arc<Mutex<Requested>>,
     tx: mpsc::UnboundedSender<Inbound>,
     hold: Arc<Hold>,
-    health: Arc<Health>,
-    broker: String,
-) {
+    replier: Replier,
+}
+
+/// Fails every reply still waiting when the poll task ends, however it ends.
+struct StopReplies(Replier);
+
+impl Drop for StopReplies {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// Drives the event loop until DISCONNECT went out (or the task is aborted).
+async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>, broker: String) {
+    let Channels {
+        subscriber,
+        requested,
+        tx,
+        hold,
+        replier,
+    } = channels;
+    let _stop_replies = StopReplies(replier.clone());
+    // What rumqttc held when the connection broke, to hand back if the session is new.
+    let mut held: Option<PendingPublishes> = None;
     let mut backoff = reconnect_backoff();
     let mut outage: Option<Outage> = None;
     let mut received: u64 = 0;
@@ -620,6 +685,16 @@ async fn poll(
         match eventloop.poll().await {
             Ok(Event::Connected { session_present }) => {
                 health.set_mqtt_connected(true);
+                let again = held.take();
+                if replier.with_book(|book| book.on_connected(session_present)) == Some(true)
+                    && let Some(again) = again
+                {
+                    tracing::info!(
+                        replies = again.pkids().len(),
+                        "the broker started a new session: publishing the replies it had not acknowledged again"
+                    );
+                    eventloop.requeue(again);
+                }
                 backoff = reconnect_backoff();
                 match outage.take() {
                     Some(outage) => tracing::info!(
@@ -705,6 +780,14 @@ async fn poll(
                     }
                 }
             }
+            Ok(Event::PublishSent(pkid)) => {
+                replier.with_book(|book| book.on_sent(pkid));
+            }
+            Ok(Event::PubAck { pkid, refused }) => {
+                if let Some(Some(waiter)) = replier.with_book(|book| book.on_puback(pkid)) {
+                    let _ = waiter.send(refused.map_or(Ok(()), Err));
+                }
+            }
             Ok(Event::DisconnectSent) => {
                 health.set_mqtt_connected(false);
                 return;
@@ -712,6 +795,13 @@ async fn poll(
             Ok(Event::Other) => {}
             Err(text) => {
                 health.set_mqtt_connected(false);
+                let pending = eventloop.pending_publishes();
+                let unreported = eventloop.unreported_publishes_sent();
+                if replier.with_book(|book| book.on_connection_lost(pending.pkids(), unreported))
+                    == Some(true)
+                {
+                    held = Some(pending);
+                }
                 if tx.is_closed() {
                     return;
                 }

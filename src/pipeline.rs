@@ -52,6 +52,7 @@ use crate::plan::{RulePlan, RuleStats};
 use crate::queue::deadletter::{self, DeadLetter};
 use crate::queue::{Entry, Queue, QueueError, Seq};
 use crate::ratelimit::{Aimd, TokenBucket};
+use crate::reply::{self, Replier, ReplyError, ReplySpec, Request};
 use crate::routing::Route;
 use crate::shutdown::Shutdown;
 
@@ -521,7 +522,16 @@ pub async fn deliver<Q: Queue, I: Invoke>(
     drain: Shutdown,
 ) -> Result<(), DeliveryError> {
     let (_steady, directives) = watch::channel(Directive::Run(route.plan.clone()));
-    deliver_with(route, invoker, global, drain, directives, Beat::unwatched()).await
+    deliver_with(
+        route,
+        invoker,
+        global,
+        drain,
+        directives,
+        Beat::unwatched(),
+        None,
+    )
+    .await
 }
 
 /// The pacing state a plan asks for: its token bucket and its adaptive concurrency.
@@ -552,7 +562,9 @@ impl Pacing {
 /// As [`deliver`], steered by a reload through `directives` (see [`Directive`]) and proving the
 /// loop alive through `beat` (health.rs): it turns each time round and when idle, so a loop
 /// stuck in an await outside its `select!` stops the watchdog. The task ends when a drain
-/// (shutdown) or a retirement has delivered everything, or on a queue failure.
+/// (shutdown) or a retirement has delivered everything, or on a queue failure. A rule with
+/// `[rules.reply]` publishes each response through `replier` (reply.rs) before the event
+/// counts as delivered.
 pub async fn deliver_with<Q: Queue, I: Invoke>(
     route: Arc<Route<Q>>,
     invoker: Arc<I>,
@@ -560,6 +572,7 @@ pub async fn deliver_with<Q: Queue, I: Invoke>(
     drain: Shutdown,
     mut directives: watch::Receiver<Directive>,
     beat: Beat,
+    replier: Option<Replier>,
 ) -> Result<(), DeliveryError> {
     let mut plan = route.plan.clone();
     let queue = &*route.queue;
@@ -592,17 +605,18 @@ pub async fn deliver_with<Q: Queue, I: Invoke>(
         }
         let short_of_slots = permits.len() < startable;
         for (unit, permit) in core.start(permits.len()).into_iter().zip(permits) {
-            let (plan, invoker, stats, bucket, aimd, drain) = (
+            let (plan, invoker, stats, bucket, aimd, drain, replier) = (
                 plan.clone(),
                 invoker.clone(),
                 route.stats.clone(),
                 pacing.bucket.clone(),
                 pacing.aimd.clone(),
                 drain.clone(),
+                replier.clone(),
             );
             let ticket = Ticket::of(&unit);
             let handle = invocations.spawn(async move {
-                let outcome = send_event(
+                let outcome = match send_event(
                     &plan,
                     &unit.payload,
                     unit.messages,
@@ -612,7 +626,22 @@ pub async fn deliver_with<Q: Queue, I: Invoke>(
                     &aimd,
                     &drain,
                 )
-                .await;
+                .await
+                {
+                    Ok(response) => match (&plan.reply, unit.request.as_deref(), &replier) {
+                        (Some(spec), Some(request), Some(replier)) => {
+                            let reply = Answer {
+                                spec,
+                                request,
+                                response,
+                                event: &unit.payload,
+                            };
+                            reply.publish(&plan, replier, &stats).await
+                        }
+                        _ => Outcome::Delivered,
+                    },
+                    Err(outcome) => outcome,
+                };
                 drop(permit);
                 (ticket, outcome)
             });
@@ -709,7 +738,8 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Invokes until Lambda accepts the event, refuses it for good, or shutdown interrupts.
+/// Invokes until Lambda accepts the event (`Ok` with the function's response), refuses it for
+/// good, or shutdown interrupts.
 #[allow(clippy::too_many_arguments)]
 async fn send_event<I: Invoke>(
     plan: &RulePlan,
@@ -720,7 +750,7 @@ async fn send_event<I: Invoke>(
     bucket: Option<&Mutex<TokenBucket>>,
     aimd: &Mutex<Aimd>,
     drain: &Shutdown,
-) -> Outcome {
+) -> Result<Vec<u8>, Outcome> {
     let mut backoff = crate::ratelimit::retry_delays(RETRY_MIN_DELAY, RETRY_MAX_DELAY);
     let mut attempt: u32 = 0;
     let first_attempt = SystemTime::now();
@@ -744,7 +774,7 @@ async fn send_event<I: Invoke>(
         let result = invoker.invoke(request).await;
         stats.invoke_seconds.observe(started.elapsed());
         let err = match result {
-            Ok(()) => {
+            Ok(response) => {
                 if let Ok(mut aimd) = aimd.lock() {
                     aimd.on_success();
                 }
@@ -752,7 +782,7 @@ async fn send_event<I: Invoke>(
                     tracing::info!(rule = %plan.name, attempts = attempt, "delivered after retrying");
                 }
                 tracing::debug!(rule = %plan.name, messages, bytes = payload.len(), "delivered");
-                return Outcome::Delivered;
+                return Ok(response);
             }
             Err(err) => err,
         };
@@ -772,7 +802,7 @@ async fn send_event<I: Invoke>(
                 ),
                 other => (other.code().to_owned(), other.to_string()),
             };
-            return Outcome::Refused(Box::new(DeadLetter {
+            return Err(Outcome::Refused(Box::new(DeadLetter {
                 rule: plan.name.clone(),
                 reason,
                 code,
@@ -780,7 +810,7 @@ async fn send_event<I: Invoke>(
                 first_attempt_at: deadletter::timestamp(first_attempt),
                 last_attempt_at: deadletter::timestamp(SystemTime::now()),
                 event: serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null),
-            }));
+            })));
         }
         match err {
             InvokeError::Throttled { .. } => RuleStats::add(&stats.attempts_throttled, 1),
@@ -796,11 +826,65 @@ async fn send_event<I: Invoke>(
         }
         log_failure(plan, &err, attempt, messages, delay);
         if drain.is_triggered() {
-            return Outcome::Interrupted;
+            return Err(Outcome::Interrupted);
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = drain.wait() => return Outcome::Interrupted,
+            _ = drain.wait() => return Err(Outcome::Interrupted),
+        }
+    }
+}
+
+/// A function's response to publish as the reply to its request.
+struct Answer<'a> {
+    spec: &'a ReplySpec,
+    request: &'a Request,
+    response: Vec<u8>,
+    /// The event the function answered, for a dead letter.
+    event: &'a [u8],
+}
+
+impl Answer<'_> {
+    /// Publishes the reply and waits for the broker's PUBACK, through reconnects: only then is
+    /// the event delivered. A reply that cannot be published becomes a dead letter; shutdown
+    /// leaves the message in the queue, to be invoked and answered again at the next start.
+    async fn publish(self, plan: &RulePlan, replier: &Replier, stats: &RuleStats) -> Outcome {
+        let Some(topic) = reply::destination(self.spec, self.request) else {
+            RuleStats::add(&stats.replies_without_topic, 1);
+            tracing::debug!(rule = %plan.name, id = %self.request.id, "no Response Topic and no [rules.reply] topic: no reply");
+            return Outcome::Delivered;
+        };
+        // The broker may be down for a while: the reply waits for it. At shutdown the MQTT
+        // connection stays until delivery has finished (or its time is up).
+        let result = replier
+            .publish(topic.clone(), self.response, self.spec.retain, self.request)
+            .await;
+        match result {
+            Ok(()) => {
+                RuleStats::add(&stats.replies_published, 1);
+                tracing::debug!(rule = %plan.name, id = %self.request.id, topic = %topic, "reply published");
+                Outcome::Delivered
+            }
+            Err(ReplyError::Stopped) => Outcome::Interrupted,
+            Err(err) => {
+                RuleStats::add(&stats.replies_refused, 1);
+                tracing::error!(
+                    rule = %plan.name, id = %self.request.id, code = err.code(),
+                    "the function answered but its reply cannot be published: {err}; the message goes to the dead letters"
+                );
+                let now = deadletter::timestamp(SystemTime::now());
+                Outcome::Refused(Box::new(DeadLetter {
+                    rule: plan.name.clone(),
+                    reason: format!(
+                        "the function answered but its reply cannot be published: {err}"
+                    ),
+                    code: err.code().to_owned(),
+                    attempts: 1,
+                    first_attempt_at: now.clone(),
+                    last_attempt_at: now,
+                    event: serde_json::from_slice(self.event).unwrap_or(serde_json::Value::Null),
+                }))
+            }
         }
     }
 }
@@ -844,12 +928,12 @@ mod tests {
     }
 
     impl Invoke for FakeInvoker {
-        async fn invoke(&self, request: InvokeRequest) -> Result<(), InvokeError> {
+        async fn invoke(&self, request: InvokeRequest) -> Result<Vec<u8>, InvokeError> {
             let mut requests = self.requests.lock().expect("lock");
             requests.push(request);
             match &self.error {
                 Some(e) if requests.len() <= self.fail_first => Err(e.clone()),
-                _ => Ok(()),
+                _ => Ok(Vec::new()),
             }
         }
     }
@@ -1359,6 +1443,7 @@ mod tests {
             drain,
             rx,
             Beat::unwatched(),
+            None,
         ));
         (tx, task)
     }

@@ -11,6 +11,7 @@ use crate::aggregate::{AggregateSpec, GroupBy};
 use crate::config::{InvocationType, KeepConfig, RuleConfig};
 use crate::envelope::{self, Message};
 use crate::ratelimit::EVENT_DEFAULT_MAX_CONCURRENCY;
+use crate::reply::ReplySpec;
 use crate::throttle::{Keep, ThrottleSpec};
 
 /// Headroom kept under Lambda's payload limit for what the SDK adds around the event.
@@ -49,6 +50,8 @@ pub struct RulePlan {
     /// Whether concurrency starts at one and grows (the default for `event` rules) rather
     /// than starting at `max_concurrency` (set explicitly).
     pub slow_start: bool,
+    /// Where the function's response is published, when the rule replies.
+    pub reply: Option<ReplySpec>,
 }
 
 impl RulePlan {
@@ -99,6 +102,10 @@ impl RulePlan {
             }),
             max_concurrency,
             slow_start,
+            reply: rule.reply.as_ref().map(|r| ReplySpec {
+                topic: r.topic.clone(),
+                retain: r.retain,
+            }),
         }
     }
 
@@ -118,6 +125,7 @@ impl RulePlan {
             aggregate: None,
             max_concurrency: 1,
             slow_start: false,
+            reply: None,
         }
     }
 
@@ -174,6 +182,12 @@ pub struct RuleStats {
     pub attempts_error: AtomicU64,
     /// Failed invocation attempts after which the event went to the dead-letter store.
     pub attempts_refused: AtomicU64,
+    /// Replies the broker acknowledged.
+    pub replies_published: AtomicU64,
+    /// Requests answered without a reply: no Response Topic and no `reply.topic`.
+    pub replies_without_topic: AtomicU64,
+    /// Replies that could not be published (their messages went to the dead letters).
+    pub replies_refused: AtomicU64,
     /// How long each invocation attempt took.
     pub invoke_seconds: DurationHistogram,
     /// Receipt time (ms since the epoch) of the oldest message delivery has read and not yet

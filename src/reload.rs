@@ -41,6 +41,7 @@ use crate::pipeline::{self, DeliveryError, Directive};
 use crate::plan::{RulePlan, RuleStats};
 use crate::queue::DiskQueue;
 use crate::queue::deadletter::DeadLetters;
+use crate::reply::Replier;
 use crate::routing::{Route, RouteTable, Routes, SharedRoutes};
 use crate::shutdown::Shutdown;
 
@@ -237,6 +238,14 @@ struct RuleTask {
     running: bool,
 }
 
+/// What the rules need of the MQTT side: subscribing (a reload's changes) and replying.
+pub struct MqttHandles {
+    /// Subscribes and unsubscribes on the live connection.
+    pub subscriptions: crate::mqtt::Subscriptions,
+    /// Publishes replies.
+    pub replier: Replier,
+}
+
 /// The rules in force and what runs for each: routes, queues, delivery tasks. Rules removed
 /// by a reload stay here while they drain.
 pub struct LiveRules<I> {
@@ -253,6 +262,8 @@ pub struct LiveRules<I> {
     /// Shutdown's drain, shared by every delivery task.
     drain: Shutdown,
     subscriptions: crate::mqtt::Subscriptions,
+    /// Publishes the replies of rules with `[rules.reply]`.
+    replier: Replier,
     /// Proves each delivery loop alive for the systemd watchdog.
     health: Arc<Health>,
     /// [`LiveRules::routes`] as of the last change, for reporters in other tasks.
@@ -266,10 +277,14 @@ impl<I: Invoke> LiveRules<I> {
         queues: Vec<Arc<DiskQueue>>,
         invoker: Arc<I>,
         drain: Shutdown,
-        subscriptions: crate::mqtt::Subscriptions,
+        mqtt: MqttHandles,
         health: Arc<Health>,
         shared: SharedRoutes<DiskQueue>,
     ) -> Self {
+        let MqttHandles {
+            subscriptions,
+            replier,
+        } = mqtt;
         let routes: Vec<Arc<Route<DiskQueue>>> = config
             .rules
             .iter()
@@ -277,8 +292,22 @@ impl<I: Invoke> LiveRules<I> {
             .map(|(rule, queue)| new_route(&config, rule, queue))
             .collect();
         let global = Arc::new(Semaphore::new(config.aws.max_concurrency.max(1)));
+        let table = RouteTable::new(Routes::new(routes.clone()));
+        // A reply must not go to a topic a replying rule takes: it would come back as a
+        // request, forever.
+        let rules_now = table.clone();
+        replier.set_loop_guard(Box::new(move |topic| {
+            rules_now
+                .current()
+                .iter()
+                .find(|r| {
+                    r.plan.reply.is_some()
+                        && crate::rules::matches(crate::rules::match_filter(&r.filter), topic)
+                })
+                .map(|r| r.plan.name.clone())
+        }));
         let mut live = LiveRules {
-            table: RouteTable::new(Routes::new(routes.clone())),
+            table,
             config,
             tasks: HashMap::new(),
             deliveries: JoinSet::new(),
@@ -287,6 +316,7 @@ impl<I: Invoke> LiveRules<I> {
             global,
             drain,
             subscriptions,
+            replier,
             health,
             shared,
         };
@@ -337,6 +367,7 @@ impl<I: Invoke> LiveRules<I> {
             rx,
             self.health
                 .watch_loop(format!("the delivery loop of rule {name}")),
+            Some(self.replier.clone()),
         );
         let handle = self.deliveries.spawn(task);
         self.task_rules.insert(handle.id(), name.clone());

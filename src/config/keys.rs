@@ -190,6 +190,9 @@ pub const KEYS: &[(&str, Expect)] = &[
     ),
     ("rules[].aggregate.fields[]", Expect::Text("/temperature")),
     ("rules[].aggregate.group_by", Expect::Text("topic")),
+    ("rules[].reply", Expect::Table("[rules.reply]")),
+    ("rules[].reply.topic", Expect::Text("{topic}/reply")),
+    ("rules[].reply.retain", Expect::Bool),
 ];
 
 /// What `key` (as a user writes it, indices included) holds; `None` for a key the file may not

@@ -362,6 +362,61 @@ pub fn rules(rules: &[RuleConfig]) -> Vec<Issue> {
     issues
 }
 
+/// `[rules.reply]` of every rule, which needs the protocol (MQTT 3.1.1 carries no Response
+/// Topic) and the other rules (a reply must not come back as a request).
+pub fn replies(rules: &[RuleConfig], protocol: MqttProtocol) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let Some(reply) = &rule.reply else { continue };
+        let key = format!("rules[{i}].reply");
+        if rule.invocation != InvocationType::RequestResponse {
+            issues.push(Issue::new(
+                key.clone(),
+                "replies need invocation = \"request_response\" (an event invocation returns no response)",
+            ));
+        }
+        if rule.batch.is_some() || rule.aggregate.is_some() {
+            issues.push(Issue::new(
+                key.clone(),
+                "replies need one message per invocation: remove [rules.batch] or [rules.aggregate] from this rule",
+            ));
+        }
+        let topic_key = format!("{key}.topic");
+        match &reply.topic {
+            None if protocol == MqttProtocol::V311 => issues.push(Issue::new(
+                topic_key,
+                "required with mqtt.protocol = \"3.1.1\": MQTT 3.1.1 messages carry no Response \
+                 Topic, so no request would get a reply; e.g. \"{topic}/reply\"",
+            )),
+            None => {}
+            Some(template) => {
+                if let Err(message) = crate::reply::check_template(template) {
+                    issues.push(Issue::new(topic_key, message));
+                    continue;
+                }
+                // A request on a topic of this rule's filter, replied to where the template
+                // says: if a replying rule takes that topic, replies come back as requests.
+                let own = rules::match_filter(&rule.topic);
+                let sample = crate::reply::expand(template, &crate::reply::sample_topic(own));
+                if let Some((j, other)) = rules.iter().enumerate().find(|(_, r)| {
+                    r.reply.is_some() && rules::matches(rules::match_filter(&r.topic), &sample)
+                }) {
+                    issues.push(Issue::new(
+                        topic_key,
+                        format!(
+                            "a reply to a request on {own:?} would go to {sample:?}, which \
+                             rules[{j}].topic {:?} takes: replies would come back as requests, \
+                             forever; choose a topic outside every replying rule's filter",
+                            other.topic
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    issues
+}
+
 /// A rule's name names its directory in `buffer.dir`: it must be a plain, portable file name
 /// that is neither `.`/`..` nor a file the daemon keeps there.
 pub fn rule_name(name: &str) -> Result<(), String> {
@@ -776,6 +831,75 @@ mod tests {
                 .starts_with("conflicts with rules[0].topic")
         );
         assert!(issues[1].message.contains("must not contain '+' or '#'"));
+    }
+
+    #[test]
+    fn replies_need_request_response_one_message_a_topic_under_3_1_1_and_no_loop() {
+        let rule = |name: &str, topic: &str, extra: &str| {
+            format!(
+                "[[rules]]\nname = \"{name}\"\ntopic = \"{topic}\"\nfunction = \"f\"\n{extra}\n"
+            )
+        };
+        let rr = "invocation = \"request_response\"";
+        let text = [
+            "[mqtt]\nurl = \"mqtt://x\"\n".to_owned(),
+            // Fine: a template outside every replying rule's filter.
+            rule(
+                "ok",
+                "dev/+/req",
+                &format!("{rr}\n[rules.reply]\ntopic = \"replies/{{topic}}\""),
+            ),
+            // An event rule cannot reply; a batch cannot either.
+            rule("ev", "ev/#", "[rules.reply]\ntopic = \"r/{topic}\""),
+            rule(
+                "batched",
+                "b/#",
+                &format!(
+                    "{rr}\n[rules.batch]\nmax_messages = 2\n[rules.reply]\ntopic = \"r/{{topic}}\""
+                ),
+            ),
+            // No topic under 3.1.1; a placeholder that does not exist; a loop onto itself.
+            rule("bare", "bare/#", &format!("{rr}\n[rules.reply]")),
+            rule(
+                "odd",
+                "odd/#",
+                &format!("{rr}\n[rules.reply]\ntopic = \"{{device}}/x\""),
+            ),
+            rule(
+                "loop",
+                "loop/#",
+                &format!("{rr}\n[rules.reply]\ntopic = \"{{topic}}/reply\""),
+            ),
+        ]
+        .concat();
+        let config = super::super::tests::load_unvalidated(&text);
+        let issues = replies(&config.rules, MqttProtocol::V311);
+        let keys: Vec<_> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "rules[1].reply",
+                "rules[2].reply",
+                "rules[3].reply.topic",
+                "rules[4].reply.topic",
+                "rules[5].reply.topic"
+            ],
+            "{issues:#?}"
+        );
+        assert!(issues[0].message.contains("request_response"));
+        assert!(issues[1].message.contains("one message per invocation"));
+        assert!(issues[2].message.contains("3.1.1"));
+        assert!(issues[3].message.contains("only {topic} is replaced"));
+        assert!(
+            issues[4]
+                .message
+                .contains("\"loop/x/reply\", which rules[5].topic \"loop/#\" takes"),
+            "{}",
+            issues[4].message
+        );
+        // Under MQTT 5 a rule may rely on Response Topics alone.
+        let issues = replies(&config.rules, MqttProtocol::V5);
+        assert!(!issues.iter().any(|i| i.key == "rules[3].reply.topic"));
     }
 
     #[test]

@@ -142,6 +142,16 @@ pub enum Event {
         /// Why the broker refused, if it did.
         refused: Option<String>,
     },
+    /// One of our publishes (a reply) went out with this packet id; a publish sent again after
+    /// a reconnect keeps its id.
+    PublishSent(u16),
+    /// The broker acknowledged our publish with this packet id (MQTT 5 may refuse it).
+    PubAck {
+        /// Its packet id.
+        pkid: u16,
+        /// Why the broker refused, if it did (MQTT 5 reason code and string).
+        refused: Option<String>,
+    },
     /// Our DISCONNECT went out: the event loop is done.
     DisconnectSent,
     /// Anything else (pings, acks going out).
@@ -156,7 +166,123 @@ impl EventLoop {
             EventLoop::V5(e) => e.poll().await.map(from_v5).map_err(|e| describe_v5(&e)),
         }
     }
+
+    /// Our publishes rumqttc holds to send again after a reconnect, in the order it will send
+    /// them: those in flight when the connection broke (with their packet ids) and those not yet
+    /// sent (packet id 0). Right after a failed poll, this is everything handed to it before.
+    pub fn pending_publishes(&self) -> PendingPublishes {
+        match self {
+            EventLoop::V311(e) => PendingPublishes::V311(
+                e.pending
+                    .iter()
+                    .filter_map(|r| match r {
+                        rumqttc::Request::Publish(p) => Some(p.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            EventLoop::V5(e) => PendingPublishes::V5(
+                e.pending
+                    .iter()
+                    .filter_map(|r| match r {
+                        rumqttc::v5::Request::Publish(p) => Some(p.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Packet ids of publishes rumqttc sent but has not reported yet: a connection that broke
+    /// in the middle of a turn leaves its events to be reported after the reconnect.
+    pub fn unreported_publishes_sent(&self) -> Vec<u16> {
+        match self {
+            EventLoop::V311(e) => e
+                .state
+                .events
+                .iter()
+                .filter_map(|ev| match ev {
+                    rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) => Some(*pkid),
+                    _ => None,
+                })
+                .collect(),
+            EventLoop::V5(e) => e
+                .state
+                .events
+                .iter()
+                .filter_map(|ev| match ev {
+                    rumqttc::v5::Event::Outgoing(Outgoing::Publish(pkid)) => Some(*pkid),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Queues `publishes` again, first of all, as new ones (packet id 0): the broker started a
+    /// new session, and rumqttc dropped what it held for the old one.
+    pub fn requeue(&mut self, publishes: PendingPublishes) {
+        match (self, publishes) {
+            (EventLoop::V311(e), PendingPublishes::V311(list)) => {
+                for mut p in list.into_iter().rev() {
+                    p.pkid = 0;
+                    p.dup = false;
+                    e.pending.push_front(rumqttc::Request::Publish(p));
+                }
+            }
+            (EventLoop::V5(e), PendingPublishes::V5(list)) => {
+                for mut p in list.into_iter().rev() {
+                    p.pkid = 0;
+                    p.dup = false;
+                    e.pending.push_front(rumqttc::v5::Request::Publish(p));
+                }
+            }
+            // One event loop speaks one version.
+            _ => {}
+        }
+    }
 }
+
+/// Publishes rumqttc held when a connection broke (see [`EventLoop::pending_publishes`]).
+#[derive(Debug, Clone)]
+pub enum PendingPublishes {
+    /// MQTT 3.1.1.
+    V311(Vec<rumqttc::Publish>),
+    /// MQTT 5.
+    V5(Vec<p5::Publish>),
+}
+
+impl PendingPublishes {
+    /// None.
+    pub fn none() -> Self {
+        PendingPublishes::V311(Vec::new())
+    }
+
+    /// Their packet ids in order; 0 for one never sent.
+    pub fn pkids(&self) -> Vec<u16> {
+        match self {
+            PendingPublishes::V311(l) => l.iter().map(|p| p.pkid).collect(),
+            PendingPublishes::V5(l) => l.iter().map(|p| p.pkid).collect(),
+        }
+    }
+}
+
+/// A reply to publish, QoS 1.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Where.
+    pub topic: String,
+    /// The function's response, as it returned it.
+    pub payload: Bytes,
+    /// The retain flag.
+    pub retain: bool,
+    /// MQTT 5: the request's Correlation Data, returned as is.
+    pub correlation_data: Option<Bytes>,
+    /// MQTT 5: the request's id, sent as the user property `request_id`.
+    pub request_id: String,
+}
+
+/// The content type of a reply under MQTT 5: Lambda returns JSON.
+const REPLY_CONTENT_TYPE: &str = "application/json";
 
 impl Client {
     /// Hands an acknowledgement to the event loop without waiting; `false` when its request
@@ -172,6 +298,32 @@ impl Client {
                 let mut publish = p5::Publish::new("", qos5(ack.qos), Bytes::new(), None);
                 publish.pkid = ack.pkid;
                 c.try_ack(&publish).is_ok()
+            }
+        }
+    }
+
+    /// Hands one reply to the event loop (QoS 1) without waiting; `false` when its request
+    /// channel is full or closed.
+    pub fn try_publish_reply(&self, reply: Reply) -> bool {
+        match self {
+            Client::V311(c) => c
+                .try_publish(reply.topic, QoS::AtLeastOnce, reply.retain, reply.payload)
+                .is_ok(),
+            Client::V5(c) => {
+                let properties = p5::PublishProperties {
+                    correlation_data: reply.correlation_data,
+                    content_type: Some(REPLY_CONTENT_TYPE.into()),
+                    user_properties: vec![("request_id".into(), reply.request_id)],
+                    ..Default::default()
+                };
+                c.try_publish_with_properties(
+                    reply.topic,
+                    QoS5::AtLeastOnce,
+                    reply.retain,
+                    reply.payload,
+                    properties,
+                )
+                .is_ok()
             }
         }
     }
@@ -235,6 +387,7 @@ fn outgoing(event: Outgoing) -> Event {
     match event {
         Outgoing::Subscribe(pkid) => Event::SubscribeSent(pkid),
         Outgoing::Unsubscribe(pkid) => Event::UnsubscribeSent(pkid),
+        Outgoing::Publish(pkid) => Event::PublishSent(pkid),
         Outgoing::Disconnect => Event::DisconnectSent,
         _ => Event::Other,
     }
@@ -273,6 +426,10 @@ fn from_v311(event: rumqttc::Event) -> Event {
             pkid: ack.pkid,
             refused: None,
         },
+        E::Incoming(I::PubAck(ack)) => Event::PubAck {
+            pkid: ack.pkid,
+            refused: None,
+        },
         E::Outgoing(o) => outgoing(o),
         E::Incoming(_) => Event::Other,
     }
@@ -285,9 +442,14 @@ fn from_v5(event: rumqttc::v5::Event) -> Event {
             session_present: ack.session_present,
         },
         E::Incoming(I::Publish(p)) => {
-            let properties = p
-                .properties
-                .and_then(|props| Properties::kept(props.user_properties, props.content_type));
+            let properties = p.properties.and_then(|props| {
+                Properties::of_request(
+                    props.user_properties,
+                    props.content_type,
+                    props.response_topic,
+                    props.correlation_data.map(|d| d.to_vec()),
+                )
+            });
             Event::Publish(Inbound {
                 ack: Ack {
                     pkid: p.pkid,
@@ -328,8 +490,44 @@ fn from_v5(event: rumqttc::v5::Event) -> Event {
                 refused,
             }
         }
+        E::Incoming(I::PubAck(ack)) => {
+            use p5::PubAckReason as R;
+            let refused = match ack.reason {
+                R::Success | R::NoMatchingSubscribers => None,
+                other => Some(with_reason(
+                    format!(
+                        "{} (0x{:02X})",
+                        words(&format!("{other:?}")),
+                        puback_reason_code(other)
+                    ),
+                    ack.properties
+                        .as_ref()
+                        .and_then(|p| p.reason_string.as_deref()),
+                )),
+            };
+            Event::PubAck {
+                pkid: ack.pkid,
+                refused,
+            }
+        }
         E::Outgoing(o) => outgoing(o),
         E::Incoming(_) => Event::Other,
+    }
+}
+
+/// MQTT 5's number for a PUBACK reason.
+fn puback_reason_code(reason: p5::PubAckReason) -> u8 {
+    use p5::PubAckReason as R;
+    match reason {
+        R::Success => 0x00,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
     }
 }
 

@@ -26,7 +26,15 @@
 //!  2+C  if present: length C, u16 LE, then the content type, UTF-8
 //!    4  user property count U, u32 LE
 //!       U times: name length, u16 LE, name, value length, u16 LE, value (UTF-8)
+//!    …  only when the request carried a Response Topic or Correlation Data:
+//!    1  which follow: bit 0 = Response Topic, bit 1 = Correlation Data
+//!  2+R  if bit 0: length R, u16 LE, then the Response Topic, UTF-8
+//!  4+D  if bit 1: length D, u32 LE, then the Correlation Data
 //! ```
+//!
+//! A block without the trailing part reads as before: records written before replies existed
+//! need no conversion, and a binary from before reads every record of a message that asked for
+//! no reply.
 //!
 //! Records without bit 1 (every record written before properties existed) read as before, so
 //! old buffers need no conversion. Other flag bits are unused and make a record corrupt. A
@@ -84,10 +92,20 @@ fn mqtt_str(s: &str) -> &[u8] {
 }
 
 fn properties_len(p: &Properties) -> usize {
-    1 + p
-        .content_type
-        .as_deref()
-        .map_or(0, |c| 2 + mqtt_str(c).len())
+    let reply = if p.response_topic.is_some() || p.correlation_data.is_some() {
+        1 + p
+            .response_topic
+            .as_deref()
+            .map_or(0, |t| 2 + mqtt_str(t).len())
+            + p.correlation_data.as_ref().map_or(0, |d| 4 + d.len())
+    } else {
+        0
+    };
+    reply
+        + 1
+        + p.content_type
+            .as_deref()
+            .map_or(0, |c| 2 + mqtt_str(c).len())
         + 4
         + p.user
             .iter()
@@ -113,6 +131,18 @@ fn encode_properties(p: &Properties, out: &mut Vec<u8>) {
     for (k, v) in &p.user {
         push_str(out, k);
         push_str(out, v);
+    }
+    if p.response_topic.is_some() || p.correlation_data.is_some() {
+        out.push(
+            u8::from(p.response_topic.is_some()) | u8::from(p.correlation_data.is_some()) << 1,
+        );
+        if let Some(topic) = &p.response_topic {
+            push_str(out, topic);
+        }
+        if let Some(data) = &p.correlation_data {
+            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            out.extend_from_slice(data);
+        }
     }
 }
 
@@ -156,11 +186,33 @@ fn decode_properties(rest: &[u8]) -> Option<(Properties, &[u8])> {
         let value = cursor.string()?;
         user.push((name, value));
     }
+    let (mut response_topic, mut correlation_data) = (None, None);
+    if cursor.at < block.len() {
+        let which = cursor.take(1)?[0];
+        if which & !0b11 != 0 || which == 0 {
+            return None;
+        }
+        if which & 1 != 0 {
+            response_topic = Some(cursor.string()?);
+        }
+        if which & 2 != 0 {
+            let n = u32::from_le_bytes(cursor.take(4)?.try_into().ok()?) as usize;
+            correlation_data = Some(cursor.take(n)?.to_vec());
+        }
+    }
     // The block must be exactly what its fields take.
     if cursor.at != block.len() {
         return None;
     }
-    Some((Properties { user, content_type }, after))
+    Some((
+        Properties {
+            user,
+            content_type,
+            response_topic,
+            correlation_data,
+        },
+        after,
+    ))
 }
 
 /// Appends the record for `message` with sequence number `seq` to `out`.
@@ -352,6 +404,34 @@ mod tests {
             }
         );
         assert_truncations_incomplete_and_bit_flips_corrupt(&buf);
+    }
+
+    #[test]
+    fn a_request_s_response_topic_and_correlation_data_round_trip() {
+        for props in [
+            Properties::of_request(vec![], None, Some("r/1".into()), Some(vec![0, 255, 7])),
+            Properties::of_request(vec![], None, Some("r/1".into()), None),
+            Properties::of_request(
+                vec![("k".into(), "v".into())],
+                Some("text/plain".into()),
+                None,
+                Some(Vec::new()),
+            ),
+        ] {
+            let m = message("a/b", b"{}").with_properties(props);
+            let mut buf = Vec::new();
+            encode(3, &m, &mut buf);
+            assert_eq!(buf.len(), encoded_len(&m));
+            assert_eq!(
+                decode(&buf),
+                Decoded::Record {
+                    seq: 3,
+                    message: m,
+                    len: buf.len()
+                }
+            );
+            assert_truncations_incomplete_and_bit_flips_corrupt(&buf);
+        }
     }
 
     /// A record as written before properties existed (flags bit 1 unused), byte for byte:

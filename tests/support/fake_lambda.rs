@@ -52,6 +52,8 @@ pub enum Reply {
     },
     /// Wait, then accept.
     Slow(Duration),
+    /// A `request_response` function that raised an error (200 with X-Amz-Function-Error).
+    FunctionError,
 }
 
 impl Reply {
@@ -87,6 +89,8 @@ struct Inner {
     refused: usize,
     /// Requests being answered now.
     in_flight: usize,
+    /// Requests that arrived, answered or not yet.
+    arrived: usize,
     /// Count each event's messages without parsing it, and keep no body (benchmarks: the
     /// fake shares the machine with the bridge, and parsing would take its CPU).
     lean: bool,
@@ -231,6 +235,22 @@ impl FakeLambda {
     }
 
     /// Waits until `n` refused requests in all.
+    /// Waits until `n` requests have arrived in all, before they are answered (a slow answer
+    /// is still being prepared).
+    pub async fn wait_arrived(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let waiting = self.notify.notified();
+            let arrived = self.inner.lock().expect("lock").arrived;
+            if arrived >= n {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                panic!("only {arrived} of {n} requests reached the fake Lambda");
+            }
+        }
+    }
+
     pub async fn wait_refused(&self, n: usize) {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
@@ -263,8 +283,10 @@ async fn invoke(
     let concurrent = {
         let mut inner = fake.inner.lock().expect("lock");
         inner.in_flight += 1;
+        inner.arrived += 1;
         inner.in_flight
     };
+    fake.notify.notify_waiters();
     let response = answer(
         &fake,
         function,
@@ -318,6 +340,16 @@ async fn answer(
     if let Reply::Slow(delay) = reply {
         tokio::time::sleep(delay).await;
     }
+    if let Reply::FunctionError = reply {
+        fake.inner.lock().expect("lock").refused += 1;
+        fake.notify.notify_waiters();
+        return (
+            StatusCode::OK,
+            [("x-amz-function-error", "Unhandled")],
+            r#"{"errorMessage":"boom","errorType":"ValueError"}"#,
+        )
+            .into_response();
+    }
     if let Reply::Error {
         status,
         code,
@@ -357,6 +389,7 @@ async fn answer(
         let messages = body["messages"].as_array().map_or(0, Vec::len);
         (body, messages)
     };
+    let record_body = body.clone();
     let record = Invocation {
         messages,
         function,
@@ -371,7 +404,10 @@ async fn answer(
     fake.inner.lock().expect("lock").invocations.push(record);
     fake.notify.notify_waiters();
     if invocation_type.as_deref() == Some("RequestResponse") {
-        (StatusCode::OK, "null").into_response()
+        // A function's answer: what it was asked, and for which message.
+        let first = &record_body["messages"][0];
+        let answer = serde_json::json!({"answer": first["payload"], "to": first["id"]});
+        (StatusCode::OK, answer.to_string()).into_response()
     } else if invocation_type.as_deref() == Some("DryRun") {
         // Lambda checked the function, the qualifier and the permission, and ran nothing.
         StatusCode::NO_CONTENT.into_response()

@@ -100,6 +100,17 @@ impl Mosquitto {
         }
     }
 
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered. `restart` or
+    /// `kill` end it.
+    pub fn freeze(&self) {
+        if let Some(pid) = self.child.as_ref().and_then(|c| c.id()) {
+            let _ = std::process::Command::new("kill")
+                .args(["-s", "STOP", "--"])
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
     /// Stops the broker with SIGTERM: it saves its sessions and queued messages first.
     pub async fn stop_gracefully(&mut self) {
         if let Some(mut child) = self.child.take() {
