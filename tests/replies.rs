@@ -448,3 +448,26 @@ async fn a_message_stays_buffered_until_its_reply_is_at_the_broker_even_across_k
     assert_eq!(replies[0].request_id.as_deref(), Some(ids[0].as_str()));
     drop(daemon);
 }
+
+#[tokio::test]
+async fn a_real_handler_s_return_value_is_the_reply() {
+    let broker = Mosquitto::start().await;
+    let ministack = support::MiniStack::start().await;
+    let record = ministack.deploy_recorder("record-commands").await;
+    let rules = RULES
+        .replace("\"handler\"", "\"record-commands\"")
+        .replace("replies/{topic}", "{topic}/reply");
+    let config = config_for(Protocol::V311, &broker.url(), &ministack.endpoint(), &rules);
+    let daemon = Daemon::start(&config).await;
+    daemon.wait_for_log("subscribed").await;
+    let device = Device::connect(broker.port, "dev/+/req/reply").await;
+
+    device.request("dev/1/req", r#"{"open":true}"#, None).await;
+    let replies = device.wait_for(1).await;
+    // demo/handler.py returns {"received": <messages in the event>}.
+    assert_eq!(replies[0].topic, "dev/1/req/reply");
+    assert_eq!(replies[0].payload, serde_json::json!({"received": 1}));
+    let events = support::wait_for_recorded(&record, 1).await;
+    assert_eq!(events[0]["messages"][0]["payload"]["open"], true);
+    drop(daemon);
+}
