@@ -782,6 +782,7 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
             }
             Ok(Event::PublishSent(pkid)) => {
                 replier.with_book(|book| book.on_sent(pkid));
+                tracing::debug!(pkid, "reply sent; waiting for the broker's acknowledgement");
             }
             Ok(Event::PubAck { pkid, refused }) => {
                 if let Some(Some(waiter)) = replier.with_book(|book| book.on_puback(pkid)) {

@@ -28,8 +28,9 @@ struct Received {
     content_type: Option<String>,
 }
 
-/// A device speaking MQTT 5: publishes requests and collects what arrives on `filter`. It
-/// subscribes again at every connection (a broker that lost its session has forgotten it).
+/// A device speaking MQTT 5: publishes requests and collects what arrives on `filter`. Its
+/// session persists (the broker queues replies while it reconnects), and it subscribes again
+/// at every connection (a broker that lost its session has forgotten it).
 struct Device {
     client: AsyncClient,
     received: Arc<Mutex<Vec<Received>>>,
@@ -40,7 +41,10 @@ struct Device {
 impl Device {
     async fn connect(port: u16, filter: &str) -> Device {
         let mut options = MqttOptions::new(format!("device-{}", free_port()), "127.0.0.1", port);
-        options.set_keep_alive(Duration::from_secs(5));
+        options
+            .set_keep_alive(Duration::from_secs(5))
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(3600));
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         let received = Arc::new(Mutex::new(Vec::new()));
         let arrived = Arc::new(Notify::new());
@@ -359,8 +363,11 @@ async fn a_reply_waits_for_the_broker_to_come_back() {
     daemon
         .wait_for_log("cannot connect to the MQTT broker")
         .await;
-    // The function has answered by now; its reply waits.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The function answers; its reply waits for the broker.
+    lambda
+        .fake
+        .wait_until("the function answers", |i| !i.is_empty())
+        .await;
     assert_eq!(daemon.count_log("reply published"), 0);
     broker.start_again().await;
 
@@ -378,7 +385,10 @@ async fn a_reply_waits_for_the_broker_to_come_back() {
 async fn a_reply_in_flight_when_the_broker_loses_the_session_is_published_again() {
     let mut broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
-    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), RULES);
+    // Retained, so the device finds the reply whenever it subscribes again to the new broker
+    // (which forgot its session too).
+    let rules = format!("{RULES}retain = true\n");
+    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), &rules);
     let daemon = Daemon::start(&config).await;
     daemon.wait_for_log("subscribed").await;
     let device = Device::connect(broker.port, "replies/#").await;
@@ -394,14 +404,30 @@ async fn a_reply_in_flight_when_the_broker_loses_the_session_is_published_again(
     lambda.fake.wait_arrived(2).await;
     broker.freeze();
     // The function answers and the bridge sends the reply into the frozen broker's socket.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    daemon
+        .wait_for_log_count("reply sent; waiting for the broker's acknowledgement", 2)
+        .await;
     broker.restart().await;
 
     // A new broker, a new session: the bridge subscribes again and publishes the reply again.
     daemon.wait_for_log_count("subscribed", 2).await;
-    let replies = device.wait_for(2).await;
-    assert_eq!(replies[1].topic, "replies/dev/1/req");
-    assert_eq!(replies[1].payload["answer"], serde_json::json!({ "n": 1 }));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let reply = loop {
+        if let Some(r) = device
+            .received()
+            .into_iter()
+            .find(|r| r.topic == "replies/dev/1/req")
+        {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reply to request 1: {:?}",
+            device.received()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(reply.payload["answer"], serde_json::json!({ "n": 1 }));
     assert!(
         daemon
             .log_text()
@@ -434,7 +460,10 @@ async fn a_message_stays_buffered_until_its_reply_is_at_the_broker_even_across_k
     lambda.fake.wait_arrived(1).await;
     broker.stop_gracefully().await;
     // The function answers while the broker is down; then the bridge is killed.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    lambda
+        .fake
+        .wait_until("the function answers", |i| !i.is_empty())
+        .await;
     let daemon = daemon.kill().await;
     broker.start_again().await;
     let daemon = daemon.restart().await;
