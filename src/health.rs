@@ -41,6 +41,46 @@ pub struct Health {
     epoch: Instant,
     /// The loops being watched.
     loops: Mutex<Vec<Arc<LoopSlot>>>,
+    /// HTTP ingest's answers, by status.
+    pub http_answers: HttpAnswers,
+}
+
+/// The statuses HTTP ingest answers with; anything else counts as the last, `0` ("other").
+pub const HTTP_STATUSES: [u16; 9] = [202, 400, 401, 404, 405, 408, 413, 503, 0];
+
+/// HTTP ingest's answers counted by status ([`HTTP_STATUSES`]), for metrics.
+#[derive(Debug, Default)]
+pub struct HttpAnswers {
+    /// Set once HTTP ingest serves: without it, metrics leave the family out.
+    serving: AtomicBool,
+    counts: [AtomicU64; HTTP_STATUSES.len()],
+}
+
+impl HttpAnswers {
+    /// HTTP ingest has started serving.
+    pub fn set_serving(&self) {
+        self.serving.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts one answer.
+    pub fn record(&self, status: u16) {
+        let i = HTTP_STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(HTTP_STATUSES.len() - 1);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Each status with its count, `None` when HTTP ingest does not serve.
+    pub fn snapshot(&self) -> Option<Vec<(u16, u64)>> {
+        self.serving.load(Ordering::Relaxed).then(|| {
+            HTTP_STATUSES
+                .iter()
+                .zip(&self.counts)
+                .map(|(s, c)| (*s, c.load(Ordering::Relaxed)))
+                .collect()
+        })
+    }
 }
 
 impl Default for Health {
@@ -52,6 +92,7 @@ impl Default for Health {
             turn_interval_ms: AtomicU64::new(DEFAULT_TURN_INTERVAL.as_millis() as u64),
             epoch: Instant::now(),
             loops: Mutex::new(Vec::new()),
+            http_answers: HttpAnswers::default(),
         }
     }
 }

@@ -289,7 +289,13 @@ impl Listener {
 
     /// Serves until `stopping`: messages are matched against, and stored with, the rule set
     /// `table` has in force at each request.
-    pub fn serve(self, table: RouteTable<DiskQueue>, stopping: Shutdown) -> Running {
+    pub fn serve(
+        self,
+        table: RouteTable<DiskQueue>,
+        health: Arc<crate::health::Health>,
+        stopping: Shutdown,
+    ) -> Running {
+        health.http_answers.set_serving();
         tracing::info!(
             listen = %self.addr,
             tls = self.tls.is_some(),
@@ -305,6 +311,7 @@ impl Listener {
             )),
             settings: self.settings,
             stopping: stopping.clone(),
+            health,
         });
         Running {
             #[cfg(test)]
@@ -384,7 +391,11 @@ where
     let read_timeout = ingest.settings.read_timeout;
     let service = hyper::service::service_fn(move |request| {
         let ingest = ingest.clone();
-        async move { Ok::<_, Infallible>(ingest.handle(request).await) }
+        async move {
+            let answer = ingest.handle(request).await;
+            ingest.health.http_answers.record(answer.status().as_u16());
+            Ok::<_, Infallible>(answer)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -416,6 +427,8 @@ struct Ingest {
     /// Bytes of request bodies that may be held at once.
     bodies: Arc<Semaphore>,
     stopping: Shutdown,
+    /// Where answers are counted, by status.
+    health: Arc<crate::health::Health>,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -927,7 +940,8 @@ mod tests {
         let listener = listener(WhenFull::Block, STORE_WAIT).await;
         let addr = listener.local_addr();
         let (stop, stopping) = crate::shutdown::channel();
-        let running = listener.serve(table, stopping);
+        let health = Arc::new(crate::health::Health::new());
+        let running = listener.serve(table, health.clone(), stopping);
 
         let (status, body) = post(addr, "/topics/a/x", r#"{"t":1}"#).await;
         assert_eq!(status, 202, "{body}");
@@ -950,6 +964,12 @@ mod tests {
         let (status, body) = post(addr, "/topics/b/x", "1").await;
         assert_eq!(status, 404, "{body}");
         assert!(body.contains("no rule matches"), "{body}");
+        // Both answers are counted for metrics, by status.
+        let counted = health.http_answers.snapshot().expect("serving");
+        assert!(
+            counted.contains(&(202, 1)) && counted.contains(&(404, 1)),
+            "{counted:?}"
+        );
         assert_eq!(queue.read_ready(10).await.expect("read").len(), 0);
 
         stop.trigger();
@@ -970,7 +990,7 @@ mod tests {
         listener.settings.read_timeout = Duration::from_millis(300);
         let addr = listener.local_addr();
         let (_stop, stopping) = crate::shutdown::channel();
-        let _running = listener.serve(table, stopping);
+        let _running = listener.serve(table, Arc::new(crate::health::Health::new()), stopping);
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         stream
             .write_all(b"POST /topics/a/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n1")
@@ -995,7 +1015,7 @@ mod tests {
         let listener = listener(WhenFull::Block, Duration::from_millis(300)).await;
         let addr = listener.local_addr();
         let (_stop, stopping) = crate::shutdown::channel();
-        let _running = listener.serve(table, stopping);
+        let _running = listener.serve(table, Arc::new(crate::health::Health::new()), stopping);
         let payload = "x".repeat(300);
         assert_eq!(post(addr, "/topics/a/1", &payload).await.0, 202);
         let started = std::time::Instant::now();
@@ -1013,7 +1033,7 @@ mod tests {
         let listener = listener(WhenFull::DropOldest, Duration::from_millis(500)).await;
         let addr = listener.local_addr();
         let (_stop, stopping) = crate::shutdown::channel();
-        let _running = listener.serve(table, stopping);
+        let _running = listener.serve(table, Arc::new(crate::health::Health::new()), stopping);
         storage.read_only(true);
         let (status, body) = post(addr, "/topics/a/1", "1").await;
         assert_eq!(status, 503, "{body}");
@@ -1029,7 +1049,7 @@ mod tests {
         let listener = listener(WhenFull::Block, STORE_WAIT).await;
         let addr = listener.local_addr();
         let (stop, stopping) = crate::shutdown::channel();
-        let running = listener.serve(table, stopping);
+        let running = listener.serve(table, Arc::new(crate::health::Health::new()), stopping);
         let payload = "x".repeat(300);
         assert_eq!(post(addr, "/topics/a/1", &payload).await.0, 202);
         let waiting = tokio::spawn(async move { post(addr, "/topics/a/2", &payload).await });

@@ -285,7 +285,8 @@ pub async fn run_with_reloads<I: Invoke>(
         shared,
     );
 
-    let http = http.map(|listener| listener.serve(rules.table(), ingest_shutdown.clone()));
+    let http =
+        http.map(|listener| listener.serve(rules.table(), health.clone(), ingest_shutdown.clone()));
     let (close_mqtt, mqtt_close) = shutdown::channel();
     let (ingest_stopped_tx, ingest_stopped) = tokio::sync::oneshot::channel();
     let mut mqtt_task = tokio::spawn(mqtt::run(

@@ -21,6 +21,7 @@
 //! mlb_dead_letters_total{rule}                 counter  messages moved to the dead-letter store
 //! mlb_invocations_total{rule,result}           counter  invocation attempts: ok | throttled |
 //!                                                       error (retried) | dead_lettered
+//! mlb_http_requests_total{status}              counter  HTTP ingest answers (only when it serves)
 //! mlb_replies_total{rule,result}               counter  rules with [rules.reply]: published |
 //!                                                       no_topic | dead_lettered
 //! mlb_invocation_duration_seconds{rule}        histogram  each attempt, 10 ms … 30 s buckets
@@ -424,6 +425,16 @@ impl Collector for Collected {
             ] {
                 replies.push((with(rule_label(r), "result", result), get(counter)));
             }
+        }
+        if let Some(answers) = self.health.http_answers.snapshot() {
+            counters(
+                &mut encoder,
+                "mlb_http_requests",
+                "HTTP ingest requests, by the status answered (202 stored; 0: any other).",
+                answers
+                    .into_iter()
+                    .map(|(status, n)| (vec![("status", status.to_string())], n)),
+            )?;
         }
         // Only when a rule replies: the family is noise on every other gateway.
         if !replies.is_empty() {
