@@ -156,6 +156,18 @@ impl Message {
         }
     }
 
+    /// The same message without a request's Response Topic and Correlation Data: they are
+    /// kept only for rules that reply, so other rules' events and buffers stay as they were.
+    pub fn without_reply_fields(mut self) -> Self {
+        if let Some(p) = self.properties.take() {
+            let Properties {
+                user, content_type, ..
+            } = *p;
+            self.properties = Properties::kept(user, content_type);
+        }
+        self
+    }
+
     /// The same message carrying `properties`.
     pub fn with_properties(mut self, properties: Option<Box<Properties>>) -> Self {
         self.properties = properties;
@@ -456,6 +468,38 @@ mod tests {
             + messages.iter().map(encoded_message_len).sum::<usize>()
             - 1;
         assert_eq!(predicted, encode_event("temperature", &messages).len());
+    }
+
+    #[test]
+    fn a_request_s_reply_fields_travel_in_properties_and_only_for_rules_that_reply() {
+        let request = msg(b"1").with_properties(Properties::of_request(
+            vec![],
+            None,
+            Some("dev/1/answers".into()),
+            Some(vec![0, 1, 2]),
+        ));
+        let event: serde_json::Value =
+            serde_json::from_slice(&encode_event("r", std::slice::from_ref(&request)))
+                .expect("json");
+        let props = &event["messages"][0]["properties"];
+        assert_eq!(props["response_topic"], "dev/1/answers");
+        assert_eq!(props["correlation_data_base64"], "AAEC");
+        assert_eq!(Properties::from_json(props), request.properties);
+        // A rule that does not reply keeps neither, nor an empty "properties".
+        let plain = request.without_reply_fields();
+        assert_eq!(plain.properties, None);
+        let kept = msg(b"1")
+            .with_properties(Properties::of_request(
+                vec![("k".into(), "v".into())],
+                None,
+                Some("t".into()),
+                None,
+            ))
+            .without_reply_fields();
+        assert_eq!(
+            kept.properties,
+            Properties::kept(vec![("k".into(), "v".into())], None)
+        );
     }
 
     #[test]

@@ -347,12 +347,13 @@ pub async fn run_with_reloads<I: Invoke>(
     }
     stop_delivery.trigger();
     rules.finish(deadline).await;
-    // Now that no reply can still be waiting for it, the MQTT connection goes.
+    // Now that no reply can still be waiting for it, the MQTT connection goes: in what is left
+    // of the shutdown time, or at least the moment a DISCONNECT takes.
     close_mqtt.trigger();
-    if tokio::time::timeout(mqtt::CLOSE_GRACE, &mut mqtt_task)
-        .await
-        .is_err()
-    {
+    let grace = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .clamp(mqtt::CLOSE_MIN_GRACE, mqtt::CLOSE_GRACE);
+    if tokio::time::timeout(grace, &mut mqtt_task).await.is_err() {
         mqtt_task.abort();
     }
     if let Some(supervisor) = supervisor {

@@ -85,6 +85,8 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
 /// Time the MQTT side takes at most to disconnect once told to close.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
+/// Time it is given to disconnect even when delivery used all of the shutdown time.
+pub const CLOSE_MIN_GRACE: Duration = Duration::from_secs(1);
 /// How soon acks that found rumqttc's request channel full are offered again.
 const ACK_RETRY: Duration = Duration::from_millis(1);
 /// When a broker is still down, the first reminders in the log come after these times...
@@ -442,21 +444,30 @@ pub async fn run<Q: Queue>(
         }
         tokio::time::sleep(ACK_RETRY).await;
     }
-    let _ = ingest_stopped.send(());
-    // Replies of deliveries still finishing need the connection: keep polling until told.
-    tokio::select! {
-        _ = close.wait() => {}
-        _ = &mut poll_task => {}
-    }
-    subscriber_task.abort();
-    client.try_disconnect();
-    if tokio::time::timeout(DISCONNECT_GRACE, &mut poll_task)
-        .await
-        .is_err()
-    {
-        poll_task.abort();
-    }
     tracing::info!("MQTT ingest stopped");
+    let _ = ingest_stopped.send(());
+    // Replies of deliveries still finishing need the connection: keep it (reconnecting if it
+    // breaks) until told to close.
+    let finished = tokio::select! {
+        _ = close.wait() => false,
+        _ = &mut poll_task => true,
+    };
+    subscriber_task.abort();
+    if !finished {
+        if health.mqtt_connected() {
+            client.try_disconnect();
+            if tokio::time::timeout(DISCONNECT_GRACE, &mut poll_task)
+                .await
+                .is_err()
+            {
+                poll_task.abort();
+            }
+        } else {
+            // Not connected: there is no one to say DISCONNECT to.
+            poll_task.abort();
+        }
+    }
+    tracing::info!("MQTT connection closed");
 }
 
 /// Acknowledgements waiting for room in rumqttc's request channel, in the order received.
@@ -683,8 +694,12 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
     let mut pauses: u64 = 0;
     loop {
         match eventloop.poll().await {
-            Ok(Event::Connected { session_present }) => {
+            Ok(Event::Connected {
+                session_present,
+                max_packet_size,
+            }) => {
                 health.set_mqtt_connected(true);
+                replier.set_max_packet(max_packet_size);
                 let again = held.take();
                 if replier.with_book(|book| book.on_connected(session_present)) == Some(true)
                     && let Some(again) = again
@@ -764,7 +779,9 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
                 }
                 hold.add(&publish);
                 let _ = tx.send(publish);
-                if hold.full() {
+                // A reply waiting for its PUBACK needs the socket read: pausing then could
+                // hold up a delivery that ingest (a full buffer) waits for.
+                if hold.full() && !replier.waiting() {
                     pauses += 1;
                     if pauses == 1 {
                         tracing::warn!(
@@ -777,6 +794,7 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
                     tokio::select! {
                         _ = hold.wait_for_room() => {}
                         _ = tx.closed() => {}
+                        _ = replier.handed() => {}
                     }
                 }
             }
@@ -802,9 +820,6 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
                     == Some(true)
                 {
                     held = Some(pending);
-                }
-                if tx.is_closed() {
-                    return;
                 }
                 let delay = backoff.next().unwrap_or(RECONNECT_MAX_DELAY);
                 log_failure(&mut outage, &broker, text, delay);

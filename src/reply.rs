@@ -36,6 +36,14 @@ use crate::mqtt::protocol::{Client, Reply};
 pub const TOPIC_PLACEHOLDER: &str = "{topic}";
 /// How soon a reply that found rumqttc's request channel full is offered again.
 const HAND_OFF_RETRY: Duration = Duration::from_millis(5);
+/// Most replies handed over and not yet acknowledged by the broker. rumqttc numbers publishes
+/// within its in-flight window (the broker's Receive Maximum under MQTT 5, mosquitto's
+/// default being 20) and takes held publishes past that window after a reconnect, where two
+/// could share a packet id; half the usual window keeps every reply's id its own.
+pub const REPLIES_IN_FLIGHT: usize = 10;
+/// What an MQTT 5 PUBLISH adds around topic, payload and properties, at most (fixed header,
+/// lengths, packet id, property ids).
+const PUBLISH_OVERHEAD: usize = 64;
 /// Longest MQTT topic name.
 const MAX_TOPIC_LEN: usize = u16::MAX as usize;
 
@@ -293,6 +301,18 @@ pub enum ReplyError {
         /// Its reason code and string.
         reason: String,
     },
+    /// Larger than the broker accepts (its MQTT 5 Maximum Packet Size).
+    #[error(
+        "the reply to {topic:?} is {size} bytes, more than the broker accepts ({max} bytes, its Maximum Packet Size)"
+    )]
+    TooLarge {
+        /// The topic.
+        topic: String,
+        /// The reply's size as sent.
+        size: usize,
+        /// The broker's limit.
+        max: usize,
+    },
     /// The MQTT side has stopped (shutdown).
     #[error("the MQTT connection has stopped")]
     Stopped,
@@ -305,6 +325,7 @@ impl ReplyError {
             ReplyError::BadTopic { .. } => "ReplyTopicInvalid",
             ReplyError::Loop { .. } => "ReplyLoop",
             ReplyError::Refused { .. } => "ReplyRefused",
+            ReplyError::TooLarge { .. } => "ReplyTooLarge",
             ReplyError::Stopped => "Stopped",
         }
     }
@@ -328,6 +349,12 @@ struct Shared {
     guard: OnceLock<LoopGuard>,
     /// Set when the event loop has ended: nothing handed over will go out.
     stopped: std::sync::atomic::AtomicBool,
+    /// Bounds the replies waiting for their PUBACK ([`REPLIES_IN_FLIGHT`]).
+    in_flight: tokio::sync::Semaphore,
+    /// The broker's Maximum Packet Size (MQTT 5 CONNACK); 0 when it set none.
+    max_packet: std::sync::atomic::AtomicUsize,
+    /// Told of each reply handed over, so a paused poll task goes on polling for its PUBACK.
+    handed: tokio::sync::Notify,
 }
 
 impl Replier {
@@ -339,6 +366,9 @@ impl Replier {
                 book: Mutex::new(ReplyBook::default()),
                 guard: OnceLock::new(),
                 stopped: std::sync::atomic::AtomicBool::new(false),
+                in_flight: tokio::sync::Semaphore::new(REPLIES_IN_FLIGHT),
+                max_packet: std::sync::atomic::AtomicUsize::new(0),
+                handed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -346,6 +376,24 @@ impl Replier {
     /// Sets what tells a replying rule's topic (once the rules are running).
     pub fn set_loop_guard(&self, guard: LoopGuard) {
         let _ = self.shared.guard.set(guard);
+    }
+
+    /// The broker's Maximum Packet Size from its CONNACK (`None`: no limit).
+    pub fn set_max_packet(&self, max: Option<u32>) {
+        let max = max.map_or(0, |m| usize::try_from(m).unwrap_or(usize::MAX));
+        self.shared
+            .max_packet
+            .store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a reply waits for its PUBACK (the poll task must keep polling then).
+    pub fn waiting(&self) -> bool {
+        self.with_book(|b| !b.is_empty()).unwrap_or(false)
+    }
+
+    /// Resolves when a reply is handed over.
+    pub async fn handed(&self) {
+        self.shared.handed.notified().await;
     }
 
     /// Runs `f` on the book (the poll task, for each event that concerns it).
@@ -380,6 +428,23 @@ impl Replier {
         if let Some(rule) = self.shared.guard.get().and_then(|guard| guard(&topic)) {
             return Err(ReplyError::Loop { topic, rule });
         }
+        let size = PUBLISH_OVERHEAD
+            + topic.len()
+            + payload.len()
+            + request.id.len()
+            + request.correlation_data.as_ref().map_or(0, Vec::len);
+        let max = self
+            .shared
+            .max_packet
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if max > 0 && size > max {
+            // rumqttc would fail the connection on it, and send it again after every
+            // reconnect: a loop.
+            return Err(ReplyError::TooLarge { topic, size, max });
+        }
+        let Ok(_permit) = self.shared.in_flight.acquire().await else {
+            return Err(ReplyError::Stopped);
+        };
         let reply = Reply {
             topic: topic.clone(),
             payload: Bytes::from(payload),
@@ -412,6 +477,7 @@ impl Replier {
                 }
             };
             if handed {
+                self.shared.handed.notify_one();
                 break;
             }
             // The request channel is full (or the event loop is gone: checked above).

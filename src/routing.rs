@@ -140,6 +140,11 @@ impl<Q: Queue> Routes<Q> {
                 .with_properties(r.properties);
             let copies = std::iter::repeat_n(message, matched.len());
             for (i, copy) in matched.into_iter().zip(copies) {
+                let copy = if self.routes[i].plan.reply.is_some() {
+                    copy
+                } else {
+                    copy.without_reply_fields()
+                };
                 match self.routes[i].plan.oversize(&copy) {
                     Some(size) => admission.set_aside.push((i, copy, size)),
                     None => admission.append[i].push(copy),

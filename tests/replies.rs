@@ -500,3 +500,77 @@ async fn a_real_handler_s_return_value_is_the_reply() {
     assert_eq!(events[0]["messages"][0]["payload"]["open"], true);
     drop(daemon);
 }
+
+#[tokio::test]
+async fn many_requests_at_once_each_get_their_own_reply() {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    // More invocations in flight than replies may wait for their PUBACK at once.
+    let rules = RULES.replace(
+        "invocation = \"request_response\"",
+        "invocation = \"request_response\"\nmax_concurrency = 32",
+    );
+    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), &rules);
+    let daemon = Daemon::start(&config).await;
+    daemon.wait_for_log("subscribed").await;
+    let device = Device::connect(broker.port, "answers/#").await;
+
+    const N: usize = 60;
+    for n in 0..N {
+        let answers = format!("answers/{n}");
+        let correlation = format!("c-{n}");
+        device
+            .request(
+                &format!("dev/{n}/req"),
+                &format!(r#"{{"n":{n}}}"#),
+                Some((&answers, &correlation)),
+            )
+            .await;
+    }
+    let replies = device.wait_for(N).await;
+    for n in 0..N {
+        let mine: Vec<&Received> = replies
+            .iter()
+            .filter(|r| r.topic == format!("answers/{n}"))
+            .collect();
+        assert_eq!(mine.len(), 1, "request {n}: {mine:?}");
+        assert_eq!(mine[0].payload["answer"], serde_json::json!({ "n": n }));
+        assert_eq!(
+            mine[0].correlation.as_deref(),
+            Some(format!("c-{n}").as_bytes())
+        );
+        assert_eq!(
+            mine[0].request_id.as_deref(),
+            mine[0].payload["to"].as_str()
+        );
+    }
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn a_reply_larger_than_the_broker_accepts_is_dead_lettered_without_a_reconnect_loop() {
+    // mosquitto announces its Maximum Packet Size to MQTT 5 clients in CONNACK.
+    let broker = Mosquitto::start_with("max_packet_size 2000").await;
+    let lambda = FakeLambdaServer::start().await;
+    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), RULES);
+    let daemon = Daemon::start(&config).await;
+    daemon.wait_for_log("subscribed").await;
+    let device = Device::connect(broker.port, "replies/#").await;
+
+    // The request fits; the function's answer around it does not.
+    let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(1880));
+    device.request("dev/1/req", &big, None).await;
+    device.request("dev/2/req", r#"{"n":2}"#, None).await;
+    let replies = device.wait_for(1).await;
+    assert_eq!(replies[0].topic, "replies/dev/2/req");
+    let letters = std::fs::read_to_string(daemon.buffer_dir().join("cmd/dead-letters.jsonl"))
+        .expect("a dead letter");
+    assert!(letters.contains("\"code\":\"ReplyTooLarge\""), "{letters}");
+    assert!(letters.contains("Maximum Packet Size"), "{letters}");
+    assert_eq!(
+        daemon.count_log("connected to the MQTT broker"),
+        1,
+        "no reconnect"
+    );
+    drop(daemon);
+}

@@ -121,6 +121,8 @@ pub enum Event {
     Connected {
         /// It still had our session.
         session_present: bool,
+        /// The largest packet it accepts (MQTT 5 Maximum Packet Size), when it says.
+        max_packet_size: Option<u32>,
     },
     /// A message.
     Publish(Inbound),
@@ -398,6 +400,7 @@ fn from_v311(event: rumqttc::Event) -> Event {
     match event {
         E::Incoming(I::ConnAck(ack)) => Event::Connected {
             session_present: ack.session_present,
+            max_packet_size: None,
         },
         E::Incoming(I::Publish(p)) => Event::Publish(Inbound {
             ack: Ack {
@@ -440,6 +443,7 @@ fn from_v5(event: rumqttc::v5::Event) -> Event {
     match event {
         E::Incoming(I::ConnAck(ack)) => Event::Connected {
             session_present: ack.session_present,
+            max_packet_size: ack.properties.and_then(|p| p.max_packet_size),
         },
         E::Incoming(I::Publish(p)) => {
             let properties = p.properties.and_then(|props| {
