@@ -574,3 +574,45 @@ async fn a_reply_larger_than_the_broker_accepts_is_dead_lettered_without_a_recon
     );
     drop(daemon);
 }
+
+#[tokio::test]
+async fn a_shutdown_while_a_reply_waits_for_the_broker_keeps_the_message_for_the_next_start() {
+    let mut broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    lambda
+        .fake
+        .script("handler", [Reply::Slow(Duration::from_millis(700))]);
+    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), RULES);
+    let mut daemon = Daemon::start(&config).await;
+    daemon.wait_for_log("subscribed").await;
+    let device = Device::connect(broker.port, "replies/#").await;
+
+    device.request("dev/1/req", r#"{"n":1}"#, None).await;
+    lambda.fake.wait_arrived(1).await;
+    broker.stop_gracefully().await;
+    lambda
+        .fake
+        .wait_until("the function answers", |i| !i.is_empty())
+        .await;
+    // SIGTERM while the reply waits: the daemon waits for it until shutdown_timeout (5 s
+    // here), then stops with the message still buffered.
+    let started = std::time::Instant::now();
+    let (code, log) = daemon.stop().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5 + 2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(log.contains("left_in_buffer=1"), "{log}");
+    assert_eq!(daemon.count_log("reply published"), 0);
+
+    broker.start_again().await;
+    let daemon = daemon.restart().await;
+    let replies = device.wait_for(1).await;
+    assert_eq!(replies[0].payload["answer"], serde_json::json!({ "n": 1 }));
+    let ids = invoked_ids(&lambda);
+    assert_eq!(ids.len(), 2, "invoked again after the restart: {ids:?}");
+    assert_eq!(ids[0], ids[1]);
+    drop(daemon);
+}
