@@ -78,18 +78,98 @@ impl Properties {
     }
 }
 
-/// Orders ids created within the same millisecond (UUIDv7's counter).
+/// Orders ids created within the same millisecond, and holds their random bits.
 static ID_CONTEXT: std::sync::Mutex<IdContext> = std::sync::Mutex::new(IdContext {
-    context: uuid::ContextV7::new(),
     last_ms: 0,
+    counter: 0,
+    random: [0; ID_RANDOM_POOL],
+    used: ID_RANDOM_POOL,
 });
 
-/// uuid's context, and the latest time it stamped.
+/// Random bytes taken from the OS at a time for ids: 4 KiB serve about 1,000 ids, so ingest
+/// makes one `getrandom` call per thousand messages instead of one per message.
+const ID_RANDOM_POOL: usize = 4096;
+/// The counter that orders ids within a millisecond: 42 bits (RFC 9562 method 1, as uuid's
+/// `ContextV7`), seeded at random below [`ID_COUNTER_RESEED_MASK`] so it has room to count.
+const ID_COUNTER_MAX: u64 = u64::MAX >> 22;
+const ID_COUNTER_RESEED_MASK: u64 = u64::MAX >> 23;
+
+/// The state of id generation: UUIDv7 as uuid's `ContextV7` makes them (48-bit milliseconds,
+/// a 42-bit counter reseeded at random each new millisecond and counting up within one, then
+/// 32 random bits), with the random bytes drawn from the OS a pool at a time.
 struct IdContext {
-    /// Keeps ids in order; on a small step back it stamps its last time instead.
-    context: uuid::ContextV7,
-    /// Milliseconds of the latest stamp.
+    /// Milliseconds of the latest stamp; a stamp never goes below it (but see the clock jump
+    /// in [`Message::received`]).
     last_ms: u64,
+    /// The counter of the latest id.
+    counter: u64,
+    /// Random bytes from the OS; those from `used` on are still unused.
+    random: [u8; ID_RANDOM_POOL],
+    used: usize,
+}
+
+impl IdContext {
+    /// The next id for a message received at `ms`.
+    fn next(&mut self, ms: u64) -> uuid::Uuid {
+        if ms > self.last_ms {
+            self.last_ms = ms;
+            self.counter = self.random_u64() & ID_COUNTER_RESEED_MASK;
+        } else {
+            // The same millisecond, or a clock stepped back a little: count on from the last
+            // stamp so ids stay in order.
+            self.counter += 1;
+            if self.counter > ID_COUNTER_MAX {
+                self.last_ms += 1;
+                self.counter = self.random_u64() & ID_COUNTER_RESEED_MASK;
+            }
+        }
+        let random = self.random_u64() as u32;
+        // The counter's top 12 bits are rand_a, its low 30 bits start rand_b (after the 2
+        // variant bits, which the builder sets), then 32 random bits.
+        let counter = self.counter;
+        let spread = (counter & ((1 << 30) - 1)) | ((counter >> 30) << 32);
+        let bits = (u128::from(spread) << 80) | (u128::from(random) << 48);
+        let mut bytes = [0u8; 10];
+        bytes.copy_from_slice(&bits.to_be_bytes()[..10]);
+        uuid::Builder::from_unix_timestamp_millis(self.last_ms, &bytes).into_uuid()
+    }
+
+    fn random_u64(&mut self) -> u64 {
+        if self.used + 8 > ID_RANDOM_POOL {
+            fill_random(&mut self.random);
+            self.used = 0;
+        }
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&self.random[self.used..self.used + 8]);
+        self.used += 8;
+        u64::from_le_bytes(word)
+    }
+}
+
+/// Fills `buf` from the OS's random source (`getrandom`, blocking only until the kernel's pool
+/// is first initialized, as the uuid crate's own generator does).
+fn fill_random(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable slice.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if let Ok(n) = usize::try_from(n) {
+            filled += n;
+            continue;
+        }
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        // No getrandom (a kernel older than 3.17): the uuid crate's generator, which falls
+        // back to /dev/urandom, fills the rest (the low 8 bytes of a v7 id are random but
+        // for the variant bits).
+        for chunk in buf[filled..].chunks_mut(7) {
+            let id = uuid::Uuid::now_v7().into_bytes();
+            chunk.copy_from_slice(&id[9..9 + chunk.len()]);
+        }
+        return;
+    }
 }
 
 impl Message {
@@ -106,19 +186,14 @@ impl Message {
         let id = {
             let mut ids = ID_CONTEXT.lock().unwrap_or_else(|p| p.into_inner());
             let ms = since.as_millis().min(u128::from(u64::MAX)) as u64;
-            // A clock set back (not a small NTP step): stamp the time it reads now. The
-            // context would hold every id at the time before the jump until the clock caught
-            // up, so an hour of messages would share one received_at (and min_interval would
-            // drop them). Order does not suffer: the queue orders by sequence number.
+            // A clock set back (not a small NTP step): stamp the time it reads now. Otherwise
+            // every id would carry the time before the jump until the clock caught up, so an
+            // hour of messages would share one received_at (and min_interval would drop
+            // them). Order does not suffer: the queue orders by sequence number.
             if ms.saturating_add(crate::clock::JUMP_THRESHOLD.as_millis() as u64) < ids.last_ms {
-                ids.context = uuid::ContextV7::new();
-                ids.last_ms = ms;
-            } else {
-                ids.last_ms = ids.last_ms.max(ms);
+                ids.last_ms = 0;
             }
-            let ts =
-                uuid::Timestamp::from_unix(&ids.context, since.as_secs(), since.subsec_nanos());
-            uuid::Uuid::new_v7(ts)
+            ids.next(ms)
         };
         Message {
             id,
@@ -227,13 +302,15 @@ fn write_message(out: &mut Vec<u8>, m: &Message) {
     if let Some(properties) = &m.properties {
         write_properties(out, properties);
     }
-    // Writing to a Vec cannot fail.
+    // Writing to a Vec cannot fail. The time is formatted straight into the event (no
+    // String per message).
+    let at = UNIX_EPOCH + Duration::from_millis(m.received_at_ms());
     let _ = write!(
         out,
         ",\"qos\":{},\"retain\":{},\"received_at\":\"{}\"}}",
         m.qos,
         m.retain,
-        m.received_at()
+        humantime::format_rfc3339_millis(at)
     );
 }
 
@@ -470,6 +547,40 @@ mod tests {
         assert_eq!(back.content_type.as_deref(), Some("application/json"));
         assert_eq!(back.user.len(), 4);
         assert!(back.user.contains(&("tag".into(), "b\"".into())));
+    }
+
+    #[test]
+    fn ids_keep_order_within_a_millisecond_across_pool_refills_and_a_full_counter() {
+        // A context of its own: other tests stamp the shared one at other times.
+        let mut ids = IdContext {
+            last_ms: 0,
+            counter: 0,
+            random: [0; ID_RANDOM_POOL],
+            used: ID_RANDOM_POOL,
+        };
+        let t = 1_960_000_000_000u64;
+        // Two ids' worth of random bytes each: 2,000 ids refill the pool several times.
+        let mut made: Vec<uuid::Uuid> = (0..2_000).map(|_| ids.next(t)).collect();
+        ids.counter = ID_COUNTER_MAX;
+        made.push(ids.next(t));
+        assert!(made.windows(2).all(|w| w[0] < w[1]), "ids out of order");
+        for id in &made {
+            assert_eq!(id.get_version_num(), 7);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        }
+        let stamp = |id: &uuid::Uuid| {
+            let (secs, nanos) = id.get_timestamp().expect("v7").to_unix();
+            secs * 1000 + u64::from(nanos / 1_000_000)
+        };
+        assert_eq!(stamp(&made[0]), t);
+        // A full counter moves the stamp on by a millisecond rather than wrap.
+        assert_eq!(stamp(&made[2_000]), t + 1);
+        // The low 32 bits are random: no two alike among 2,000 (a collision is ~1 in 2,000).
+        let low: std::collections::HashSet<[u8; 4]> = made
+            .iter()
+            .map(|id| id.as_bytes()[12..].try_into().expect("4 bytes"))
+            .collect();
+        assert!(low.len() >= 1_990, "{} distinct", low.len());
     }
 
     #[test]
