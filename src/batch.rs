@@ -79,6 +79,9 @@ pub struct Former {
     batch: OpenBatch,
     /// Events formed and not yet taken by [`Former::take_ready`].
     ready: VecDeque<Unit>,
+    /// Where each message is encoded before it joins the batch, kept to save an allocation
+    /// per message.
+    scratch: Vec<u8>,
 }
 
 impl Former {
@@ -89,6 +92,7 @@ impl Former {
             aggregator: plan.aggregate.clone().map(Aggregator::new),
             batch: OpenBatch::default(),
             ready: VecDeque::new(),
+            scratch: Vec::new(),
             stats,
             plan,
         }
@@ -225,7 +229,9 @@ impl Former {
             return;
         }
         // Encoded once, here: the size decides the batch, and the bytes go into the event.
-        let mut encoded = Vec::new();
+        // Into a buffer kept from message to message: no allocation per message.
+        let mut encoded = std::mem::take(&mut self.scratch);
+        encoded.clear();
         envelope::encode_message(&entry.message, &mut encoded);
         let len = encoded.len() + 1;
         let overhead = envelope::envelope_overhead(&self.plan.name);
@@ -237,6 +243,8 @@ impl Former {
             batch.encoded.push(b',');
         }
         batch.encoded.extend_from_slice(&encoded);
+        self.scratch = encoded;
+        let batch = &mut self.batch;
         batch.bytes += len;
         batch.messages += 1;
         batch.first_seq.get_or_insert(entry.seq);
