@@ -82,6 +82,8 @@ pub struct Former {
     /// Where each message is encoded before it joins the batch, kept to save an allocation
     /// per message.
     scratch: Vec<u8>,
+    /// The event's bytes around its messages (the rule's name is fixed for a former's life).
+    overhead: usize,
 }
 
 impl Former {
@@ -93,6 +95,7 @@ impl Former {
             batch: OpenBatch::default(),
             ready: VecDeque::new(),
             scratch: Vec::new(),
+            overhead: envelope::envelope_overhead(&plan.name),
             stats,
             plan,
         }
@@ -234,8 +237,7 @@ impl Former {
         encoded.clear();
         envelope::encode_message(&entry.message, &mut encoded);
         let len = encoded.len() + 1;
-        let overhead = envelope::envelope_overhead(&self.plan.name);
-        if self.batch.messages > 0 && overhead + self.batch.bytes + len > self.plan.max_bytes {
+        if self.batch.messages > 0 && self.overhead + self.batch.bytes + len > self.plan.max_bytes {
             self.close_batch();
         }
         let batch = &mut self.batch;

@@ -13,8 +13,7 @@
 //! to its value (a string), a name sent several times maps to an array of its values in the
 //! order sent, so nothing is lost and the common case stays a plain string.
 
-use std::io::Write;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 
@@ -221,8 +220,9 @@ impl Message {
 
     /// `received_at` as RFC 3339 with milliseconds, UTC: `2026-11-27T10:15:30.123Z`.
     pub fn received_at(&self) -> String {
-        let at = UNIX_EPOCH + Duration::from_millis(self.received_at_ms());
-        humantime::format_rfc3339_millis(at).to_string()
+        let mut out = Vec::new();
+        write_rfc3339_millis(&mut out, self.received_at_ms());
+        String::from_utf8_lossy(&out).into_owned()
     }
 }
 
@@ -302,16 +302,71 @@ fn write_message(out: &mut Vec<u8>, m: &Message) {
     if let Some(properties) = &m.properties {
         write_properties(out, properties);
     }
-    // Writing to a Vec cannot fail. The time is formatted straight into the event (no
-    // String per message).
-    let at = UNIX_EPOCH + Duration::from_millis(m.received_at_ms());
-    let _ = write!(
-        out,
-        ",\"qos\":{},\"retain\":{},\"received_at\":\"{}\"}}",
-        m.qos,
-        m.retain,
-        humantime::format_rfc3339_millis(at)
-    );
+    out.extend_from_slice(b",\"qos\":");
+    push_number(out, u64::from(m.qos), 1);
+    out.extend_from_slice(if m.retain {
+        b",\"retain\":true"
+    } else {
+        b",\"retain\":false"
+    });
+    out.extend_from_slice(b",\"received_at\":\"");
+    write_rfc3339_millis(out, m.received_at_ms());
+    out.extend_from_slice(b"\"}");
+}
+
+/// `ms` since the Unix epoch as RFC 3339 with milliseconds, UTC (`2026-11-27T10:15:30.123Z`),
+/// as `humantime::format_rfc3339_millis` writes it, without going through `fmt` (this runs
+/// once per message delivered). Past year 9999 (a clock set that far) the year has five
+/// digits, where humantime would fail.
+fn write_rfc3339_millis(out: &mut Vec<u8>, ms: u64) {
+    let secs = ms / 1000;
+    let (days, day_secs) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's days_from_civil, inverted),
+    // in a calendar of 400-year eras that start on 1 March.
+    let z = days + 719_468;
+    let (era, day_of_era) = (z / 146_097, z % 146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = era * 400 + year_of_era + u64::from(month <= 2);
+    push_number(out, year, 4);
+    out.push(b'-');
+    push_number(out, month, 2);
+    out.push(b'-');
+    push_number(out, day, 2);
+    out.push(b'T');
+    push_number(out, day_secs / 3_600, 2);
+    out.push(b':');
+    push_number(out, day_secs % 3_600 / 60, 2);
+    out.push(b':');
+    push_number(out, day_secs % 60, 2);
+    out.push(b'.');
+    push_number(out, ms % 1000, 3);
+    out.push(b'Z');
+}
+
+/// `value` in decimal, zero-padded to at least `width` digits.
+fn push_number(out: &mut Vec<u8>, value: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let start = at.min(digits.len().saturating_sub(width));
+    out.extend_from_slice(&digits[start..]);
 }
 
 /// `,"properties":{...}` with only the parts present.
@@ -416,6 +471,7 @@ fn json_string_len(s: &str) -> usize {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+    use std::time::Duration;
 
     #[test]
     fn after_the_clock_is_set_back_received_at_is_the_time_it_reads() {
@@ -581,6 +637,45 @@ mod tests {
             .map(|id| id.as_bytes()[12..].try_into().expect("4 bytes"))
             .collect();
         assert!(low.len() >= 1_990, "{} distinct", low.len());
+    }
+
+    /// The first millisecond of year 10000, past what humantime writes.
+    const YEAR_10000_MS: u64 = 253_402_300_800_000;
+
+    #[test]
+    fn received_at_is_written_as_humantime_writes_it() {
+        // Leap days, month and year ends, the epoch, and a spread of times up to year 9999.
+        let mut samples: Vec<u64> = vec![
+            0,
+            951_782_400_000,   // 2000-02-29
+            951_868_799_999,   // 2000-02-29T23:59:59.999
+            4_107_542_400_000, // 2100-03-01
+            1_798_761_599_999, // 2026-12-31T23:59:59.999
+            YEAR_10000_MS - 1, // 9999-12-31T23:59:59.999
+        ];
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..20_000 {
+            // xorshift: spread over 1970–9999
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            samples.push(x % YEAR_10000_MS);
+        }
+        for ms in samples {
+            let mut ours = Vec::new();
+            write_rfc3339_millis(&mut ours, ms);
+            let theirs = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string();
+            assert_eq!(String::from_utf8(ours).expect("utf-8"), theirs, "{ms}");
+        }
+        let mut far = Vec::new();
+        write_rfc3339_millis(&mut far, YEAR_10000_MS);
+        assert_eq!(far, b"10000-01-01T00:00:00.000Z");
+        let mut qos = Vec::new();
+        push_number(&mut qos, 2, 1);
+        push_number(&mut qos, 123, 1);
+        push_number(&mut qos, 7, 3);
+        assert_eq!(qos, b"2123007");
     }
 
     #[test]
