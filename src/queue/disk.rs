@@ -815,6 +815,8 @@ impl Shared {
         let mut out = Vec::new();
         let mut ack_moved = false;
         let mut bytes = 0;
+        // One clock reading ages every message of this read (milliseconds apart at most).
+        let clock = self.config.max_age.map(|_| crate::clock::reading());
         while out.len() < max || (out.len() < READ_AHEAD_ENTRIES && bytes < READ_AHEAD_BYTES) {
             let (durable_seq, ack_next, segment) = {
                 let state = self.lock();
@@ -912,10 +914,10 @@ impl Shared {
                 );
             }
             reader.next_seq = seq + 1;
-            if let Some(max_age) = self.config.max_age {
+            if let (Some(max_age), Some(clock)) = (self.config.max_age, &clock) {
                 // Not `now - received_at`: a clock stepped by NTP must not expire a backlog
                 // stamped before it (clock.rs).
-                let age = crate::clock::age_of(message.received_at_ms());
+                let age = clock.age_of(message.received_at_ms());
                 if age > max_age {
                     self.counters.expired.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
