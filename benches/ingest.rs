@@ -375,8 +375,34 @@ async fn delivery(n: usize, pairs: usize) {
                         acked.saturating_duration_since(last).as_secs_f64() * 1000.0
                     );
                     let spawned = bridge.spawned;
+                    let cpu = bridge.cpu_ms();
                     bridge.kill().await;
                     invocations = lambda.fake.with_invocations(|all| all.len());
+                    let ms = |at: Option<Instant>| {
+                        at.map_or("-".to_owned(), |at| {
+                            format!("{:.0}", (at - spawned).as_secs_f64() * 1000.0)
+                        })
+                    };
+                    let (first_invoke, half_delivered) = lambda.fake.with_invocations(|all| {
+                        let mut sum = 0;
+                        let half = all.iter().find_map(|i| {
+                            sum += i.messages;
+                            (sum >= n / 2).then_some(i.at)
+                        });
+                        (all.iter().map(|i| i.at).min(), half)
+                    });
+                    eprintln!(
+                        "delivery pair {}: bridge timeline (ms from spawn): connected {}, first PUBACK {}, half PUBACKs {}, first event {}, half delivered {}, last event {}, last PUBACK {}; CPU {} ms",
+                        pair + 1,
+                        ms(proxy.first_connect()),
+                        ms(proxy.nth_puback(1)),
+                        ms(proxy.nth_puback(n as u64 / 2)),
+                        ms(first_invoke),
+                        ms(half_delivered),
+                        ms(Some(last)),
+                        ms(Some(acked)),
+                        cpu.map_or("-".to_owned(), |c| c.to_string())
+                    );
                     let rate = n as f64 / (last - spawned).as_secs_f64();
                     bridge_rates.push(rate);
                     rate
@@ -388,6 +414,19 @@ async fn delivery(n: usize, pairs: usize) {
                         .expect("run mosquitto_sub");
                     let done = nth_puback(&proxy, n, || "mosquitto_sub".into()).await;
                     let _ = tokio::time::timeout(STEP_PATIENCE, child.wait()).await;
+                    let ms = |at: Option<Instant>| {
+                        at.map_or("-".to_owned(), |at| {
+                            format!("{:.0}", (at - spawned).as_secs_f64() * 1000.0)
+                        })
+                    };
+                    eprintln!(
+                        "delivery pair {}: mosquitto_sub timeline (ms from spawn): connected {}, first PUBACK {}, half PUBACKs {}, last PUBACK {}",
+                        pair + 1,
+                        ms(proxy.first_connect()),
+                        ms(proxy.nth_puback(1)),
+                        ms(proxy.nth_puback(n as u64 / 2)),
+                        ms(Some(done)),
+                    );
                     let rate = n as f64 / (done - spawned).as_secs_f64();
                     sub_rates.push(rate);
                     rate

@@ -84,6 +84,11 @@ pub struct Former {
     batch: OpenBatch,
     /// Events formed and not yet taken by [`Former::take_ready`].
     ready: VecDeque<Unit>,
+    /// Where each message is encoded before it joins the batch, kept to save an allocation
+    /// per message.
+    scratch: Vec<u8>,
+    /// The event's bytes around its messages (the rule's name is fixed for a former's life).
+    overhead: usize,
 }
 
 impl Former {
@@ -94,6 +99,8 @@ impl Former {
             aggregator: plan.aggregate.clone().map(Aggregator::new),
             batch: OpenBatch::default(),
             ready: VecDeque::new(),
+            scratch: Vec::new(),
+            overhead: envelope::envelope_overhead(&plan.name),
             stats,
             plan,
         }
@@ -230,11 +237,12 @@ impl Former {
             return;
         }
         // Encoded once, here: the size decides the batch, and the bytes go into the event.
-        let mut encoded = Vec::new();
+        // Into a buffer kept from message to message: no allocation per message.
+        let mut encoded = std::mem::take(&mut self.scratch);
+        encoded.clear();
         envelope::encode_message(&entry.message, &mut encoded);
         let len = encoded.len() + 1;
-        let overhead = envelope::envelope_overhead(&self.plan.name);
-        if self.batch.messages > 0 && overhead + self.batch.bytes + len > self.plan.max_bytes {
+        if self.batch.messages > 0 && self.overhead + self.batch.bytes + len > self.plan.max_bytes {
             self.close_batch();
         }
         let batch = &mut self.batch;
@@ -242,6 +250,8 @@ impl Former {
             batch.encoded.push(b',');
         }
         batch.encoded.extend_from_slice(&encoded);
+        self.scratch = encoded;
+        let batch = &mut self.batch;
         batch.bytes += len;
         batch.messages += 1;
         batch.first_seq.get_or_insert(entry.seq);

@@ -169,6 +169,34 @@ pub fn age_of(received_at_ms: u64) -> Duration {
     watch.age(received_at_ms, wall, mono)
 }
 
+/// The clock read once, to age many messages by: a read of the buffer ages every message it
+/// hands out, and reading the clocks and taking the lock for each was 1.5% of the CPU a
+/// backlog's delivery took.
+pub struct Reading {
+    watch: ClockWatch,
+    wall: u64,
+    mono: Duration,
+}
+
+impl Reading {
+    /// As [`age_of`], at the time of this reading.
+    pub fn age_of(&self, received_at_ms: u64) -> Duration {
+        self.watch.age(received_at_ms, self.wall, self.mono)
+    }
+}
+
+/// Reads the clock now (logging a jump if there was one), for [`Reading::age_of`].
+pub fn reading() -> Reading {
+    let (origin, watch) = &*PROCESS;
+    let mut watch = watch.lock().unwrap_or_else(|e| e.into_inner());
+    let (wall, mono) = observe_process(&mut watch, *origin);
+    Reading {
+        watch: watch.clone(),
+        wall,
+        mono,
+    }
+}
+
 /// Looks at the clock every [`SAMPLE_INTERVAL`] until aborted, so a jump is logged near when
 /// it happens even while no message is read.
 pub async fn watch() {

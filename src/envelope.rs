@@ -15,8 +15,7 @@
 //! Response Topic and Correlation Data travel there too, as `"response_topic"` and
 //! `"correlation_data_base64"`, so a dead letter replayed still knows where its reply goes.
 
-use std::io::Write;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 
@@ -104,18 +103,98 @@ impl Properties {
     }
 }
 
-/// Orders ids created within the same millisecond (UUIDv7's counter).
+/// Orders ids created within the same millisecond, and holds their random bits.
 static ID_CONTEXT: std::sync::Mutex<IdContext> = std::sync::Mutex::new(IdContext {
-    context: uuid::ContextV7::new(),
     last_ms: 0,
+    counter: 0,
+    random: [0; ID_RANDOM_POOL],
+    used: ID_RANDOM_POOL,
 });
 
-/// uuid's context, and the latest time it stamped.
+/// Random bytes taken from the OS at a time for ids: 4 KiB serve about 1,000 ids, so ingest
+/// makes one `getrandom` call per thousand messages instead of one per message.
+const ID_RANDOM_POOL: usize = 4096;
+/// The counter that orders ids within a millisecond: 42 bits (RFC 9562 method 1, as uuid's
+/// `ContextV7`), seeded at random below [`ID_COUNTER_RESEED_MASK`] so it has room to count.
+const ID_COUNTER_MAX: u64 = u64::MAX >> 22;
+const ID_COUNTER_RESEED_MASK: u64 = u64::MAX >> 23;
+
+/// The state of id generation: UUIDv7 as uuid's `ContextV7` makes them (48-bit milliseconds,
+/// a 42-bit counter reseeded at random each new millisecond and counting up within one, then
+/// 32 random bits), with the random bytes drawn from the OS a pool at a time.
 struct IdContext {
-    /// Keeps ids in order; on a small step back it stamps its last time instead.
-    context: uuid::ContextV7,
-    /// Milliseconds of the latest stamp.
+    /// Milliseconds of the latest stamp; a stamp never goes below it (but see the clock jump
+    /// in [`Message::received`]).
     last_ms: u64,
+    /// The counter of the latest id.
+    counter: u64,
+    /// Random bytes from the OS; those from `used` on are still unused.
+    random: [u8; ID_RANDOM_POOL],
+    used: usize,
+}
+
+impl IdContext {
+    /// The next id for a message received at `ms`.
+    fn next(&mut self, ms: u64) -> uuid::Uuid {
+        if ms > self.last_ms {
+            self.last_ms = ms;
+            self.counter = self.random_u64() & ID_COUNTER_RESEED_MASK;
+        } else {
+            // The same millisecond, or a clock stepped back a little: count on from the last
+            // stamp so ids stay in order.
+            self.counter += 1;
+            if self.counter > ID_COUNTER_MAX {
+                self.last_ms += 1;
+                self.counter = self.random_u64() & ID_COUNTER_RESEED_MASK;
+            }
+        }
+        let random = self.random_u64() as u32;
+        // The counter's top 12 bits are rand_a, its low 30 bits start rand_b (after the 2
+        // variant bits, which the builder sets), then 32 random bits.
+        let counter = self.counter;
+        let spread = (counter & ((1 << 30) - 1)) | ((counter >> 30) << 32);
+        let bits = (u128::from(spread) << 80) | (u128::from(random) << 48);
+        let mut bytes = [0u8; 10];
+        bytes.copy_from_slice(&bits.to_be_bytes()[..10]);
+        uuid::Builder::from_unix_timestamp_millis(self.last_ms, &bytes).into_uuid()
+    }
+
+    fn random_u64(&mut self) -> u64 {
+        if self.used + 8 > ID_RANDOM_POOL {
+            fill_random(&mut self.random);
+            self.used = 0;
+        }
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&self.random[self.used..self.used + 8]);
+        self.used += 8;
+        u64::from_le_bytes(word)
+    }
+}
+
+/// Fills `buf` from the OS's random source (`getrandom`, blocking only until the kernel's pool
+/// is first initialized, as the uuid crate's own generator does).
+fn fill_random(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable slice.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if let Ok(n) = usize::try_from(n) {
+            filled += n;
+            continue;
+        }
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        // No getrandom (a kernel older than 3.17): the uuid crate's generator, which falls
+        // back to /dev/urandom, fills the rest (the low 8 bytes of a v7 id are random but
+        // for the variant bits).
+        for chunk in buf[filled..].chunks_mut(7) {
+            let id = uuid::Uuid::now_v7().into_bytes();
+            chunk.copy_from_slice(&id[9..9 + chunk.len()]);
+        }
+        return;
+    }
 }
 
 impl Message {
@@ -132,19 +211,14 @@ impl Message {
         let id = {
             let mut ids = ID_CONTEXT.lock().unwrap_or_else(|p| p.into_inner());
             let ms = since.as_millis().min(u128::from(u64::MAX)) as u64;
-            // A clock set back (not a small NTP step): stamp the time it reads now. The
-            // context would hold every id at the time before the jump until the clock caught
-            // up, so an hour of messages would share one received_at (and min_interval would
-            // drop them). Order does not suffer: the queue orders by sequence number.
+            // A clock set back (not a small NTP step): stamp the time it reads now. Otherwise
+            // every id would carry the time before the jump until the clock caught up, so an
+            // hour of messages would share one received_at (and min_interval would drop
+            // them). Order does not suffer: the queue orders by sequence number.
             if ms.saturating_add(crate::clock::JUMP_THRESHOLD.as_millis() as u64) < ids.last_ms {
-                ids.context = uuid::ContextV7::new();
-                ids.last_ms = ms;
-            } else {
-                ids.last_ms = ids.last_ms.max(ms);
+                ids.last_ms = 0;
             }
-            let ts =
-                uuid::Timestamp::from_unix(&ids.context, since.as_secs(), since.subsec_nanos());
-            uuid::Uuid::new_v7(ts)
+            ids.next(ms)
         };
         Message {
             id,
@@ -184,8 +258,9 @@ impl Message {
 
     /// `received_at` as RFC 3339 with milliseconds, UTC: `2026-11-27T10:15:30.123Z`.
     pub fn received_at(&self) -> String {
-        let at = UNIX_EPOCH + Duration::from_millis(self.received_at_ms());
-        humantime::format_rfc3339_millis(at).to_string()
+        let mut out = Vec::new();
+        write_rfc3339_millis(&mut out, self.received_at_ms());
+        String::from_utf8_lossy(&out).into_owned()
     }
 }
 
@@ -265,14 +340,71 @@ fn write_message(out: &mut Vec<u8>, m: &Message) {
     if let Some(properties) = &m.properties {
         write_properties(out, properties);
     }
-    // Writing to a Vec cannot fail.
-    let _ = write!(
-        out,
-        ",\"qos\":{},\"retain\":{},\"received_at\":\"{}\"}}",
-        m.qos,
-        m.retain,
-        m.received_at()
-    );
+    out.extend_from_slice(b",\"qos\":");
+    push_number(out, u64::from(m.qos), 1);
+    out.extend_from_slice(if m.retain {
+        b",\"retain\":true"
+    } else {
+        b",\"retain\":false"
+    });
+    out.extend_from_slice(b",\"received_at\":\"");
+    write_rfc3339_millis(out, m.received_at_ms());
+    out.extend_from_slice(b"\"}");
+}
+
+/// `ms` since the Unix epoch as RFC 3339 with milliseconds, UTC (`2026-11-27T10:15:30.123Z`),
+/// as `humantime::format_rfc3339_millis` writes it, without going through `fmt` (this runs
+/// once per message delivered). Past year 9999 (a clock set that far) the year has five
+/// digits, where humantime would fail.
+fn write_rfc3339_millis(out: &mut Vec<u8>, ms: u64) {
+    let secs = ms / 1000;
+    let (days, day_secs) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's days_from_civil, inverted),
+    // in a calendar of 400-year eras that start on 1 March.
+    let z = days + 719_468;
+    let (era, day_of_era) = (z / 146_097, z % 146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = era * 400 + year_of_era + u64::from(month <= 2);
+    push_number(out, year, 4);
+    out.push(b'-');
+    push_number(out, month, 2);
+    out.push(b'-');
+    push_number(out, day, 2);
+    out.push(b'T');
+    push_number(out, day_secs / 3_600, 2);
+    out.push(b':');
+    push_number(out, day_secs % 3_600 / 60, 2);
+    out.push(b':');
+    push_number(out, day_secs % 60, 2);
+    out.push(b'.');
+    push_number(out, ms % 1000, 3);
+    out.push(b'Z');
+}
+
+/// `value` in decimal, zero-padded to at least `width` digits.
+fn push_number(out: &mut Vec<u8>, value: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let start = at.min(digits.len().saturating_sub(width));
+    out.extend_from_slice(&digits[start..]);
 }
 
 /// `,"properties":{...}` with only the parts present.
@@ -388,6 +520,7 @@ fn json_string_len(s: &str) -> usize {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+    use std::time::Duration;
 
     #[test]
     fn after_the_clock_is_set_back_received_at_is_the_time_it_reads() {
@@ -551,6 +684,79 @@ mod tests {
         assert_eq!(back.content_type.as_deref(), Some("application/json"));
         assert_eq!(back.user.len(), 4);
         assert!(back.user.contains(&("tag".into(), "b\"".into())));
+    }
+
+    #[test]
+    fn ids_keep_order_within_a_millisecond_across_pool_refills_and_a_full_counter() {
+        // A context of its own: other tests stamp the shared one at other times.
+        let mut ids = IdContext {
+            last_ms: 0,
+            counter: 0,
+            random: [0; ID_RANDOM_POOL],
+            used: ID_RANDOM_POOL,
+        };
+        let t = 1_960_000_000_000u64;
+        // Two ids' worth of random bytes each: 2,000 ids refill the pool several times.
+        let mut made: Vec<uuid::Uuid> = (0..2_000).map(|_| ids.next(t)).collect();
+        ids.counter = ID_COUNTER_MAX;
+        made.push(ids.next(t));
+        assert!(made.windows(2).all(|w| w[0] < w[1]), "ids out of order");
+        for id in &made {
+            assert_eq!(id.get_version_num(), 7);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        }
+        let stamp = |id: &uuid::Uuid| {
+            let (secs, nanos) = id.get_timestamp().expect("v7").to_unix();
+            secs * 1000 + u64::from(nanos / 1_000_000)
+        };
+        assert_eq!(stamp(&made[0]), t);
+        // A full counter moves the stamp on by a millisecond rather than wrap.
+        assert_eq!(stamp(&made[2_000]), t + 1);
+        // The low 32 bits are random: no two alike among 2,000 (a collision is ~1 in 2,000).
+        let low: std::collections::HashSet<[u8; 4]> = made
+            .iter()
+            .map(|id| id.as_bytes()[12..].try_into().expect("4 bytes"))
+            .collect();
+        assert!(low.len() >= 1_990, "{} distinct", low.len());
+    }
+
+    /// The first millisecond of year 10000, past what humantime writes.
+    const YEAR_10000_MS: u64 = 253_402_300_800_000;
+
+    #[test]
+    fn received_at_is_written_as_humantime_writes_it() {
+        // Leap days, month and year ends, the epoch, and a spread of times up to year 9999.
+        let mut samples: Vec<u64> = vec![
+            0,
+            951_782_400_000,   // 2000-02-29
+            951_868_799_999,   // 2000-02-29T23:59:59.999
+            4_107_542_400_000, // 2100-03-01
+            1_798_761_599_999, // 2026-12-31T23:59:59.999
+            YEAR_10000_MS - 1, // 9999-12-31T23:59:59.999
+        ];
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..20_000 {
+            // xorshift: spread over 1970–9999
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            samples.push(x % YEAR_10000_MS);
+        }
+        for ms in samples {
+            let mut ours = Vec::new();
+            write_rfc3339_millis(&mut ours, ms);
+            let theirs = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string();
+            assert_eq!(String::from_utf8(ours).expect("utf-8"), theirs, "{ms}");
+        }
+        let mut far = Vec::new();
+        write_rfc3339_millis(&mut far, YEAR_10000_MS);
+        assert_eq!(far, b"10000-01-01T00:00:00.000Z");
+        let mut qos = Vec::new();
+        push_number(&mut qos, 2, 1);
+        push_number(&mut qos, 123, 1);
+        push_number(&mut qos, 7, 3);
+        assert_eq!(qos, b"2123007");
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub const PAYLOAD_HEADROOM: usize = 1024;
 const WORST_ESCAPE_GROWTH: usize = 6;
 /// The fixed fields of one message in the event (id, qos, retain, received_at, punctuation).
 const MESSAGE_FIELDS_BOUND: usize = 160;
+/// An event with an empty rule name and no messages; each byte of the name adds at most
+/// [`WORST_ESCAPE_GROWTH`].
+const EMPTY_EVENT_LEN: usize = r#"{"rule":"","messages":[]}"#.len();
 
 /// What the delivery of one rule needs to know of it.
 #[derive(Debug, Clone)]
@@ -132,16 +135,17 @@ impl RulePlan {
     /// The encoded size of an event carrying `message` alone, when that is over the limit.
     pub fn oversize(&self, message: &Message) -> Option<usize> {
         let limit = payload_limit(self.invocation);
-        let overhead = envelope::envelope_overhead(&self.name);
-        // A bound that holds for every payload and topic first; encode only near the limit.
-        let bound = overhead
-            + (message.payload.len() + message.topic.len()) * WORST_ESCAPE_GROWTH
+        // A bound that holds for every rule name, payload and topic first, by arithmetic alone
+        // (this runs for every message received); encode only near the limit.
+        let bound = EMPTY_EVENT_LEN
+            + (self.name.len() + message.payload.len() + message.topic.len()) * WORST_ESCAPE_GROWTH
             + MESSAGE_FIELDS_BOUND;
         if bound <= limit {
             return None;
         }
         // encoded_message_len counts a separating comma that a lone message does not have.
-        let size = overhead + envelope::encoded_message_len(message) - 1;
+        let size =
+            envelope::envelope_overhead(&self.name) + envelope::encoded_message_len(message) - 1;
         (size > limit).then_some(size)
     }
 }

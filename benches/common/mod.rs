@@ -211,6 +211,21 @@ impl Bridge {
         self.log.lock().expect("log lock").join("\n")
     }
 
+    /// CPU time the process has used so far (user + system, all threads), in milliseconds;
+    /// steadier evidence than wall-clock time on a shared machine.
+    pub fn cpu_ms(&self) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()?)).ok()?;
+        // Fields after the command name (which may hold spaces) and its closing parenthesis:
+        // utime and stime are the 14th and 15th fields of the whole line.
+        let after = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf only reads a system constant.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Some(ticks * 1000 / per_second)
+    }
+
     /// Peak resident memory so far (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;

@@ -137,6 +137,8 @@ const ACK_SLOT_LEN: u64 = 24;
 const READ_AHEAD_ENTRIES: usize = 1000;
 /// See [`READ_AHEAD_ENTRIES`]; bounds the memory a read-ahead holds.
 const READ_AHEAD_BYTES: usize = 1024 * 1024;
+/// Bytes a reader takes from a segment file at a time (many records per `pread`).
+const READ_CHUNK: usize = 64 * 1024;
 /// Bytes read at a time while scanning past corruption.
 const SCAN_CHUNK: usize = 64 * 1024;
 /// How a rule's queue behaves.
@@ -209,9 +211,72 @@ struct State {
 struct Reader {
     /// Next sequence to read from disk.
     next_seq: Seq,
-    /// The open segment: its first sequence, the file, and the byte offset of `next_seq`'s
-    /// record (or of the next record to examine).
-    open: Option<(Seq, Box<dyn StorageFile>, u64)>,
+    /// The open segment, if any.
+    open: Option<OpenSegment>,
+}
+
+/// A segment file being read, with the bytes read ahead of the position.
+struct OpenSegment {
+    /// The segment's first sequence (its name).
+    first_seq: Seq,
+    file: Box<dyn StorageFile>,
+    /// Byte offset of `next_seq`'s record (or of the next record to examine).
+    offset: u64,
+    /// Bytes of the file from `buf_at`, read [`READ_CHUNK`] at a time so that one `pread`
+    /// brings in many records. Only durable bytes are read (below the segment's length at the
+    /// time), and those never change while the segment is open here: the one thing that
+    /// rewrites them, reusing the segment, closes it first (`Reader::open = None`).
+    buf: Vec<u8>,
+    buf_at: u64,
+}
+
+impl OpenSegment {
+    fn new(first_seq: Seq, file: Box<dyn StorageFile>) -> Self {
+        OpenSegment {
+            first_seq,
+            file,
+            offset: MAGIC_LEN,
+            buf: Vec::new(),
+            buf_at: 0,
+        }
+    }
+
+    /// The valid record at the current offset, if one is there and ends by `limit`.
+    fn record(&mut self, limit: u64) -> io::Result<Option<Found>> {
+        let offset = self.offset;
+        let Some(header) = self.bytes(offset, record::HEADER_LEN, limit)? else {
+            return Ok(None);
+        };
+        let Some(len) = record::claimed_len(header) else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.bytes(offset, len, limit)? else {
+            return Ok(None);
+        };
+        Ok(found(record::decode(bytes)))
+    }
+
+    /// The `len` bytes at `at`, when they end by `limit`; read from the file only when the
+    /// buffer does not hold them.
+    fn bytes(&mut self, at: u64, len: usize, limit: u64) -> io::Result<Option<&[u8]>> {
+        let end = at + len as u64;
+        if end > limit {
+            return Ok(None);
+        }
+        let buffered = at >= self.buf_at && end <= self.buf_at + self.buf.len() as u64;
+        if !buffered {
+            let take = (limit - at).min(len.max(READ_CHUNK) as u64) as usize;
+            self.buf.clear();
+            self.buf.resize(take, 0);
+            if let Err(e) = self.file.read_exact_at(&mut self.buf, at) {
+                self.buf.clear();
+                return Err(e);
+            }
+            self.buf_at = at;
+        }
+        let start = (at - self.buf_at) as usize;
+        Ok(self.buf.get(start..start + len))
+    }
 }
 
 /// Everything the writer thread and the blocking reads share with the queue handle.
@@ -750,6 +815,8 @@ impl Shared {
         let mut out = Vec::new();
         let mut ack_moved = false;
         let mut bytes = 0;
+        // One clock reading ages every message of this read (milliseconds apart at most).
+        let clock = self.config.max_age.map(|_| crate::clock::reading());
         while out.len() < max || (out.len() < READ_AHEAD_ENTRIES && bytes < READ_AHEAD_BYTES) {
             let (durable_seq, ack_next, segment) = {
                 let state = self.lock();
@@ -776,35 +843,35 @@ impl Shared {
             if reader
                 .open
                 .as_ref()
-                .is_none_or(|(first, _, _)| *first != segment.first_seq)
+                .is_none_or(|open| open.first_seq != segment.first_seq)
             {
                 let file = self.storage.open(&segment.path, OpenMode::Read)?;
-                reader.open = Some((segment.first_seq, file, MAGIC_LEN));
+                reader.open = Some(OpenSegment::new(segment.first_seq, file));
             }
-            let Some((_, file, offset)) = reader.open.as_mut() else {
+            let Some(open) = reader.open.as_mut() else {
                 break;
             };
-            let record = if *offset >= segment.len {
+            let record = if open.offset >= segment.len {
                 None
             } else {
-                match read_record_at(&**file, *offset, segment.len)? {
+                match open.record(segment.len)? {
                     Some(Found::Message(seq, message, len)) => Some((seq, message, len)),
                     Some(Found::Ack(len)) => {
                         // The writer's bookkeeping, not a message: no sequence, no gap.
-                        *offset += len as u64;
+                        open.offset += len as u64;
                         continue;
                     }
                     None => {
                         // Not a valid record here: scan for the next one.
-                        let (skipped, next) = scan_forward(&**file, *offset, segment.len)?;
+                        let (skipped, next) = scan_forward(&*open.file, open.offset, segment.len)?;
                         self.counters
                             .corrupt_bytes
                             .fetch_add(skipped, Ordering::Relaxed);
                         tracing::warn!(
-                            file = %segment.path.display(), offset = *offset, skipped_bytes = skipped,
+                            file = %segment.path.display(), offset = open.offset, skipped_bytes = skipped,
                             "buffer: corrupt record skipped"
                         );
-                        *offset = next;
+                        open.offset = next;
                         continue;
                     }
                 }
@@ -835,7 +902,7 @@ impl Shared {
             let Some((seq, message, len)) = record else {
                 break;
             };
-            *offset += len as u64;
+            open.offset += len as u64;
             if seq < reader.next_seq {
                 continue;
             }
@@ -847,10 +914,10 @@ impl Shared {
                 );
             }
             reader.next_seq = seq + 1;
-            if let Some(max_age) = self.config.max_age {
+            if let (Some(max_age), Some(clock)) = (self.config.max_age, &clock) {
                 // Not `now - received_at`: a clock stepped by NTP must not expire a backlog
                 // stamped before it (clock.rs).
-                let age = crate::clock::age_of(message.received_at_ms());
+                let age = clock.age_of(message.received_at_ms());
                 if age > max_age {
                     self.counters.expired.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
@@ -903,11 +970,16 @@ fn read_record_at(file: &dyn StorageFile, offset: u64, limit: u64) -> io::Result
     }
     let mut buf = vec![0u8; len];
     file.read_exact_at(&mut buf, offset)?;
-    Ok(match record::decode(&buf) {
+    Ok(found(record::decode(&buf)))
+}
+
+/// What a decoded record is to a reader: a message, an ack record, or nothing valid.
+fn found(decoded: Decoded) -> Option<Found> {
+    match decoded {
         Decoded::Record { seq, message, len } => Some(Found::Message(seq, message, len)),
         Decoded::Ack { len, .. } => Some(Found::Ack(len)),
         Decoded::Incomplete | Decoded::Corrupt => None,
-    })
+    }
 }
 
 /// Finds the next offset after `offset` (exclusive) where a valid record starts, before `limit`;

@@ -265,6 +265,28 @@ impl FakeLambda {
     }
 }
 
+/// Messages in an event, without parsing it: every message starts with its id, and the bridge
+/// writes no whitespace. Jumps from `{` to `{` with libc's memchr: comparing at every byte
+/// took the fake about 50 ms of CPU per 50,000 messages, which the benchmark's bridge run
+/// had to share the machine's two cores with.
+fn count_message_starts(body: &[u8]) -> usize {
+    let mut count = 0;
+    let mut at = 0;
+    while let Some(rest) = body.get(at..).filter(|r| !r.is_empty()) {
+        // SAFETY: memchr reads only the `rest.len()` bytes of `rest`, a live slice.
+        let found = unsafe { libc::memchr(rest.as_ptr().cast(), i32::from(b'{'), rest.len()) };
+        if found.is_null() {
+            break;
+        }
+        let offset = found as usize - rest.as_ptr() as usize;
+        if rest[offset..].starts_with(MESSAGE_START) {
+            count += 1;
+        }
+        at += offset + 1;
+    }
+    count
+}
+
 async fn invoke(
     State(fake): State<FakeLambda>,
     Path(function): Path<String>,
@@ -377,12 +399,7 @@ async fn answer(
     }
     let lean = fake.inner.lock().expect("lock").lean;
     let (body, messages) = if lean {
-        // Every message in an event starts with its id, and the bridge writes no whitespace.
-        let starts = body_bytes
-            .windows(MESSAGE_START.len())
-            .filter(|w| *w == MESSAGE_START)
-            .count();
-        (serde_json::Value::Null, starts)
+        (serde_json::Value::Null, count_message_starts(&body_bytes))
     } else {
         let body: serde_json::Value =
             serde_json::from_slice(&body_bytes).unwrap_or(serde_json::Value::Null);
