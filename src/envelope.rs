@@ -103,17 +103,12 @@ impl Properties {
     }
 }
 
-/// Orders ids created within the same millisecond, and holds their random bits.
+/// Orders ids created within the same millisecond.
 static ID_CONTEXT: std::sync::Mutex<IdContext> = std::sync::Mutex::new(IdContext {
     last_ms: 0,
     counter: 0,
-    random: [0; ID_RANDOM_POOL],
-    used: ID_RANDOM_POOL,
 });
 
-/// Random bytes taken from the OS at a time for ids: 4 KiB serve about 1,000 ids, so ingest
-/// makes one `getrandom` call per thousand messages instead of one per message.
-const ID_RANDOM_POOL: usize = 4096;
 /// The counter that orders ids within a millisecond: 42 bits (RFC 9562 method 1, as uuid's
 /// `ContextV7`), seeded at random below [`ID_COUNTER_RESEED_MASK`] so it has room to count.
 const ID_COUNTER_MAX: u64 = u64::MAX >> 22;
@@ -121,16 +116,15 @@ const ID_COUNTER_RESEED_MASK: u64 = u64::MAX >> 23;
 
 /// The state of id generation: UUIDv7 as uuid's `ContextV7` makes them (48-bit milliseconds,
 /// a 42-bit counter reseeded at random each new millisecond and counting up within one, then
-/// 32 random bits), with the random bytes drawn from the OS a pool at a time.
+/// 32 random bits). The random bits come from fastrand (a generator seeded once per thread)
+/// rather than from the OS per id as uuid's `now_v7` does: one `getrandom` system call per
+/// message was 4% of the bridge's CPU under a backlog. They make ids unique, not secret.
 struct IdContext {
     /// Milliseconds of the latest stamp; a stamp never goes below it (but see the clock jump
     /// in [`Message::received`]).
     last_ms: u64,
     /// The counter of the latest id.
     counter: u64,
-    /// Random bytes from the OS; those from `used` on are still unused.
-    random: [u8; ID_RANDOM_POOL],
-    used: usize,
 }
 
 impl IdContext {
@@ -160,40 +154,7 @@ impl IdContext {
     }
 
     fn random_u64(&mut self) -> u64 {
-        if self.used + 8 > ID_RANDOM_POOL {
-            fill_random(&mut self.random);
-            self.used = 0;
-        }
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&self.random[self.used..self.used + 8]);
-        self.used += 8;
-        u64::from_le_bytes(word)
-    }
-}
-
-/// Fills `buf` from the OS's random source (`getrandom`, blocking only until the kernel's pool
-/// is first initialized, as the uuid crate's own generator does).
-fn fill_random(buf: &mut [u8]) {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: the pointer and length describe `rest`, a live, writable slice.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if let Ok(n) = usize::try_from(n) {
-            filled += n;
-            continue;
-        }
-        if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-            continue;
-        }
-        // No getrandom (a kernel older than 3.17): the uuid crate's generator, which falls
-        // back to /dev/urandom, fills the rest (the low 8 bytes of a v7 id are random but
-        // for the variant bits).
-        for chunk in buf[filled..].chunks_mut(7) {
-            let id = uuid::Uuid::now_v7().into_bytes();
-            chunk.copy_from_slice(&id[9..9 + chunk.len()]);
-        }
-        return;
+        fastrand::u64(..)
     }
 }
 
@@ -687,16 +648,13 @@ mod tests {
     }
 
     #[test]
-    fn ids_keep_order_within_a_millisecond_across_pool_refills_and_a_full_counter() {
+    fn ids_keep_order_within_a_millisecond_and_across_a_full_counter() {
         // A context of its own: other tests stamp the shared one at other times.
         let mut ids = IdContext {
             last_ms: 0,
             counter: 0,
-            random: [0; ID_RANDOM_POOL],
-            used: ID_RANDOM_POOL,
         };
         let t = 1_960_000_000_000u64;
-        // Two ids' worth of random bytes each: 2,000 ids refill the pool several times.
         let mut made: Vec<uuid::Uuid> = (0..2_000).map(|_| ids.next(t)).collect();
         ids.counter = ID_COUNTER_MAX;
         made.push(ids.next(t));
