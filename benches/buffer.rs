@@ -237,7 +237,7 @@ fn appends(runtime: &tokio::runtime::Runtime, base: &Path) {
             "≥ 50,000",
         ),
         (
-            "queue append, one appender, 256 messages per append (how ingest appends)",
+            "queue append, one appender, 256 messages per append (ingest appends what arrived together, up to 1,024)",
             500_000,
             1,
             256,
