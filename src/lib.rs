@@ -408,4 +408,13 @@ pub(crate) fn rule_summary(route: &Route<DiskQueue>) {
         left_in_buffer = queue.stats().pending,
         "rule summary"
     );
+    if route.plan.reply.is_some() {
+        tracing::info!(
+            rule = %route.plan.name,
+            replies_published = get(&stats.replies_published),
+            replies_without_topic = get(&stats.replies_without_topic),
+            replies_dead_lettered = get(&stats.replies_refused),
+            "reply summary"
+        );
+    }
 }

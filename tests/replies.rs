@@ -249,6 +249,12 @@ async fn mqtt5_replies_go_to_the_response_topic_with_correlation_data_else_to_th
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("left_in_buffer=0"), "{log}");
+    assert!(
+        log.contains(
+            "reply summary rule=cmd replies_published=3 replies_without_topic=0 replies_dead_lettered=0"
+        ),
+        "{log}"
+    );
 }
 
 #[tokio::test]
