@@ -152,6 +152,26 @@ pub fn mqtt_files(config: &MqttConfig) -> Vec<Issue> {
     issues
 }
 
+/// Reads a file and says what is wrong with it.
+type Parse = fn(&Path) -> Result<(), String>;
+
+/// Each named file that is set: readable, then parsed; one issue per file that fails.
+fn named_files<'a>(
+    named: impl IntoIterator<Item = (&'static str, Option<&'a PathBuf>, Parse)>,
+) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    for (key, path, parse) in named {
+        let Some(path) = path else { continue };
+        let result = readable_file(path)
+            .map_err(|why| format!("cannot read {}: {why}", path.display()))
+            .and_then(|()| parse(path));
+        if let Err(message) = result {
+            issues.push(Issue::new(key, message));
+        }
+    }
+    issues
+}
+
 /// The files `[aws.iot]` names: each readable and of the right kind, and together the TLS
 /// configuration the IoT credentials provider builds (by calling the same
 /// [`iot::tls_config`]).
@@ -159,8 +179,6 @@ pub fn iot_files(config: &AwsConfig) -> Vec<Issue> {
     let Some(iot_config) = &config.iot else {
         return Vec::new();
     };
-    /// Reads a file and says what is wrong with it.
-    type Parse = fn(&Path) -> Result<(), String>;
     let named: [(&'static str, Option<&PathBuf>, Parse); 3] = [
         (
             "aws.iot.ca_file",
@@ -178,16 +196,7 @@ pub fn iot_files(config: &AwsConfig) -> Vec<Issue> {
             pem_private_key,
         ),
     ];
-    let mut issues = Vec::new();
-    for (key, path, parse) in named {
-        let Some(path) = path else { continue };
-        let result = readable_file(path)
-            .map_err(|why| format!("cannot read {}: {why}", path.display()))
-            .and_then(|()| parse(path));
-        if let Err(message) = result {
-            issues.push(Issue::new(key, message));
-        }
-    }
+    let mut issues = named_files(named);
     if issues.is_empty()
         && let Err(iot::IotError::File { key, message }) = iot::tls_config(iot_config)
     {
@@ -200,7 +209,6 @@ pub fn iot_files(config: &AwsConfig) -> Vec<Issue> {
 /// TLS pair building the server configuration `run` builds (by calling the same
 /// [`http_ingest::tls_config`]).
 pub fn http_files(config: &HttpConfig) -> Vec<Issue> {
-    type Parse = fn(&Path) -> Result<(), String>;
     let token = |path: &Path| {
         http_ingest::read_token(path)
             .map(|_| ())
@@ -215,16 +223,7 @@ pub fn http_files(config: &HttpConfig) -> Vec<Issue> {
         ),
         ("http.key_file", config.key_file.as_ref(), pem_private_key),
     ];
-    let mut issues = Vec::new();
-    for (key, path, parse) in named {
-        let Some(path) = path else { continue };
-        let result = readable_file(path)
-            .map_err(|why| format!("cannot read {}: {why}", path.display()))
-            .and_then(|()| parse(path));
-        if let Err(message) = result {
-            issues.push(Issue::new(key, message));
-        }
-    }
+    let mut issues = named_files(named);
     if issues.is_empty()
         && let Err(HttpError::File { key, message }) = http_ingest::tls_config(config)
     {
