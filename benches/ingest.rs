@@ -320,6 +320,13 @@ fn delivered(lambda: &FakeLambdaServer) -> usize {
 
 /// A backlog delivered end to end (batches of 100, default concurrency) to the in-process fake
 /// Lambda, alternating with mosquitto_sub on the same backlog.
+/// Milliseconds from `start` to `at` for a timeline line; `-` when it never happened.
+fn ms_after(start: Instant, at: Option<Instant>) -> String {
+    at.map_or("-".to_owned(), |at| {
+        format!("{:.0}", (at - start).as_secs_f64() * 1000.0)
+    })
+}
+
 async fn delivery(n: usize, pairs: usize) {
     let broker = Mosquitto::start().await;
     let proxy = AckProxy::start(broker.port);
@@ -383,11 +390,7 @@ async fn delivery(n: usize, pairs: usize) {
                     let cpu = bridge.cpu_ms();
                     bridge.kill().await;
                     invocations = lambda.fake.with_invocations(|all| all.len());
-                    let ms = |at: Option<Instant>| {
-                        at.map_or("-".to_owned(), |at| {
-                            format!("{:.0}", (at - spawned).as_secs_f64() * 1000.0)
-                        })
-                    };
+                    let ms = |at: Option<Instant>| ms_after(spawned, at);
                     let (first_invoke, half_delivered) = lambda.fake.with_invocations(|all| {
                         let mut sum = 0;
                         let half = all.iter().find_map(|i| {
@@ -419,11 +422,7 @@ async fn delivery(n: usize, pairs: usize) {
                         .expect("run mosquitto_sub");
                     let done = nth_puback(&proxy, n, || "mosquitto_sub".into()).await;
                     let _ = tokio::time::timeout(STEP_PATIENCE, child.wait()).await;
-                    let ms = |at: Option<Instant>| {
-                        at.map_or("-".to_owned(), |at| {
-                            format!("{:.0}", (at - spawned).as_secs_f64() * 1000.0)
-                        })
-                    };
+                    let ms = |at: Option<Instant>| ms_after(spawned, at);
                     eprintln!(
                         "delivery pair {}: mosquitto_sub timeline (ms from spawn): connected {}, first PUBACK {}, half PUBACKs {}, last PUBACK {}",
                         pair + 1,
