@@ -145,6 +145,20 @@ impl Drop for Device {
     }
 }
 
+/// The bridge running `rules` against `broker` and the Lambda at `endpoint`, subscribed, and a
+/// device listening on `filter`.
+async fn bridge_and_device(
+    broker: &Mosquitto,
+    endpoint: &str,
+    protocol: Protocol,
+    rules: &str,
+    filter: &str,
+) -> (Daemon, Device) {
+    let daemon = Daemon::start(&config_for(protocol, &broker.url(), endpoint, rules)).await;
+    daemon.wait_for_log("subscribed").await;
+    (daemon, Device::connect(broker.port, filter).await)
+}
+
 /// A replying rule: requests on `dev/<id>/req`, replies to `replies/{topic}` when the request
 /// names no Response Topic.
 const RULES: &str = r#"
@@ -191,10 +205,8 @@ async fn mqtt5_replies_go_to_the_response_topic_with_correlation_data_else_to_th
     let lambda = FakeLambdaServer::start().await;
     let metrics_port = free_port();
     let rules = format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{RULES}");
-    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), &rules);
-    let daemon = Daemon::start(&config).await;
-    daemon.wait_for_log("subscribed").await;
-    let device = Device::connect(broker.port, "#").await;
+    let (daemon, device) =
+        bridge_and_device(&broker, &lambda.endpoint(), Protocol::V5, &rules, "#").await;
 
     device
         .request("dev/1/req", r#"{"n":1}"#, Some(("dev/1/answers", "c-1")))
@@ -262,10 +274,14 @@ async fn mqtt311_replies_go_to_the_configured_topic() {
     let broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
     let rules = RULES.replace("replies/{topic}", "{topic}/reply");
-    let config = config_for(Protocol::V311, &broker.url(), &lambda.endpoint(), &rules);
-    let daemon = Daemon::start(&config).await;
-    daemon.wait_for_log("subscribed").await;
-    let device = Device::connect(broker.port, "dev/+/req/reply").await;
+    let (daemon, device) = bridge_and_device(
+        &broker,
+        &lambda.endpoint(),
+        Protocol::V311,
+        &rules,
+        "dev/+/req/reply",
+    )
+    .await;
 
     for n in 0..5 {
         device
@@ -298,10 +314,14 @@ async fn function_errors_and_replies_that_would_loop_go_to_the_dead_letters() {
             Reply::FunctionError,
         ],
     );
-    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), RULES);
-    let daemon = Daemon::start(&config).await;
-    daemon.wait_for_log("subscribed").await;
-    let device = Device::connect(broker.port, "replies/#").await;
+    let (daemon, device) = bridge_and_device(
+        &broker,
+        &lambda.endpoint(),
+        Protocol::V5,
+        RULES,
+        "replies/#",
+    )
+    .await;
 
     device.request("dev/1/req", r#"{"n":1}"#, None).await;
     // A Response Topic the rule itself takes: the reply would come back as a request.
@@ -357,10 +377,14 @@ async fn a_reply_waits_for_the_broker_to_come_back() {
     lambda
         .fake
         .script("handler", [Reply::Slow(Duration::from_millis(1500))]);
-    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), RULES);
-    let daemon = Daemon::start(&config).await;
-    daemon.wait_for_log("subscribed").await;
-    let device = Device::connect(broker.port, "replies/#").await;
+    let (daemon, device) = bridge_and_device(
+        &broker,
+        &lambda.endpoint(),
+        Protocol::V5,
+        RULES,
+        "replies/#",
+    )
+    .await;
 
     device.request("dev/1/req", r#"{"n":1}"#, None).await;
     lambda.fake.wait_arrived(1).await;
@@ -394,10 +418,14 @@ async fn a_reply_in_flight_when_the_broker_loses_the_session_is_published_again(
     // Retained, so the device finds the reply whenever it subscribes again to the new broker
     // (which forgot its session too).
     let rules = format!("{RULES}retain = true\n");
-    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), &rules);
-    let daemon = Daemon::start(&config).await;
-    daemon.wait_for_log("subscribed").await;
-    let device = Device::connect(broker.port, "replies/#").await;
+    let (daemon, device) = bridge_and_device(
+        &broker,
+        &lambda.endpoint(),
+        Protocol::V5,
+        &rules,
+        "replies/#",
+    )
+    .await;
     device.request("dev/0/req", r#"{"n":0}"#, None).await;
     device.wait_for(1).await;
 
@@ -457,10 +485,14 @@ async fn a_message_stays_buffered_until_its_reply_is_at_the_broker_even_across_k
     lambda
         .fake
         .script("handler", [Reply::Slow(Duration::from_millis(1000))]);
-    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), RULES);
-    let daemon = Daemon::start(&config).await;
-    daemon.wait_for_log("subscribed").await;
-    let device = Device::connect(broker.port, "replies/#").await;
+    let (daemon, device) = bridge_and_device(
+        &broker,
+        &lambda.endpoint(),
+        Protocol::V5,
+        RULES,
+        "replies/#",
+    )
+    .await;
 
     device.request("dev/1/req", r#"{"n":1}"#, None).await;
     lambda.fake.wait_arrived(1).await;
@@ -492,10 +524,14 @@ async fn a_real_handler_s_return_value_is_the_reply() {
     let rules = RULES
         .replace("\"handler\"", "\"record-commands\"")
         .replace("replies/{topic}", "{topic}/reply");
-    let config = config_for(Protocol::V311, &broker.url(), &ministack.endpoint(), &rules);
-    let daemon = Daemon::start(&config).await;
-    daemon.wait_for_log("subscribed").await;
-    let device = Device::connect(broker.port, "dev/+/req/reply").await;
+    let (daemon, device) = bridge_and_device(
+        &broker,
+        &ministack.endpoint(),
+        Protocol::V311,
+        &rules,
+        "dev/+/req/reply",
+    )
+    .await;
 
     device.request("dev/1/req", r#"{"open":true}"#, None).await;
     let replies = device.wait_for(1).await;
@@ -516,10 +552,14 @@ async fn many_requests_at_once_each_get_their_own_reply() {
         "invocation = \"request_response\"",
         "invocation = \"request_response\"\nmax_concurrency = 32",
     );
-    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), &rules);
-    let daemon = Daemon::start(&config).await;
-    daemon.wait_for_log("subscribed").await;
-    let device = Device::connect(broker.port, "answers/#").await;
+    let (daemon, device) = bridge_and_device(
+        &broker,
+        &lambda.endpoint(),
+        Protocol::V5,
+        &rules,
+        "answers/#",
+    )
+    .await;
 
     const N: usize = 60;
     for n in 0..N {
@@ -558,10 +598,14 @@ async fn a_reply_larger_than_the_broker_accepts_is_dead_lettered_without_a_recon
     // mosquitto announces its Maximum Packet Size to MQTT 5 clients in CONNACK.
     let broker = Mosquitto::start_with("max_packet_size 2000").await;
     let lambda = FakeLambdaServer::start().await;
-    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), RULES);
-    let daemon = Daemon::start(&config).await;
-    daemon.wait_for_log("subscribed").await;
-    let device = Device::connect(broker.port, "replies/#").await;
+    let (daemon, device) = bridge_and_device(
+        &broker,
+        &lambda.endpoint(),
+        Protocol::V5,
+        RULES,
+        "replies/#",
+    )
+    .await;
 
     // The request fits; the function's answer around it does not.
     let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(1880));
@@ -588,10 +632,14 @@ async fn a_shutdown_while_a_reply_waits_for_the_broker_keeps_the_message_for_the
     lambda
         .fake
         .script("handler", [Reply::Slow(Duration::from_millis(700))]);
-    let config = config_for(Protocol::V5, &broker.url(), &lambda.endpoint(), RULES);
-    let mut daemon = Daemon::start(&config).await;
-    daemon.wait_for_log("subscribed").await;
-    let device = Device::connect(broker.port, "replies/#").await;
+    let (mut daemon, device) = bridge_and_device(
+        &broker,
+        &lambda.endpoint(),
+        Protocol::V5,
+        RULES,
+        "replies/#",
+    )
+    .await;
 
     device.request("dev/1/req", r#"{"n":1}"#, None).await;
     lambda.fake.wait_arrived(1).await;
