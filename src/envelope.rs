@@ -194,11 +194,17 @@ impl Message {
     /// The same message without a request's Response Topic and Correlation Data: they are
     /// kept only for rules that reply, so other rules' events and buffers stay as they were.
     pub fn without_reply_fields(mut self) -> Self {
-        if let Some(p) = self.properties.take() {
-            let Properties {
-                user, content_type, ..
-            } = *p;
-            self.properties = Properties::kept(user, content_type);
+        let Some(p) = self.properties.as_deref_mut() else {
+            return self;
+        };
+        if p.response_topic.is_none() && p.correlation_data.is_none() {
+            // The common case under ingest: nothing to drop, nothing to rebuild.
+            return self;
+        }
+        p.response_topic = None;
+        p.correlation_data = None;
+        if p.user.is_empty() && p.content_type.is_none() {
+            self.properties = None;
         }
         self
     }
