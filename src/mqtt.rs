@@ -35,6 +35,7 @@
 //! session persists through the session expiry interval instead of the clean-session flag,
 //! and the broker's reason codes are logged when it refuses a connection or a subscription.
 
+mod acks;
 pub mod protocol;
 
 use std::collections::{HashMap, VecDeque};
@@ -44,7 +45,6 @@ use std::time::{Duration, SystemTime};
 
 use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use crate::clock::human;
 use crate::config::{MqttConfig, MqttProtocol, parse_mqtt_url};
@@ -54,8 +54,9 @@ use crate::routing::{Received, RouteTable, Routes};
 use crate::shutdown::Shutdown;
 
 use crate::reply::Replier;
+use acks::{AckLine, AckQueue, Exchanges};
 pub use protocol::Options;
-use protocol::{Ack, Client, Event, EventLoop, Granted, Inbound, PendingPublishes};
+use protocol::{Client, Event, EventLoop, Granted, Inbound, PendingPublishes};
 
 /// The MQTT protocol's largest packet. Set as our incoming limit so no message can make
 /// rumqttc drop the connection (the broker would redeliver it and we would loop); messages too
@@ -370,6 +371,10 @@ pub async fn run<Q: Queue>(
     } = link;
     let (tx, mut rx) = mpsc::unbounded_channel::<Inbound>();
     let hold = Arc::new(Hold::default());
+    let line = eventloop
+        .writes_acks()
+        .then(|| Arc::new(Mutex::new(AckLine::default())));
+    let exchanges = Arc::new(Exchanges::default());
     let requested = Arc::new(Mutex::new(Requested::default()));
     let SubscriptionRequests {
         tx: subscriber_tx,
@@ -389,6 +394,8 @@ pub async fn run<Q: Queue>(
             tx,
             hold: hold.clone(),
             replier,
+            line: line.clone(),
+            exchanges: exchanges.clone(),
         },
         health.clone(),
         broker,
@@ -396,7 +403,7 @@ pub async fn run<Q: Queue>(
 
     let beat = health.watch_loop("the MQTT ingest loop");
     let mut publishes = Vec::with_capacity(INGEST_BATCH);
-    let mut acks = AckQueue::new(hold.clone());
+    let mut acks = AckQueue::new(hold.clone(), line, exchanges.clone());
     loop {
         beat.turn();
         tokio::select! {
@@ -458,6 +465,12 @@ pub async fn run<Q: Queue>(
     subscriber_task.abort();
     if !finished {
         if health.mqtt_connected() {
+            if !exchanges.settled(DISCONNECT_GRACE).await {
+                tracing::warn!(
+                    "the broker had not released every QoS 2 message after {} s; disconnecting anyway (see \"QoS 2\" in the README if the connection keeps dropping after the next start)",
+                    DISCONNECT_GRACE.as_secs()
+                );
+            }
             client.try_disconnect();
             if tokio::time::timeout(DISCONNECT_GRACE, &mut poll_task)
                 .await
@@ -471,59 +484,6 @@ pub async fn run<Q: Queue>(
         }
     }
     tracing::info!("MQTT connection closed");
-}
-
-/// Acknowledgements waiting for room in rumqttc's request channel, in the order received.
-///
-/// rumqttc's event loop takes one request per turn but reads up to ten packets per turn, so a
-/// broker that floods us (mosquitto restoring a large persisted backlog ignores its in-flight
-/// limit) can fill the request channel with acks. If ingest then *awaited* room there, it would
-/// stop draining the publish channel, the poll task would stop polling, and nothing would ever
-/// drain the acks: a deadlock. So acks are handed over without waiting, and the rest wait here
-/// (a packet id and a QoS each) while ingest goes on.
-struct AckQueue {
-    waiting: VecDeque<Ack>,
-    /// Told how many wait after each flush, so the poll task never pauses while they do.
-    hold: Arc<Hold>,
-}
-
-impl AckQueue {
-    fn new(hold: Arc<Hold>) -> Self {
-        AckQueue {
-            waiting: VecDeque::new(),
-            hold,
-        }
-    }
-
-    fn extend(&mut self, publishes: &[Inbound]) {
-        self.waiting
-            .extend(publishes.iter().map(|p| p.ack).filter(|ack| ack.qos > 0));
-    }
-
-    fn is_empty(&self) -> bool {
-        self.waiting.is_empty()
-    }
-
-    fn len(&self) -> usize {
-        self.waiting.len()
-    }
-
-    /// Hands over as many acks as fit; `Err` when the event loop (the poll task) is gone.
-    fn flush(&mut self, client: &Client, poll_task: &JoinHandle<()>) -> Result<(), ()> {
-        let mut result = Ok(());
-        while let Some(ack) = self.waiting.front() {
-            if !client.try_ack(*ack) {
-                // Full, or closed because the poll task ended.
-                if poll_task.is_finished() {
-                    result = Err(());
-                }
-                break;
-            }
-            self.waiting.pop_front();
-        }
-        self.hold.set_acks_waiting(self.waiting.len());
-        result
-    }
 }
 
 /// What the poll task holds for the ingest loop, so it can stop polling past a bound.
@@ -668,6 +628,9 @@ struct Channels {
     tx: mpsc::UnboundedSender<Inbound>,
     hold: Arc<Hold>,
     replier: Replier,
+    /// Under MQTT 3.1.1: acknowledgements to write behind the first of their group.
+    line: Option<Arc<Mutex<AckLine>>>,
+    exchanges: Arc<Exchanges>,
 }
 
 /// Fails every reply still waiting when the poll task ends, however it ends.
@@ -687,6 +650,8 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
         tx,
         hold,
         replier,
+        line,
+        exchanges,
     } = channels;
     let _stop_replies = StopReplies(replier.clone());
     // What rumqttc held when the connection broke, to hand back if the session is new.
@@ -814,9 +779,24 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
                 health.set_mqtt_connected(false);
                 return;
             }
+            Ok(Event::AckSent(pkid)) => {
+                let rest = line
+                    .as_deref()
+                    .and_then(|line| acks::lock(line).on_sent(pkid));
+                if let Some(rest) = rest.filter(|rest| !rest.is_empty())
+                    && let Err(text) = eventloop.write_acks(&rest).await
+                {
+                    tracing::debug!(error = %text, acks = rest.len(), "writing acknowledgements failed; the broker sends those messages again");
+                }
+            }
+            Ok(Event::ExchangeCompleted) => exchanges.completed(),
             Ok(Event::Other) => {}
             Err(text) => {
                 health.set_mqtt_connected(false);
+                if let Some(line) = &line {
+                    acks::lock(line).on_connection_lost();
+                }
+                exchanges.forget();
                 let pending = eventloop.pending_publishes();
                 let unreported = eventloop.unreported_publishes_sent();
                 if replier.with_book(|book| book.on_connection_lost(pending.pkids(), unreported))

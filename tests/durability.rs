@@ -192,6 +192,76 @@ async fn backlog_flood(protocol: Protocol) {
 }
 
 #[tokio::test]
+async fn every_stored_message_is_acknowledged_so_a_restart_brings_none_again() {
+    all_acknowledged(Protocol::V311).await;
+}
+
+#[tokio::test]
+async fn over_mqtt5_every_stored_message_is_acknowledged_so_a_restart_brings_none_again() {
+    all_acknowledged(Protocol::V5).await;
+}
+
+/// A backlog arrives in full in-flight windows, so acknowledgements go out in groups (under
+/// MQTT 3.1.1 the rest of a group is written behind its first); QoS 1 and 2 mixed, so both
+/// PUBACK and PUBREC go out. An acknowledgement that never reached the broker would bring its
+/// message again, with a new id, after the restart.
+async fn all_acknowledged(protocol: Protocol) {
+    const N: u64 = 3_000;
+    let rules = RULES.replace("function = \"sink\"", "function = \"sink\"\nqos = 2");
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let config = config_for(protocol, &broker.url(), &lambda.endpoint(), &rules);
+    let mut daemon = Daemon::start(&config).await;
+    daemon.wait_for_log("subscribed").await;
+    daemon.stop().await;
+    let publisher = Publisher::connect(broker.port).await;
+    for i in 0..N {
+        publisher
+            .publish("stream/acks", 1 + (i % 2) as u8, i.to_string())
+            .await;
+    }
+    publisher.wait_acked(N as usize).await;
+    let daemon = daemon.restart().await;
+    wait_all_delivered(&lambda.fake, N).await;
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+
+    // Whatever the broker still held for the session comes right after the CONNACK, before a
+    // message published once the bridge is connected again.
+    let daemon = Daemon::start(&config).await;
+    daemon.wait_for_log("connected to the MQTT broker").await;
+    publisher.publish("stream/acks", 1, N.to_string()).await;
+    lambda
+        .fake
+        .wait_until("the message after the restart", |all| {
+            payloads_of(all).contains(&N)
+        })
+        .await;
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    let copies = lambda.fake.with_invocations(|all| {
+        let mut copies = std::collections::BTreeMap::<u64, usize>::new();
+        for m in all
+            .iter()
+            .flat_map(|c| c.body["messages"].as_array().into_iter().flatten())
+        {
+            if let Some(n) = m["payload"].as_u64() {
+                *copies.entry(n).or_default() += 1;
+            }
+        }
+        copies
+    });
+    let again: Vec<_> = copies.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(
+        again.is_empty(),
+        "{} messages came again after the restart (payload, copies), e.g. {:?}",
+        again.len(),
+        &again[..again.len().min(10)]
+    );
+    assert_eq!(copies.len() as u64, N + 1);
+}
+
+#[tokio::test]
 async fn a_broker_restart_mid_stream_loses_nothing() {
     broker_restart_mid_stream(Protocol::V311).await;
 }

@@ -20,6 +20,10 @@ use crate::envelope::Properties;
 /// The shortest keep-alive rumqttc's MQTT 5 client accepts (it panics below it).
 pub const MIN_KEEP_ALIVE_V5: Duration = Duration::from_secs(5);
 
+/// How long writing acknowledgements may wait for the broker to take them (rumqttc's own
+/// flushes wait as long, its default connection timeout).
+const ACK_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Connection options for one of the two versions.
 // One per process, built once: the size difference between the variants costs nothing.
 #[allow(clippy::large_enum_variant)]
@@ -156,11 +160,48 @@ pub enum Event {
     },
     /// Our DISCONNECT went out: the event loop is done.
     DisconnectSent,
-    /// Anything else (pings, acks going out).
+    /// A PUBACK or PUBREC went out through the request channel, with this packet id.
+    AckSent(u16),
+    /// A PUBCOMP went out: the broker released a QoS 2 message.
+    ExchangeCompleted,
+    /// Anything else (pings, PUBCOMPs).
     Other,
 }
 
 impl EventLoop {
+    /// Whether [`EventLoop::write_acks`] can write to the connection: under MQTT 3.1.1. rumqttc
+    /// keeps its MQTT 5 connection to itself.
+    pub fn writes_acks(&self) -> bool {
+        matches!(self, EventLoop::V311(_))
+    }
+
+    /// Writes `acks` to the connection in one go (PUBACK, or PUBREC for QoS 2), between polls;
+    /// under MQTT 5, or when not connected, writes nothing. An error is left for the next poll
+    /// to find on the connection; it is returned only to be logged.
+    pub async fn write_acks(&mut self, acks: &[Ack]) -> Result<(), String> {
+        let EventLoop::V311(e) = self else {
+            return Ok(());
+        };
+        let Some(network) = e.network.as_mut() else {
+            return Ok(());
+        };
+        for ack in acks {
+            let packet = if ack.qos == 2 {
+                rumqttc::Packet::PubRec(rumqttc::PubRec::new(ack.pkid))
+            } else {
+                rumqttc::Packet::PubAck(rumqttc::PubAck::new(ack.pkid))
+            };
+            network.write(packet).await.map_err(|e| e.to_string())?;
+        }
+        match tokio::time::timeout(ACK_FLUSH_TIMEOUT, network.flush()).await {
+            Ok(flushed) => flushed.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the broker took no data for {} s",
+                ACK_FLUSH_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
     /// Polls once; an error is the connection's end, described for a person.
     pub async fn poll(&mut self) -> Result<Event, String> {
         match self {
@@ -391,6 +432,8 @@ fn outgoing(event: Outgoing) -> Event {
         Outgoing::Unsubscribe(pkid) => Event::UnsubscribeSent(pkid),
         Outgoing::Publish(pkid) => Event::PublishSent(pkid),
         Outgoing::Disconnect => Event::DisconnectSent,
+        Outgoing::PubAck(pkid) | Outgoing::PubRec(pkid) => Event::AckSent(pkid),
+        Outgoing::PubComp(_) => Event::ExchangeCompleted,
         _ => Event::Other,
     }
 }
