@@ -131,3 +131,109 @@ async fn an_unreachable_broker_is_retried_with_backoff_and_shutdown_still_works(
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
 }
+
+#[tokio::test]
+async fn a_qos2_release_repeated_from_an_earlier_connection_is_answered_and_ingest_goes_on() {
+    release_from_an_earlier_connection(Protocol::V311).await;
+}
+
+#[tokio::test]
+async fn over_mqtt5_a_qos2_release_repeated_from_an_earlier_connection_is_answered() {
+    release_from_an_earlier_connection(Protocol::V5).await;
+}
+
+/// The bridge's session is left with a QoS 2 message acknowledged (PUBREC) and not yet
+/// completed, as a bridge killed or disconnected between its PUBREC and the broker's PUBREL
+/// leaves it. The broker repeats the PUBREL when the session's client connects; the MQTT client
+/// library refused it as unsolicited and dropped the connection every time, so nothing ever
+/// arrived again.
+async fn release_from_an_earlier_connection(protocol: Protocol) {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let rules = RULES.replace("max_concurrency = 1", "max_concurrency = 1\nqos = 2");
+    let text = config_for(protocol, &broker.url(), &lambda.endpoint(), &rules);
+    let client_id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("client_id = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("client_id in the test config")
+        .to_owned();
+    leave_a_release_pending(broker.port, &client_id, protocol).await;
+
+    let daemon = Daemon::start(&text).await;
+    daemon.wait_for_log("subscribed").await;
+    let publisher = Publisher::connect(broker.port).await;
+    publisher.publish("s/after/t", 2, "2").await;
+    lambda.fake.wait_for_messages("f", 1).await;
+    assert_eq!(payloads(&lambda), vec![json!(2)]);
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("the broker repeated"), "{log}");
+}
+
+/// Under `client_id`'s persistent session: subscribes to `s/+/t` at QoS 2, takes one message,
+/// sends PUBREC and goes away without answering the broker's PUBREL.
+async fn leave_a_release_pending(port: u16, client_id: &str, protocol: Protocol) {
+    use rumqttc::{Event, Incoming, Outgoing};
+    let publisher = Publisher::connect(port).await;
+    let patience = std::time::Duration::from_secs(10);
+    match protocol {
+        Protocol::V311 => {
+            let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+            options.set_clean_session(false).set_manual_acks(true);
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+            client
+                .subscribe("s/+/t", rumqttc::QoS::ExactlyOnce)
+                .await
+                .expect("subscribe");
+            let step = async {
+                loop {
+                    match eventloop.poll().await.expect("poll") {
+                        Event::Incoming(Incoming::SubAck(_)) => {
+                            publisher.publish("s/before/t", 2, "1").await;
+                        }
+                        Event::Incoming(Incoming::Publish(p)) => {
+                            client.ack(&p).await.expect("ack");
+                        }
+                        Event::Outgoing(Outgoing::PubRec(_)) => return,
+                        _ => {}
+                    }
+                }
+            };
+            tokio::time::timeout(patience, step)
+                .await
+                .expect("PUBREC sent");
+        }
+        Protocol::V5 => {
+            use rumqttc::v5::{Event as E5, mqttbytes::QoS as Q5, mqttbytes::v5::Packet as P5};
+            let mut options = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
+            options
+                .set_clean_start(false)
+                .set_session_expiry_interval(Some(3600))
+                .set_manual_acks(true);
+            let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 10);
+            client
+                .subscribe("s/+/t", Q5::ExactlyOnce)
+                .await
+                .expect("subscribe");
+            let step = async {
+                loop {
+                    match eventloop.poll().await.expect("poll") {
+                        E5::Incoming(P5::SubAck(_)) => {
+                            publisher.publish("s/before/t", 2, "1").await;
+                        }
+                        E5::Incoming(P5::Publish(p)) => {
+                            client.ack(&p).await.expect("ack");
+                        }
+                        E5::Outgoing(Outgoing::PubRec(_)) => return,
+                        _ => {}
+                    }
+                }
+            };
+            tokio::time::timeout(patience, step)
+                .await
+                .expect("PUBREC sent");
+        }
+    }
+    // The event loop is dropped here with the socket: the broker's PUBREL goes unanswered.
+}

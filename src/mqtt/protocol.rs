@@ -162,8 +162,8 @@ pub enum Event {
     DisconnectSent,
     /// A PUBACK or PUBREC went out through the request channel, with this packet id.
     AckSent(u16),
-    /// A PUBCOMP went out: the broker released a QoS 2 message.
-    ExchangeCompleted,
+    /// A PUBCOMP went out: the broker released the QoS 2 message with this packet id.
+    ExchangeCompleted(u16),
     /// Anything else (pings, PUBCOMPs).
     Other,
 }
@@ -202,11 +202,71 @@ impl EventLoop {
         }
     }
 
-    /// Polls once; an error is the connection's end, described for a person.
-    pub async fn poll(&mut self) -> Result<Event, String> {
+    /// Polls once; an error is the connection's end.
+    pub async fn poll(&mut self) -> Result<Event, Broken> {
         match self {
-            EventLoop::V311(e) => e.poll().await.map(from_v311).map_err(|e| describe_v311(&e)),
-            EventLoop::V5(e) => e.poll().await.map(from_v5).map_err(|e| describe_v5(&e)),
+            EventLoop::V311(e) => e.poll().await.map(from_v311).map_err(|e| Broken {
+                text: describe_v311(&e),
+                unsolicited: match e {
+                    rumqttc::ConnectionError::MqttState(rumqttc::StateError::Unsolicited(pkid)) => {
+                        Some(pkid)
+                    }
+                    _ => None,
+                },
+            }),
+            EventLoop::V5(e) => e.poll().await.map(from_v5).map_err(|e| Broken {
+                text: describe_v5(&e),
+                unsolicited: match e {
+                    rumqttc::v5::ConnectionError::MqttState(
+                        rumqttc::v5::StateError::Unsolicited(pkid),
+                    ) => Some(pkid),
+                    _ => None,
+                },
+            }),
+        }
+    }
+
+    /// Makes rumqttc accept the broker's PUBREL for each of `pkids` (and answer it with
+    /// PUBCOMP), as for a QoS 2 message received on this connection. Call right after the
+    /// CONNACK, before polling again.
+    ///
+    /// A QoS 2 exchange the bridge acknowledged (PUBREC) on an earlier connection, or before a
+    /// restart, is completed by the broker repeating its PUBREL on the next one. rumqttc 0.25
+    /// keeps no record across connections and refuses that PUBREL as unsolicited, dropping the
+    /// connection every time. Its state takes the packet id through the one door it has: an
+    /// incoming QoS 2 publish, whose event is then taken back so nobody sees it.
+    pub fn expect_releases(&mut self, pkids: impl IntoIterator<Item = u16>) {
+        for pkid in pkids {
+            match self {
+                EventLoop::V311(e) => {
+                    let mut publish = rumqttc::Publish::new("", QoS::ExactlyOnce, Vec::new());
+                    publish.pkid = pkid;
+                    if e.state
+                        .handle_incoming_packet(rumqttc::Incoming::Publish(publish))
+                        .is_ok()
+                        && matches!(
+                            e.state.events.back(),
+                            Some(rumqttc::Event::Incoming(rumqttc::Incoming::Publish(p))) if p.pkid == pkid
+                        )
+                    {
+                        e.state.events.pop_back();
+                    }
+                }
+                EventLoop::V5(e) => {
+                    let mut publish = p5::Publish::new("", QoS5::ExactlyOnce, Bytes::new(), None);
+                    publish.pkid = pkid;
+                    if e.state
+                        .handle_incoming_packet(rumqttc::v5::Incoming::Publish(publish))
+                        .is_ok()
+                        && matches!(
+                            e.state.events.back(),
+                            Some(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::Publish(p))) if p.pkid == pkid
+                        )
+                    {
+                        e.state.events.pop_back();
+                    }
+                }
+            }
         }
     }
 
@@ -283,6 +343,15 @@ impl EventLoop {
             _ => {}
         }
     }
+}
+
+/// Why a poll failed: the connection's end.
+#[derive(Debug, Clone)]
+pub struct Broken {
+    /// For a person.
+    pub text: String,
+    /// rumqttc refused an acknowledgement or release for this packet id as unsolicited.
+    pub unsolicited: Option<u16>,
 }
 
 /// Publishes rumqttc held when a connection broke (see [`EventLoop::pending_publishes`]).
@@ -433,7 +502,7 @@ fn outgoing(event: Outgoing) -> Event {
         Outgoing::Publish(pkid) => Event::PublishSent(pkid),
         Outgoing::Disconnect => Event::DisconnectSent,
         Outgoing::PubAck(pkid) | Outgoing::PubRec(pkid) => Event::AckSent(pkid),
-        Outgoing::PubComp(_) => Event::ExchangeCompleted,
+        Outgoing::PubComp(pkid) => Event::ExchangeCompleted(pkid),
         _ => Event::Other,
     }
 }
