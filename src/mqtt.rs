@@ -470,7 +470,7 @@ pub async fn run<Q: Queue>(
         if health.mqtt_connected() {
             if !exchanges.settled(DISCONNECT_GRACE).await {
                 tracing::warn!(
-                    "the broker had not released every QoS 2 message after {} s; disconnecting anyway (see \"QoS 2\" in the README if the connection keeps dropping after the next start)",
+                    "the broker had not released every QoS 2 message after {} s; disconnecting anyway (the broker repeats the release at the next start; answering it costs one reconnect)",
                     DISCONNECT_GRACE.as_secs()
                 );
             }
