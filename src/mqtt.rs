@@ -38,7 +38,7 @@
 mod acks;
 pub mod protocol;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -85,6 +85,9 @@ const INGEST_BATCH: usize = 1024;
 const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(250);
 /// Longest reconnect delay.
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
+/// At shutdown, how long DISCONNECT waits for the broker to release the QoS 2 messages the
+/// bridge acknowledged (a round trip, normally); well within [`CLOSE_MIN_GRACE`].
+const RELEASE_WAIT: Duration = Duration::from_millis(500);
 /// Time given to the final acks and DISCONNECT at shutdown.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
 /// Time the MQTT side takes at most to disconnect once told to close.
@@ -312,8 +315,8 @@ impl Subscriptions {
 /// when the broker answers.
 #[derive(Debug, Clone)]
 enum Request {
-    /// Each filter, the names of the rules that use it, and its QoS.
-    Subscribe(Vec<(String, Vec<String>, u8)>),
+    /// Each filter and the names of the rules that use it.
+    Subscribe(Vec<(String, Vec<String>)>),
     Unsubscribe(String),
 }
 
@@ -324,9 +327,6 @@ struct Requested {
     queued: VecDeque<Request>,
     /// Gone out, waiting for the broker's answer.
     sent: HashMap<u16, Request>,
-    /// Gone out on a connection that broke before the broker answered: lost with it (rumqttc
-    /// keeps only what it had not sent), to send again, in packet id order.
-    lost: Vec<(u16, Request)>,
 }
 
 /// The MQTT client before it runs: made first, so replies can be handed to it (they wait in
@@ -468,10 +468,10 @@ pub async fn run<Q: Queue>(
     subscriber_task.abort();
     if !finished {
         if health.mqtt_connected() {
-            if !exchanges.settled(DISCONNECT_GRACE).await {
+            if !exchanges.settled(RELEASE_WAIT).await {
                 tracing::warn!(
-                    "the broker had not released every QoS 2 message after {} s; disconnecting anyway (the broker repeats the release at the next start; answering it costs one reconnect)",
-                    DISCONNECT_GRACE.as_secs()
+                    "the broker had not released every QoS 2 message after {} ms; disconnecting anyway (it may send them again after the next start)",
+                    RELEASE_WAIT.as_millis()
                 );
             }
             client.try_disconnect();
@@ -543,28 +543,6 @@ impl Hold {
     }
 }
 
-/// Sends a request again whose answer was lost with its connection.
-async fn send_again(client: &Client, request: Request, note: &impl Fn(Request)) {
-    match request {
-        Request::Subscribe(named) => {
-            let filters = named
-                .iter()
-                .map(|(filter, _, qos)| (filter.clone(), *qos))
-                .collect();
-            note(Request::Subscribe(named));
-            if let Err(err) = client.subscribe_many(filters).await {
-                tracing::error!(error = %err, "cannot queue the subscription request");
-            }
-        }
-        Request::Unsubscribe(filter) => {
-            note(Request::Unsubscribe(filter.clone()));
-            if let Err(err) = client.unsubscribe(filter).await {
-                tracing::error!(error = %err, "cannot queue the unsubscribe request");
-            }
-        }
-    }
-}
-
 /// Sends every SUBSCRIBE and UNSUBSCRIBE, in order, noting each in `requested` first. Awaits
 /// room in rumqttc's request channel, which the poll task drains while it polls; ingest never
 /// waits on this task.
@@ -585,15 +563,7 @@ async fn subscriber<Q: Queue>(
             // Subscribe on a new session, and once per process so rules added to the config
             // since the session began are subscribed too.
             SubscriberEvent::Connected { session_present } => {
-                let mut lost = requested
-                    .lock()
-                    .map(|mut r| std::mem::take(&mut r.lost))
-                    .unwrap_or_default();
                 if session_present && subscribed_once {
-                    lost.sort_by_key(|(pkid, _)| *pkid);
-                    for (_, request) in lost {
-                        send_again(&client, request, &note).await;
-                    }
                     continue;
                 }
                 subscribed_once = true;
@@ -616,13 +586,13 @@ async fn subscriber<Q: Queue>(
         let current = routes.current();
         let named = filters
             .iter()
-            .map(|(path, qos)| {
+            .map(|(path, _)| {
                 let rules = current
                     .iter()
                     .filter(|r| r.filter == *path)
                     .map(|r| r.plan.name.clone())
                     .collect();
-                (path.clone(), rules, *qos)
+                (path.clone(), rules)
             })
             .collect();
         note(Request::Subscribe(named));
@@ -663,6 +633,7 @@ struct Channels {
     replier: Replier,
     /// Under MQTT 3.1.1: acknowledgements to write behind the first of their group.
     line: Option<Arc<Mutex<AckLine>>>,
+    /// QoS 2 messages acknowledged and not yet released.
     exchanges: Arc<Exchanges>,
 }
 
@@ -693,8 +664,6 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
     let mut outage: Option<Outage> = None;
     let mut received: u64 = 0;
     let mut pauses: u64 = 0;
-    // Packet ids whose PUBREL rumqttc refused: the broker repeats it after every reconnect.
-    let mut releases: BTreeSet<u16> = BTreeSet::new();
     loop {
         match eventloop.poll().await {
             Ok(Event::Connected {
@@ -704,9 +673,7 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
                 health.set_mqtt_connected(true);
                 replier.set_max_packet(max_packet_size);
                 if session_present {
-                    eventloop.expect_releases(releases.iter().copied());
-                } else {
-                    releases.clear();
+                    eventloop.expect_repeated_releases();
                 }
                 let again = held.take();
                 if replier.with_book(|book| book.on_connected(session_present)) == Some(true)
@@ -761,7 +728,7 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
                     Some(Request::Subscribe(filters)) => filters,
                     _ => Vec::new(),
                 };
-                for ((filter, rules, _), granted) in filters.iter().zip(&granted) {
+                for ((filter, rules), granted) in filters.iter().zip(&granted) {
                     // One line per rule, so each rule's subscription can be found by its name.
                     for rule in rules {
                         match granted {
@@ -829,25 +796,10 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
                     tracing::debug!(error = %text, acks = rest.len(), "writing acknowledgements failed; the broker sends those messages again");
                 }
             }
-            Ok(Event::ExchangeCompleted(pkid)) => {
-                exchanges.completed();
-                releases.remove(&pkid);
-            }
+            Ok(Event::Released(pkid)) => exchanges.completed(pkid),
             Ok(Event::Other) => {}
-            Err(broken) => {
+            Err(text) => {
                 health.set_mqtt_connected(false);
-                if let Ok(mut requested) = requested.lock() {
-                    let sent: Vec<_> = requested.sent.drain().collect();
-                    requested.lost.extend(sent);
-                }
-                if let Some(pkid) = broken.unsolicited
-                    && releases.insert(pkid)
-                {
-                    tracing::info!(
-                        pkid,
-                        "the broker repeated an acknowledgement or release the MQTT client had no record of (a QoS 2 message acknowledged before the last disconnect or restart); it is answered after reconnecting"
-                    );
-                }
                 if let Some(line) = &line {
                     acks::lock(line).on_connection_lost();
                 }
@@ -860,7 +812,7 @@ async fn poll(mut eventloop: EventLoop, channels: Channels, health: Arc<Health>,
                     held = Some(pending);
                 }
                 let delay = backoff.next().unwrap_or(RECONNECT_MAX_DELAY);
-                log_failure(&mut outage, &broker, broken.text, delay);
+                log_failure(&mut outage, &broker, text, delay);
                 tokio::time::sleep(delay).await;
             }
         }

@@ -225,6 +225,7 @@ async fn all_acknowledged(protocol: Protocol) {
     wait_all_delivered(&lambda.fake, N).await;
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("had not released"), "{log}");
 
     // Whatever the broker still held for the session comes right after the CONNACK, before a
     // message published once the bridge is connected again.

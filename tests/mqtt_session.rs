@@ -142,11 +142,11 @@ async fn over_mqtt5_a_qos2_release_repeated_from_an_earlier_connection_is_answer
     release_from_an_earlier_connection(Protocol::V5).await;
 }
 
-/// The bridge's session is left with a QoS 2 message acknowledged (PUBREC) and not yet
-/// completed, as a bridge killed or disconnected between its PUBREC and the broker's PUBREL
-/// leaves it. The broker repeats the PUBREL when the session's client connects; the MQTT client
-/// library refused it as unsolicited and dropped the connection every time, so nothing ever
-/// arrived again.
+/// The bridge's session is left with QoS 2 messages acknowledged (PUBREC) and not yet
+/// completed, as a bridge killed or disconnected between its PUBRECs and the broker's PUBRELs
+/// leaves it. The broker repeats the PUBRELs when the session's client connects; the MQTT
+/// client library refused them as unsolicited and dropped the connection every time, so
+/// nothing ever arrived again. Now they are answered on the first connection.
 async fn release_from_an_earlier_connection(protocol: Protocol) {
     let broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
@@ -164,15 +164,31 @@ async fn release_from_an_earlier_connection(protocol: Protocol) {
     daemon.wait_for_log("subscribed").await;
     let publisher = Publisher::connect(broker.port).await;
     publisher.publish("s/after/t", 2, "2").await;
-    lambda.fake.wait_for_messages("f", 1).await;
-    assert_eq!(payloads(&lambda), vec![json!(2)]);
+    // The PUBRECs of messages whose PUBREL was waiting may be lost with the socket (closed with
+    // data unread, it resets): the broker then sends those messages again, and they arrive too.
+    lambda
+        .fake
+        .wait_until("the message after the restart", |all| {
+            all.iter()
+                .any(|c| c.body["messages"][0]["payload"] == json!(2))
+        })
+        .await;
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
-    assert!(log.contains("the broker repeated"), "{log}");
+    assert!(!log.contains("cannot connect"), "{log}");
+    assert_eq!(
+        log.matches("connected to the MQTT broker").count(),
+        1,
+        "one connection; log:\n{log}"
+    );
 }
 
-/// Under `client_id`'s persistent session: subscribes to `s/+/t` at QoS 2, takes one message,
-/// sends PUBREC and goes away without answering the broker's PUBREL.
+/// QoS 2 messages the session is left with, acknowledged and not completed.
+const LEFT_PENDING: usize = 5;
+
+/// Under `client_id`'s persistent session: subscribes to `s/+/t` at QoS 2, takes
+/// [`LEFT_PENDING`] messages, sends their PUBRECs and goes away without answering the broker's
+/// PUBRELs.
 async fn leave_a_release_pending(port: u16, client_id: &str, protocol: Protocol) {
     use rumqttc::{Event, Incoming, Outgoing};
     let publisher = Publisher::connect(port).await;
@@ -186,16 +202,24 @@ async fn leave_a_release_pending(port: u16, client_id: &str, protocol: Protocol)
                 .subscribe("s/+/t", rumqttc::QoS::ExactlyOnce)
                 .await
                 .expect("subscribe");
+            let mut recs = 0;
             let step = async {
                 loop {
                     match eventloop.poll().await.expect("poll") {
                         Event::Incoming(Incoming::SubAck(_)) => {
-                            publisher.publish("s/before/t", 2, "1").await;
+                            for _ in 0..LEFT_PENDING {
+                                publisher.publish("s/before/t", 2, "1").await;
+                            }
                         }
                         Event::Incoming(Incoming::Publish(p)) => {
                             client.ack(&p).await.expect("ack");
                         }
-                        Event::Outgoing(Outgoing::PubRec(_)) => return,
+                        Event::Outgoing(Outgoing::PubRec(_)) => {
+                            recs += 1;
+                            if recs == LEFT_PENDING {
+                                return;
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -216,16 +240,24 @@ async fn leave_a_release_pending(port: u16, client_id: &str, protocol: Protocol)
                 .subscribe("s/+/t", Q5::ExactlyOnce)
                 .await
                 .expect("subscribe");
+            let mut recs = 0;
             let step = async {
                 loop {
                     match eventloop.poll().await.expect("poll") {
                         E5::Incoming(P5::SubAck(_)) => {
-                            publisher.publish("s/before/t", 2, "1").await;
+                            for _ in 0..LEFT_PENDING {
+                                publisher.publish("s/before/t", 2, "1").await;
+                            }
                         }
                         E5::Incoming(P5::Publish(p)) => {
                             client.ack(&p).await.expect("ack");
                         }
-                        E5::Outgoing(Outgoing::PubRec(_)) => return,
+                        E5::Outgoing(Outgoing::PubRec(_)) => {
+                            recs += 1;
+                            if recs == LEFT_PENDING {
+                                return;
+                            }
+                        }
                         _ => {}
                     }
                 }

@@ -17,15 +17,14 @@
 //! - On one connection, acknowledgements go out in the order their publishes came (MQTT 3.1.1
 //!   section 4.6): a group's first goes through the channel in order, the rest follow it at
 //!   once, and a group is registered in the [`AckLine`] before its first enters the channel.
-//! - Acknowledgements for a connection that broke are dropped, as rumqttc drops those still in
-//!   its channel: the broker sends those publishes again on the next connection (same packet
-//!   ids, DUP set), and they are acknowledged then.
+//! - Acknowledgements for a connection that broke are dropped from the line, as rumqttc drops
+//!   the PUBACKs still in its channel: the broker sends those publishes again on the next
+//!   connection (same packet ids, DUP set), and they are acknowledged then.
 //! - Neither task waits for the other: the line's lock is held only to push or pop a group, and
 //!   acknowledgements that find rumqttc's channel full wait in the [`AckQueue`] while ingest
 //!   goes on (see [`super::Hold`] for why that matters).
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -85,38 +84,41 @@ pub fn lock(line: &Mutex<AckLine>) -> MutexGuard<'_, AckLine> {
     line.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// QoS 2 exchanges acknowledged (PUBREC handed over) that the broker has not released yet
-/// (its PUBREL, which rumqttc answers with PUBCOMP).
+/// QoS 2 messages acknowledged (PUBREC handed over) that the broker has not released yet (its
+/// PUBREL, which rumqttc answers with PUBCOMP), by packet id.
 ///
-/// A DISCONNECT in between leaves the broker to send that PUBREL again on the next connection,
-/// and rumqttc 0.25 refuses a PUBREL it has no record of ("unsolicited"): the connection drops
-/// each time it comes back. So the bridge says DISCONNECT only once these are done, or after a
-/// bounded wait.
+/// The bridge says DISCONNECT only once these are done, or after a bounded wait: mosquitto
+/// sends an MQTT 5 client's unreleased QoS 2 messages again as new PUBLISHes after a
+/// reconnect, which the buffer would store a second time with new ids.
 #[derive(Debug, Default)]
 pub struct Exchanges {
-    open: AtomicUsize,
+    open: Mutex<BTreeSet<u16>>,
     changed: Notify,
 }
 
 impl Exchanges {
-    /// `n` PUBRECs were handed over.
-    fn opened(&self, n: usize) {
-        if n > 0 {
-            self.open.fetch_add(n, Ordering::Relaxed);
+    fn open(&self) -> MutexGuard<'_, BTreeSet<u16>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// PUBRECs for these packet ids were handed over.
+    fn opened(&self, pkids: impl IntoIterator<Item = u16>) {
+        self.open().extend(pkids);
+    }
+
+    /// A PUBCOMP went out for `pkid`; one for an exchange of an earlier connection changes
+    /// nothing.
+    pub fn completed(&self, pkid: u16) {
+        if self.open().remove(&pkid) {
+            self.changed.notify_waiters();
         }
     }
 
-    /// A PUBCOMP went out: one exchange is complete.
-    pub fn completed(&self) {
-        let _ = self
-            .open
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-        self.changed.notify_waiters();
-    }
-
-    /// The connection broke: those exchanges cannot complete on it.
+    /// The connection broke: its exchanges cannot complete on it (the broker resends them).
     pub fn forget(&self) {
-        self.open.store(0, Ordering::Relaxed);
+        self.open().clear();
         self.changed.notify_waiters();
     }
 
@@ -125,11 +127,11 @@ impl Exchanges {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let changed = self.changed.notified();
-            if self.open.load(Ordering::Relaxed) == 0 {
+            if self.open().is_empty() {
                 return true;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return self.open.load(Ordering::Relaxed) == 0;
+                return self.open().is_empty();
             }
         }
     }
@@ -201,11 +203,14 @@ impl AckQueue {
             return true;
         };
         let mut line = lock(line);
-        let qos2 = self.waiting.iter().filter(|ack| ack.qos == 2).count();
+        let recs: Vec<u16> = (self.waiting.iter())
+            .filter(|ack| ack.qos == 2)
+            .map(|ack| ack.pkid)
+            .collect();
         // Registered before the first can be sent, so the poll task finds it when it is.
         line.push(self.waiting.drain(..).collect());
         if client.try_ack(first) {
-            self.exchanges.opened(qos2);
+            self.exchanges.opened(recs);
             return true;
         }
         self.waiting.extend(line.take_last().unwrap_or_default());
@@ -218,7 +223,9 @@ impl AckQueue {
             if !client.try_ack(*ack) {
                 return false;
             }
-            self.exchanges.opened(usize::from(ack.qos == 2));
+            if ack.qos == 2 {
+                self.exchanges.opened([ack.pkid]);
+            }
             self.waiting.pop_front();
         }
         true
@@ -271,23 +278,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn exchanges_settle_when_each_is_completed_or_the_connection_is_lost() {
+    async fn exchanges_settle_when_each_is_released_or_the_connection_is_lost() {
         let exchanges = Arc::new(Exchanges::default());
         assert!(exchanges.settled(Duration::from_secs(1)).await);
-        exchanges.opened(2);
+        exchanges.opened([3, 4]);
         assert!(!exchanges.settled(Duration::from_millis(100)).await);
         let waiter = {
             let exchanges = exchanges.clone();
             tokio::spawn(async move { exchanges.settled(Duration::from_secs(5)).await })
         };
-        exchanges.completed();
+        exchanges.completed(3);
+        // A release of an earlier connection's exchange is not one of these.
+        exchanges.completed(9);
         tokio::task::yield_now().await;
-        assert!(!waiter.is_finished(), "one is still open");
-        exchanges.completed();
+        assert!(!waiter.is_finished(), "4 is still open");
+        exchanges.completed(4);
         assert!(waiter.await.expect("waiter"));
-        // A PUBCOMP for an exchange of an earlier connection does not go below zero.
-        exchanges.completed();
-        exchanges.opened(1);
+        exchanges.opened([5]);
         assert!(!exchanges.settled(Duration::from_millis(100)).await);
         exchanges.forget();
         assert!(exchanges.settled(Duration::ZERO).await);
