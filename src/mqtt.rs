@@ -5,7 +5,10 @@
 //! session is new, reconnects with capped exponential backoff, and forwards each publish to the
 //! *ingest loop*. The ingest loop hands each group of publishes to the routes (`routing.rs`:
 //! match, set aside what is too large, append to every matching rule's queue at once) and only
-//! when they are stored (durable) acknowledges the publishes, in the order received.
+//! when they are stored (durable) acknowledges the publishes, in the order received (under
+//! MQTT 3.1.1 a group's acknowledgements go out in one write: `acks.rs`). A resumed session is
+//! ready for the broker to repeat the release of QoS 2 messages acknowledged before
+//! ([`EventLoop::expect_repeated_releases`]).
 //!
 //! The poll task never waits on ingest: while ingest waits (a full disk, `when_full = "block"`)
 //! the event loop keeps being polled, so PINGREQs go out and the connection stays up. What it
