@@ -190,82 +190,51 @@ const LEFT_PENDING: usize = 5;
 /// [`LEFT_PENDING`] messages, sends their PUBRECs and goes away without answering the broker's
 /// PUBRELs.
 async fn leave_a_release_pending(port: u16, client_id: &str, protocol: Protocol) {
-    use rumqttc::{Event, Incoming, Outgoing};
-    let publisher = Publisher::connect(port).await;
-    let patience = std::time::Duration::from_secs(10);
-    match protocol {
+    // The bridge's own seam over rumqttc's two versions: one loop serves both.
+    use mqtt_lambda_bridge::mqtt::protocol::{Event, Options, connect};
+    let options = match protocol {
         Protocol::V311 => {
-            let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
-            options.set_clean_session(false).set_manual_acks(true);
-            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
-            client
-                .subscribe("s/+/t", rumqttc::QoS::ExactlyOnce)
-                .await
-                .expect("subscribe");
-            let mut recs = 0;
-            let step = async {
-                loop {
-                    match eventloop.poll().await.expect("poll") {
-                        Event::Incoming(Incoming::SubAck(_)) => {
-                            for _ in 0..LEFT_PENDING {
-                                publisher.publish("s/before/t", 2, "1").await;
-                            }
-                        }
-                        Event::Incoming(Incoming::Publish(p)) => {
-                            client.ack(&p).await.expect("ack");
-                        }
-                        Event::Outgoing(Outgoing::PubRec(_)) => {
-                            recs += 1;
-                            if recs == LEFT_PENDING {
-                                return;
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            };
-            tokio::time::timeout(patience, step)
-                .await
-                .expect("PUBREC sent");
+            let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+            o.set_clean_session(false).set_manual_acks(true);
+            Options::V311(o)
         }
         Protocol::V5 => {
-            use rumqttc::v5::{Event as E5, mqttbytes::QoS as Q5, mqttbytes::v5::Packet as P5};
-            let mut options = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
-            options
-                .set_clean_start(false)
+            let mut o = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
+            o.set_clean_start(false)
                 .set_session_expiry_interval(Some(3600))
                 .set_manual_acks(true);
-            let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 10);
-            client
-                .subscribe("s/+/t", Q5::ExactlyOnce)
-                .await
-                .expect("subscribe");
-            let mut recs = 0;
-            let step = async {
-                loop {
-                    match eventloop.poll().await.expect("poll") {
-                        E5::Incoming(P5::SubAck(_)) => {
-                            for _ in 0..LEFT_PENDING {
-                                publisher.publish("s/before/t", 2, "1").await;
-                            }
-                        }
-                        E5::Incoming(P5::Publish(p)) => {
-                            client.ack(&p).await.expect("ack");
-                        }
-                        E5::Outgoing(Outgoing::PubRec(_)) => {
-                            recs += 1;
-                            if recs == LEFT_PENDING {
-                                return;
-                            }
-                        }
-                        _ => {}
+            Options::V5(o)
+        }
+    };
+    let publisher = Publisher::connect(port).await;
+    let (client, mut eventloop) = connect(options, 10);
+    client
+        .subscribe_many(vec![("s/+/t".to_owned(), 2)])
+        .await
+        .expect("subscribe");
+    let mut recs = 0;
+    let step = async {
+        loop {
+            match eventloop.poll().await.expect("poll") {
+                Event::SubAck { .. } => {
+                    for _ in 0..LEFT_PENDING {
+                        publisher.publish("s/before/t", 2, "1").await;
                     }
                 }
-            };
-            tokio::time::timeout(patience, step)
-                .await
-                .expect("PUBREC sent");
+                Event::Publish(p) => assert!(client.try_ack(p.ack), "ack"),
+                // A PUBREC went out (only QoS 2 messages come on this subscription).
+                Event::AckSent(_) => {
+                    recs += 1;
+                    if recs == LEFT_PENDING {
+                        return;
+                    }
+                }
+                _ => {}
+            }
         }
-    }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), step)
+        .await
+        .expect("PUBRECs sent");
     // The event loop is dropped here with the socket: the broker's PUBREL goes unanswered.
 }
