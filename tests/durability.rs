@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::fake_lambda::{FakeLambda, FakeLambdaServer, Invocation, Reply};
+use support::fake_lambda::{FakeLambda, FakeLambdaServer, Invocation, Reply, deliveries};
 use support::{Daemon, Mosquitto, Protocol, Publisher, binary, config, config_for};
 
 const RULES: &str = r#"
@@ -240,18 +240,7 @@ async fn all_acknowledged(protocol: Protocol) {
         .await;
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
-    let copies = lambda.fake.with_invocations(|all| {
-        let mut copies = std::collections::BTreeMap::<u64, usize>::new();
-        for m in all
-            .iter()
-            .flat_map(|c| c.body["messages"].as_array().into_iter().flatten())
-        {
-            if let Some(n) = m["payload"].as_u64() {
-                *copies.entry(n).or_default() += 1;
-            }
-        }
-        copies
-    });
+    let copies = lambda.fake.with_invocations(deliveries);
     let again: Vec<_> = copies.iter().filter(|(_, c)| **c > 1).collect();
     assert!(
         again.is_empty(),

@@ -6,26 +6,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::fake_lambda::{FakeLambda, FakeLambdaServer, Invocation};
+use support::fake_lambda::{FakeLambda, FakeLambdaServer, deliveries};
 use support::{Daemon, Mosquitto, Publisher, config};
-
-/// Times each payload number reached the function.
-fn deliveries(all: &[Invocation]) -> BTreeMap<u64, usize> {
-    let mut seen = BTreeMap::new();
-    for m in all
-        .iter()
-        .flat_map(|c| c.body["messages"].as_array().into_iter().flatten())
-    {
-        if let Some(n) = m["payload"].as_u64().or_else(|| {
-            m["payload"]
-                .as_str()
-                .and_then(|s| s.split(':').next()?.parse().ok())
-        }) {
-            *seen.entry(n).or_default() += 1;
-        }
-    }
-    seen
-}
 
 async fn wait_every_payload(fake: &FakeLambda, n: u64) -> BTreeMap<u64, usize> {
     fake.wait_until(&format!("payloads 0..{n}"), |all| {

@@ -432,3 +432,21 @@ async fn answer(
         StatusCode::ACCEPTED.into_response()
     }
 }
+
+/// Times each payload number reached the function (a number, or text starting `n:`).
+pub fn deliveries(all: &[Invocation]) -> std::collections::BTreeMap<u64, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for m in all
+        .iter()
+        .flat_map(|c| c.body["messages"].as_array().into_iter().flatten())
+    {
+        if let Some(n) = m["payload"].as_u64().or_else(|| {
+            m["payload"]
+                .as_str()
+                .and_then(|s| s.split(':').next()?.parse().ok())
+        }) {
+            *seen.entry(n).or_default() += 1;
+        }
+    }
+    seen
+}
