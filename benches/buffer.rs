@@ -18,9 +18,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{median, range, row, thousands};
-use mqtt_lambda_bridge::config::WhenFull;
-use mqtt_lambda_bridge::envelope::Message;
-use mqtt_lambda_bridge::queue::{DiskQueue, DiskQueueConfig, Queue};
+use mqtt_lambda_bridge::buffer::{DiskQueue, DiskQueueConfig, Queue};
+use mqtt_lambda_bridge::core::config::WhenFull;
+use mqtt_lambda_bridge::core::envelope::Message;
 
 const TOPIC: &str = "sensors/dev-0042/temperature";
 /// The rule whose directory the start-up benchmark fills.
@@ -496,7 +496,7 @@ fn replay_child(dir: &Path) {
         loop {
             let entries = queue.read_ready(CONSUMER_BATCH).await.expect("read");
             let Some(last) = entries.last() else { break };
-            let body = mqtt_lambda_bridge::envelope::encode_event(
+            let body = mqtt_lambda_bridge::core::envelope::encode_event(
                 "bench",
                 &entries
                     .iter()

@@ -1,13 +1,11 @@
 //! The `mqtt-lambda-bridge` command: argument parsing, logging, exit codes. The daemon itself
 //! is the library's `run`.
 
-mod probe;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use mqtt_lambda_bridge::config::{Config, DEFAULT_CONFIG_PATH, Source};
+use mqtt_lambda_bridge::core::config::{Config, DEFAULT_CONFIG_PATH, Source};
 
 /// sysexits.h EX_CONFIG: the configuration is wrong; restarting will not help.
 const EX_CONFIG: u8 = 78;
@@ -153,7 +151,7 @@ fn main() -> ExitCode {
         Command::Check { config, aws } => check(&config, aws),
         Command::Policy { config, account_id } => policy(&config, account_id.as_deref()),
         Command::Buffer { command } => buffer_command(command),
-        Command::Probe { url } => match probe::probe(&url) {
+        Command::Probe { url } => match mqtt_lambda_bridge::cli::probe::probe(&url) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("mqtt-lambda-bridge: {err}");
@@ -172,7 +170,7 @@ fn main() -> ExitCode {
             let result = runtime.block_on(mqtt_lambda_bridge::run(
                 config,
                 &path,
-                mqtt_lambda_bridge::shutdown::signal(),
+                mqtt_lambda_bridge::daemon::signals::signal(),
             ));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
@@ -226,8 +224,8 @@ fn check(path: &Path, aws: bool) -> ExitCode {
 /// `check --aws`: credentials first (without them every DryRun would say the same), then a
 /// DryRun invocation per rule, one line each on stdout.
 async fn check_aws(config: &Config) -> ExitCode {
-    use mqtt_lambda_bridge::invoker::dry_run::{self, EX_NOPERM, EX_UNAVAILABLE};
-    use mqtt_lambda_bridge::invoker::{LambdaInvoker, credentials, sdk_config};
+    use mqtt_lambda_bridge::delivery::invoker::dry_run::{self, EX_NOPERM, EX_UNAVAILABLE};
+    use mqtt_lambda_bridge::delivery::invoker::{LambdaInvoker, credentials, sdk_config};
     let sdk = match sdk_config(&config.aws).await {
         Ok(sdk) => sdk,
         Err(err) => {
@@ -267,8 +265,11 @@ fn policy(path: &Path, account_id: Option<&str>) -> ExitCode {
         .clone()
         .or_else(|| env("AWS_REGION"))
         .or_else(|| env("AWS_DEFAULT_REGION"));
-    match mqtt_lambda_bridge::invoker::policy::policy(&config.rules, region.as_deref(), account_id)
-    {
+    match mqtt_lambda_bridge::delivery::invoker::policy::policy(
+        &config.rules,
+        region.as_deref(),
+        account_id,
+    ) {
         Ok(policy) => {
             println!("{}", policy.to_json());
             ExitCode::SUCCESS
@@ -299,7 +300,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 /// (files, buffer directory, AWS region); every problem is one line on stderr, exit 78.
 async fn load_and_preflight(path: &Path) -> Result<Config, ExitCode> {
     let config = load(path)?;
-    let issues = mqtt_lambda_bridge::preflight::check(&config).await;
+    let issues = mqtt_lambda_bridge::daemon::preflight::check(&config).await;
     if issues.is_empty() {
         return Ok(config);
     }
@@ -319,7 +320,7 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 }
 
 fn buffer_command(command: BufferCommand) -> ExitCode {
-    use mqtt_lambda_bridge::admin::{self, AdminError};
+    use mqtt_lambda_bridge::cli::admin::{self, AdminError};
     let config_path = match &command {
         BufferCommand::Stats { config } => config,
         BufferCommand::DeadLetters {
@@ -428,7 +429,7 @@ fn buffer_command(command: BufferCommand) -> ExitCode {
                     ExitCode::from(EX_NOINPUT)
                 }
                 AdminError::NoSuchRule(..) => ExitCode::from(EX_USAGE),
-                AdminError::Run(mqtt_lambda_bridge::RunError::Locked(_)) => {
+                AdminError::Buffer(mqtt_lambda_bridge::buffer::layout::LayoutError::Locked(_)) => {
                     ExitCode::from(EX_TEMPFAIL)
                 }
                 _ => ExitCode::FAILURE,

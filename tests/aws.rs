@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use aws_credential_types::provider::ProvideCredentials;
-use mqtt_lambda_bridge::config::{AwsConfig, InvocationType, IotConfig};
-use mqtt_lambda_bridge::invoker::iot::IotCredentialsProvider;
-use mqtt_lambda_bridge::invoker::{Invoke, InvokeRequest, LambdaInvoker, sdk_config};
+use mqtt_lambda_bridge::core::config::{AwsConfig, InvocationType, IotConfig};
+use mqtt_lambda_bridge::delivery::invoker::iot::IotCredentialsProvider;
+use mqtt_lambda_bridge::delivery::invoker::{Invoke, InvokeRequest, LambdaInvoker, sdk_config};
 use support::fake_lambda::FakeLambdaServer;
 use support::{Daemon, Mosquitto, Publisher, binary, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -607,7 +607,7 @@ async fn a_device_certificate_the_endpoint_does_not_trust_is_one_clear_line() {
     config.key_file = other.path("device.key");
     let provider = IotCredentialsProvider::new(&config).expect("provider");
     let err = provider.provide_credentials().await.expect_err("refused");
-    let line = mqtt_lambda_bridge::invoker::one_line_chain(&err);
+    let line = mqtt_lambda_bridge::delivery::invoker::one_line_chain(&err);
     assert!(
         line.contains("refused the device certificate") && line.contains("aws.iot.cert_file"),
         "{line}"

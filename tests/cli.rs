@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mqtt_lambda_bridge::envelope::{Message, encode_event};
-use mqtt_lambda_bridge::queue::deadletter::{self, DeadLetter, DeadLetters};
-use mqtt_lambda_bridge::queue::{DiskQueue, DiskQueueConfig, Queue};
+use mqtt_lambda_bridge::buffer::deadletter::{self, DeadLetter, DeadLetters};
+use mqtt_lambda_bridge::buffer::{DiskQueue, DiskQueueConfig, Queue};
+use mqtt_lambda_bridge::core::envelope::{Message, encode_event};
 use support::binary;
 
 /// The binary with nothing from this process's environment: no AWS region, no profile files
@@ -465,7 +465,8 @@ fn instance_metadata_that_never_answers_does_not_hang_check() {
         stderr(&out)
     );
     assert!(
-        took < mqtt_lambda_bridge::preflight::REGION_LOOKUP_TIMEOUT + Duration::from_secs(3),
+        took < mqtt_lambda_bridge::daemon::preflight::REGION_LOOKUP_TIMEOUT
+            + Duration::from_secs(3),
         "check took {took:?}"
     );
     drop(held);
@@ -917,7 +918,7 @@ async fn queued(rule_dir: &Path, max_age: Duration) -> Vec<Message> {
         dir: rule_dir.to_owned(),
         segment_size: 1024 * 1024,
         max_size: 256 * 1024 * 1024,
-        when_full: mqtt_lambda_bridge::config::WhenFull::DropOldest,
+        when_full: mqtt_lambda_bridge::core::config::WhenFull::DropOldest,
         max_age: Some(max_age),
     })
     .expect("open queue");

@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use mqtt_lambda_bridge::config::WhenFull;
-use mqtt_lambda_bridge::envelope::Message;
-use mqtt_lambda_bridge::queue::disk::{
+use mqtt_lambda_bridge::buffer::disk::{
     ACK_PERSIST_INTERVAL, DEFAULT_SEGMENT_SIZE, read_ack_file, read_ack_position, segment_files,
 };
-use mqtt_lambda_bridge::queue::{DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue};
+use mqtt_lambda_bridge::buffer::{DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue};
+use mqtt_lambda_bridge::core::config::WhenFull;
+use mqtt_lambda_bridge::core::envelope::Message;
 use tokio::sync::watch;
 
 const ENOSPC: i32 = 28;
@@ -41,9 +41,9 @@ fn number(entry: &Entry) -> u64 {
     entry.message.topic[2..].parse().expect("number")
 }
 
-fn os_error(err: &mqtt_lambda_bridge::queue::QueueError) -> Option<i32> {
+fn os_error(err: &mqtt_lambda_bridge::buffer::QueueError) -> Option<i32> {
     match err {
-        mqtt_lambda_bridge::queue::QueueError::Io(e) => e.raw_os_error(),
+        mqtt_lambda_bridge::buffer::QueueError::Io(e) => e.raw_os_error(),
         _ => None,
     }
 }

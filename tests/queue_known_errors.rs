@@ -5,12 +5,12 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mqtt_lambda_bridge::config::WhenFull;
-use mqtt_lambda_bridge::envelope::Message;
-use mqtt_lambda_bridge::queue::disk::{
+use mqtt_lambda_bridge::buffer::disk::{
     SEGMENT_MAGIC, SEGMENT_MAGIC_V1, read_ack_file, read_ack_position, segment_files,
 };
-use mqtt_lambda_bridge::queue::{DiskQueue, DiskQueueConfig, Queue, record};
+use mqtt_lambda_bridge::buffer::{DiskQueue, DiskQueueConfig, Queue, record};
+use mqtt_lambda_bridge::core::config::WhenFull;
+use mqtt_lambda_bridge::core::envelope::Message;
 
 fn config(dir: &Path) -> DiskQueueConfig {
     DiskQueueConfig {

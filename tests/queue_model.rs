@@ -8,9 +8,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use mqtt_lambda_bridge::config::WhenFull;
-use mqtt_lambda_bridge::envelope::Message;
-use mqtt_lambda_bridge::queue::{DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue};
+use mqtt_lambda_bridge::buffer::{DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue};
+use mqtt_lambda_bridge::core::config::WhenFull;
+use mqtt_lambda_bridge::core::envelope::Message;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

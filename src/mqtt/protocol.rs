@@ -15,10 +15,9 @@ use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::{Outgoing, QoS, Transport};
 
-use crate::envelope::Properties;
+use crate::core::envelope::Properties;
 
-/// The shortest keep-alive rumqttc's MQTT 5 client accepts (it panics below it).
-pub const MIN_KEEP_ALIVE_V5: Duration = Duration::from_secs(5);
+pub use crate::core::config::MIN_KEEP_ALIVE_V5;
 
 /// How long writing acknowledgements may wait for the broker to take them (rumqttc's own
 /// flushes wait as long, its default connection timeout).

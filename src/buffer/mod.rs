@@ -1,0 +1,70 @@
+//! The per-rule queue between matching and invoking: the seam the durable buffer plugs into.
+//!
+//! Life cycle of a message in a rule's queue:
+//!
+//! ```text
+//! append ──► (durable) ──► MQTT ack ──► read ──► invoke ──► Lambda accepted ──► ack
+//!                                         ▲                        │ failure
+//!                                         └──── retried in place ◄─┘
+//! ```
+//!
+//! Invariants every implementation keeps:
+//! - `append` returns only when the messages are as durable as the implementation can make
+//!   them; the ingest loop acknowledges the MQTT publish only after that.
+//! - `read` hands out messages in append order, each once per process lifetime, with a sequence
+//!   number that grows by one per message.
+//! - `ack(seq)` releases every message up to and including `seq`; what is not acked when the
+//!   process stops is read again after a restart (for implementations that survive one).
+//! - No call does blocking file I/O on the async runtime: the disk queue reads on tokio's
+//!   blocking threads and writes on its own writer thread.
+//!
+//! One queue per rule: a rule whose function fails stops reading its own queue only.
+
+pub mod deadletter;
+pub mod disk;
+pub mod layout;
+mod memory;
+pub mod record;
+pub mod storage;
+
+pub use disk::{DiskQueue, DiskQueueConfig};
+pub use memory::MemoryQueue;
+pub use storage::{FaultStorage, RealStorage, Storage};
+
+use std::future::Future;
+
+use crate::core::envelope::Message;
+
+pub use crate::core::envelope::{Entry, Seq};
+
+/// Why a queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The queue was closed while an operation waited.
+    #[error("the queue is closed")]
+    Closed,
+    /// The storage underneath failed.
+    #[error("buffer I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A FIFO of messages for one rule.
+pub trait Queue: Send + Sync + 'static {
+    /// Adds `messages` at the tail; durable when it returns. It may wait for room.
+    fn append(&self, messages: Vec<Message>)
+    -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// Waits until at least one unread message exists, then returns up to `max` of them in
+    /// order. Cancel safe: when the future is dropped, nothing it read is lost; the next read
+    /// returns it.
+    fn read(&self, max: usize) -> impl Future<Output = Result<Vec<Entry>, QueueError>> + Send;
+
+    /// Returns up to `max` unread messages without waiting for new ones (possibly none). It may
+    /// still wait for the disk (reads run on blocking threads, never on the async runtime).
+    /// Cancel safe like `read`.
+    fn read_ready(&self, max: usize)
+    -> impl Future<Output = Result<Vec<Entry>, QueueError>> + Send;
+
+    /// Releases every message up to and including `through`.
+    fn ack(&self, through: Seq) -> impl Future<Output = Result<(), QueueError>> + Send;
+}

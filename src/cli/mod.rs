@@ -1,0 +1,6 @@
+//! The command line's own work beside `run`: the `buffer` commands ([`admin`]) and the
+//! container health probe ([`probe`]). `main.rs` parses the arguments and maps results to exit
+//! codes.
+
+pub mod admin;
+pub mod probe;
