@@ -213,3 +213,117 @@ fn the_reader_finds_grouped_and_inline_paths_and_skips_tests() {
         "{found:?}"
     );
 }
+
+/// Most lines of non-test code in one source file.
+const MAX_FILE_LINES: usize = 600;
+/// Most lines of one function, unless the comment above it says why it is one piece.
+const MAX_FN_LINES: usize = 80;
+/// What the doc comment of a longer function says, followed by why.
+const ONE_PIECE: &str = "One piece:";
+
+/// The lines of `text` before its unit tests.
+fn before_tests(text: &str) -> Vec<&str> {
+    let lines: Vec<&str> = text.lines().collect();
+    let end = lines
+        .windows(2)
+        .position(|w| w[0].trim() == "#[cfg(test)]" && w[1].trim_start().starts_with("mod "))
+        .unwrap_or(lines.len());
+    lines[..end].to_vec()
+}
+
+/// Each function longer than the limit: (first line, name, length), unless its comment says
+/// why it is one piece.
+fn long_functions(lines: &[&str]) -> Vec<(usize, String, usize)> {
+    let mut long = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        let indent = &line[..line.len() - trimmed.len()];
+        let mut words = trimmed.split_whitespace().peekable();
+        while let Some(word) = words.peek() {
+            let qualifier = word.starts_with("pub") || ["const", "async", "unsafe"].contains(word);
+            if !qualifier {
+                break;
+            }
+            words.next();
+        }
+        if words.next() != Some("fn") {
+            continue;
+        }
+        let name: String = words
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        // The signature ends with `{` (a body) or `;` (a declaration in a trait).
+        let Some(open) = lines[i..]
+            .iter()
+            .position(|l| l.trim_end().ends_with('{') || l.trim_end().ends_with(';'))
+        else {
+            continue;
+        };
+        if lines[i + open].trim_end().ends_with(';') {
+            continue;
+        }
+        let close = format!("{indent}}}");
+        let Some(end) = lines[i + open..].iter().position(|l| *l == close) else {
+            continue;
+        };
+        let length = open + end + 1;
+        if length <= MAX_FN_LINES {
+            continue;
+        }
+        let stated = lines[..i]
+            .iter()
+            .rev()
+            .take_while(|l| {
+                let t = l.trim_start();
+                t.starts_with("///") || t.starts_with("#[") || t.starts_with("//")
+            })
+            .any(|l| l.contains(ONE_PIECE));
+        if !stated {
+            long.push((i + 1, name, length));
+        }
+    }
+    long
+}
+
+#[test]
+fn no_file_or_function_is_longer_than_a_newcomer_can_read() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    let mut problems = Vec::new();
+    for file in &files {
+        let relative = file.strip_prefix(&src).expect("under src").display();
+        let text = std::fs::read_to_string(file).expect("read file");
+        let lines = before_tests(&text);
+        if lines.len() > MAX_FILE_LINES {
+            problems.push(format!(
+                "src/{relative}: {} lines before its tests (at most {MAX_FILE_LINES}): split it",
+                lines.len()
+            ));
+        }
+        for (line, name, length) in long_functions(&lines) {
+            problems.push(format!(
+                "src/{relative}:{line}: fn {name} is {length} lines (at most {MAX_FN_LINES}): split it, or say why it is one piece in a comment line starting {ONE_PIECE:?} above it"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "\n{}\n", problems.join("\n"));
+}
+
+#[test]
+fn long_functions_are_found_unless_their_comment_says_why() {
+    let body = "    x();\n".repeat(MAX_FN_LINES);
+    let text = format!(
+        "fn short() {{\n}}\n\npub async fn long(\n    a: u8,\n) {{\n{body}}}\n\n/// {ONE_PIECE} a table.\nfn kept() {{\n{body}}}\n\ntrait T {{\n    fn declared(&self);\n}}\n"
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let found: Vec<(String, usize)> = long_functions(&lines)
+        .into_iter()
+        .map(|(_, name, length)| (name, length))
+        .collect();
+    assert_eq!(found, [("long".to_owned(), MAX_FN_LINES + 4)]);
+}
