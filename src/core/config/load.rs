@@ -399,148 +399,158 @@ function = "ingest"
         got.into_iter().next().unwrap_or_default()
     }
 
+    const RULE: &str = "[[rules]]\nname = \"a\"\ntopic = \"a\"\nfunction = \"f\"\n";
+
+    /// A rule's key with a value of the wrong type, appended to MINIMAL and RULE, and the whole
+    /// problem line expected.
+    const WRONG_RULE_VALUES: &[(&str, &str)] = &[
+        (
+            "qos = \"2\"\n",
+            "test.toml:14: rules[1].qos: expected a number 0, 1 or 2, got \"2\" (write it without quotes)",
+        ),
+        (
+            "qos = 300\n",
+            "test.toml:14: rules[1].qos: expected a number 0, 1 or 2, got 300",
+        ),
+        (
+            "qos = -1\n",
+            "test.toml:14: rules[1].qos: expected a number 0, 1 or 2, got -1",
+        ),
+        (
+            "max_concurrency = 2.5\n",
+            "test.toml:14: rules[1].max_concurrency: expected a whole number like 4, got 2.5",
+        ),
+        (
+            "invocation = 1\n",
+            "test.toml:14: rules[1].invocation: expected one of \"event\", \"request_response\", got 1 (write the word in quotes)",
+        ),
+        (
+            "[rules.batch]\nmax_messages = \"100\"\n",
+            "test.toml:15: rules[1].batch.max_messages: expected a whole number like 100, got \"100\" (write it without quotes)",
+        ),
+        (
+            "[rules.batch]\nmax_bytes = 12.5\n",
+            "test.toml:15: rules[1].batch.max_bytes: expected a size like \"256KiB\" or a number of bytes, got 12.5",
+        ),
+        (
+            "[rules.batch]\nmax_wait = 5\n",
+            "test.toml:15: rules[1].batch.max_wait: expected a duration like \"1s\", got 5 (write \"5s\" for seconds)",
+        ),
+        (
+            "[rules.rate_limit]\ninvocations_per_second = \"5\"\n",
+            "test.toml:15: rules[1].rate_limit.invocations_per_second: expected a number like 5 or 0.2, got \"5\" (write it without quotes)",
+        ),
+        (
+            "[rules.throttle]\nonly_changes = \"yes\"\n",
+            "test.toml:15: rules[1].throttle.only_changes: expected true or false, got \"yes\"",
+        ),
+        (
+            "[rules.throttle]\nonly_changes = \"true\"\n",
+            "test.toml:15: rules[1].throttle.only_changes: expected true or false, got \"true\" (write it without quotes)",
+        ),
+        (
+            "[rules.aggregate]\nwindow = \"1m\"\nfields = \"/x\"\n",
+            "test.toml:16: rules[1].aggregate.fields: expected a list of strings like [\"/temperature\"], got \"/x\"",
+        ),
+        (
+            "[rules.aggregate]\nwindow = \"1m\"\nfields = [1]\n",
+            "test.toml:16: rules[1].aggregate.fields[0]: expected a string like \"/temperature\", got 1 (put it in quotes: \"1\")",
+        ),
+        (
+            "batch = 3\n",
+            "test.toml:14: rules[1].batch: expected a table (a [rules.batch] header with its keys below), got 3",
+        ),
+    ];
+
+    /// A section's key replaced (from, to) in MINIMAL with a value of the wrong type, and the
+    /// problem line expected.
+    const WRONG_SECTION_VALUES: &[(&str, &str, &str)] = &[
+        (
+            "client_id = \"gw\"",
+            "client_id = \"gw\"\nkeep_alive = 30",
+            "test.toml:5: mqtt.keep_alive: expected a duration like \"30s\", got 30 (write \"30s\" for seconds)",
+        ),
+        (
+            "client_id = \"gw\"",
+            "client_id = 1234",
+            "test.toml:4: mqtt.client_id: expected a string like \"gw-01-lambda-bridge\", got 1234 (put it in quotes: \"1234\")",
+        ),
+        (
+            "client_id = \"gw\"",
+            "client_id = \"gw\"\nclean_start = 1",
+            "test.toml:5: mqtt.clean_start: expected true or false, got 1",
+        ),
+        (
+            "client_id = \"gw\"",
+            "client_id = \"gw\"\nusername = \"u\"\npassword = 123456",
+            "test.toml:6: mqtt.password: expected a string, got a number",
+        ),
+        (
+            "client_id = \"gw\"",
+            "client_id = \"gw\"\n[mqtt.tls]\nca_file = [\"a\"]",
+            "test.toml:6: mqtt.tls.ca_file: expected a path like \"/etc/mqtt-lambda-bridge/ca.pem\", got a list",
+        ),
+        (
+            "[mqtt]",
+            "shutdown_timeout = \"8 sec0nds\"\n[mqtt]",
+            "test.toml:2: shutdown_timeout: expected a duration like \"8s\", got \"8 sec0nds\"",
+        ),
+        (
+            "[mqtt]",
+            "[buffer]\nmax_size = 12.5\n[mqtt]",
+            "test.toml:3: buffer.max_size: expected a size like \"256MiB\" or a number of bytes, got 12.5",
+        ),
+        (
+            "[mqtt]",
+            "[buffer]\nmax_size = -5\n[mqtt]",
+            "test.toml:3: buffer.max_size: expected a size like \"256MiB\" or a number of bytes, got -5",
+        ),
+        (
+            "[mqtt]",
+            "[buffer]\ndir = 5\n[mqtt]",
+            "test.toml:3: buffer.dir: expected a path like \"/var/lib/mqtt-lambda-bridge\", got 5 (put it in quotes: \"5\")",
+        ),
+        (
+            "[mqtt]",
+            "[buffer]\nwhen_full = true\n[mqtt]",
+            "test.toml:3: buffer.when_full: expected one of \"drop_oldest\", \"drop_newest\", \"block\", got true",
+        ),
+        (
+            "[mqtt]",
+            "[aws]\nregion = [\"eu-west-1\"]\n[mqtt]",
+            "test.toml:3: aws.region: expected a string like \"eu-west-1\", got a list",
+        ),
+        (
+            "[mqtt]",
+            "[aws]\nmax_concurrency = \"lots\"\n[mqtt]",
+            "test.toml:3: aws.max_concurrency: expected a whole number like 32, got \"lots\"",
+        ),
+        (
+            "[mqtt]",
+            "aws = 5\n[mqtt]",
+            "test.toml:2: aws: expected a table (a [aws] header with its keys below), got 5",
+        ),
+        (
+            "[[rules]]",
+            "[rules]\nx = 1\n[[rules_]]",
+            "test.toml:6: rules: expected one or more [[rules]] tables (double brackets, one per rule), got a table",
+        ),
+    ];
+
     #[test]
-    fn a_value_of_the_wrong_type_is_described_as_a_person_would() {
-        const RULE: &str = "[[rules]]\nname = \"a\"\ntopic = \"a\"\nfunction = \"f\"\n";
-        // (appended to MINIMAL, the whole expected problem line)
-        let table: &[(&str, &str)] = &[
-            (
-                "qos = \"2\"\n",
-                "test.toml:14: rules[1].qos: expected a number 0, 1 or 2, got \"2\" (write it without quotes)",
-            ),
-            (
-                "qos = 300\n",
-                "test.toml:14: rules[1].qos: expected a number 0, 1 or 2, got 300",
-            ),
-            (
-                "qos = -1\n",
-                "test.toml:14: rules[1].qos: expected a number 0, 1 or 2, got -1",
-            ),
-            (
-                "max_concurrency = 2.5\n",
-                "test.toml:14: rules[1].max_concurrency: expected a whole number like 4, got 2.5",
-            ),
-            (
-                "invocation = 1\n",
-                "test.toml:14: rules[1].invocation: expected one of \"event\", \"request_response\", got 1 (write the word in quotes)",
-            ),
-            (
-                "[rules.batch]\nmax_messages = \"100\"\n",
-                "test.toml:15: rules[1].batch.max_messages: expected a whole number like 100, got \"100\" (write it without quotes)",
-            ),
-            (
-                "[rules.batch]\nmax_bytes = 12.5\n",
-                "test.toml:15: rules[1].batch.max_bytes: expected a size like \"256KiB\" or a number of bytes, got 12.5",
-            ),
-            (
-                "[rules.batch]\nmax_wait = 5\n",
-                "test.toml:15: rules[1].batch.max_wait: expected a duration like \"1s\", got 5 (write \"5s\" for seconds)",
-            ),
-            (
-                "[rules.rate_limit]\ninvocations_per_second = \"5\"\n",
-                "test.toml:15: rules[1].rate_limit.invocations_per_second: expected a number like 5 or 0.2, got \"5\" (write it without quotes)",
-            ),
-            (
-                "[rules.throttle]\nonly_changes = \"yes\"\n",
-                "test.toml:15: rules[1].throttle.only_changes: expected true or false, got \"yes\"",
-            ),
-            (
-                "[rules.throttle]\nonly_changes = \"true\"\n",
-                "test.toml:15: rules[1].throttle.only_changes: expected true or false, got \"true\" (write it without quotes)",
-            ),
-            (
-                "[rules.aggregate]\nwindow = \"1m\"\nfields = \"/x\"\n",
-                "test.toml:16: rules[1].aggregate.fields: expected a list of strings like [\"/temperature\"], got \"/x\"",
-            ),
-            (
-                "[rules.aggregate]\nwindow = \"1m\"\nfields = [1]\n",
-                "test.toml:16: rules[1].aggregate.fields[0]: expected a string like \"/temperature\", got 1 (put it in quotes: \"1\")",
-            ),
-            (
-                "batch = 3\n",
-                "test.toml:14: rules[1].batch: expected a table (a [rules.batch] header with its keys below), got 3",
-            ),
-        ];
-        for (extra, expected) in table {
+    fn a_rule_value_of_the_wrong_type_is_described_as_a_person_would() {
+        for (extra, expected) in WRONG_RULE_VALUES {
             let got = only_problem(&format!("{MINIMAL}{RULE}{extra}"));
             assert!(
                 got.starts_with(expected),
                 "for {extra:?}\nexpected {expected}\ngot      {got}"
             );
         }
-        let sections: &[(&str, &str, &str)] = &[
-            (
-                "client_id = \"gw\"",
-                "client_id = \"gw\"\nkeep_alive = 30",
-                "test.toml:5: mqtt.keep_alive: expected a duration like \"30s\", got 30 (write \"30s\" for seconds)",
-            ),
-            (
-                "client_id = \"gw\"",
-                "client_id = 1234",
-                "test.toml:4: mqtt.client_id: expected a string like \"gw-01-lambda-bridge\", got 1234 (put it in quotes: \"1234\")",
-            ),
-            (
-                "client_id = \"gw\"",
-                "client_id = \"gw\"\nclean_start = 1",
-                "test.toml:5: mqtt.clean_start: expected true or false, got 1",
-            ),
-            (
-                "client_id = \"gw\"",
-                "client_id = \"gw\"\nusername = \"u\"\npassword = 123456",
-                "test.toml:6: mqtt.password: expected a string, got a number",
-            ),
-            (
-                "client_id = \"gw\"",
-                "client_id = \"gw\"\n[mqtt.tls]\nca_file = [\"a\"]",
-                "test.toml:6: mqtt.tls.ca_file: expected a path like \"/etc/mqtt-lambda-bridge/ca.pem\", got a list",
-            ),
-            (
-                "[mqtt]",
-                "shutdown_timeout = \"8 sec0nds\"\n[mqtt]",
-                "test.toml:2: shutdown_timeout: expected a duration like \"8s\", got \"8 sec0nds\"",
-            ),
-            (
-                "[mqtt]",
-                "[buffer]\nmax_size = 12.5\n[mqtt]",
-                "test.toml:3: buffer.max_size: expected a size like \"256MiB\" or a number of bytes, got 12.5",
-            ),
-            (
-                "[mqtt]",
-                "[buffer]\nmax_size = -5\n[mqtt]",
-                "test.toml:3: buffer.max_size: expected a size like \"256MiB\" or a number of bytes, got -5",
-            ),
-            (
-                "[mqtt]",
-                "[buffer]\ndir = 5\n[mqtt]",
-                "test.toml:3: buffer.dir: expected a path like \"/var/lib/mqtt-lambda-bridge\", got 5 (put it in quotes: \"5\")",
-            ),
-            (
-                "[mqtt]",
-                "[buffer]\nwhen_full = true\n[mqtt]",
-                "test.toml:3: buffer.when_full: expected one of \"drop_oldest\", \"drop_newest\", \"block\", got true",
-            ),
-            (
-                "[mqtt]",
-                "[aws]\nregion = [\"eu-west-1\"]\n[mqtt]",
-                "test.toml:3: aws.region: expected a string like \"eu-west-1\", got a list",
-            ),
-            (
-                "[mqtt]",
-                "[aws]\nmax_concurrency = \"lots\"\n[mqtt]",
-                "test.toml:3: aws.max_concurrency: expected a whole number like 32, got \"lots\"",
-            ),
-            (
-                "[mqtt]",
-                "aws = 5\n[mqtt]",
-                "test.toml:2: aws: expected a table (a [aws] header with its keys below), got 5",
-            ),
-            (
-                "[[rules]]",
-                "[rules]\nx = 1\n[[rules_]]",
-                "test.toml:6: rules: expected one or more [[rules]] tables (double brackets, one per rule), got a table",
-            ),
-        ];
-        for (from, to, expected) in sections {
+    }
+
+    #[test]
+    fn a_section_value_of_the_wrong_type_is_described_as_a_person_would() {
+        for (from, to, expected) in WRONG_SECTION_VALUES {
             let text = MINIMAL.replacen(from, to, 1);
             let got = only_problem(&text);
             assert!(
