@@ -26,7 +26,7 @@ impl Issue {
 }
 
 impl Config {
-    /// Every section's problems, in key order.
+    /// Every section's problems, in the order the module overview lists the sections.
     pub(super) fn issues(&self) -> Vec<Issue> {
         let mut issues = self.mqtt.validate();
         issues.extend(self.aws.validate());
