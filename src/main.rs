@@ -3,8 +3,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use mqtt_lambda_bridge::buffer::layout::LayoutError;
+use mqtt_lambda_bridge::cli::admin::{self, AdminError};
 use mqtt_lambda_bridge::core::config::{Config, DEFAULT_CONFIG_PATH, Source};
 
 /// sysexits.h EX_CONFIG: the configuration is wrong; restarting will not help.
@@ -193,15 +196,9 @@ fn main() -> ExitCode {
 /// then credentials and a DryRun invocation per rule.
 fn check(path: &Path, aws: bool) -> ExitCode {
     // One thread is enough for the region lookup, the only thing here that waits.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("mqtt-lambda-bridge: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+    let runtime = match current_thread_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
     match runtime.block_on(load_and_preflight(path)) {
         Ok(loaded) => {
@@ -296,6 +293,18 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
+/// The runtime of the one-shot commands (`check`, `buffer`): one thread is enough for what
+/// they wait on.
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| {
+            eprintln!("mqtt-lambda-bridge: cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        })
+}
+
 /// Loads and validates the configuration, then checks what `run` needs before connecting
 /// (files, buffer directory, AWS region); every problem is one line on stderr, exit 78.
 async fn load_and_preflight(path: &Path) -> Result<Config, ExitCode> {
@@ -319,8 +328,9 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// `buffer ...`: loads the configuration, runs the subcommand, and maps its failure to the exit
+/// code the command's help promises.
 fn buffer_command(command: BufferCommand) -> ExitCode {
-    use mqtt_lambda_bridge::cli::admin::{self, AdminError};
     let config_path = match &command {
         BufferCommand::Stats { config } => config,
         BufferCommand::DeadLetters {
@@ -332,109 +342,104 @@ fn buffer_command(command: BufferCommand) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("mqtt-lambda-bridge: {err}");
-            return ExitCode::FAILURE;
-        }
+    let runtime = match current_thread_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
-    let result: Result<ExitCode, AdminError> = runtime.block_on(async {
-        match command {
-            BufferCommand::Stats { .. } => {
-                let rows = admin::stats(&config).await?;
-                println!(
-                    "{:<24} {:>10} {:>12} {:>14} {:>12}",
-                    "RULE", "PENDING", "BYTES", "OLDEST", "DEAD LETTERS"
-                );
-                for row in rows {
-                    let oldest = row.oldest.map_or_else(
-                        || "-".to_owned(),
-                        |d| {
-                            humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
-                                .to_string()
-                        },
-                    );
-                    println!(
-                        "{:<24} {:>10} {:>12} {:>14} {:>12}",
-                        row.rule, row.pending, row.bytes, oldest, row.dead_letters
-                    );
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            BufferCommand::DeadLetters {
-                command: DeadLetterCommand::List { rule, json, .. },
-            } => {
-                let listing = admin::list_dead_letters(&config, rule.as_deref())?;
-                for letter in &listing.letters {
-                    if json {
-                        println!("{}", serde_json::to_string(letter).unwrap_or_default());
-                        continue;
-                    }
-                    let what = match letter.event["messages"].as_array() {
-                        Some(messages) => format!("{} message(s)", messages.len()),
-                        None if letter.event.get("window").is_some() => {
-                            "a statistics window".to_owned()
-                        }
-                        None => "no messages".to_owned(),
-                    };
-                    println!(
-                        "{}  {}  {}  {what}, {} attempt(s): {}",
-                        letter.last_attempt_at,
-                        letter.rule,
-                        letter.code,
-                        letter.attempts,
-                        letter.reason
-                    );
-                }
-                for (path, line, why) in &listing.unreadable {
-                    eprintln!("{}:{line}: not a dead-letter entry: {why}", path.display());
-                }
-                if !json {
-                    eprintln!("{} dead letter(s)", listing.letters.len());
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            BufferCommand::DeadLetters {
-                command: DeadLetterCommand::Replay { rule, .. },
-            } => {
-                let mut kept_any = false;
-                for replayed in admin::replay_dead_letters(&config, rule.as_deref()).await? {
-                    println!(
-                        "{}: {} message(s) back in the queue",
-                        replayed.rule, replayed.restored
-                    );
-                    for line in &replayed.kept {
-                        eprintln!("{line}");
-                        kept_any = true;
-                    }
-                }
-                Ok(if kept_any {
-                    ExitCode::from(EX_DATAERR)
-                } else {
-                    ExitCode::SUCCESS
-                })
-            }
+    let result = match command {
+        BufferCommand::Stats { .. } => runtime.block_on(buffer_stats(&config)),
+        BufferCommand::DeadLetters {
+            command: DeadLetterCommand::List { rule, json, .. },
+        } => list_dead_letters(&config, rule.as_deref(), json),
+        BufferCommand::DeadLetters {
+            command: DeadLetterCommand::Replay { rule, .. },
+        } => runtime.block_on(replay_dead_letters(&config, rule.as_deref())),
+    };
+    result.unwrap_or_else(admin_failure)
+}
+
+/// `buffer stats`: one row per rule.
+async fn buffer_stats(config: &Config) -> Result<ExitCode, AdminError> {
+    let rows = admin::stats(config).await?;
+    println!(
+        "{:<24} {:>10} {:>12} {:>14} {:>12}",
+        "RULE", "PENDING", "BYTES", "OLDEST", "DEAD LETTERS"
+    );
+    for row in rows {
+        // Whole seconds: the age is for a person, and sub-second digits only add noise.
+        let oldest = row.oldest.map_or_else(
+            || "-".to_owned(),
+            |d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string(),
+        );
+        println!(
+            "{:<24} {:>10} {:>12} {:>14} {:>12}",
+            row.rule, row.pending, row.bytes, oldest, row.dead_letters
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `buffer dead-letters list`: one line per dead letter (or its stored JSON), then the lines
+/// of the stores that are not dead letters, on stderr.
+fn list_dead_letters(
+    config: &Config,
+    rule: Option<&str>,
+    json: bool,
+) -> Result<ExitCode, AdminError> {
+    let listing = admin::list_dead_letters(config, rule)?;
+    for letter in &listing.letters {
+        if json {
+            println!("{}", serde_json::to_string(letter).unwrap_or_default());
+            continue;
         }
-    });
-    match result {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("mqtt-lambda-bridge: {err}");
-            match err {
-                AdminError::NoBuffer(..) | AdminError::NotADirectory(..) => {
-                    ExitCode::from(EX_NOINPUT)
-                }
-                AdminError::NoSuchRule(..) => ExitCode::from(EX_USAGE),
-                AdminError::Buffer(mqtt_lambda_bridge::buffer::layout::LayoutError::Locked(_)) => {
-                    ExitCode::from(EX_TEMPFAIL)
-                }
-                _ => ExitCode::FAILURE,
-            }
+        let what = match letter.event["messages"].as_array() {
+            Some(messages) => format!("{} message(s)", messages.len()),
+            None if letter.event.get("window").is_some() => "a statistics window".to_owned(),
+            None => "no messages".to_owned(),
+        };
+        println!(
+            "{}  {}  {}  {what}, {} attempt(s): {}",
+            letter.last_attempt_at, letter.rule, letter.code, letter.attempts, letter.reason
+        );
+    }
+    for (path, line, why) in &listing.unreadable {
+        eprintln!("{}:{line}: not a dead-letter entry: {why}", path.display());
+    }
+    if !json {
+        eprintln!("{} dead letter(s)", listing.letters.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `buffer dead-letters replay`: what went back, per rule, on stdout; what stayed, on stderr
+/// (and exit 65).
+async fn replay_dead_letters(config: &Config, rule: Option<&str>) -> Result<ExitCode, AdminError> {
+    let mut kept_any = false;
+    for replayed in admin::replay_dead_letters(config, rule).await? {
+        println!(
+            "{}: {} message(s) back in the queue",
+            replayed.rule, replayed.restored
+        );
+        for line in &replayed.kept {
+            eprintln!("{line}");
+            kept_any = true;
         }
+    }
+    Ok(if kept_any {
+        ExitCode::from(EX_DATAERR)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The error of a `buffer` command on stderr, and the exit code its help promises.
+fn admin_failure(err: AdminError) -> ExitCode {
+    eprintln!("mqtt-lambda-bridge: {err}");
+    match err {
+        AdminError::NoBuffer(..) | AdminError::NotADirectory(..) => ExitCode::from(EX_NOINPUT),
+        AdminError::NoSuchRule(..) => ExitCode::from(EX_USAGE),
+        AdminError::Buffer(LayoutError::Locked(_)) => ExitCode::from(EX_TEMPFAIL),
+        _ => ExitCode::FAILURE,
     }
 }
 

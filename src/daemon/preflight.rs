@@ -101,42 +101,63 @@ pub fn mqtt_files(config: &MqttConfig) -> Vec<Issue> {
     }
     // mqtt::options stops at the first bad file: build the CA part and the client-certificate
     // part apart, without the password file, so that each problem is reported.
-    let with_tls = |tls: TlsConfig| MqttConfig {
+    if ca_ok {
+        issues.extend(options_issue(&tls_only(
+            config,
+            TlsConfig {
+                cert_file: None,
+                key_file: None,
+                ..tls.clone()
+            },
+        )));
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file)
+        && cert_ok
+        && key_ok
+    {
+        issues.extend(mqtt_client_certificate(config, &tls, cert, key));
+    }
+    issues
+}
+
+/// `config` with these TLS settings and no credentials, so that [`mqtt::options`] reads only
+/// the TLS files.
+fn tls_only(config: &MqttConfig, tls: TlsConfig) -> MqttConfig {
+    MqttConfig {
         tls: Some(tls),
         username: None,
         password: None,
         password_file: None,
         ..config.clone()
-    };
-    if ca_ok {
-        issues.extend(options_issue(&with_tls(TlsConfig {
-            cert_file: None,
-            key_file: None,
-            ..tls.clone()
-        })));
     }
-    let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) else {
-        return issues;
-    };
-    if !(cert_ok && key_ok) {
-        return issues;
-    }
+}
+
+/// `mqtt.tls.cert_file` and `key_file`, both readable: each must parse, and together they must
+/// be a pair rustls accepts.
+fn mqtt_client_certificate(
+    config: &MqttConfig,
+    tls: &TlsConfig,
+    cert: &Path,
+    key: &Path,
+) -> Vec<Issue> {
     let client = [
         ("mqtt.tls.cert_file", pem_certificates(cert)),
         ("mqtt.tls.key_file", pem_private_key(key)),
     ];
     let both_parse = client.iter().all(|(_, r)| r.is_ok());
-    issues.extend(
-        client
-            .into_iter()
-            .filter_map(|(key, r)| r.err().map(|why| Issue::new(key, why))),
-    );
+    let mut issues: Vec<Issue> = client
+        .into_iter()
+        .filter_map(|(key, r)| r.err().map(|why| Issue::new(key, why)))
+        .collect();
     if both_parse {
         // Whether they go together, as rustls sees it.
-        let client_only = with_tls(TlsConfig {
-            ca_file: None,
-            ..tls.clone()
-        });
+        let client_only = tls_only(
+            config,
+            TlsConfig {
+                ca_file: None,
+                ..tls.clone()
+            },
+        );
         issues.extend(options_issue(&client_only).map(|issue| {
             Issue::new(
                 issue.key,
