@@ -39,7 +39,9 @@
 //! and the broker's reason codes are logged when it refuses a connection or a subscription.
 
 mod acks;
+mod internals;
 pub mod protocol;
+mod reasons;
 pub mod replies;
 
 use std::collections::{HashMap, VecDeque};
