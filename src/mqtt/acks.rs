@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::Hold;
+use super::hold::Hold;
 use super::protocol::{Ack, Client, Inbound};
 
 /// Groups whose first acknowledgement is in rumqttc's request channel, the rest waiting to be

@@ -230,7 +230,7 @@ impl ReplyError {
 /// Tells which replying rule takes a topic, if one does.
 pub type LoopGuard = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
-type Waiter = oneshot::Sender<Result<(), String>>;
+pub(crate) type Waiter = oneshot::Sender<Result<(), String>>;
 
 /// Publishes replies and waits for their PUBACKs; cheap to clone.
 #[derive(Clone)]
