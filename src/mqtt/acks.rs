@@ -44,7 +44,7 @@ pub struct AckLine {
 
 impl AckLine {
     /// Registers a group whose first acknowledgement is about to enter the channel.
-    fn push(&mut self, group: Vec<Ack>) {
+    pub(super) fn push(&mut self, group: Vec<Ack>) {
         if !group.is_empty() {
             self.groups.push_back(group);
         }

@@ -551,3 +551,351 @@ impl Note {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    const MIN: u64 = 60;
+
+    /// The shared book and line over plain values; waiters are numbers.
+    #[derive(Default)]
+    struct Plain {
+        book: RefCell<ReplyBook<u32>>,
+        line: Option<RefCell<AckLine>>,
+    }
+
+    impl Shared<u32> for Plain {
+        fn book<R>(&self, f: impl FnOnce(&mut ReplyBook<u32>) -> R) -> Option<R> {
+            Some(f(&mut self.book.borrow_mut()))
+        }
+
+        fn line<R>(&self, f: impl FnOnce(&mut AckLine) -> R) -> Option<R> {
+            self.line.as_ref().map(|line| f(&mut line.borrow_mut()))
+        }
+    }
+
+    fn connected(session_present: bool) -> SessionEvent {
+        SessionEvent::Connected {
+            session_present,
+            max_packet_size: None,
+        }
+    }
+
+    fn lost(error: &str, held: Vec<u16>) -> SessionEvent {
+        SessionEvent::ConnectionLost {
+            error: error.into(),
+            retry_in: Duration::from_secs(1),
+            held,
+            unreported: Vec::new(),
+        }
+    }
+
+    fn notes(actions: &[Action<u32>]) -> Vec<&Note> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Log(note) => Some(note),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reminders_come_after_one_and_five_minutes_then_every_fifteen() {
+        let at: Vec<u64> = (0..6).map(|n| reminder_after(n).as_secs()).collect();
+        assert_eq!(
+            at,
+            vec![MIN, 5 * MIN, 20 * MIN, 35 * MIN, 50 * MIN, 65 * MIN]
+        );
+    }
+
+    #[test]
+    fn a_day_down_gives_about_a_hundred_reminders_not_one_per_retry() {
+        let day = Duration::from_secs(24 * 3600);
+        let reminders = (0..).take_while(|n| reminder_after(*n) <= day).count();
+        // 1 min, 5 min, then 95 of every 15 min up to 24 h.
+        assert_eq!(reminders, 2 + (24 * 60 - 5) / 15);
+    }
+
+    #[test]
+    fn an_outage_is_reminded_on_schedule_and_its_length_told() {
+        let (mut session, shared, start) = (Session::new(), Plain::default(), Instant::now());
+        let first = session.on(lost("refused", vec![]), start, &shared);
+        assert!(matches!(notes(&first)[..], [Note::CannotConnect { .. }]));
+        // A retry every 30 s for 40 minutes.
+        let mut reminders_seen = Vec::new();
+        for i in 1..=80u64 {
+            let now = start + Duration::from_secs(30 * i);
+            let actions = session.on(lost("refused", vec![]), now, &shared);
+            if matches!(notes(&actions)[..], [Note::StillDown { .. }]) {
+                reminders_seen.push(30 * i);
+            }
+        }
+        assert_eq!(reminders_seen, vec![60, 300, 1200, 2100]);
+        let back = session.on(connected(true), start + Duration::from_secs(2401), &shared);
+        assert!(notes(&back).contains(&&Note::Connected {
+            session_present: true,
+            after: Some(Duration::from_secs(2401)),
+        }));
+    }
+
+    #[test]
+    fn connection_lost_then_back_logs_one_warning_and_one_recovery() {
+        let (mut session, shared, start) = (Session::new(), Plain::default(), Instant::now());
+        let mut seen = Vec::new();
+        let mut feed = |event, at: u64| {
+            let actions = session.on(event, start + Duration::from_secs(at), &shared);
+            seen.extend(notes(&actions).into_iter().cloned());
+        };
+        feed(connected(false), 0);
+        feed(lost("connection reset", vec![]), 10);
+        feed(lost("connection refused", vec![]), 11);
+        feed(lost("connection refused", vec![]), 13);
+        feed(connected(true), 20);
+        let error = |e: &str| e.to_owned();
+        let retry_in = Duration::from_secs(1);
+        assert_eq!(
+            seen,
+            vec![
+                Note::Connected {
+                    session_present: false,
+                    after: None
+                },
+                Note::CannotConnect {
+                    error: error("connection reset"),
+                    retry_in
+                },
+                Note::ReasonChanged {
+                    error: error("connection refused"),
+                    retry_in
+                },
+                Note::StillCannotConnect {
+                    error: error("connection refused"),
+                    retry_in
+                },
+                Note::Connected {
+                    session_present: true,
+                    after: Some(Duration::from_secs(10))
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_session_subscribes_every_filter_of_the_current_rules() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        let subscribes = |actions: Vec<Action<u32>>| {
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::SubscribeAll))
+                .count()
+        };
+        // The first connection of a process subscribes, even to a resumed session.
+        assert_eq!(subscribes(session.on(connected(true), now, &shared)), 1);
+        session.on(lost("reset", vec![]), now, &shared);
+        // A resumed session keeps its subscriptions.
+        assert_eq!(subscribes(session.on(connected(true), now, &shared)), 0);
+        session.on(lost("reset", vec![]), now, &shared);
+        // A new one has none.
+        assert_eq!(subscribes(session.on(connected(false), now, &shared)), 1);
+    }
+
+    #[test]
+    fn a_resumed_session_expects_repeated_releases_and_a_new_one_does_not() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        let resumed = session.on(connected(true), now, &shared);
+        assert!(resumed.contains(&Action::ExpectRepeatedReleases));
+        let new = session.on(connected(false), now, &shared);
+        assert!(!new.contains(&Action::ExpectRepeatedReleases));
+    }
+
+    #[test]
+    fn a_suback_names_the_rules_it_answers() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        let subscribe = Request::Subscribe(vec![
+            ("a/#".into(), vec!["one".into(), "two".into()]),
+            ("b/+".into(), vec!["three".into()]),
+        ]);
+        session.on(SessionEvent::Requested(subscribe), now, &shared);
+        session.on(
+            SessionEvent::Requested(Request::Unsubscribe("c".into())),
+            now,
+            &shared,
+        );
+        session.on(SessionEvent::RequestSent(4), now, &shared);
+        session.on(SessionEvent::RequestSent(5), now, &shared);
+        let unsuback = session.on(
+            SessionEvent::UnsubAck {
+                pkid: 5,
+                refused: None,
+            },
+            now,
+            &shared,
+        );
+        assert_eq!(notes(&unsuback), vec![&Note::Unsubscribed("c".into())]);
+        let suback = session.on(
+            SessionEvent::SubAck {
+                pkid: 4,
+                granted: vec![Granted::Qos(1), Granted::Refused("not authorized".into())],
+            },
+            now,
+            &shared,
+        );
+        let subscribed = |rule: &str| Note::Subscribed {
+            rule: rule.into(),
+            filter: "a/#".into(),
+            qos: 1,
+        };
+        assert_eq!(
+            notes(&suback),
+            vec![
+                &subscribed("one"),
+                &subscribed("two"),
+                &Note::SubscriptionRefused {
+                    rule: "three".into(),
+                    filter: "b/+".into(),
+                    reason: "not authorized".into(),
+                },
+            ]
+        );
+        // An answer to nothing noted (or answered already) names nothing.
+        let again = session.on(
+            SessionEvent::SubAck {
+                pkid: 4,
+                granted: vec![Granted::Qos(1)],
+            },
+            now,
+            &shared,
+        );
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn replies_are_handed_back_after_a_new_session_and_answered_in_order() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        session.on(connected(false), now, &shared);
+        for waiter in 0..3 {
+            shared.book.borrow_mut().handed(waiter);
+        }
+        session.on(SessionEvent::PublishSent(1), now, &shared);
+        // Reply 0 in flight as 1; 1 and 2 not sent yet.
+        let broke = session.on(lost("reset", vec![1, 0, 0]), now, &shared);
+        assert!(broke.contains(&Action::KeepHeld));
+        // A failed attempt keeps what was kept at the break.
+        let failed = session.on(lost("refused", vec![]), now, &shared);
+        assert!(!failed.contains(&Action::KeepHeld));
+        let back = session.on(connected(false), now, &shared);
+        assert!(notes(&back).contains(&&Note::HandingBack(3)));
+        let hand_back = back.iter().position(|a| *a == Action::HandBackHeld);
+        let subscribe = back.iter().position(|a| *a == Action::SubscribeAll);
+        assert!(hand_back.is_some() && subscribe.is_some());
+        for pkid in [1, 2, 3] {
+            session.on(SessionEvent::PublishSent(pkid), now, &shared);
+        }
+        let mut answered = Vec::new();
+        for pkid in [3, 1, 2] {
+            let refused = (pkid == 2).then(|| "quota exceeded".to_owned());
+            for action in session.on(SessionEvent::PubAck { pkid, refused }, now, &shared) {
+                if let Action::Answer(waiter, result) = action {
+                    answered.push((waiter, result));
+                }
+            }
+        }
+        assert_eq!(
+            answered,
+            vec![
+                (2, Ok(())),
+                (0, Ok(())),
+                (1, Err("quota exceeded".to_owned()))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_resumed_session_leaves_the_held_replies_to_rumqttc() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        session.on(connected(false), now, &shared);
+        shared.book.borrow_mut().handed(0);
+        session.on(SessionEvent::PublishSent(1), now, &shared);
+        session.on(lost("reset", vec![1]), now, &shared);
+        let back = session.on(connected(true), now, &shared);
+        assert!(back.contains(&Action::ForgetHeld));
+        assert!(!back.contains(&Action::HandBackHeld));
+        session.on(SessionEvent::PublishSent(1), now, &shared);
+        let acked = session.on(
+            SessionEvent::PubAck {
+                pkid: 1,
+                refused: None,
+            },
+            now,
+            &shared,
+        );
+        assert_eq!(acked, vec![Action::Answer(0, Ok(()))]);
+    }
+
+    #[test]
+    fn the_first_ack_of_a_group_sent_writes_the_rest_and_a_lost_connection_drops_them() {
+        let shared = Plain {
+            line: Some(RefCell::default()),
+            ..Plain::default()
+        };
+        let (mut session, now) = (Session::new(), Instant::now());
+        let acks = |pkids: &[u16]| -> Vec<Ack> {
+            pkids.iter().map(|&pkid| Ack { pkid, qos: 1 }).collect()
+        };
+        let push = |group: Vec<Ack>| shared.line(|line| line.push(group));
+        push(acks(&[1, 2, 3]));
+        push(acks(&[4]));
+        assert_eq!(
+            session.on(SessionEvent::AckSent(1), now, &shared),
+            vec![Action::WriteAcks(acks(&[2, 3]))]
+        );
+        // A group of one has nothing to write behind its first.
+        assert!(
+            session
+                .on(SessionEvent::AckSent(4), now, &shared)
+                .is_empty()
+        );
+        push(acks(&[5, 6]));
+        let lost = session.on(lost("reset", vec![]), now, &shared);
+        assert!(lost.contains(&Action::ForgetExchanges));
+        assert!(
+            session
+                .on(SessionEvent::AckSent(5), now, &shared)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn releases_complete_exchanges_and_a_disconnect_stops() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        assert_eq!(
+            session.on(SessionEvent::Released(7), now, &shared),
+            vec![Action::Released(7)]
+        );
+        assert_eq!(
+            session.on(SessionEvent::DisconnectSent, now, &shared),
+            vec![Action::Connected(false), Action::Stop]
+        );
+    }
+
+    #[test]
+    fn publishes_are_counted_in_the_log_every_ten_thousand_and_pauses_warn_once() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        let logged: usize = (0..25_000)
+            .map(|_| session.on(SessionEvent::Publish, now, &shared).len())
+            .sum();
+        assert_eq!(logged, 2);
+        assert_eq!(
+            session.on(SessionEvent::Paused, now, &shared),
+            vec![Action::Log(Note::Pausing(1))]
+        );
+        assert_eq!(
+            session.on(SessionEvent::Paused, now, &shared),
+            vec![Action::Log(Note::Pausing(2))]
+        );
+    }
+}
