@@ -22,7 +22,7 @@
 //!   connection (same packet ids, DUP set), and they are acknowledged then.
 //! - Neither task waits for the other: the line's lock is held only to push or pop a group, and
 //!   acknowledgements that find rumqttc's channel full wait in the [`AckQueue`] while ingest
-//!   goes on (see [`super::Hold`] for why that matters).
+//!   goes on (see `hold.rs` for why that matters).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};

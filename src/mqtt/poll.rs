@@ -132,9 +132,7 @@ impl Poller {
                 max_packet_size,
             },
             Event::SubscribeSent(pkid) | Event::UnsubscribeSent(pkid) => {
-                while let Ok(request) = self.channels.notes.try_recv() {
-                    self.feed_now(SessionEvent::Requested(request));
-                }
+                self.take_notes();
                 SessionEvent::RequestSent(pkid)
             }
             Event::SubAck { pkid, granted } => SessionEvent::SubAck { pkid, granted },
@@ -150,20 +148,17 @@ impl Poller {
 
     /// Hands a publish to ingest; past the hold's bound, waits for ingest to catch up.
     async fn forward(&mut self, publish: Inbound) {
-        self.feed_now(SessionEvent::Publish);
-        let Channels {
-            tx, hold, replier, ..
-        } = &self.channels;
-        if tx.is_closed() {
+        self.feed(SessionEvent::Publish).await;
+        if self.channels.tx.is_closed() {
             // Ingest has stopped; the broker keeps this one for next time.
             return;
         }
-        hold.add(&publish);
-        let _ = tx.send(publish);
+        self.channels.hold.add(&publish);
+        let _ = self.channels.tx.send(publish);
         // A reply waiting for its PUBACK needs the socket read: pausing then could hold up a
         // delivery that ingest (a full buffer) waits for.
-        if hold.full() && !replier.waiting() {
-            self.feed_now(SessionEvent::Paused);
+        if self.channels.hold.full() && !self.channels.replier.waiting() {
+            self.feed(SessionEvent::Paused).await;
             let Channels {
                 tx, hold, replier, ..
             } = &self.channels;
@@ -175,16 +170,17 @@ impl Poller {
         }
     }
 
-    /// Feeds an event whose actions need no waiting (logs, bookkeeping).
-    fn feed_now(&mut self, event: SessionEvent) {
+    /// Hands the session the subscriber's requests noted so far (they call for no action).
+    fn take_notes(&mut self) {
         let books = Books {
             replier: &self.channels.replier,
             line: self.channels.line.as_deref(),
         };
-        for action in self.session.on(event, Instant::now(), &books) {
-            if let Action::Log(note) = action {
-                note.log(&self.broker);
-            }
+        while let Ok(request) = self.channels.notes.try_recv() {
+            let actions = self
+                .session
+                .on(SessionEvent::Requested(request), Instant::now(), &books);
+            debug_assert!(actions.is_empty(), "a note calls for no action");
         }
     }
 

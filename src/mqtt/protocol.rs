@@ -407,28 +407,31 @@ fn from_v5(event: rumqttc::v5::Event) -> Event {
                 refused,
             }
         }
-        E::Incoming(I::PubAck(ack)) => {
-            use p5::PubAckReason as R;
-            let refused = match ack.reason {
-                R::Success | R::NoMatchingSubscribers => None,
-                other => Some(with_reason(
-                    format!(
-                        "{} (0x{:02X})",
-                        words(&format!("{other:?}")),
-                        puback_reason_code(other)
-                    ),
-                    ack.properties
-                        .as_ref()
-                        .and_then(|p| p.reason_string.as_deref()),
-                )),
-            };
-            Event::PubAck {
-                pkid: ack.pkid,
-                refused,
-            }
-        }
+        E::Incoming(I::PubAck(ack)) => Event::PubAck {
+            pkid: ack.pkid,
+            refused: puback_refused(&ack),
+        },
         E::Outgoing(o) => outgoing(o),
         E::Incoming(_) => Event::Other,
+    }
+}
+
+/// Why the broker refused our publish, if it did: the reason code's words and number, and
+/// its reason string.
+fn puback_refused(ack: &p5::PubAck) -> Option<String> {
+    use p5::PubAckReason as R;
+    match ack.reason {
+        R::Success | R::NoMatchingSubscribers => None,
+        other => Some(with_reason(
+            format!(
+                "{} (0x{:02X})",
+                words(&format!("{other:?}")),
+                puback_reason_code(other)
+            ),
+            ack.properties
+                .as_ref()
+                .and_then(|p| p.reason_string.as_deref()),
+        )),
     }
 }
 
