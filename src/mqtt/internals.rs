@@ -196,11 +196,6 @@ pub enum PendingPublishes {
 }
 
 impl PendingPublishes {
-    /// None.
-    pub fn none() -> Self {
-        PendingPublishes::V311(Vec::new())
-    }
-
     /// Their packet ids in order; 0 for one never sent.
     pub fn pkids(&self) -> Vec<u16> {
         match self {
