@@ -32,7 +32,7 @@ pub mod protocol;
 mod reasons;
 pub mod replies;
 mod run;
-pub mod session;
+mod session;
 mod subscriber;
 
 use std::time::Duration;
