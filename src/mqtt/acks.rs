@@ -22,7 +22,7 @@
 //!   connection (same packet ids, DUP set), and they are acknowledged then.
 //! - Neither task waits for the other: the line's lock is held only to push or pop a group, and
 //!   acknowledgements that find rumqttc's channel full wait in the [`AckQueue`] while ingest
-//!   goes on (see [`super::Hold`] for why that matters).
+//!   goes on (see `hold.rs` for why that matters).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::Hold;
+use super::hold::Hold;
 use super::protocol::{Ack, Client, Inbound};
 
 /// Groups whose first acknowledgement is in rumqttc's request channel, the rest waiting to be
@@ -44,7 +44,7 @@ pub struct AckLine {
 
 impl AckLine {
     /// Registers a group whose first acknowledgement is about to enter the channel.
-    fn push(&mut self, group: Vec<Ack>) {
+    pub(super) fn push(&mut self, group: Vec<Ack>) {
         if !group.is_empty() {
             self.groups.push_back(group);
         }

@@ -13,8 +13,9 @@
 //! [`ReplyBook`] (pure) follows that: replies handed but not yet sent in order, sent ones by
 //! packet id. Across a broken connection rumqttc keeps what it held (in flight, and not yet
 //! sent) and sends it again when the broker kept the session; when the broker starts a new
-//! session rumqttc drops it, so the poll task (`mqtt.rs`) hands those publishes back first of
-//! all ([`ReplyBook::on_connected`] says which, in which order) and the book follows them. So a
+//! session rumqttc drops it, so the poll task (`poll.rs`, told by `session.rs`) hands those
+//! publishes back first of all ([`ReplyBook::on_connected`] says which, in which order) and
+//! the book follows them. So a
 //! reply waits through any number of broker restarts and reconnects without being lost or
 //! matched to another reply's PUBACK.
 //!
@@ -230,7 +231,7 @@ impl ReplyError {
 /// Tells which replying rule takes a topic, if one does.
 pub type LoopGuard = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
-type Waiter = oneshot::Sender<Result<(), String>>;
+pub(crate) type Waiter = oneshot::Sender<Result<(), String>>;
 
 /// Publishes replies and waits for their PUBACKs; cheap to clone.
 #[derive(Clone)]

@@ -1,0 +1,94 @@
+//! The subscriber task sends every SUBSCRIBE and UNSUBSCRIBE: the whole current rule set when
+//! the session says so (a new session, and once per process start), and what a reload adds or
+//! removes ([`Subscriptions`]) on the same connection and session.
+//!
+//! Invariant: being the only sender, it notes each request for the session (through the poll
+//! task) before handing it to rumqttc, in the order sent, so a SUBACK names the filters and
+//! rules it answers. It awaits room in rumqttc's request channel, which the poll task drains
+//! while it polls; ingest never waits on this task.
+
+use tokio::sync::mpsc;
+
+use super::Sink;
+use super::protocol::Client;
+use super::session::Request;
+
+/// What the subscriber task is asked to do.
+#[derive(Debug)]
+pub(super) enum SubscriberEvent {
+    /// Subscribe every filter of the rules in force (the session decided).
+    SubscribeAll,
+    /// A reload added these filters (or raised their QoS).
+    Subscribe(Vec<(String, u8)>),
+    /// No rule uses these filters any more.
+    Unsubscribe(Vec<String>),
+}
+
+/// Subscribe and unsubscribe on the running connection (a reload's changes); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Subscriptions(mpsc::UnboundedSender<SubscriberEvent>);
+
+/// The other end of [`Subscriptions`], handed to [`super::run`].
+#[derive(Debug)]
+pub struct SubscriptionRequests {
+    pub(super) tx: mpsc::UnboundedSender<SubscriberEvent>,
+    pub(super) rx: mpsc::UnboundedReceiver<SubscriberEvent>,
+}
+
+/// A handle for reloads and the requests it sends, for [`super::run`].
+pub fn subscriptions() -> (Subscriptions, SubscriptionRequests) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Subscriptions(tx.clone()), SubscriptionRequests { tx, rx })
+}
+
+impl Subscriptions {
+    /// Subscribes `filters` (filter, QoS) on the live connection. Sent when connected, or
+    /// right after the next connection.
+    pub fn subscribe(&self, filters: Vec<(String, u8)>) {
+        if !filters.is_empty() {
+            let _ = self.0.send(SubscriberEvent::Subscribe(filters));
+        }
+    }
+
+    /// Unsubscribes `filters` on the live connection.
+    pub fn unsubscribe(&self, filters: Vec<String>) {
+        if !filters.is_empty() {
+            let _ = self.0.send(SubscriberEvent::Unsubscribe(filters));
+        }
+    }
+}
+
+/// Sends every SUBSCRIBE and UNSUBSCRIBE asked for, in order, noting each on `notes` first.
+pub(super) async fn subscriber<S: Sink>(
+    client: Client,
+    routes: S,
+    mut events: mpsc::UnboundedReceiver<SubscriberEvent>,
+    notes: mpsc::UnboundedSender<Request>,
+) {
+    while let Some(event) = events.recv().await {
+        let filters = match event {
+            SubscriberEvent::SubscribeAll => routes.subscriptions(),
+            SubscriberEvent::Subscribe(filters) => filters,
+            SubscriberEvent::Unsubscribe(filters) => {
+                for filter in filters {
+                    let _ = notes.send(Request::Unsubscribe(filter.clone()));
+                    if let Err(err) = client.unsubscribe(filter).await {
+                        tracing::error!(error = %err, "cannot queue the unsubscribe request");
+                    }
+                }
+                continue;
+            }
+        };
+        if filters.is_empty() {
+            continue;
+        }
+        let named = filters
+            .iter()
+            .map(|(path, _)| (path.clone(), routes.rules_of(path)))
+            .collect();
+        let _ = notes.send(Request::Subscribe(named));
+        if let Err(err) = client.subscribe_many(filters).await {
+            tracing::error!(error = %err, "cannot queue the subscription request");
+        }
+    }
+}
