@@ -537,3 +537,147 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::super::storage::FaultStorage;
+    use super::super::ackfile::read_ack_file;
+    use super::super::recovery;
+    use super::super::segment::tests::message;
+    use super::super::segment::{scan_segment, segment_files};
+    use super::super::tests::config;
+    use super::*;
+
+    /// A writer on `dir` without its thread, so a test drives it step by step.
+    pub(super) fn open_writer(
+        dir: &Path,
+        storage: &FaultStorage,
+        segment_size: u64,
+    ) -> (Arc<Shared>, Writer) {
+        let config = super::super::DiskQueueConfig {
+            segment_size,
+            ..config(dir)
+        };
+        recovery::open(config, Arc::new(storage.clone())).expect("open")
+    }
+
+    /// One group commit of `batches`, one append each; returns each append's answer.
+    pub(super) fn append(writer: &mut Writer, batches: &[&[&str]]) -> Vec<io::Result<()>> {
+        let mut answers = Vec::new();
+        let mut appends = Vec::new();
+        for batch in batches {
+            let (reply, answer) = oneshot::channel();
+            appends.push((batch.iter().map(|p| message(p)).collect(), reply));
+            answers.push(answer);
+        }
+        writer.append_all(appends);
+        answers
+            .into_iter()
+            .map(|mut answer| answer.try_recv().expect("answered"))
+            .collect()
+    }
+
+    pub(super) fn scan(dir: &Path, first_seq: Seq) -> super::super::ScanResult {
+        scan_segment(&std::fs::read(segment_path(dir, first_seq)).expect("read segment"))
+    }
+
+    const FIRST: &str = "segment-00000000000000000000.log";
+
+    #[test]
+    fn appends_waiting_together_share_one_fsync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let (shared, mut writer) = open_writer(dir.path(), &storage, 1 << 20);
+        let before = storage.syncs_of(FIRST);
+        let answers = append(&mut writer, &[&["a", "b"], &["c", "d", "e"], &["f"]]);
+        assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
+        assert_eq!(storage.syncs_of(FIRST), before + 1);
+        assert_eq!(scan(dir.path(), 0).next_seq, Some(6));
+        assert_eq!(shared.lock().durable_seq, 6);
+    }
+
+    #[test]
+    fn a_moved_ack_position_rides_in_the_group_commit_without_an_ack_file_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let (shared, mut writer) = open_writer(dir.path(), &storage, 1 << 20);
+        append(&mut writer, &[&["a", "b", "c"]]);
+        let ack_syncs = storage.syncs_of("ack");
+        shared.lock().ack_next = 2;
+        writer.schedule_ack();
+        assert!(append(&mut writer, &[&["d"]])[0].is_ok());
+        assert_eq!(scan(dir.path(), 0).ack, Some(2));
+        assert_eq!(storage.syncs_of("ack"), ack_syncs);
+        assert_eq!(writer.ack_due, None, "nothing left for the ack file");
+        // The position did not move again: the next append carries no ack record.
+        let len = std::fs::metadata(segment_path(dir.path(), 0))
+            .expect("stat")
+            .len();
+        append(&mut writer, &[&["e"]]);
+        let grown = std::fs::metadata(segment_path(dir.path(), 0))
+            .expect("stat")
+            .len()
+            - len;
+        assert_eq!(grown, record::encoded_len(&message("e")) as u64);
+    }
+
+    #[test]
+    fn after_a_failed_fsync_the_append_is_cut_and_the_next_starts_a_new_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let (shared, mut writer) = open_writer(dir.path(), &storage, 1 << 20);
+        append(&mut writer, &[&["a", "b"]]);
+        let len = std::fs::metadata(segment_path(dir.path(), 0))
+            .expect("stat")
+            .len();
+        storage.fail_next_fsync();
+        let failed = append(&mut writer, &[&["c"]]);
+        assert_eq!(
+            failed[0].as_ref().map_err(|e| e.raw_os_error()),
+            Err(Some(5))
+        );
+        assert_eq!(
+            std::fs::metadata(segment_path(dir.path(), 0))
+                .expect("stat")
+                .len(),
+            len
+        );
+        assert_eq!(shared.lock().durable_seq, 2);
+        assert!(!shared.writable.load(Ordering::Relaxed));
+        assert!(append(&mut writer, &[&["c again"]])[0].is_ok());
+        assert_eq!(
+            segment_files(dir.path()).expect("list"),
+            [segment_path(dir.path(), 0), segment_path(dir.path(), 2)]
+        );
+        assert_eq!(scan(dir.path(), 2).next_seq, Some(3));
+        assert!(shared.writable.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn segments_wholly_behind_the_persisted_position_are_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let (shared, mut writer) = open_writer(dir.path(), &storage, 512);
+        let ten = ["0123456789012345678901234567890123456789"; 10];
+        for _ in 0..3 {
+            assert!(append(&mut writer, &[&ten])[0].is_ok());
+        }
+        let names = |dir: &Path| segment_files(dir).expect("list");
+        assert_eq!(names(dir.path()).len(), 3, "10 messages fill a segment");
+        shared.lock().ack_next = 20;
+        assert!(writer.persist_ack_and_delete());
+        assert_eq!(names(dir.path()), [segment_path(dir.path(), 20)]);
+        assert_eq!(
+            read_ack_file(dir.path()).expect("ack").map(|(_, s)| s),
+            Some(20)
+        );
+        let state = shared.lock();
+        let on_disk = std::fs::metadata(segment_path(dir.path(), 20))
+            .expect("stat")
+            .len();
+        assert_eq!(state.bytes, on_disk);
+        assert_eq!(state.segments.len(), 1);
+    }
+}

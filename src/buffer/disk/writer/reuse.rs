@@ -137,3 +137,107 @@ impl Writer {
         let _ = self.shared.storage.sync_dir(dir);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::super::super::super::storage::FaultStorage;
+    use super::super::super::ackfile::read_ack_file;
+    use super::super::super::segment::{SEGMENT_MAGIC, segment_files};
+    use super::super::tests::{append, open_writer, scan};
+    use super::*;
+
+    const FORTY: &str = "0123456789012345678901234567890123456789";
+
+    fn ack_file(dir: &Path) -> Option<u64> {
+        read_ack_file(dir).expect("ack").map(|(_, seq)| seq)
+    }
+
+    #[test]
+    fn a_fully_acknowledged_newest_segment_past_the_fraction_is_cut_and_renamed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let (shared, mut writer) = open_writer(dir.path(), &storage, 1024);
+        assert!(append(&mut writer, &[&[FORTY; 10]])[0].is_ok());
+        shared.lock().ack_next = 10;
+        assert!(writer.persist_ack_and_delete());
+        assert_eq!(
+            segment_files(dir.path()).expect("list"),
+            [segment_path(dir.path(), 10)]
+        );
+        assert_eq!(
+            std::fs::read(segment_path(dir.path(), 10)).expect("read"),
+            SEGMENT_MAGIC
+        );
+        assert_eq!(ack_file(dir.path()), Some(10));
+        {
+            let state = shared.lock();
+            assert_eq!(state.bytes, MAGIC_LEN);
+            assert_eq!(state.segments[0].first_seq, 10);
+        }
+        // The next append goes on in the reused file.
+        assert!(append(&mut writer, &[&["next"]])[0].is_ok());
+        assert_eq!(scan(dir.path(), 10).next_seq, Some(11));
+    }
+
+    #[test]
+    fn a_small_acknowledged_segment_is_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let (shared, mut writer) = open_writer(dir.path(), &storage, 1024);
+        assert!(append(&mut writer, &[&["a"]])[0].is_ok());
+        shared.lock().ack_next = 1;
+        assert!(writer.persist_ack_and_delete());
+        assert_eq!(ack_file(dir.path()), Some(1));
+        assert_eq!(
+            segment_files(dir.path()).expect("list"),
+            [segment_path(dir.path(), 0)]
+        );
+        assert_eq!(scan(dir.path(), 0).next_seq, Some(1));
+    }
+
+    #[test]
+    fn a_read_in_progress_holds_the_reuse_off_until_it_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let (shared, mut writer) = open_writer(dir.path(), &storage, 1024);
+        assert!(append(&mut writer, &[&[FORTY; 10]])[0].is_ok());
+        shared.lock().ack_next = 10;
+        let reading = shared.lock_reader();
+        assert!(!writer.persist_ack_and_delete(), "to be tried again");
+        assert_eq!(scan(dir.path(), 0).next_seq, Some(10), "not cut");
+        assert_eq!(ack_file(dir.path()), Some(10), "the ack file comes first");
+        drop(reading);
+        assert!(writer.persist_ack_and_delete());
+        assert_eq!(
+            segment_files(dir.path()).expect("list"),
+            [segment_path(dir.path(), 10)]
+        );
+    }
+
+    #[test]
+    fn on_a_full_disk_a_delivered_segment_is_reused_and_the_next_append_succeeds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        // Far below the fraction: only the failing writes make the reuse worthwhile.
+        let (shared, mut writer) = open_writer(dir.path(), &storage, 1 << 20);
+        assert!(append(&mut writer, &[&["a", "b", "c"]])[0].is_ok());
+        shared.lock().ack_next = 3;
+        storage.fill_after(0);
+        let failed = append(&mut writer, &[&["d"]]);
+        assert_eq!(
+            failed[0].as_ref().map_err(|e| e.raw_os_error()),
+            Err(Some(28))
+        );
+        assert!(!shared.writable.load(Ordering::Relaxed));
+        assert!(writer.persist_ack_and_delete());
+        assert_eq!(
+            segment_files(dir.path()).expect("list"),
+            [segment_path(dir.path(), 3)]
+        );
+        assert!(append(&mut writer, &[&["d"]])[0].is_ok());
+        assert_eq!(scan(dir.path(), 3).next_seq, Some(4));
+        assert!(shared.writable.load(Ordering::Relaxed));
+    }
+}
