@@ -18,9 +18,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::super::storage::{OpenMode, RealStorage, Storage, StorageFile};
 use super::Seq;
 use super::segment::{list_segments, read_whole, scan_segment};
+use crate::buffer::storage::{OpenMode, RealStorage, Storage, StorageFile};
 
 /// The file's name in the queue directory.
 pub(super) const ACK_FILE: &str = "ack";
@@ -118,10 +118,10 @@ impl AckFile {
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::record;
-    use super::super::super::storage::FaultStorage;
-    use super::super::segment::{SEGMENT_MAGIC, segment_path};
     use super::*;
+    use crate::buffer::disk::segment::{SEGMENT_MAGIC, segment_path};
+    use crate::buffer::record;
+    use crate::buffer::storage::FaultStorage;
 
     fn write_slots(dir: &Path, slots: &[[u8; ACK_SLOT_LEN as usize]]) {
         std::fs::write(dir.join(ACK_FILE), slots.concat()).expect("write ack file");

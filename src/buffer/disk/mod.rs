@@ -87,6 +87,18 @@
 //! record is skipped by scanning for the next valid one, a missing segment is a gap; both are
 //! counted and logged with the file name. Nothing makes recovery refuse to start or loop.
 //!
+//! # Where each piece lives
+//!
+//! ```text
+//! mod.rs          this text; DiskQueue and its config, the Queue impl, the shared state
+//! segment.rs      a segment file: its name, its header, scanning its bytes
+//! ackfile.rs      the two-slot `ack` file; the ack position on disk
+//! recovery.rs     opening: the newest segment, the ack position, what to cut, rename, delete
+//! reader.rs       reads into the hand-over list; skipping ack records, leftovers, corruption
+//! writer/mod.rs   the writer thread: group commit, rollover, drop_oldest, deleting behind
+//! writer/reuse.rs reusing the newest segment in place
+//! ```
+//!
 //! All file operations go through [`Storage`], so tests can inject faults ([`FaultStorage`]).
 //!
 //! [`FaultStorage`]: super::storage::FaultStorage
@@ -164,6 +176,7 @@ impl crate::core::stats::BufferReport for DiskQueue {
     }
 }
 
+/// One segment file as the queue tracks it.
 #[derive(Debug, Clone)]
 struct Segment {
     /// Sequence number of its first record (its name; after an interrupted reuse, possibly
@@ -174,6 +187,7 @@ struct Segment {
     len: u64,
 }
 
+/// What appends, reads and acks change together, under one lock.
 #[derive(Debug)]
 struct State {
     /// Oldest first; the last one is being written.
@@ -187,6 +201,7 @@ struct State {
     /// Set when the writer thread has stopped.
     closed: bool,
 }
+
 /// Everything the writer thread and the blocking reads share with the queue handle.
 struct Shared {
     state: Mutex<State>,
@@ -228,6 +243,7 @@ impl Shared {
     }
 }
 
+/// What the queue handle asks of the writer thread.
 enum WriterMsg {
     Append {
         messages: Vec<Message>,

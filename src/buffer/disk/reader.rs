@@ -26,10 +26,10 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use super::super::record::{self, Decoded};
-use super::super::storage::{OpenMode, StorageFile};
 use super::segment::MAGIC_LEN;
 use super::{Entry, QueueError, Segment, Seq, Shared};
+use crate::buffer::record::{self, Decoded};
+use crate::buffer::storage::{OpenMode, StorageFile};
 use crate::core::clock::Reading;
 use crate::core::envelope::Message;
 
@@ -436,12 +436,12 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::storage::{RealStorage, Storage};
-    use super::super::DiskQueue;
-    use super::super::segment::segment_path;
-    use super::super::segment::tests::segment_bytes;
-    use super::super::tests::{config, payloads};
     use super::*;
+    use crate::buffer::disk::DiskQueue;
+    use crate::buffer::disk::segment::segment_path;
+    use crate::buffer::disk::segment::tests::{message, segment_bytes};
+    use crate::buffer::disk::tests::{config, payloads};
+    use crate::buffer::storage::{RealStorage, Storage};
 
     /// Reads everything durable through the hand-over list, as a blocking read does.
     fn read_all(queue: &DiskQueue) -> Vec<Entry> {
@@ -496,7 +496,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut older = segment_bytes(&[(0, "0")]);
         record::encode_ack(0, &mut older);
-        record::encode(1, &super::super::segment::tests::message("1"), &mut older);
+        record::encode(1, &message("1"), &mut older);
         std::fs::write(segment_path(dir.path(), 0), older).expect("write");
         std::fs::write(segment_path(dir.path(), 2), segment_bytes(&[(2, "2")])).expect("write");
         let queue = DiskQueue::open(config(dir.path())).expect("open");
@@ -533,7 +533,7 @@ mod tests {
         let path = dir.path().join("f");
         let mut bytes = vec![0xAB; 100];
         let record_at = bytes.len() as u64;
-        record::encode(9, &super::super::segment::tests::message("x"), &mut bytes);
+        record::encode(9, &message("x"), &mut bytes);
         std::fs::write(&path, &bytes).expect("write");
         let file = RealStorage.open(&path, OpenMode::Read).expect("open");
         let limit = bytes.len() as u64;

@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::super::storage::{OpenMode, Storage};
 use super::ackfile::AckFile;
 use super::reader::Reader;
 use super::segment::{
@@ -35,6 +34,7 @@ use super::segment::{
 };
 use super::writer::Writer;
 use super::{Counters, DiskQueueConfig, Segment, Seq, Shared, State};
+use crate::buffer::storage::{OpenMode, Storage};
 
 /// What the writer needs to know about the newest segment file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,13 +325,13 @@ fn continue_at(
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::record;
-    use super::super::super::storage::{FaultStorage, RealStorage};
-    use super::super::ackfile::read_ack_file;
-    use super::super::segment::segment_files;
-    use super::super::segment::tests::segment_bytes;
-    use super::super::tests::config;
     use super::*;
+    use crate::buffer::disk::ackfile::read_ack_file;
+    use crate::buffer::disk::segment::segment_files;
+    use crate::buffer::disk::segment::tests::segment_bytes;
+    use crate::buffer::disk::tests::config;
+    use crate::buffer::record;
+    use crate::buffer::storage::{FaultStorage, RealStorage};
 
     fn write_ack(dir: &Path, position: Seq) {
         AckFile::read(&RealStorage, dir)

@@ -15,9 +15,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::super::record::{self, Decoded};
-use super::super::storage::{OpenMode, RealStorage, Storage};
 use super::Seq;
+use crate::buffer::record::{self, Decoded};
+use crate::buffer::storage::{OpenMode, RealStorage, Storage};
 
 /// Every new segment file starts with this; a different format gets a different magic.
 /// `MLBSEG02` segments may hold ack records (see `record.rs`).

@@ -30,12 +30,12 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use super::super::record;
-use super::super::storage::{OpenMode, StorageFile};
 use super::ackfile::AckFile;
 use super::recovery::NewestSegment;
 use super::segment::{segment_head, segment_path};
 use super::{ACK_PERSIST_INTERVAL, Segment, Seq, Shared, WriterMsg};
+use crate::buffer::record;
+use crate::buffer::storage::{OpenMode, StorageFile};
 use crate::core::config::WhenFull;
 use crate::core::envelope::Message;
 
@@ -542,13 +542,14 @@ impl Writer {
 mod tests {
     use std::path::Path;
 
-    use super::super::super::storage::FaultStorage;
-    use super::super::ackfile::read_ack_file;
-    use super::super::recovery;
-    use super::super::segment::tests::message;
-    use super::super::segment::{scan_segment, segment_files};
-    use super::super::tests::config;
     use super::*;
+    use crate::buffer::disk::ackfile::read_ack_file;
+    use crate::buffer::disk::recovery;
+    use crate::buffer::disk::segment::tests::message;
+    use crate::buffer::disk::segment::{scan_segment, segment_files};
+    use crate::buffer::disk::tests::config;
+    use crate::buffer::disk::{DiskQueueConfig, ScanResult};
+    use crate::buffer::storage::FaultStorage;
 
     /// A writer on `dir` without its thread, so a test drives it step by step.
     pub(super) fn open_writer(
@@ -556,7 +557,7 @@ mod tests {
         storage: &FaultStorage,
         segment_size: u64,
     ) -> (Arc<Shared>, Writer) {
-        let config = super::super::DiskQueueConfig {
+        let config = DiskQueueConfig {
             segment_size,
             ..config(dir)
         };
@@ -579,7 +580,7 @@ mod tests {
             .collect()
     }
 
-    pub(super) fn scan(dir: &Path, first_seq: Seq) -> super::super::ScanResult {
+    pub(super) fn scan(dir: &Path, first_seq: Seq) -> ScanResult {
         scan_segment(&std::fs::read(segment_path(dir, first_seq)).expect("read segment"))
     }
 

@@ -24,9 +24,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::super::REUSE_FRACTION;
-use super::super::segment::{MAGIC_LEN, segment_path};
 use super::Writer;
+use crate::buffer::disk::REUSE_FRACTION;
+use crate::buffer::disk::segment::{MAGIC_LEN, segment_path};
 
 impl Writer {
     /// Reuses the newest segment in place when everything in it is acknowledged on disk and
@@ -142,11 +142,11 @@ impl Writer {
 mod tests {
     use std::sync::atomic::Ordering;
 
-    use super::super::super::super::storage::FaultStorage;
-    use super::super::super::ackfile::read_ack_file;
-    use super::super::super::segment::{SEGMENT_MAGIC, segment_files};
     use super::super::tests::{append, open_writer, scan};
     use super::*;
+    use crate::buffer::disk::ackfile::read_ack_file;
+    use crate::buffer::disk::segment::{SEGMENT_MAGIC, segment_files};
+    use crate::buffer::storage::FaultStorage;
 
     const FORTY: &str = "0123456789012345678901234567890123456789";
 
