@@ -10,8 +10,9 @@
 //!   not match, so it sees the old or the new position, never a mix.
 //! - An update is durable when [`AckFile::write`] returns (one `pwrite`, one fdatasync), and
 //!   [`AckFile::holds`] names what is on disk only after that.
-//! - After the first write both slots are inside the file (the second write fills the other),
-//!   so later updates overwrite blocks the file already has and need no free space.
+//! - Generation 1 goes to the second slot, so the first write makes the file both slots long:
+//!   later updates overwrite blocks the file already has and need no free space. The queue
+//!   writes it when it opens, while there is room.
 //! - The position on disk is the higher of this file's and the highest ack record in the
 //!   newest segment ([`read_ack_position`]).
 

@@ -5,11 +5,12 @@
 //! record and its highest ack record, and cut a torn tail; settle the ack position and the
 //! next sequence; continue the newest segment, or rename it (empty) or start a new one; delete
 //! the segments wholly behind the ack position; fsync the directory. Then the shared state and
-//! the writer are built from the result, and the `ack` file is created if missing.
+//! the writer are built from the result, and the `ack` file is written if it is missing or
+//! behind the position recovery settled on.
 //!
 //! Invariants kept here:
-//! - Only the newest segment is read; older ones are trusted by their names and checked as
-//!   they are read (`reader.rs`).
+//! - Only the newest segment is read whole; of older ones only the length is taken: they are
+//!   trusted by their names, and their records are checked as they are read (`reader.rs`).
 //! - The ack position is the higher of the `ack` file's and the highest ack record in the
 //!   newest segment. Positions ahead of the records mean everything was delivered (an empty
 //!   newest segment behind the position is a reuse a crash cut short, renamed here without a
