@@ -527,6 +527,47 @@ mod tests {
         assert_eq!(shared.to_fetch(5), 0, "nothing unread on disk");
     }
 
+    /// A segment of messages received `ages` seconds ago, one per sequence from 0.
+    fn aged_segment(dir: &std::path::Path, ages: &[u64]) {
+        let mut bytes = crate::buffer::disk::SEGMENT_MAGIC.to_vec();
+        for (seq, age) in ages.iter().enumerate() {
+            let at = std::time::SystemTime::now() - std::time::Duration::from_secs(*age);
+            let m = Message::received("t".into(), seq.to_string().into_bytes(), 1, false, at);
+            record::encode(seq as Seq, &m, &mut bytes);
+        }
+        std::fs::write(segment_path(dir, 0), bytes).expect("write");
+    }
+
+    fn open_with_max_age(dir: &std::path::Path) -> DiskQueue {
+        let config = crate::buffer::disk::DiskQueueConfig {
+            max_age: Some(std::time::Duration::from_secs(60)),
+            ..config(dir)
+        };
+        DiskQueue::open(config).expect("open")
+    }
+
+    #[test]
+    fn expired_messages_at_the_head_are_dropped_and_move_the_ack_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        aged_segment(dir.path(), &[3600, 3600, 0]);
+        let queue = open_with_max_age(dir.path());
+        assert!(queue.shared.read_into_ready(10).expect("read"), "ack moved");
+        assert_eq!(payloads(&queue.shared.take_ready(10)), ["2"]);
+        assert_eq!(queue.shared.lock().ack_next, 2);
+        assert_eq!(queue.counters().expired.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn an_expired_message_behind_an_undelivered_one_leaves_the_ack_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        aged_segment(dir.path(), &[0, 3600, 0]);
+        let queue = open_with_max_age(dir.path());
+        assert!(!queue.shared.read_into_ready(10).expect("read"));
+        assert_eq!(payloads(&queue.shared.take_ready(10)), ["0", "2"]);
+        assert_eq!(queue.shared.lock().ack_next, 0);
+        assert_eq!(queue.counters().expired.load(Ordering::Relaxed), 1);
+    }
+
     #[test]
     fn scanning_past_corruption_finds_the_next_valid_record() {
         let dir = tempfile::tempdir().expect("tempdir");
