@@ -1,0 +1,496 @@
+//! The durable queue: a FIFO of records in segment files, one directory per rule.
+//!
+//! # On disk
+//!
+//! ```text
+//! <buffer.dir>/<rule>/
+//!     segment-00000000000000000000.log   records with sequence numbers from 0
+//!     segment-00000000000000052311.log   records from 52311 (the name is its first sequence)
+//!     ack                                the first unacknowledged sequence number (when idle)
+//!     dead-letters.jsonl                 events Lambda can never accept (see deadletter.rs)
+//! ```
+//!
+//! A segment starts with the 8-byte magic `MLBSEG02`, followed by records (`record.rs`: length,
+//! CRC32C, sequence number, then a message, or an ack record: the first unacknowledged
+//! sequence, marked by QoS 0xAC). Segments with the magic `MLBSEG01` (written before ack
+//! records existed) are read as before and never appended to: the first append after start-up
+//! begins a new segment. An older binary cannot read `MLBSEG02` segments: to downgrade, drain
+//! the buffer first. The `ack` file holds two 24-byte slots (generation, first unacknowledged
+//! sequence, CRC32C); each update overwrites the older slot, so a torn write leaves the other
+//! slot intact. It is created when the queue opens, so that recording an ack later never needs
+//! a free block.
+//!
+//! # Invariants
+//!
+//! - Sequence numbers grow by one per message record, across segments (ack records take
+//!   none, and readers skip them: never a gap, a loss or corruption); a segment holds only sequences
+//!   from its name up to the next segment's name. Records at or past the next segment's name
+//!   can only be what an append whose fsync failed left behind: readers skip them.
+//! - A record is handed to a reader only once it is fsync'd: `append` returns, and the MQTT
+//!   message is acknowledged, only after that. An append whose write or fsync fails returns the
+//!   error, and the bytes it wrote are cut off the file before anything else happens.
+//! - After a failed fsync the segment file takes no more appends: the next append starts a new
+//!   segment file. Linux may drop the pages it could not write and report success for a later
+//!   fsync of the same file, so nothing written there after the failure could be trusted.
+//! - The ack position on disk is the higher of the `ack` file's and the highest ack record in
+//!   the newest segment. Under steady appends the position rides in each group commit: when it
+//!   moved past what is on disk, one ack record follows the messages in the same write and the
+//!   same fsync (no extra fsync, 36 bytes). When appends pause, it reaches the `ack` file within
+//!   [`ACK_PERSIST_INTERVAL`] of the `ack` (one `pwrite`, one fdatasync; at most one per
+//!   interval, none while appends keep coming). The `ack` file is also written at `close`, at
+//!   open when it is missing or behind what recovery found, and before a segment is reused. A
+//!   crash (kill -9 or power cut) therefore delivers again what was in flight plus what was
+//!   acknowledged since the last group commit (or, when appends had paused, in the last
+//!   interval), and never skips a record that was not acknowledged: an ack record only ever
+//!   holds a position that was acknowledged, and it is durable only with its group commit.
+//! - The newest segment holds the newest position the log carried: a new segment written while
+//!   the `ack` file is behind opens with an ack record, in the same write and fsync as its
+//!   magic. So recovery, which reads only the newest segment, never finds less than the
+//!   position older segments were deleted on the strength of.
+//! - A segment is deleted only when every record in it is acknowledged and that acknowledgement
+//!   is on disk — or when `when_full = "drop_oldest"` drops it, and then its unacknowledged
+//!   records are counted as dropped. The directory is fsync'd after every create, rename and
+//!   delete.
+//! - The newest segment is reused in place once every record in it is acknowledged and that
+//!   acknowledgement is on disk, and writes are failing (a full disk), or the queue is at its
+//!   size cap, or the segment holds at least 1/[`REUSE_FRACTION`] of `segment_size` (so small
+//!   acks under normal traffic never touch the directory). Steps, in this order, with no read
+//!   in progress: write the position to the `ack` file if only an ack record held it (the cut
+//!   removes the segment's ack records); cut it to its header and fsync it; rename it to
+//!   `segment-<next sequence>.log`; fsync the directory. Cutting and renaming need no free
+//!   block, so a full disk recovers by itself, and the next append succeeds. A crash between
+//!   any two steps recovers: before the cut, its records are all behind the ack position;
+//!   after the cut, an empty newest segment behind the ack position is renamed at start-up;
+//!   after the rename, it is an ordinary empty segment (and should a file system keep the
+//!   rename but lose the cut, its records are below its name and readers skip them). If the
+//!   rename fails, the file keeps its name and takes the following sequences, which the
+//!   "from its name" rule above allows.
+//!
+//! # Life cycle
+//!
+//! One writer thread per queue owns every file mutation. Appends queue up for it; it writes all
+//! pending appends and a moved ack position, fsyncs once for all of them (group commit), answers
+//! each, and deletes the segments behind the position. When the ack deadline passes while it
+//! waits (no append carried the position), it writes the `ack` file, deletes the segments
+//! behind it and reuses the newest one if worthwhile. Readers
+//! read the fsync'd part of the segments with their own file handle, on tokio's blocking
+//! threads; what a read brings in waits in a hand-over list, so a caller that stops waiting
+//! (a cancelled `select!` branch) loses nothing. Acks move a shared position and wake the
+//! writer.
+//!
+//! # Recovery
+//!
+//! Start-up reads only the newest segment (to find its last whole record and its highest ack
+//! record, and truncate a torn tail, ack records included) and the `ack` file; the ack
+//! position is the higher of the two. The reader then scans forward within one segment to the
+//! ack position. Older segments are trusted by their names and checked as they are read: a corrupt
+//! record is skipped by scanning for the next valid one, a missing segment is a gap; both are
+//! counted and logged with the file name. Nothing makes recovery refuse to start or loop.
+//!
+//! # Where each piece lives
+//!
+//! ```text
+//! mod.rs          this text; DiskQueue and its config, the Queue impl, the shared state
+//! segment.rs      a segment file: its name, its header, scanning its bytes
+//! ackfile.rs      the two-slot `ack` file; the ack position on disk
+//! recovery.rs     opening: the newest segment, the ack position, what to cut, rename, delete
+//! reader.rs       reads into the hand-over list; skipping ack records, leftovers, corruption
+//! writer/mod.rs   the writer thread: group commit, rollover, drop_oldest, deleting behind
+//! writer/reuse.rs reusing the newest segment in place
+//! ```
+//!
+//! All file operations go through [`Storage`], so tests can inject faults ([`FaultStorage`]).
+//!
+//! [`FaultStorage`]: super::storage::FaultStorage
+
+mod ackfile;
+mod reader;
+mod recovery;
+mod segment;
+mod writer;
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, oneshot};
+
+use super::record;
+use super::storage::{RealStorage, Storage};
+use super::{Entry, Queue, QueueError, Seq};
+use crate::core::config::WhenFull;
+use crate::core::envelope::Message;
+use reader::Reader;
+
+pub use ackfile::{read_ack_file, read_ack_position};
+pub use segment::{SEGMENT_MAGIC, SEGMENT_MAGIC_V1, ScanResult, scan_segment, segment_files};
+
+/// When no append comes, a moved ack position reaches the `ack` file this long after the `ack`
+/// (under steady appends it rides in the next group commit instead, at no extra fsync). Also
+/// the least time between two writes of the `ack` file, so an SD card sees at most ten ack
+/// fsyncs a second, and none while appends keep coming.
+pub const ACK_PERSIST_INTERVAL: Duration = Duration::from_millis(100);
+/// Default segment size: large enough for sequential writes, small enough that deleting a
+/// whole segment frees space in useful steps.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 8 * 1024 * 1024;
+/// Smallest segment size accepted (tests use tiny ones).
+pub const MIN_SEGMENT_SIZE: u64 = 512;
+/// A fully acknowledged newest segment is reused in place (cut to its header, renamed) once it
+/// holds `segment_size / REUSE_FRACTION` bytes, even when the disk has room: often enough that
+/// delivered data does not sit on disk, rarely enough that a steady trickle does not rename a
+/// file on every ack.
+pub const REUSE_FRACTION: u64 = 2;
+
+/// How a rule's queue behaves.
+#[derive(Debug, Clone)]
+pub struct DiskQueueConfig {
+    /// The rule's directory.
+    pub dir: PathBuf,
+    /// A new segment starts once the current one reaches this size.
+    pub segment_size: u64,
+    /// Cap on the bytes of all segments.
+    pub max_size: u64,
+    /// What to do at the cap.
+    pub when_full: WhenFull,
+    /// Records older than this are dropped when read (`None`: never).
+    pub max_age: Option<Duration>,
+}
+
+pub use crate::core::stats::{BufferCounters as Counters, QueueStats};
+
+impl crate::core::stats::BufferReport for DiskQueue {
+    fn counters(&self) -> &Counters {
+        DiskQueue::counters(self)
+    }
+
+    fn stats(&self) -> QueueStats {
+        DiskQueue::stats(self)
+    }
+
+    fn writable(&self) -> bool {
+        DiskQueue::writable(self)
+    }
+}
+
+/// One segment file as the queue tracks it.
+#[derive(Debug, Clone)]
+struct Segment {
+    /// Sequence number of its first record (its name; after an interrupted reuse, possibly
+    /// lower than its first record).
+    first_seq: Seq,
+    path: PathBuf,
+    /// Durable length in bytes (what readers may read).
+    len: u64,
+}
+
+/// What appends, reads and acks change together, under one lock.
+#[derive(Debug)]
+struct State {
+    /// Oldest first; the last one is being written.
+    segments: VecDeque<Segment>,
+    /// All sequences below this are durable and readable.
+    durable_seq: Seq,
+    /// First unacknowledged sequence.
+    ack_next: Seq,
+    /// Sum of segment lengths.
+    bytes: u64,
+    /// Set when the writer thread has stopped.
+    closed: bool,
+}
+
+/// Everything the writer thread and the blocking reads share with the queue handle.
+struct Shared {
+    state: Mutex<State>,
+    /// The disk reader; held for the whole of a blocking read, and by the writer while it
+    /// reuses a segment (so no read sees a file being cut).
+    reader: Mutex<Reader>,
+    /// Entries read from disk and not yet handed out, in order: a read whose caller stopped
+    /// waiting leaves its entries here for the next one.
+    ready: Mutex<VecDeque<Entry>>,
+    /// `reader.next_seq`, readable without waiting for a read in progress.
+    read_next: AtomicU64,
+    /// Wakes readers when records become durable.
+    appended: Notify,
+    /// Wakes `block`-mode appenders when space is freed.
+    freed: Notify,
+    counters: Counters,
+    config: DiskQueueConfig,
+    storage: Arc<dyn Storage>,
+    /// False while the last segment write or fsync failed (for readiness checks).
+    writable: AtomicBool,
+    /// Set when the ack position moved and the writer was told; the writer clears it when it
+    /// takes the message, so a burst of acks sends one message.
+    ack_signalled: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every mutation under this lock is completed before it is released, so a poisoned
+        // lock still guards a consistent state.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_reader(&self) -> MutexGuard<'_, Reader> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_ready(&self) -> MutexGuard<'_, VecDeque<Entry>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the queue handle asks of the writer thread.
+enum WriterMsg {
+    Append {
+        messages: Vec<Message>,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    /// The ack position moved.
+    Acked,
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+    /// Stop without persisting the ack position, as a crash would (tests).
+    Abandon,
+}
+
+/// A durable per-rule queue.
+pub struct DiskQueue {
+    shared: Arc<Shared>,
+    writer: Mutex<mpsc::Sender<WriterMsg>>,
+    /// The writer thread, joined by `abandon`.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for DiskQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskQueue")
+            .field("dir", &self.shared.config.dir)
+            .finish()
+    }
+}
+
+impl DiskQueue {
+    /// Opens (and recovers) the queue in `config.dir`, creating it if needed.
+    pub fn open(config: DiskQueueConfig) -> io::Result<DiskQueue> {
+        DiskQueue::open_with(config, Arc::new(RealStorage))
+    }
+
+    /// [`DiskQueue::open`] on the given storage (tests pass a
+    /// [`FaultStorage`](super::storage::FaultStorage)).
+    pub fn open_with(config: DiskQueueConfig, storage: Arc<dyn Storage>) -> io::Result<DiskQueue> {
+        let (shared, writer) = recovery::open(config, storage)?;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("buffer-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(DiskQueue {
+            shared,
+            writer: Mutex::new(tx),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// What the queue counted.
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    /// Pending messages, bytes and segments now.
+    pub fn stats(&self) -> QueueStats {
+        let state = self.shared.lock();
+        QueueStats {
+            pending: state.durable_seq.saturating_sub(state.ack_next),
+            bytes: state.bytes,
+            segments: state.segments.len(),
+        }
+    }
+
+    /// Whether the last segment write and fsync succeeded: false from a failed append (a full
+    /// disk, a read-only file system, an I/O error) until an append succeeds again.
+    pub fn writable(&self) -> bool {
+        self.shared.writable.load(Ordering::Relaxed)
+    }
+
+    /// Persists the ack position and stops the writer; later appends fail.
+    pub async fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.send(WriterMsg::Close { reply }).is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// Stops the writer without persisting the ack position, as `kill -9` would; appends that
+    /// returned are on disk. For crash tests.
+    pub fn abandon(self) {
+        let _ = self.send(WriterMsg::Abandon);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+
+    fn send(&self, msg: WriterMsg) -> Result<(), QueueError> {
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(msg)
+            .map_err(|_| QueueError::Closed)
+    }
+
+    /// Tells the writer the ack position moved, once per burst of acks.
+    fn signal_ack(&self) {
+        if !self.shared.ack_signalled.swap(true, Ordering::AcqRel) {
+            // Best effort: when the writer is gone the position is persisted at the next start.
+            let _ = self.send(WriterMsg::Acked);
+        }
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> QueueError {
+    QueueError::Io(io::Error::other(format!(
+        "the buffer read task stopped: {e}"
+    )))
+}
+
+impl Queue for DiskQueue {
+    async fn append(&self, messages: Vec<Message>) -> Result<(), QueueError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let size: u64 = messages.iter().map(|m| record::encoded_len(m) as u64).sum();
+        if self.shared.config.when_full == WhenFull::Block {
+            loop {
+                let freed = self.shared.freed.notified();
+                {
+                    let state = self.shared.lock();
+                    if state.closed {
+                        return Err(QueueError::Closed);
+                    }
+                    let live = state.bytes;
+                    if live + size <= self.shared.config.max_size
+                        || state.durable_seq == state.ack_next
+                    {
+                        break;
+                    }
+                }
+                freed.await;
+            }
+        }
+        let (reply, done) = oneshot::channel();
+        self.send(WriterMsg::Append { messages, reply })?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(QueueError::Io(e)),
+            Err(_) => Err(QueueError::Closed),
+        }
+    }
+
+    async fn read(&self, max: usize) -> Result<Vec<Entry>, QueueError> {
+        loop {
+            let waiting = self.shared.appended.notified();
+            let entries = self.read_ready(max).await?;
+            if !entries.is_empty() {
+                return Ok(entries);
+            }
+            if self.shared.lock().closed {
+                return Err(QueueError::Closed);
+            }
+            waiting.await;
+        }
+    }
+
+    async fn read_ready(&self, max: usize) -> Result<Vec<Entry>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let fetch = self.shared.to_fetch(max);
+        if fetch > 0 {
+            let shared = self.shared.clone();
+            let ack_moved = tokio::task::spawn_blocking(move || shared.read_into_ready(fetch))
+                .await
+                .map_err(join_error)??;
+            if ack_moved {
+                self.signal_ack();
+            }
+        }
+        // Entries leave the hand-over list only here, after the last await: a caller that stops
+        // waiting earlier leaves them for the next read.
+        Ok(self.shared.take_ready(max))
+    }
+
+    async fn ack(&self, through: Seq) -> Result<(), QueueError> {
+        {
+            let mut state = self.shared.lock();
+            let next = (through + 1).min(state.durable_seq);
+            if next <= state.ack_next {
+                return Ok(());
+            }
+            state.ack_next = next;
+        }
+        self.signal_ack();
+        Ok(())
+    }
+}
+
+impl Drop for DiskQueue {
+    fn drop(&mut self) {
+        let (reply, _done) = oneshot::channel();
+        let _ = self.send(WriterMsg::Close { reply });
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// Small segments, no size pressure, no expiry.
+    pub(crate) fn config(dir: &Path) -> DiskQueueConfig {
+        DiskQueueConfig {
+            dir: dir.to_owned(),
+            segment_size: 1024,
+            max_size: 1 << 30,
+            when_full: WhenFull::Block,
+            max_age: None,
+        }
+    }
+
+    /// Each entry's payload as text.
+    pub(crate) fn payloads(entries: &[Entry]) -> Vec<String> {
+        entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.message.payload).into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn close_persists_the_ack_position_and_a_reopen_resumes_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = DiskQueue::open(config(dir.path())).expect("open");
+        let messages = (0..5).map(|i| segment::tests::message(&i.to_string()));
+        queue.append(messages.collect()).await.expect("append");
+        let read = queue.read(3).await.expect("read");
+        assert_eq!(read.iter().map(|e| e.seq).collect::<Vec<_>>(), [0, 1, 2]);
+        queue.ack(2).await.expect("ack");
+        queue.close().await;
+        assert!(matches!(queue.append(vec![]).await, Ok(())));
+        assert!(
+            queue
+                .append(vec![segment::tests::message("late")])
+                .await
+                .is_err()
+        );
+        assert_eq!(read_ack_position(dir.path()).expect("ack"), Some(3));
+        drop(queue);
+        let queue = DiskQueue::open(config(dir.path())).expect("reopen");
+        let read = queue.read(10).await.expect("read");
+        assert_eq!(payloads(&read), ["3", "4"]);
+        assert_eq!(read[0].seq, 3);
+    }
+}
