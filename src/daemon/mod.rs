@@ -184,7 +184,7 @@ pub async fn run_with_reloads<I: Invoke>(
                     // No more requests can come (no SIGHUP handler).
                     _ => requests = None,
                 },
-                ended = rules.next_ended() => rules.on_ended(ended).await,
+                event = rules.next_event() => rules.on_event(event).await,
             }
         }
     }
