@@ -195,11 +195,6 @@ impl Life {
     pub fn is_removed(&self) -> bool {
         matches!(self, Life::Retiring { .. } | Life::Stopped { .. })
     }
-
-    /// Whether a delivery task runs for it.
-    pub fn has_task(&self) -> bool {
-        matches!(self, Life::Running | Life::Retiring { .. })
-    }
 }
 
 #[cfg(test)]
