@@ -4,14 +4,17 @@
 //! effects and feeds back what it observes.
 //!
 //! ```text
-//!            reload (changed): steer        removed: await release   released: retire
-//!          ┌─────────────┐                ┌──────────────────────┐  ┌──────────┐
-//!          ▼             │                │                      ▼  │          ▼
-//!   ──► Running ─────────┘ ───────────────┘                   Retiring ─ended ok─► Stopped (drained)
-//!        │  ▲ ▲                                                 │  │
-//!        │  │ └────────────── reload (added back): steer ───────┘  └─ended with an error─► Stopped (not drained)
-//!        │  └─ reload: respawn ─┐
-//!        └─ended with an error─► Failed ─removed─► Stopped (not drained)
+//!  event \ state    │ Running            │ Retiring          │ Failed
+//!  reload keeps it  │ steer if changed   │ → Running, steer  │ → Running, respawn
+//!  removed          │ → Retiring         │ –                 │ → Stopped, left
+//!  released         │ –                  │ retire            │ –
+//!  task ends ok     │ respawn (1)        │ → Stopped (2)     │ –
+//!  task ends: error │ → Failed, stalled  │ → Stopped, left   │ –
+//!  shutdown         │ → Stopped          │ → Stopped, left   │ → Stopped, left
+//!
+//!  Stopped is final: a rule added back after it stopped starts a new life.
+//!  (1) its drain ended just as a reload added it back  (2) drained: its buffer was delivered
+//!  "left": what its buffer still holds is reported, with how to deliver it
 //! ```
 //!
 //! Invariants:
@@ -22,6 +25,9 @@
 //!   having been added back and removed again since, changes nothing.
 //! - A reload of a failed rule respawns its task over the same queue, which reads from the
 //!   durable acknowledgement position: nothing acknowledged is skipped, nothing is lost.
+//! - A failed rule still in force is reported stalled to the watchdog until it runs again or
+//!   stops, so a service manager restarts the daemon; a removed rule is not waited for (a
+//!   restart would not deliver it either).
 //! - `Stopped` is final: a rule added back after it stopped starts a new life.
 
 /// Where a rule is in its life.
@@ -45,7 +51,8 @@ pub enum Life {
     },
     /// No task runs and none will: removed (or shut down), its queue closed.
     Stopped {
-        /// Whether its task delivered everything before it ended.
+        /// Whether it was retired and its task delivered everything before it ended (at
+        /// shutdown, what is left is the next start's: not drained).
         drained: bool,
     },
 }
@@ -101,6 +108,11 @@ pub enum Effect {
     LogAddedBack,
     /// Log that the delivery task stopped on this error.
     LogFailed(String),
+    /// Report the rule's delivery loop as stalled to the watchdog, so a service manager that
+    /// watches it restarts the daemon.
+    MarkStalled,
+    /// Stop reporting it stalled (a task runs again, or the rule stops).
+    ClearStalled,
     /// Close the rule's queue and drop it from the rules reported.
     Close,
     /// Log that the removed rule's buffer was delivered.
@@ -123,7 +135,9 @@ pub fn next(life: Life, event: Event) -> (Life, Vec<Effect>) {
         (Life::Retiring { .. }, Event::Reloaded { .. }) => {
             (Life::Running, vec![Steer, LogAddedBack])
         }
-        (Life::Failed { .. }, Event::Reloaded { .. }) => (Life::Running, vec![Respawn]),
+        (Life::Failed { .. }, Event::Reloaded { .. }) => {
+            (Life::Running, vec![ClearStalled, Respawn])
+        }
 
         (Life::Running, Event::Removed { generation }) => (
             Life::Retiring {
@@ -136,7 +150,12 @@ pub fn next(life: Life, event: Event) -> (Life, Vec<Effect>) {
         (life @ Life::Retiring { .. }, Event::Removed { .. }) => (life, vec![]),
         (Life::Failed { .. }, Event::Removed { .. }) => (
             Life::Stopped { drained: false },
-            vec![Close, ReportLeftBehind(LeftBecause::Failed), Summary],
+            vec![
+                ClearStalled,
+                Close,
+                ReportLeftBehind(LeftBecause::Failed),
+                Summary,
+            ],
         ),
 
         (
@@ -164,7 +183,7 @@ pub fn next(life: Life, event: Event) -> (Life, Vec<Effect>) {
             Life::Failed {
                 reason: reason.clone(),
             },
-            vec![LogFailed(reason)],
+            vec![LogFailed(reason), MarkStalled],
         ),
         (Life::Retiring { .. }, Event::Ended(Err(reason))) => (
             Life::Stopped { drained: false },
@@ -178,14 +197,21 @@ pub fn next(life: Life, event: Event) -> (Life, Vec<Effect>) {
         // No task runs: nothing of it can end.
         (life @ Life::Failed { .. }, Event::Ended(_)) => (life, vec![]),
 
-        (Life::Running, Event::Shutdown) => (Life::Stopped { drained: true }, vec![Close, Summary]),
+        (Life::Running, Event::Shutdown) => {
+            (Life::Stopped { drained: false }, vec![Close, Summary])
+        }
         (Life::Retiring { .. }, Event::Shutdown) => (
             Life::Stopped { drained: false },
             vec![Close, Summary, ReportLeftBehind(LeftBecause::Removed)],
         ),
         (Life::Failed { .. }, Event::Shutdown) => (
             Life::Stopped { drained: false },
-            vec![Close, Summary, ReportLeftBehind(LeftBecause::Failed)],
+            vec![
+                ClearStalled,
+                Close,
+                Summary,
+                ReportLeftBehind(LeftBecause::Failed),
+            ],
         ),
     }
 }
@@ -236,8 +262,8 @@ mod tests {
             (Life::Running, removed.clone(), retiring(7, false), vec![LogRemoved, AwaitRelease(7)]),
             (Life::Running, released.clone(), Life::Running, vec![]),
             (Life::Running, ok.clone(), Life::Running, vec![Respawn]),
-            (Life::Running, ended_err(), failed(), vec![LogFailed(why.clone())]),
-            (Life::Running, Event::Shutdown, stopped(true), vec![Close, Summary]),
+            (Life::Running, ended_err(), failed(), vec![LogFailed(why.clone()), MarkStalled]),
+            (Life::Running, Event::Shutdown, stopped(false), vec![Close, Summary]),
 
             (retiring(7, false), unchanged.clone(), Life::Running, vec![Steer, LogAddedBack]),
             (retiring(7, true), changed.clone(), Life::Running, vec![Steer, LogAddedBack]),
@@ -250,15 +276,15 @@ mod tests {
             (retiring(7, true), Event::Shutdown, stopped(false),
                 vec![Close, Summary, ReportLeftBehind(LeftBecause::Removed)]),
 
-            (failed(), unchanged.clone(), Life::Running, vec![Respawn]),
-            (failed(), changed.clone(), Life::Running, vec![Respawn]),
+            (failed(), unchanged.clone(), Life::Running, vec![ClearStalled, Respawn]),
+            (failed(), changed.clone(), Life::Running, vec![ClearStalled, Respawn]),
             (failed(), removed.clone(), stopped(false),
-                vec![Close, ReportLeftBehind(LeftBecause::Failed), Summary]),
+                vec![ClearStalled, Close, ReportLeftBehind(LeftBecause::Failed), Summary]),
             (failed(), released.clone(), failed(), vec![]),
             (failed(), ok.clone(), failed(), vec![]),
             (failed(), ended_err(), failed(), vec![]),
             (failed(), Event::Shutdown, stopped(false),
-                vec![Close, Summary, ReportLeftBehind(LeftBecause::Failed)]),
+                vec![ClearStalled, Close, Summary, ReportLeftBehind(LeftBecause::Failed)]),
         ];
         for (before, event, after, effects) in table {
             let what = format!("{before:?} + {event:?}");
@@ -303,8 +329,32 @@ mod tests {
     fn a_reload_of_a_failed_rule_respawns_it() {
         for changed in [false, true] {
             let (after, effects) = next(failed(), Event::Reloaded { changed });
-            assert_eq!((after, effects), (Life::Running, vec![Respawn]));
+            assert_eq!(after, Life::Running);
+            assert_eq!(
+                effects,
+                vec![ClearStalled, Respawn],
+                "no longer stalled, running again"
+            );
         }
+    }
+
+    #[test]
+    fn a_failed_rule_is_reported_stalled_until_it_runs_again_or_stops() {
+        let (life, effects) = next(Life::Running, ended_err());
+        assert!(effects.contains(&MarkStalled), "{effects:?}");
+        for event in [
+            Event::Reloaded { changed: false },
+            Event::Removed { generation: 1 },
+            Event::Shutdown,
+        ] {
+            let (_, effects) = next(life.clone(), event);
+            assert_eq!(effects.first(), Some(&ClearStalled), "{effects:?}");
+        }
+        let (_, effects) = next(retiring(1, true), ended_err());
+        assert!(
+            !effects.contains(&MarkStalled),
+            "a removed rule is not waited for: {effects:?}"
+        );
     }
 
     #[test]

@@ -42,7 +42,7 @@ use tokio::task::JoinSet;
 use crate::buffer::DiskQueue;
 use crate::buffer::deadletter::DeadLetters;
 use crate::core::config::{Config, RuleConfig, Source};
-use crate::core::health::Health;
+use crate::core::health::{Beat, Health};
 use crate::core::shutdown::Shutdown;
 use crate::core::stats::{Board, RuleStats};
 use crate::delivery::invoker::Invoke;
@@ -87,6 +87,9 @@ struct RuleTask {
     directive: watch::Sender<Directive>,
     /// Where it is in its life; changed only by [`life::next`].
     life: Life,
+    /// While its delivery task is failed: a loop slot that never turns, so the watchdog
+    /// reports it stalled (`Effect::MarkStalled`).
+    stalled: Option<Beat>,
 }
 
 /// What the rules need of the MQTT side: subscribing (a reload's changes) and replying.
@@ -225,6 +228,7 @@ impl<I: Invoke> LiveRules<I> {
                     route,
                     directive,
                     life,
+                    stalled: None,
                 };
                 self.tasks.insert(name, task);
             }
@@ -413,6 +417,21 @@ impl<I: Invoke> LiveRules<I> {
             }
             Effect::ReportLeftBehind(why) => self.report_left_behind(route, why),
             Effect::Summary => crate::rule::summary(route),
+            Effect::MarkStalled => {
+                let beat = self.health.watch_loop(format!(
+                    "the delivery loop of rule {name} (stopped on an error)"
+                ));
+                if let Some(task) = self.tasks.get_mut(name) {
+                    task.stalled = Some(beat);
+                } else {
+                    beat.retire();
+                }
+            }
+            Effect::ClearStalled => {
+                if let Some(beat) = self.tasks.get_mut(name).and_then(|t| t.stalled.take()) {
+                    beat.retire();
+                }
+            }
         }
     }
 

@@ -153,16 +153,33 @@ pub async fn deliver_with<Q: Queue, I: Invoke>(
     invoker: Arc<I>,
     global: Arc<Semaphore>,
     drain: Shutdown,
-    mut directives: watch::Receiver<Directive>,
+    directives: watch::Receiver<Directive>,
     beat: Beat,
     replier: Option<Replier>,
+) -> Result<(), DeliveryError> {
+    let run = Run::new(&route, invoker, global.clone(), drain.clone(), replier);
+    let ended = turn_until_done(&route, run, &global, &drain, directives, &beat).await;
+    // Whatever the end, this loop is no longer watched: a failed rule is reported stalled by
+    // its life (`rule::life`, `Effect::MarkStalled`), which a reload can clear by respawning.
+    beat.retire();
+    ended
+}
+
+/// The loop of [`deliver_with`]: waits for the next input, hands it to the core, performs what
+/// the core asks, until the core says it is done or the queue fails.
+async fn turn_until_done<Q: Queue, I: Invoke>(
+    route: &Route<Q>,
+    mut run: Run<Q, I>,
+    global: &Arc<Semaphore>,
+    drain: &Shutdown,
+    mut directives: watch::Receiver<Directive>,
+    beat: &Beat,
 ) -> Result<(), DeliveryError> {
     let queue = &*route.queue;
     let queue_err = |source| DeliveryError::Queue {
         rule: route.plan.name.clone(),
         source,
     };
-    let mut run = Run::new(&route, invoker, global.clone(), drain.clone(), replier);
     // A sender dropped without a directive leaves the rule as it is.
     let mut steered = true;
     loop {
@@ -175,8 +192,6 @@ pub async fn deliver_with<Q: Queue, I: Invoke>(
         run.write_letter(at);
         let wait = run.core.wait(at);
         if wait.done {
-            // A normal end; on an error the beat stays watched and the watchdog sees it stall.
-            beat.retire();
             return Ok(());
         }
         tokio::select! {
