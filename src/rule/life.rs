@@ -125,67 +125,66 @@ pub enum Effect {
 
 /// The state after `event` in `life`, and what the daemon must do, in order.
 pub fn next(life: Life, event: Event) -> (Life, Vec<Effect>) {
+    match life {
+        Life::Running => running(event),
+        Life::Retiring {
+            generation,
+            released,
+        } => retiring(generation, released, event),
+        Life::Failed { reason } => failed(reason, event),
+        Life::Stopped { drained } => (Life::Stopped { drained }, vec![]),
+    }
+}
+
+/// [`next`] from `Running`.
+fn running(event: Event) -> (Life, Vec<Effect>) {
     use Effect::*;
-    match (life, event) {
-        (Life::Stopped { drained }, _) => (Life::Stopped { drained }, vec![]),
-
-        (Life::Running, Event::Reloaded { changed }) => {
-            (Life::Running, if changed { vec![Steer] } else { vec![] })
-        }
-        (Life::Retiring { .. }, Event::Reloaded { .. }) => {
-            (Life::Running, vec![Steer, LogAddedBack])
-        }
-        (Life::Failed { .. }, Event::Reloaded { .. }) => {
-            (Life::Running, vec![ClearStalled, Respawn])
-        }
-
-        (Life::Running, Event::Removed { generation }) => (
+    match event {
+        Event::Reloaded { changed } => (Life::Running, if changed { vec![Steer] } else { vec![] }),
+        Event::Removed { generation } => (
             Life::Retiring {
                 generation,
                 released: false,
             },
             vec![LogRemoved, AwaitRelease(generation)],
         ),
-        // Already out of the file: a reload cannot remove it again.
-        (life @ Life::Retiring { .. }, Event::Removed { .. }) => (life, vec![]),
-        (Life::Failed { .. }, Event::Removed { .. }) => (
-            Life::Stopped { drained: false },
-            vec![
-                ClearStalled,
-                Close,
-                ReportLeftBehind(LeftBecause::Failed),
-                Summary,
-            ],
-        ),
-
-        (
-            Life::Retiring {
-                generation,
-                released: false,
+        Event::Released { .. } => (Life::Running, vec![]),
+        // Its drain ended just as it was added back: start it again over the same queue.
+        Event::Ended(Ok(())) => (Life::Running, vec![Respawn]),
+        Event::Ended(Err(reason)) => (
+            Life::Failed {
+                reason: reason.clone(),
             },
-            Event::Released { generation: g },
-        ) if g == generation => (
+            vec![LogFailed(reason), MarkStalled],
+        ),
+        Event::Shutdown => (Life::Stopped { drained: false }, vec![Close, Summary]),
+    }
+}
+
+/// [`next`] from `Retiring`, removed by the reload of `generation`.
+fn retiring(generation: u64, released: bool, event: Event) -> (Life, Vec<Effect>) {
+    use Effect::*;
+    let stay = Life::Retiring {
+        generation,
+        released,
+    };
+    match event {
+        Event::Reloaded { .. } => (Life::Running, vec![Steer, LogAddedBack]),
+        // Already out of the file: a reload cannot remove it again.
+        Event::Removed { .. } => (stay, vec![]),
+        Event::Released { generation: g } if g == generation && !released => (
             Life::Retiring {
                 generation,
                 released: true,
             },
             vec![Retire],
         ),
-        (life, Event::Released { .. }) => (life, vec![]),
-
-        // Its drain ended just as it was added back: start it again over the same queue.
-        (Life::Running, Event::Ended(Ok(()))) => (Life::Running, vec![Respawn]),
-        (Life::Retiring { .. }, Event::Ended(Ok(()))) => (
+        Event::Released { .. } => (stay, vec![]),
+        Event::Ended(Ok(())) => (
             Life::Stopped { drained: true },
             vec![Close, ReportDrained, Summary],
         ),
-        (Life::Running, Event::Ended(Err(reason))) => (
-            Life::Failed {
-                reason: reason.clone(),
-            },
-            vec![LogFailed(reason), MarkStalled],
-        ),
-        (Life::Retiring { .. }, Event::Ended(Err(reason))) => (
+        Event::Ended(Err(reason)) => (
             Life::Stopped { drained: false },
             vec![
                 LogFailed(reason),
@@ -194,17 +193,30 @@ pub fn next(life: Life, event: Event) -> (Life, Vec<Effect>) {
                 Summary,
             ],
         ),
-        // No task runs: nothing of it can end.
-        (life @ Life::Failed { .. }, Event::Ended(_)) => (life, vec![]),
-
-        (Life::Running, Event::Shutdown) => {
-            (Life::Stopped { drained: false }, vec![Close, Summary])
-        }
-        (Life::Retiring { .. }, Event::Shutdown) => (
+        Event::Shutdown => (
             Life::Stopped { drained: false },
             vec![Close, Summary, ReportLeftBehind(LeftBecause::Removed)],
         ),
-        (Life::Failed { .. }, Event::Shutdown) => (
+    }
+}
+
+/// [`next`] from `Failed`: no task runs.
+fn failed(reason: String, event: Event) -> (Life, Vec<Effect>) {
+    use Effect::*;
+    match event {
+        Event::Reloaded { .. } => (Life::Running, vec![ClearStalled, Respawn]),
+        Event::Removed { .. } => (
+            Life::Stopped { drained: false },
+            vec![
+                ClearStalled,
+                Close,
+                ReportLeftBehind(LeftBecause::Failed),
+                Summary,
+            ],
+        ),
+        // No task runs: nothing of it can end or be released.
+        Event::Released { .. } | Event::Ended(_) => (Life::Failed { reason }, vec![]),
+        Event::Shutdown => (
             Life::Stopped { drained: false },
             vec![
                 ClearStalled,
