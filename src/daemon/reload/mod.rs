@@ -553,3 +553,113 @@ fn new_route(config: &Config, rule: &RuleConfig, queue: Arc<DiskQueue>) -> Arc<R
         dead_letters: DeadLetters::new(&crate::buffer::layout::rule_dir(config, &rule.name)),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::shutdown;
+    use crate::delivery::invoker::{InvokeError, InvokeRequest};
+    use figment::providers::Env;
+    use std::time::Duration;
+
+    struct Accepting;
+
+    impl Invoke for Accepting {
+        async fn invoke(&self, _: InvokeRequest) -> Result<Vec<u8>, InvokeError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn config(dir: &Path, rules: &[&str]) -> Config {
+        let mut text = format!(
+            "[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\nclient_id = \"gw\"\n[buffer]\ndir = {:?}\n",
+            dir.display().to_string()
+        );
+        for name in rules {
+            text.push_str(&format!(
+                "\n[[rules]]\nname = \"{name}\"\ntopic = \"{name}/#\"\nfunction = \"f\"\n"
+            ));
+        }
+        Config::from_toml_str(
+            &text,
+            Path::new("t.toml"),
+            Env::prefixed("MLB_TEST_UNUSED_"),
+        )
+        .expect("valid config")
+    }
+
+    /// The live rules of `config`, with what must outlive them (the MQTT link, the drain).
+    fn live(config: Config) -> (LiveRules<Accepting>, impl Sized) {
+        let queues = crate::buffer::layout::open_queues(&config).expect("open queues");
+        let (subscriptions, requests) = crate::mqtt::subscriptions();
+        let options = crate::mqtt::options(&config.mqtt).expect("options");
+        let (link, replier) = crate::mqtt::link(options, requests);
+        let (trigger, drain) = shutdown::channel();
+        let rules = LiveRules::start(
+            config,
+            queues,
+            Arc::new(Accepting),
+            drain,
+            MqttHandles {
+                subscriptions,
+                replier,
+            },
+            Arc::new(Health::new()),
+            Board::default(),
+        );
+        (rules, (link, trigger))
+    }
+
+    async fn fail(rules: &mut LiveRules<Accepting>, name: &str) {
+        let queue = rules.tasks[name].route.queue.clone();
+        queue.close().await;
+        let event = tokio::time::timeout(Duration::from_secs(10), rules.next_event())
+            .await
+            .expect("the delivery task ends");
+        assert!(
+            matches!(&event, RuleEvent::Ended(rule, Err(_)) if rule == name),
+            "{event:?}"
+        );
+        rules.on_event(event).await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_rule_is_stalled_and_its_removal_stops_it_without_calling_it_drained() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let both = config(dir.path(), &["a", "b"]);
+        let (mut rules, _keep) = live(both.clone());
+        fail(&mut rules, "a").await;
+        let a = &rules.tasks["a"];
+        assert!(matches!(a.life, Life::Failed { .. }), "{:?}", a.life);
+        assert!(a.stalled.is_some(), "reported stalled to the watchdog");
+        assert_eq!(rules.routes().len(), 2, "a failed rule is still in force");
+
+        let only_b = config(dir.path(), &["b"]);
+        let d = diff(&both, &only_b);
+        rules
+            .apply(&d, effective(&both, only_b))
+            .await
+            .expect("apply");
+        assert!(!rules.tasks.contains_key("a"), "stopped, not left retiring");
+        let names: Vec<String> = rules.routes().iter().map(|r| r.plan.name.clone()).collect();
+        assert_eq!(names, vec!["b"]);
+        assert!(matches!(rules.tasks["b"].life, Life::Running));
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_keeps_a_failed_rule_starts_its_delivery_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = config(dir.path(), &["a"]);
+        let (mut rules, _keep) = live(one.clone());
+        fail(&mut rules, "a").await;
+        rules
+            .apply(&diff(&one, &one), effective(&one, one.clone()))
+            .await
+            .expect("apply");
+        let a = &rules.tasks["a"];
+        assert_eq!(a.life, Life::Running);
+        assert!(a.stalled.is_none(), "no longer reported stalled");
+        // Its queue is closed, so the new task fails again at once: proof that it ran.
+        fail(&mut rules, "a").await;
+    }
+}
