@@ -407,7 +407,10 @@ impl<I: Invoke> LiveRules<I> {
                 tracing::error!(rule = %name, error = %reason, "delivery stopped: its messages stay in the buffer; reload or restart to start it again");
             }
             Effect::Close => {
-                self.tasks.remove(name);
+                // A slot left watched would report a rule that no longer exists as stalled.
+                if let Some(beat) = self.tasks.remove(name).and_then(|t| t.stalled) {
+                    beat.retire();
+                }
                 self.publish();
                 route.queue.close().await;
             }
