@@ -4,6 +4,10 @@
 //! connection. [`preflight`] is what `run` and `check` refuse before connecting; [`signals`]
 //! turns the process's signals into a shutdown future and reload requests.
 //!
+//! [`run_with_reloads`] is three steps on one `Daemon` value that holds everything started
+//! (the buffer lock included, until the very end): start, serve (the select loop: shutdown,
+//! reload requests, rule events), and the ordered stop.
+//!
 //! The daemon is the only part that knows every other part; nothing below imports it.
 
 pub mod preflight;
@@ -14,6 +18,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::buffer::DiskQueue;
 use crate::buffer::layout::{BufferLock, LayoutError, open_queues};
 use crate::core::config::Config;
 use crate::core::{clock, health, shutdown};
@@ -128,14 +133,7 @@ impl<I: Invoke> Daemon<I> {
     /// rule) and ingest, in that order, so nothing is taken in before it can be stored.
     async fn start(config: Config, invoker: Arc<I>) -> Result<Self, RunError> {
         let options = mqtt::options(&config.mqtt)?;
-        let lock = BufferLock::acquire(&config.buffer.dir)?;
-        let queues = open_queues(&config)?;
-        for (rule, queue) in config.rules.iter().zip(&queues) {
-            let pending = queue.stats();
-            if pending.pending > 0 {
-                tracing::info!(rule = %rule.name, pending = pending.pending, bytes = pending.bytes, "buffered messages from before: delivering them");
-            }
-        }
+        let (lock, queues) = open_buffers(&config)?;
         let health = Arc::new(health::Health::new());
         // Every rule's route, kept current by the live rule set, for the reporters.
         let board = crate::core::stats::Board::default();
@@ -267,6 +265,20 @@ impl<I: Invoke> Daemon<I> {
         self.clock_watch.abort();
         self.metrics.stop().await;
     }
+}
+
+/// Takes the buffer directory's lock, then opens every rule's queue (rule order), saying
+/// which hold messages from before.
+fn open_buffers(config: &Config) -> Result<(BufferLock, Vec<Arc<DiskQueue>>), RunError> {
+    let lock = BufferLock::acquire(&config.buffer.dir)?;
+    let queues = open_queues(config)?;
+    for (rule, queue) in config.rules.iter().zip(&queues) {
+        let pending = queue.stats();
+        if pending.pending > 0 {
+            tracing::info!(rule = %rule.name, pending = pending.pending, bytes = pending.bytes, "buffered messages from before: delivering them");
+        }
+    }
+    Ok((lock, queues))
 }
 
 /// The service manager's supervisor (systemd notify, watchdog), when one is listening.
