@@ -4,6 +4,10 @@
 //! connection. [`preflight`] is what `run` and `check` refuse before connecting; [`signals`]
 //! turns the process's signals into a shutdown future and reload requests.
 //!
+//! [`run_with_reloads`] is three steps on one `Daemon` value that holds everything started
+//! (the buffer lock included, until the very end): start, serve (the select loop: shutdown,
+//! reload requests, rule events), and the ordered stop.
+//!
 //! The daemon is the only part that knows every other part; nothing below imports it.
 
 pub mod preflight;
@@ -14,6 +18,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::buffer::DiskQueue;
 use crate::buffer::layout::{BufferLock, LayoutError, open_queues};
 use crate::core::config::Config;
 use crate::core::{clock, health, shutdown};
@@ -93,72 +98,197 @@ pub async fn run_with_reloads<I: Invoke>(
         _ = &mut shutdown => true,
         _ = std::future::ready(()) => false,
     };
-    let options = mqtt::options(&config.mqtt)?;
-    let _lock = BufferLock::acquire(&config.buffer.dir)?;
-    let queues = open_queues(&config)?;
+    let mut daemon = Daemon::start(config, invoker).await?;
+    if !stopped_early {
+        daemon.serve(shutdown, reloads).await;
+    }
+    daemon.stop().await;
+    Ok(())
+}
+
+/// Everything the daemon started, held until the ordered stop.
+struct Daemon<I> {
+    rules: reload::LiveRules<I>,
+    notifier: Arc<notify::Notifier>,
+    http: Option<http_ingest::Running>,
+    mqtt_task: tokio::task::JoinHandle<()>,
+    /// Stops MQTT and HTTP ingest (first).
+    stop_ingest: shutdown::Trigger,
+    /// Resolved once MQTT ingest has stopped.
+    ingest_stopped: tokio::sync::oneshot::Receiver<()>,
+    /// Stops delivery (after ingest).
+    stop_delivery: shutdown::Trigger,
+    /// Closes the MQTT connection (last: replies may still be waiting for it).
+    close_mqtt: shutdown::Trigger,
+    supervisor: Option<tokio::task::JoinHandle<()>>,
+    clock_watch: tokio::task::JoinHandle<()>,
+    metrics: metrics::Metrics,
+    shutdown_timeout: std::time::Duration,
+    /// Held until the daemon has stopped: no other process may use the buffers meanwhile.
+    _lock: BufferLock,
+}
+
+impl<I: Invoke> Daemon<I> {
+    /// Opens the buffers under their lock, then starts the reporters, delivery (one task per
+    /// rule) and ingest, in that order, so nothing is taken in before it can be stored.
+    async fn start(config: Config, invoker: Arc<I>) -> Result<Self, RunError> {
+        let options = mqtt::options(&config.mqtt)?;
+        let (lock, queues) = open_buffers(&config)?;
+        let health = Arc::new(health::Health::new());
+        // Every rule's route, kept current by the live rule set, for the reporters.
+        let board = crate::core::stats::Board::default();
+        let metrics = metrics::serve(
+            config.metrics.as_ref(),
+            &config.mqtt.url,
+            board.clone(),
+            health.clone(),
+        )
+        .await?;
+        let http = http_ingest::bind(&config.http, config.buffer.when_full).await?;
+        let (stop_ingest, ingest_shutdown) = shutdown::channel();
+        let (stop_delivery, drain) = shutdown::channel();
+        let (subscriptions, subscription_requests) = mqtt::subscriptions();
+        let (link, replier) = mqtt::link(options, subscription_requests);
+        let shutdown_timeout = config.shutdown_timeout.0;
+        let notifier = Arc::new(notify::Notifier::from_env());
+        let watchdog = notify::watchdog_ping_interval().filter(|_| notifier.enabled());
+        if let Some(ping) = watchdog {
+            health.set_turn_interval(notify::turn_interval_for(ping));
+        }
+        tracing::info!(
+            rules = config.rules.len(),
+            broker = %config.mqtt.url,
+            client_id = %config.mqtt.client_id,
+            "mqtt-lambda-bridge started"
+        );
+        let mqtt_handles = reload::MqttHandles {
+            subscriptions,
+            replier,
+        };
+        let rules = reload::LiveRules::start(
+            config,
+            queues,
+            invoker,
+            drain,
+            mqtt_handles,
+            health.clone(),
+            board,
+        );
+        let http = http
+            .map(|listener| listener.serve(rules.table(), health.clone(), ingest_shutdown.clone()));
+        let (close_mqtt, mqtt_close) = shutdown::channel();
+        let (ingest_stopped_tx, ingest_stopped) = tokio::sync::oneshot::channel();
+        let mqtt_task = tokio::spawn(mqtt::run(
+            link,
+            rules.table(),
+            health.clone(),
+            ingest_shutdown,
+            mqtt_close,
+            ingest_stopped_tx,
+        ));
+        let supervisor = supervise(&notifier, &health, watchdog, rules.board());
+        Ok(Daemon {
+            rules,
+            notifier,
+            http,
+            mqtt_task,
+            stop_ingest,
+            ingest_stopped,
+            stop_delivery,
+            close_mqtt,
+            supervisor,
+            clock_watch: tokio::spawn(clock::watch()),
+            metrics,
+            shutdown_timeout,
+            _lock: lock,
+        })
+    }
+
+    /// Runs until `shutdown` resolves: reloads on request, and moves the rules through their
+    /// lives as their tasks end.
+    async fn serve(
+        &mut self,
+        mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+        reloads: Option<Reloads>,
+    ) {
+        let (path, mut requests) = match reloads {
+            Some(Reloads { path, requests }) => (Some(path), Some(requests)),
+            None => (None, None),
+        };
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                request = recv_opt(&mut requests) => match (request, &path) {
+                    (Some(()), Some(path)) => reload_now(&mut self.rules, &self.notifier, path).await,
+                    // No more requests can come (no SIGHUP handler).
+                    _ => requests = None,
+                },
+                event = self.rules.next_event() => self.rules.on_event(event).await,
+            }
+        }
+    }
+
+    /// The ordered stop, all within `shutdown_timeout`: ingest first, then delivery (what is
+    /// queued is delivered), then the MQTT connection, then the reporters.
+    async fn stop(self) {
+        self.notifier.stopping();
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        tracing::info!(
+            timeout = ?self.shutdown_timeout,
+            "stopping: no new messages; delivering what is queued"
+        );
+        self.stop_ingest.trigger();
+        if tokio::time::timeout_at(deadline, self.ingest_stopped)
+            .await
+            .is_err()
+        {
+            tracing::warn!("MQTT ingest did not stop in time");
+        }
+        if let Some(http) = self.http {
+            http.finish(deadline).await;
+        }
+        self.stop_delivery.trigger();
+        self.rules.finish(deadline).await;
+        // Now that no reply can still be waiting for it, the MQTT connection goes: in what is
+        // left of the shutdown time, or at least the moment a DISCONNECT takes.
+        self.close_mqtt.trigger();
+        let grace = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .clamp(mqtt::CLOSE_MIN_GRACE, mqtt::CLOSE_GRACE);
+        let mut mqtt_task = self.mqtt_task;
+        if tokio::time::timeout(grace, &mut mqtt_task).await.is_err() {
+            mqtt_task.abort();
+        }
+        if let Some(supervisor) = self.supervisor {
+            supervisor.abort();
+        }
+        self.clock_watch.abort();
+        self.metrics.stop().await;
+    }
+}
+
+/// Takes the buffer directory's lock, then opens every rule's queue (rule order), saying
+/// which hold messages from before.
+fn open_buffers(config: &Config) -> Result<(BufferLock, Vec<Arc<DiskQueue>>), RunError> {
+    let lock = BufferLock::acquire(&config.buffer.dir)?;
+    let queues = open_queues(config)?;
     for (rule, queue) in config.rules.iter().zip(&queues) {
         let pending = queue.stats();
         if pending.pending > 0 {
             tracing::info!(rule = %rule.name, pending = pending.pending, bytes = pending.bytes, "buffered messages from before: delivering them");
         }
     }
+    Ok((lock, queues))
+}
 
-    let health = Arc::new(health::Health::new());
-    // Every rule's route, kept current by the live rule set, for the reporters.
-    let board = crate::core::stats::Board::default();
-    let metrics = metrics::serve(
-        config.metrics.as_ref(),
-        &config.mqtt.url,
-        board.clone(),
-        health.clone(),
-    )
-    .await?;
-    let http = http_ingest::bind(&config.http, config.buffer.when_full).await?;
-
-    let (stop_ingest, ingest_shutdown) = shutdown::channel();
-    let (stop_delivery, drain) = shutdown::channel();
-    let (subscriptions, subscription_requests) = mqtt::subscriptions();
-    let (link, replier) = mqtt::link(options, subscription_requests);
-    let shutdown_timeout = config.shutdown_timeout.0;
-    let notifier = Arc::new(notify::Notifier::from_env());
-    let watchdog = notify::watchdog_ping_interval().filter(|_| notifier.enabled());
-    if let Some(ping) = watchdog {
-        health.set_turn_interval(notify::turn_interval_for(ping));
-    }
-    tracing::info!(
-        rules = config.rules.len(),
-        broker = %config.mqtt.url,
-        client_id = %config.mqtt.client_id,
-        "mqtt-lambda-bridge started"
-    );
-    let mut rules = reload::LiveRules::start(
-        config,
-        queues,
-        invoker,
-        drain,
-        reload::MqttHandles {
-            subscriptions,
-            replier,
-        },
-        health.clone(),
-        board,
-    );
-
-    let http =
-        http.map(|listener| listener.serve(rules.table(), health.clone(), ingest_shutdown.clone()));
-    let (close_mqtt, mqtt_close) = shutdown::channel();
-    let (ingest_stopped_tx, ingest_stopped) = tokio::sync::oneshot::channel();
-    let mut mqtt_task = tokio::spawn(mqtt::run(
-        link,
-        rules.table(),
-        health.clone(),
-        ingest_shutdown,
-        mqtt_close,
-        ingest_stopped_tx,
-    ));
-    let clock_watch = tokio::spawn(clock::watch());
-    let supervisor = notifier.enabled().then(|| {
-        let board = rules.board();
+/// The service manager's supervisor (systemd notify, watchdog), when one is listening.
+fn supervise(
+    notifier: &Arc<notify::Notifier>,
+    health: &Arc<health::Health>,
+    watchdog: Option<std::time::Duration>,
+    board: crate::core::stats::Board,
+) -> Option<tokio::task::JoinHandle<()>> {
+    notifier.enabled().then(|| {
         tokio::spawn(notify::supervise(
             notifier.clone(),
             health.clone(),
@@ -169,58 +299,7 @@ pub async fn run_with_reloads<I: Invoke>(
                 })
             },
         ))
-    });
-
-    let (path, mut requests) = match reloads {
-        Some(Reloads { path, requests }) => (Some(path), Some(requests)),
-        None => (None, None),
-    };
-    if !stopped_early {
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                request = recv_opt(&mut requests) => match (request, &path) {
-                    (Some(()), Some(path)) => reload_now(&mut rules, &notifier, path).await,
-                    // No more requests can come (no SIGHUP handler).
-                    _ => requests = None,
-                },
-                ended = rules.next_ended() => rules.on_ended(ended).await,
-            }
-        }
-    }
-    notifier.stopping();
-    let deadline = tokio::time::Instant::now() + shutdown_timeout;
-    tracing::info!(
-        timeout = ?shutdown_timeout,
-        "stopping: no new messages; delivering what is queued"
-    );
-    stop_ingest.trigger();
-    if tokio::time::timeout_at(deadline, ingest_stopped)
-        .await
-        .is_err()
-    {
-        tracing::warn!("MQTT ingest did not stop in time");
-    }
-    if let Some(http) = http {
-        http.finish(deadline).await;
-    }
-    stop_delivery.trigger();
-    rules.finish(deadline).await;
-    // Now that no reply can still be waiting for it, the MQTT connection goes: in what is left
-    // of the shutdown time, or at least the moment a DISCONNECT takes.
-    close_mqtt.trigger();
-    let grace = deadline
-        .saturating_duration_since(tokio::time::Instant::now())
-        .clamp(mqtt::CLOSE_MIN_GRACE, mqtt::CLOSE_GRACE);
-    if tokio::time::timeout(grace, &mut mqtt_task).await.is_err() {
-        mqtt_task.abort();
-    }
-    if let Some(supervisor) = supervisor {
-        supervisor.abort();
-    }
-    clock_watch.abort();
-    metrics.stop().await;
-    Ok(())
+    })
 }
 
 /// One reload, from request to result: the single place around which the service manager is

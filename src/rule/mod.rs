@@ -1,9 +1,12 @@
 //! One rule while the daemon runs: its [`Route`] (plan, filter, queue, counters, dead letters),
 //! shared by ingest (which stores into it) and delivery (which reads from it), and its
-//! summary in the log.
+//! summary in the log. Its life cycle (running, retiring, failed, stopped) is [`life`]: one
+//! state per rule and one pure transition function the daemon's reload acts through.
 //!
 //! Invariant: one `Route` per rule in force, owned through `Arc`; a reload swaps whole routes,
 //! it never edits one in place. There are no parallel lists indexed by rule.
+
+pub mod life;
 
 use std::sync::Arc;
 
