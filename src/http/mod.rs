@@ -254,3 +254,100 @@ where
         tracing::debug!(error = %err, "{} connection ended", limits.name);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers every request with its method and path.
+    struct Echo;
+
+    impl Handler for Echo {
+        async fn handle(&self, request: Request) -> Answer {
+            let said = format!("{} {}", request.method(), request.uri().path());
+            text(StatusCode::OK, &said)
+        }
+    }
+
+    const TEST_LIMITS: Limits = Limits {
+        name: "test server",
+        max_connections: 2,
+        header_read_timeout: Duration::from_millis(400),
+        max_head_bytes: 8 * 1024,
+        read_buffer: 8 * 1024,
+        write_timeout: Duration::from_secs(1),
+        keep_alive: false,
+    };
+
+    async fn start(limits: Limits) -> (SocketAddr, crate::core::shutdown::Trigger, Server) {
+        let listener = bind("127.0.0.1:0".parse().expect("address"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stop, stopping) = crate::core::shutdown::channel();
+        let server = spawn(listener, Arc::new(Echo), limits, None, stopping);
+        (addr, stop, server)
+    }
+
+    /// Sends `head` on a fresh connection and reads until the server closes it.
+    async fn exchange(addr: SocketAddr, head: &str) -> String {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(head.as_bytes()).await.expect("send");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("the server closes the connection")
+            .expect("read");
+        String::from_utf8(answer).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn without_keep_alive_each_answer_closes_and_head_has_no_body() {
+        let (addr, stop, server) = start(TEST_LIMITS).await;
+        let get = exchange(addr, "GET /x?q=1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(get.starts_with("HTTP/1.1 200 OK\r\n"), "{get}");
+        assert!(get.contains("connection: close\r\n"), "{get}");
+        assert!(get.ends_with("\r\n\r\nGET /x\n"), "{get}");
+        let head = exchange(addr, "HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
+        // What `probe` sends.
+        let old = exchange(addr, "GET /readyz HTTP/1.0\r\nHost: a\r\n\r\n").await;
+        assert!(old.split(' ').nth(1) == Some("200"), "{old}");
+        stop.trigger();
+        assert!(server.finish(Instant::now() + Duration::from_secs(5)).await);
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "the port is closed"
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_and_malformed_heads_are_refused() {
+        let (addr, _stop, _server) = start(TEST_LIMITS).await;
+        let padding = "p".repeat(16 * 1024);
+        let big = exchange(addr, &format!("GET / HTTP/1.1\r\nX-P: {padding}\r\n\r\n")).await;
+        assert!(big.starts_with("HTTP/1.1 431 "), "{big}");
+        let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
+        let many = exchange(addr, &format!("GET / HTTP/1.1\r\n{many}\r\n")).await;
+        assert!(many.starts_with("HTTP/1.1 431 "), "{many}");
+        let bad = exchange(addr, "GET /\0 HTTP/1.1\r\n\r\n").await;
+        assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
+    }
+
+    #[tokio::test]
+    async fn silent_clients_hold_their_slots_only_until_the_header_read_timeout() {
+        let (addr, _stop, _server) = start(TEST_LIMITS).await;
+        let started = std::time::Instant::now();
+        // Both slots taken by clients that send nothing.
+        let _silent = (
+            TcpStream::connect(addr).await.expect("connect"),
+            TcpStream::connect(addr).await.expect("connect"),
+        );
+        let answer = exchange(addr, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        // Served once a silent one was hung up on, not before.
+        assert!(started.elapsed() >= Duration::from_millis(350));
+    }
+}

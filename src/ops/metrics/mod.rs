@@ -316,6 +316,52 @@ mod tests {
     use crate::core::stats::RuleReport;
     use std::time::SystemTime;
 
+    /// Sends `head` to a metrics listener with no rules and reads the answer to the close.
+    async fn exchange(head: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let config = MetricsConfig {
+            listen: "127.0.0.1:0".into(),
+        };
+        let health = Arc::new(Health::new());
+        let metrics = serve(
+            Some(&config),
+            "mqtt://broker:1883",
+            Board::default(),
+            health,
+        )
+        .await
+        .expect("listen");
+        let addr = metrics.local_addr().expect("listening");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(head.as_bytes()).await.expect("send");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        metrics.stop().await;
+        answer
+    }
+
+    #[tokio::test]
+    async fn other_methods_are_told_what_is_allowed_and_bodies_are_refused() {
+        let post = exchange("POST /metrics HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+        assert!(post.contains("allow: GET, HEAD\r\n"), "{post}");
+        let body = exchange("GET /healthz HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi").await;
+        assert!(body.starts_with("HTTP/1.1 413 "), "{body}");
+        let open = "GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text\r\n\r\n";
+        let open = exchange(open).await;
+        assert!(
+            open.contains(&format!("content-type: {OPENMETRICS_TEXT}\r\n")),
+            "{open}"
+        );
+        assert!(open.ends_with("# EOF\n"), "{open}");
+        let ready = exchange("GET /readyz HTTP/1.1\r\n\r\n").await;
+        assert!(ready.starts_with("HTTP/1.1 503 "), "{ready}");
+        assert!(
+            ready.ends_with("\r\n\r\nnot connected to the MQTT broker at mqtt://broker:1883\n"),
+            "{ready}"
+        );
+    }
+
     #[test]
     fn paths_and_methods_are_routed() {
         assert_eq!(route("GET", "/metrics"), Endpoint::Metrics);
