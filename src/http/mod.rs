@@ -133,7 +133,8 @@ pub fn spawn<H: Handler>(
 
 impl Server {
     /// Once the stop signal fired: waits for the requests in flight until `deadline`, then
-    /// drops what is left. False when something had to be dropped.
+    /// drops what is left, and returns once the port is closed. False when something had to
+    /// be dropped.
     pub async fn finish(mut self, deadline: Instant) -> bool {
         if tokio::time::timeout_at(deadline, &mut self.task)
             .await
@@ -142,6 +143,8 @@ impl Server {
             return true;
         }
         self.task.abort();
+        // Once the aborted task is dropped the port is closed: the caller may bind it again.
+        let _ = self.task.await;
         false
     }
 }
