@@ -223,6 +223,7 @@ impl Listener {
             read_buffer: CONNECTION_BUFFER,
             write_timeout: WRITE_TIMEOUT,
             keep_alive: true,
+            date_header: true,
         };
         let budget = BODY_MEMORY_BUDGET.max(self.settings.max_body);
         let ingest = Arc::new(Ingest {

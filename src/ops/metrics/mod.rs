@@ -92,6 +92,8 @@ pub const LIMITS: Limits = Limits {
     read_buffer: MAX_HEAD_BYTES,
     write_timeout: WRITE_TIMEOUT,
     keep_alive: false,
+    // Scrapers take the time of a sample from their own clock.
+    date_header: false,
 };
 
 /// Why the metrics listener could not start.
