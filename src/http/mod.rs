@@ -1,123 +1,93 @@
-//! A small HTTP/1.1 server for the daemon's own endpoints: it owns the listening socket and
-//! the connections, and knows nothing of paths. What a request means is a [`Handler`]'s
-//! business (`metrics.rs` routes `/metrics`, `/healthz`, `/readyz`), so another feature can
-//! serve its own routes with the same listener code.
-//!
-//! # Protocol
-//!
-//! ```text
-//! client: <METHOD> <target> HTTP/1.x CRLF  headers CRLF CRLF      (parsed by httparse)
-//! server: HTTP/1.1 <status> <reason> CRLF
-//!         Content-Type, Content-Length, Connection: close, [extra headers] CRLF CRLF
-//!         body (none for HEAD)
-//! ```
-//!
-//! One request per connection: the server answers, then closes. Scrapers reconnect each
-//! time at no cost worth keeping a connection for, and no idle connection holds a slot. A
-//! request with a body is refused (413): none of the endpoints takes one yet.
+//! The one HTTP/1.1 server of the daemon (hyper), shared by HTTP ingest and the metrics
+//! listener: it owns the listening socket, the connections and their limits, and knows nothing
+//! of paths. What a request means is a [`Handler`]'s business (`ops::metrics` routes
+//! `/metrics`, `/healthz`, `/readyz`; `ingest::http` routes `POST /topics/<topic>`).
 //!
 //! # Limits
 //!
-//! A gateway's management port must not let one client take the daemon's memory or sockets:
+//! A gateway's ports must not let one client take the daemon's memory or sockets. Each server
+//! is given its [`Limits`]:
 //!
-//! - At most [`MAX_CONNECTIONS`] connections are served at once; further ones wait in the
+//! - At most `max_connections` connections are served at once; further ones wait in the
 //!   kernel's accept backlog until one ends.
-//! - A request head must fit in [`MAX_HEAD_BYTES`] (431 beyond it) and arrive within
-//!   [`HEADER_READ_TIMEOUT`]; a client that trickles bytes or sends nothing is disconnected.
-//! - Writing the response may take at most [`WRITE_TIMEOUT`]: a client that does not read
+//! - A request head must fit in `max_head_bytes` and [`MAX_HEADERS`] headers (hyper answers
+//!   431 beyond) and arrive within `header_read_timeout`, also between requests on a
+//!   kept-alive connection; a client that trickles bytes or sends nothing is disconnected.
+//! - A write of the response may stall at most `write_timeout`: a client that does not read
 //!   is disconnected too.
-//! - No TLS and no authentication: bind it to localhost or a management network.
+//! - A TLS handshake, when the server has TLS, must end within `header_read_timeout`.
 //!
-//! Shutdown stops accepting and drops every connection.
+//! Bodies are the handler's: it reads them (or not) with its own limits.
+//!
+//! # Stopping
+//!
+//! At the stop signal the listener stops accepting and closes its port; idle connections and
+//! ones still sending a head close, requests in flight are answered, then their connections
+//! close. [`Server::finish`] waits for that until a deadline and then drops what is left.
 
+mod timed_write;
+
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::Full;
+use hyper::StatusCode;
+use hyper::body::Bytes;
+use hyper::header::{self, HeaderValue};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 use crate::core::shutdown::Shutdown;
+use timed_write::TimedWrite;
 
-/// Connections served at once.
-pub const MAX_CONNECTIONS: usize = 16;
+/// A request as a handler gets it: the head parsed, the body still to be read.
+pub type Request = hyper::Request<hyper::body::Incoming>;
+/// A response: the whole body at once (every answer of the daemon is small).
+pub type Answer = hyper::Response<Full<Bytes>>;
 
+/// Most headers in a request head: plenty for a scraper's or a device's few.
+pub const MAX_HEADERS: usize = 32;
 /// How long to wait after a failed accept (out of file descriptors, most likely).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-/// Longest wait for a complete request head.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest request head: plenty for a scraper's few headers.
-pub const MAX_HEAD_BYTES: usize = 8 * 1024;
-/// Most headers in a request head.
-const MAX_HEADERS: usize = 32;
-/// Longest time to write a response.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A request head, as parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    /// `GET`, `HEAD`, …
-    pub method: String,
-    /// The path, without the query string.
-    pub path: String,
-    /// Header names (lower case) and values, in order.
-    pub headers: Vec<(String, String)>,
-}
-
-impl Request {
-    /// The first value of header `name` (lower case).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// A response: status, content type, body, and any further headers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    /// The status code.
-    pub status: u16,
-    /// The `Content-Type`.
-    pub content_type: &'static str,
-    /// The body.
-    pub body: Vec<u8>,
-    /// More headers (name, value).
-    pub headers: Vec<(&'static str, &'static str)>,
-}
-
-impl Response {
-    /// A response with a status, a content type and a body.
-    pub fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Response {
-        Response {
-            status,
-            content_type,
-            body: body.into(),
-            headers: Vec::new(),
-        }
-    }
-
-    /// A plain-text response: `text` and a newline.
-    pub fn text(status: u16, text: &str) -> Response {
-        Response::new(status, "text/plain; charset=utf-8", format!("{text}\n"))
-    }
-
-    /// The same response with one more header.
-    pub fn with_header(mut self, name: &'static str, value: &'static str) -> Response {
-        self.headers.push((name, value));
-        self
-    }
-}
+/// hyper's smallest read buffer; a smaller one would make it panic.
+const MIN_READ_BUFFER: usize = 8 * 1024;
 
 /// Answers requests; one per server, shared by its connections.
 pub trait Handler: Send + Sync + 'static {
     /// The response to `request`.
-    fn handle(&self, request: Request) -> impl Future<Output = Response> + Send;
+    fn handle(&self, request: Request) -> impl Future<Output = Answer> + Send;
+}
+
+/// What one server holds its clients to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Names the server in its log lines ("HTTP ingest", "metrics listener").
+    pub name: &'static str,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Longest wait for a whole request head (and for a TLS handshake).
+    pub header_read_timeout: Duration,
+    /// Largest request head.
+    pub max_head_bytes: usize,
+    /// Largest read buffer of one connection: bounds what a connection holds beyond the body
+    /// its handler reads. At least 8 KiB.
+    pub read_buffer: usize,
+    /// Longest time a write of the response may stall.
+    pub write_timeout: Duration,
+    /// Whether a connection may serve more than one request; without, each answer closes it.
+    pub keep_alive: bool,
+    /// Whether answers carry a `Date` header. Off, rendering it is hyper code a scrape does not
+    /// touch (what it saves in idle RSS was lost in the noise of fault-around: at most 0.1 MiB).
+    pub date_header: bool,
 }
 
 /// Binds the listening socket (before anything is served, so a bad address fails the start).
@@ -125,244 +95,268 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Accepts connections on a listener, at most a fixed number open at once: each comes with the
-/// permit that holds its place until dropped, and past the limit clients wait in the kernel's
-/// backlog. Shared by the metrics listener and HTTP ingest.
-pub struct BoundedAccept {
+/// A response with a status, a content type and a body.
+pub fn answer(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
+    let mut answer = hyper::Response::new(Full::new(body.into()));
+    *answer.status_mut() = status;
+    answer
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    answer
+}
+
+/// A plain-text response: `text` and a newline.
+pub fn text(status: StatusCode, text: &str) -> Answer {
+    answer(status, "text/plain; charset=utf-8", format!("{text}\n"))
+}
+
+/// The same response with one more header (replacing one of that name).
+pub fn with_header(mut answer: Answer, name: header::HeaderName, value: HeaderValue) -> Answer {
+    answer.headers_mut().insert(name, value);
+    answer
+}
+
+/// A server running in its own task.
+#[derive(Debug)]
+pub struct Server {
+    task: JoinHandle<()>,
+}
+
+/// Serves `listener` with `handler` (over TLS when `tls` is given) until `stopping`.
+pub fn spawn<H: Handler>(
     listener: TcpListener,
-    slots: Arc<Semaphore>,
-    /// Names the listener in the one log line an accept failure gives.
-    what: &'static str,
+    handler: Arc<H>,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    stopping: Shutdown,
+) -> Server {
+    let task = tokio::spawn(accept(listener, handler, limits, tls, stopping));
+    Server { task }
 }
 
-impl BoundedAccept {
-    /// At most `max` connections of `listener` at once.
-    pub fn new(listener: TcpListener, max: usize, what: &'static str) -> Self {
-        BoundedAccept {
-            listener,
-            slots: Arc::new(Semaphore::new(max)),
-            what,
+impl Server {
+    /// Once the stop signal fired: waits for the requests in flight until `deadline`, then
+    /// drops what is left, and returns once the port is closed. False when something had to
+    /// be dropped.
+    pub async fn finish(mut self, deadline: Instant) -> bool {
+        if tokio::time::timeout_at(deadline, &mut self.task)
+            .await
+            .is_ok()
+        {
+            return true;
         }
-    }
-
-    /// The next connection and its slot, or `None` once `shutdown` fires.
-    pub async fn next(&self, shutdown: &Shutdown) -> Option<(TcpStream, OwnedSemaphorePermit)> {
-        loop {
-            // A slot first, then accept: past the limit, clients wait in the backlog.
-            let slot = tokio::select! {
-                slot = self.slots.clone().acquire_owned() => slot.ok()?,
-                _ = shutdown.wait() => return None,
-            };
-            let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
-                _ = shutdown.wait() => return None,
-            };
-            match accepted {
-                Ok((stream, _)) => return Some((stream, slot)),
-                Err(err) => {
-                    // Out of file descriptors, most likely: wait a little rather than spin.
-                    tracing::warn!(error = %err, "{} cannot accept a connection", self.what);
-                    tokio::time::sleep(ACCEPT_RETRY).await;
-                }
-            }
-        }
+        self.task.abort();
+        // Once the aborted task is dropped the port is closed: the caller may bind it again.
+        let _ = self.task.await;
+        false
     }
 }
 
-/// Serves connections on `listener` with `handler` until `shutdown`, then drops them all.
-pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, shutdown: Shutdown) {
-    let acceptor = BoundedAccept::new(listener, MAX_CONNECTIONS, "HTTP listener");
+/// Accepts connections until `stopping`, at most `limits.max_connections` at once, then waits
+/// for the open ones to finish.
+async fn accept<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    stopping: Shutdown,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
-    while let Some((stream, slot)) = acceptor.next(&shutdown).await {
+    loop {
+        // A slot first, then accept: past the limit, clients wait in the backlog.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stopping.wait() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopping.wait() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors, most likely: wait a little rather than spin.
+                tracing::warn!(error = %err, "{} cannot accept a connection", limits.name);
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
         // Reap finished connections so the set does not grow.
         while connections.try_join_next().is_some() {}
-        let handler = handler.clone();
+        let (handler, tls, stopping) = (handler.clone(), tls.clone(), stopping.clone());
         connections.spawn(async move {
-            // Errors are the client's (it went away, was too slow): not ours to log above debug.
-            if let Err(err) = connection(stream, &*handler).await {
-                tracing::debug!(error = %err, "HTTP connection ended");
-            }
+            connection(stream, tls, handler, limits, stopping).await;
             drop(slot);
         });
     }
-    connections.abort_all();
+    // No new connections from here on: the port is closed.
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }
 
-/// Reads one request head, answers it, closes.
-async fn connection<H: Handler>(mut stream: TcpStream, handler: &H) -> io::Result<()> {
-    let read = tokio::time::timeout(HEADER_READ_TIMEOUT, read_head(&mut stream)).await;
-    let (response, head_only) = match read {
-        Err(_) => return Ok(()), // too slow: hang up without a word
-        Ok(Err(err)) => return Err(err),
-        Ok(Ok(Head::Closed)) => return Ok(()),
-        Ok(Ok(Head::Refused(response))) => (response, false),
-        Ok(Ok(Head::Request(request))) => {
-            let head_only = request.method == "HEAD";
-            (handler.handle(request).await, head_only)
+/// Serves one connection, over TLS when configured.
+async fn connection<H: Handler>(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    handler: Arc<H>,
+    limits: Limits,
+    stopping: Shutdown,
+) {
+    // Answers are small and final: send them without waiting on Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
+    let Some(acceptor) = tls else {
+        return serve_connection(stream, handler, limits, stopping).await;
+    };
+    let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+    let name = limits.name;
+    let stream = tokio::select! {
+        handshake = handshake => match handshake {
+            Ok(Ok(stream)) => stream,
+            // The client's problem (wrong CA, plain HTTP to an HTTPS port): not ours to log above debug.
+            Ok(Err(err)) => return tracing::debug!(error = %err, "{name}: TLS handshake failed"),
+            Err(_) => return tracing::debug!("{name}: TLS handshake too slow"),
+        },
+        _ = stopping.wait() => return,
+    };
+    serve_connection(stream, handler, limits, stopping).await
+}
+
+/// Serves the requests of one connection until it closes, or until `stopping` and the request
+/// in flight is answered.
+async fn serve_connection<S, H>(stream: S, handler: Arc<H>, limits: Limits, stopping: Shutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler.handle(request).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(limits.keep_alive)
+        .auto_date_header(limits.date_header)
+        .max_buf_size(limits.read_buffer.max(MIN_READ_BUFFER))
+        .max_headers(MAX_HEADERS)
+        .max_header_size(limits.max_head_bytes);
+    let io = TokioIo::new(TimedWrite::new(stream, limits.write_timeout));
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = stopping.wait() => {
+            // Finish the request in flight, if any, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
     };
-    let bytes = encode(&response, head_only);
-    tokio::time::timeout(WRITE_TIMEOUT, async {
-        stream.write_all(&bytes).await?;
-        stream.shutdown().await
-    })
-    .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client did not read"))?
-}
-
-/// What reading a request head gave.
-#[derive(Debug)]
-enum Head {
-    /// A request to hand to the handler.
-    Request(Request),
-    /// A request refused before the handler sees it (too large, malformed, with a body).
-    Refused(Response),
-    /// The client closed before a whole head.
-    Closed,
-}
-
-async fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(Head::Closed);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        match parse_head(&buf) {
-            Some(head) => return Ok(head),
-            None if buf.len() >= MAX_HEAD_BYTES => {
-                return Ok(Head::Refused(Response::text(431, "request head too large")));
-            }
-            None => {}
-        }
-    }
-}
-
-/// Parses a request head; `None` while it is incomplete. Pure.
-fn parse_head(buf: &[u8]) -> Option<Head> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
-    match parsed.parse(buf) {
-        Ok(httparse::Status::Partial) => None,
-        Err(httparse::Error::TooManyHeaders) => {
-            Some(Head::Refused(Response::text(431, "too many headers")))
-        }
-        Err(_) => Some(Head::Refused(Response::text(400, "malformed request"))),
-        Ok(httparse::Status::Complete(_)) => {
-            let headers: Vec<(String, String)> = parsed
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_ascii_lowercase(),
-                        String::from_utf8_lossy(h.value).trim().to_owned(),
-                    )
-                })
-                .collect();
-            let has_body = headers
-                .iter()
-                .any(|(n, v)| (n == "content-length" && v != "0") || n == "transfer-encoding");
-            if has_body {
-                return Some(Head::Refused(Response::text(
-                    413,
-                    "request bodies are not accepted here",
-                )));
-            }
-            let target = parsed.path.unwrap_or("/");
-            let path = target.split('?').next().unwrap_or(target);
-            Some(Head::Request(Request {
-                method: parsed.method.unwrap_or("").to_owned(),
-                path: path.to_owned(),
-                headers,
-            }))
-        }
-    }
-}
-
-/// The bytes of a response; without the body for HEAD. Pure.
-fn encode(response: &Response, head_only: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(response.body.len() + 256);
-    let status = response.status;
-    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
-    out.extend_from_slice(format!("content-type: {}\r\n", response.content_type).as_bytes());
-    out.extend_from_slice(format!("content-length: {}\r\n", response.body.len()).as_bytes());
-    out.extend_from_slice(b"connection: close\r\n");
-    for (name, value) in &response.headers {
-        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
-    if !head_only {
-        out.extend_from_slice(&response.body);
-    }
-    out
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        413 => "Content Too Large",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "",
+    // Errors are the client's (it went away, was too slow): not ours to log above debug.
+    if let Err(err) = ended {
+        tracing::debug!(error = %err, "{} connection ended", limits.name);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn request(head: &str) -> Option<Head> {
-        parse_head(head.as_bytes())
+    /// Answers every request with its method and path.
+    struct Echo;
+
+    impl Handler for Echo {
+        async fn handle(&self, request: Request) -> Answer {
+            let said = format!("{} {}", request.method(), request.uri().path());
+            text(StatusCode::OK, &said)
+        }
     }
 
-    #[test]
-    fn a_head_is_parsed_once_complete_and_the_query_is_dropped() {
-        assert!(request("GET /metrics HTTP/1.1\r\nHost: x\r\n").is_none());
-        let Some(Head::Request(r)) =
-            request("GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n\r\n")
-        else {
-            panic!("a request");
-        };
-        assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/metrics"));
-        assert_eq!(r.header("accept"), Some("text/plain"));
+    const TEST_LIMITS: Limits = Limits {
+        name: "test server",
+        max_connections: 2,
+        header_read_timeout: Duration::from_millis(400),
+        max_head_bytes: 8 * 1024,
+        read_buffer: 8 * 1024,
+        write_timeout: Duration::from_secs(1),
+        keep_alive: false,
+        date_header: false,
+    };
+
+    async fn start(limits: Limits) -> (SocketAddr, crate::core::shutdown::Trigger, Server) {
+        let listener = bind("127.0.0.1:0".parse().expect("address"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stop, stopping) = crate::core::shutdown::channel();
+        let server = spawn(listener, Arc::new(Echo), limits, None, stopping);
+        (addr, stop, server)
     }
 
-    #[test]
-    fn malformed_heads_and_bodies_are_refused() {
-        let status = |head: &str| match request(head) {
-            Some(Head::Refused(r)) => r.status,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(status("GET /\0 HTTP/1.1\r\n\r\n"), 400);
-        assert_eq!(
-            status("POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\n"),
-            413
-        );
-        let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
-        assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), 431);
+    /// Sends `head` on a fresh connection and reads until the server closes it.
+    async fn exchange(addr: SocketAddr, head: &str) -> String {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(head.as_bytes()).await.expect("send");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("the server closes the connection")
+            .expect("read");
+        String::from_utf8(answer).expect("utf-8")
     }
 
-    #[test]
-    fn responses_carry_length_and_close_and_head_has_no_body() {
-        let r = Response::text(503, "not ready").with_header("retry-after", "5");
-        let text = String::from_utf8(encode(&r, false)).expect("utf-8");
-        assert!(
-            text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
-            "{text}"
-        );
-        assert!(text.contains("content-length: 10\r\n"), "{text}");
-        assert!(
-            text.contains("connection: close\r\nretry-after: 5\r\n\r\n"),
-            "{text}"
-        );
-        assert!(text.ends_with("\r\n\r\nnot ready\n"), "{text}");
-        let head = String::from_utf8(encode(&r, true)).expect("utf-8");
+    #[tokio::test]
+    async fn without_keep_alive_each_answer_closes_and_head_has_no_body() {
+        let (addr, stop, server) = start(TEST_LIMITS).await;
+        let get = exchange(addr, "GET /x?q=1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(get.starts_with("HTTP/1.1 200 OK\r\n"), "{get}");
+        assert!(get.contains("connection: close\r\n"), "{get}");
+        assert!(!get.contains("date: "), "no Date when not asked for: {get}");
+        assert!(get.ends_with("\r\n\r\nGET /x\n"), "{get}");
+        let head = exchange(addr, "HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
         assert!(head.ends_with("\r\n\r\n"), "{head}");
+        // What `probe` sends.
+        let old = exchange(addr, "GET /readyz HTTP/1.0\r\nHost: a\r\n\r\n").await;
+        assert!(old.split(' ').nth(1) == Some("200"), "{old}");
+        stop.trigger();
+        assert!(server.finish(Instant::now() + Duration::from_secs(5)).await);
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "the port is closed"
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_and_malformed_heads_are_refused() {
+        let (addr, _stop, _server) = start(TEST_LIMITS).await;
+        let padding = "p".repeat(16 * 1024);
+        let big = exchange(addr, &format!("GET / HTTP/1.1\r\nX-P: {padding}\r\n\r\n")).await;
+        assert!(big.starts_with("HTTP/1.1 431 "), "{big}");
+        let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
+        let many = exchange(addr, &format!("GET / HTTP/1.1\r\n{many}\r\n")).await;
+        assert!(many.starts_with("HTTP/1.1 431 "), "{many}");
+        let bad = exchange(addr, "GET /\0 HTTP/1.1\r\n\r\n").await;
+        assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
+    }
+
+    #[tokio::test]
+    async fn silent_clients_hold_their_slots_only_until_the_header_read_timeout() {
+        let (addr, _stop, _server) = start(TEST_LIMITS).await;
+        let started = std::time::Instant::now();
+        // Both slots taken by clients that send nothing.
+        let _silent = (
+            TcpStream::connect(addr).await.expect("connect"),
+            TcpStream::connect(addr).await.expect("connect"),
+        );
+        let answer = exchange(addr, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        // Served once a silent one was hung up on, not before.
+        assert!(started.elapsed() >= Duration::from_millis(350));
     }
 }
