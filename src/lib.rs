@@ -24,13 +24,17 @@
 //! | [`shaping`] | what a rule does ([`shaping::plan`]), throttles, windows, batches, token bucket and adaptive concurrency; pure, no tokio | core |
 //! | [`buffer`] | the durable per-rule queue (segment log, ack position, recovery), dead letters, the buffer directory's layout and lock | core |
 //! | [`mqtt`] | the MQTT connection: options, the session, subscriptions, acknowledgements on the wire, publishing replies | core |
-//! | [`http`] | the one HTTP server (hyper) with bounded connections, shared by HTTP ingest and the metrics listener | core |
+//! | [`http`] | HTTP servers with bounded connections: hyper's for HTTP ingest, a small one-request-per-connection listener for the metrics endpoints (it keeps hyper's server code out of memory when HTTP ingest is off) | core |
 //! | [`rule`] | one rule's shared state while it runs ([`rule::Route`]) and its life cycle | core, shaping, buffer |
 //! | [`ingest`] | messages in (MQTT, HTTP), matched, stored, then acknowledged | core, shaping, buffer, mqtt, http, rule |
 //! | [`delivery`] | per rule: read, shape, invoke (the Lambda client), reply, acknowledge | core, shaping, buffer, mqtt, rule |
 //! | [`ops`] | `/metrics`, `/healthz`, `/readyz`, systemd notify | core, http |
 //! | [`daemon`] | the wiring: start, reload, stop; preflight checks; signals | everything above |
 //! | [`cli`] | the `buffer` commands and the container health probe | everything above, daemon included |
+//!
+//! Two state machines carry the modes of the daemon, each a pure function tested with event
+//! sequences and driven by a thin async loop: the MQTT session ([`mqtt`]'s `session.rs`) and a
+//! rule's life ([`rule::life`]); delivery's own loop is a third (`delivery/pipeline/machine.rs`).
 //!
 //! [`run`] wires them together and takes the shutdown future, so tests can stop it; a reload
 //! request (SIGHUP) re-reads the file.

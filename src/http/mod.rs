@@ -24,7 +24,12 @@
 //! At the stop signal the listener stops accepting and closes its port; idle connections and
 //! ones still sending a head close, requests in flight are answered, then their connections
 //! close. [`Server::finish`] waits for that until a deadline and then drops what is left.
+//!
+//! The metrics endpoints are served by [`small`], a one-request-per-connection listener that
+//! keeps hyper's server code out of memory on gateways without HTTP ingest (its head says by
+//! how much).
 
+pub mod small;
 mod timed_write;
 
 use std::convert::Infallible;

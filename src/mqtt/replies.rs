@@ -255,7 +255,7 @@ struct Shared {
 }
 
 impl Replier {
-    /// Replies through `client`, whose event loop the poll task reports to [`Replier::book`].
+    /// Replies through `client`, whose event loop the poll task reports to the reply book (`Replier::with_book`).
     pub fn new(client: Client) -> Self {
         Replier {
             shared: Arc::new(Shared {
