@@ -208,6 +208,7 @@ fn check(path: &Path, aws: bool) -> ExitCode {
                 loaded.rules.len(),
                 if loaded.rules.len() == 1 { "" } else { "s" }
             );
+            explain_replies(&loaded);
             if aws {
                 runtime.block_on(check_aws(&loaded))
             } else {
@@ -215,6 +216,18 @@ fn check(path: &Path, aws: bool) -> ExitCode {
             }
         }
         Err(code) => code,
+    }
+}
+
+/// `check`: where each replying rule's replies may go, one line per rule, so a Response Topic
+/// that `reply.allow` leaves out is no surprise.
+fn explain_replies(config: &Config) {
+    use mqtt_lambda_bridge::core::reply;
+    use mqtt_lambda_bridge::shaping::plan::RulePlan;
+    for rule in &config.rules {
+        if let Some(spec) = RulePlan::from_config(rule).reply {
+            println!("rule {}: {}", rule.name, reply::explain(&spec));
+        }
     }
 }
 

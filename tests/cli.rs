@@ -87,7 +87,59 @@ fn the_example_config_is_valid() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("valid (3 rules)"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("valid (3 rules)"), "{stdout}");
+    // Where the replying rule's replies may go, in words.
+    assert!(
+        stdout.contains(
+            "rule door-events: replies go to the request's Response Topic when it matches \
+             reply.allow [\"building/+/answers/#\"], else to reply.topic \"replies/{topic}\""
+        ),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_names_each_reply_allow_filter_that_is_unusable_and_explains_where_replies_go() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |allow: &str| {
+        format!(
+            "[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\nprotocol = \"5\"\n[aws]\nregion = \"eu-west-1\"\n\
+             [buffer]\ndir = \"{}\"\n\n[[rules]]\nname = \"cmd\"\ntopic = \"dev/+/req\"\nfunction = \"f\"\n\
+             invocation = \"request_response\"\n[rules.reply]\nallow = {allow}\n",
+            dir.path().join("buffer").display()
+        )
+    };
+    let path = write(
+        dir.path(),
+        &config(r#"["answers/#", "dev/#", "{topic}/x"]"#),
+    );
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(78), "{}", stdout(&out));
+    let errors = stderr(&out);
+    let file = path.display().to_string();
+    assert!(
+        errors.contains(&format!(
+            "{file}:15: rules[0].reply.allow[1]: \"dev/#\" overlaps rules[0].topic \"dev/+/req\""
+        )),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("rules[0].reply.allow[2]: \"{topic}/x\": reply.allow holds topic filters"),
+        "{errors}"
+    );
+    assert!(!errors.contains("allow[0]"), "{errors}");
+
+    let out = check(&write(dir.path(), &config("[]")));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(
+            "rule cmd: replies to requests with a Response Topic are dead-lettered as \
+             ReplyNotAllowed"
+        ),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]

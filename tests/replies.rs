@@ -134,6 +134,25 @@ impl Device {
         }
     }
 
+    /// Waits until a message `is` the one awaited, and returns everything received by then.
+    async fn wait_until(&self, what: &str, is: impl Fn(&Received) -> bool) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+        loop {
+            let arrived = self.arrived.notified();
+            let now = self.received();
+            if now.iter().any(&is) {
+                return now;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                let topics: Vec<&str> = now.iter().map(|r| r.topic.as_str()).collect();
+                panic!(
+                    "{what} never arrived; {} messages did, on {topics:?}",
+                    now.len()
+                );
+            }
+        }
+    }
+
     fn received(&self) -> Vec<Received> {
         self.received.lock().expect("lock").clone()
     }
@@ -204,7 +223,9 @@ async fn mqtt5_replies_go_to_the_response_topic_with_correlation_data_else_to_th
     let broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start().await;
     let metrics_port = free_port();
-    let rules = format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{RULES}");
+    let rules = format!(
+        "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{RULES}allow = [\"dev/+/answers\"]\n"
+    );
     let (daemon, device) =
         bridge_and_device(&broker, &lambda.endpoint(), Protocol::V5, &rules, "#").await;
 
@@ -301,6 +322,18 @@ async fn mqtt311_replies_go_to_the_configured_topic() {
     drop(daemon);
 }
 
+/// A replying rule that takes one topic `RULES` replies to, which validation (it checks a
+/// sample topic) lets through: only the check at publish time stops that loop.
+const TRAP: &str = r#"
+[[rules]]
+name = "trap"
+topic = "replies/dev/2/req"
+function = "handler"
+invocation = "request_response"
+[rules.reply]
+topic = "out/{topic}"
+"#;
+
 #[tokio::test]
 async fn function_errors_and_replies_that_would_loop_go_to_the_dead_letters() {
     let broker = Mosquitto::start().await;
@@ -318,13 +351,15 @@ async fn function_errors_and_replies_that_would_loop_go_to_the_dead_letters() {
         &broker,
         &lambda.endpoint(),
         Protocol::V5,
-        RULES,
+        &format!("{RULES}{TRAP}"),
         "replies/#",
     )
     .await;
 
     device.request("dev/1/req", r#"{"n":1}"#, None).await;
-    // A Response Topic the rule itself takes: the reply would come back as a request.
+    // A Response Topic the rule itself takes is not allowed (nothing is): the reply goes to
+    // reply.topic, replies/dev/2/req, which the trap rule takes: it would come back as a
+    // request.
     device
         .request("dev/2/req", r#"{"n":2}"#, Some(("dev/9/req", "c")))
         .await;
@@ -359,7 +394,7 @@ async fn function_errors_and_replies_that_would_loop_go_to_the_dead_letters() {
     assert!(
         looped["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("dev/9/req") && r.contains("rule cmd")),
+            .is_some_and(|r| r.contains("replies/dev/2/req") && r.contains("rule trap")),
         "{looped}"
     );
     // Three failed attempts for request 1, one answer each for 2 and 3, and no fourth request:
@@ -551,7 +586,7 @@ async fn many_requests_at_once_each_get_their_own_reply() {
     let rules = RULES.replace(
         "invocation = \"request_response\"",
         "invocation = \"request_response\"\nmax_concurrency = 32",
-    );
+    ) + "allow = [\"answers/#\"]\n";
     let (daemon, device) = bridge_and_device(
         &broker,
         &lambda.endpoint(),
@@ -669,4 +704,127 @@ async fn a_shutdown_while_a_reply_waits_for_the_broker_keeps_the_message_for_the
     assert_eq!(ids.len(), 2, "invoked again after the restart: {ids:?}");
     assert_eq!(ids[0], ids[1]);
     drop(daemon);
+}
+
+/// What arrived on `topic`, of everything a device listening on `#` saw.
+fn on_topic(received: &[Received], topic: &str) -> Vec<Received> {
+    received
+        .iter()
+        .filter(|r| r.topic == topic)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn a_response_topic_outside_reply_allow_is_never_published_to() {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    // No reply.allow: no Response Topic is honoured, replies go to reply.topic.
+    let (daemon, device) =
+        bridge_and_device(&broker, &lambda.endpoint(), Protocol::V5, RULES, "#").await;
+
+    // Device 1 asks the bridge to publish its reply on device 2's command topic.
+    device
+        .request("dev/1/req", r#"{"n":1}"#, Some(("dev/2/cmd", "c-1")))
+        .await;
+    // A plain request after it: replies go out in order, so once this one's reply is there,
+    // the first one's has been published (or not) already.
+    device.request("dev/1/req", r#"{"n":2}"#, None).await;
+    // The bridge publishes its replies in order and the broker forwards them in order: once
+    // the second reply is here, a publish on device 2's topic would be here too.
+    let received = device
+        .wait_until("the reply to the plain request", |r| {
+            r.payload["answer"] == serde_json::json!({ "n": 2 })
+        })
+        .await;
+    assert_eq!(
+        on_topic(&received, "dev/2/cmd").len(),
+        0,
+        "a device chose where the bridge publishes: {:?}",
+        on_topic(&received, "dev/2/cmd")
+    );
+    let replies = on_topic(&received, "replies/dev/1/req");
+    assert_eq!(
+        replies.len(),
+        2,
+        "both replies go to reply.topic: {received:?}"
+    );
+    // The redirected reply still carries the request's Correlation Data.
+    assert_eq!(replies[0].payload["answer"], serde_json::json!({ "n": 1 }));
+    assert_eq!(replies[0].correlation.as_deref(), Some(&b"c-1"[..]));
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn an_allowed_response_topic_is_used_and_one_not_allowed_without_reply_topic_is_dead_lettered()
+ {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    // Response Topics under answers/ only, and no reply.topic to fall back on.
+    let rules = r#"
+[[rules]]
+name = "cmd"
+topic = "dev/+/req"
+function = "handler"
+invocation = "request_response"
+[rules.reply]
+allow = ["answers/#"]
+"#;
+    let (mut daemon, device) =
+        bridge_and_device(&broker, &lambda.endpoint(), Protocol::V5, rules, "#").await;
+
+    device
+        .request("dev/1/req", r#"{"n":1}"#, Some(("answers/1", "c-1")))
+        .await;
+    device
+        .request("dev/1/req", r#"{"n":2}"#, Some(("dev/2/cmd", "c-2")))
+        .await;
+    device
+        .request("dev/1/req", r#"{"n":3}"#, Some(("answers/3", "c-3")))
+        .await;
+    // Replies go out in order: once the third is here, anything on dev/2/cmd would be too.
+    let received = device
+        .wait_until("the reply on answers/3", |r| r.topic == "answers/3")
+        .await;
+    assert_eq!(
+        on_topic(&received, "dev/2/cmd").len(),
+        0,
+        "a device chose where the bridge publishes"
+    );
+    for (n, topic) in [(1, "answers/1"), (3, "answers/3")] {
+        let replies = on_topic(&received, topic);
+        assert_eq!(replies.len(), 1, "one reply on {topic}");
+        assert_eq!(replies[0].payload["answer"], serde_json::json!({ "n": n }));
+        assert_eq!(
+            replies[0].correlation.as_deref(),
+            Some(format!("c-{n}").as_bytes())
+        );
+    }
+    // The function answered all three; the refusal is counted with the replies dead-lettered.
+    assert_eq!(invoked_ids(&lambda).len(), 3);
+    let (code, log) = daemon.stop().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("left_in_buffer=0"), "{log}");
+    assert!(
+        log.contains(
+            "reply summary rule=cmd replies_published=2 replies_without_topic=0 replies_dead_lettered=1"
+        ),
+        "{log}"
+    );
+    // The refused one is a dead letter naming the topic and the key to change (written before
+    // the message left the buffer, which it did: left_in_buffer=0).
+    let letters: Vec<serde_json::Value> =
+        std::fs::read_to_string(daemon.buffer_dir().join("cmd/dead-letters.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+    assert_eq!(letters.len(), 1, "one dead letter, got {}", letters.len());
+    assert_eq!(letters[0]["code"], "ReplyNotAllowed");
+    assert_eq!(letters[0]["event"]["messages"][0]["payload"]["n"], 2);
+    let reason = letters[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("\"dev/2/cmd\"") && reason.contains("reply.allow"),
+        "{reason}"
+    );
 }

@@ -42,7 +42,9 @@ pub struct DeadLetter {
     pub rule: String,
     /// Why it can never be delivered, in words.
     pub reason: String,
-    /// AWS's error code, or `PayloadTooLarge` for an event over Lambda's limit.
+    /// AWS's error code, `PayloadTooLarge` for an event over Lambda's limit, or the `Reply…`
+    /// code of a reply that was not published (e.g. `ReplyNotAllowed`: the request's Response
+    /// Topic is outside `reply.allow` and the rule has no `reply.topic`).
     pub code: String,
     /// Invocation attempts made.
     pub attempts: u32,

@@ -106,6 +106,7 @@ impl RulePlan {
             slow_start,
             reply: rule.reply.as_ref().map(|r| ReplySpec {
                 topic: r.topic.clone(),
+                allow: r.allow.clone(),
                 retain: r.retain,
             }),
         }

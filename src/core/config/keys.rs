@@ -193,6 +193,8 @@ pub const KEYS: &[(&str, Expect)] = &[
     ("rules[].reply", Expect::Table("[rules.reply]")),
     ("rules[].reply.topic", Expect::Text("{topic}/reply")),
     ("rules[].reply.retain", Expect::Bool),
+    ("rules[].reply.allow", Expect::TextList("[\"replies/#\"]")),
+    ("rules[].reply.allow[]", Expect::Text("replies/#")),
 ];
 
 /// What `key` (as a user writes it, indices included) holds; `None` for a key the file may not

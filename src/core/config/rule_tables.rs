@@ -3,7 +3,8 @@
 //!
 //! Invariants: a batch's byte cap never exceeds Lambda's limit for the rule's invocation type; a
 //! rule batches or aggregates, never both; a reply topic never lands in a replying rule's own
-//! filter, so replies cannot come back as requests.
+//! filter, and no `reply.allow` filter overlaps a replying rule's filter, so replies cannot come
+//! back as requests.
 
 use std::time::Duration;
 
@@ -16,9 +17,14 @@ use crate::core::rules;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplyConfig {
-    /// The topic for requests without an MQTT 5 Response Topic; `{topic}` stands for the
-    /// request's topic. Without it, such requests get no reply.
+    /// The topic for requests without an MQTT 5 Response Topic that `allow` allows; `{topic}`
+    /// stands for the request's topic. Without it, requests with no Response Topic get no
+    /// reply, and those whose Response Topic is not allowed are dead-lettered.
     pub topic: Option<String>,
+    /// Topic filters a request's Response Topic must match to be used; none by default, so a
+    /// device cannot make the bridge publish where it likes.
+    #[serde(default)]
+    pub allow: Vec<String>,
     /// Publish replies with the retain flag.
     #[serde(default)]
     pub retain: bool,
@@ -234,6 +240,7 @@ pub(super) fn replies(rules: &[RuleConfig], protocol: MqttProtocol) -> Vec<Issue
                 "replies need one message per invocation: remove [rules.batch] or [rules.aggregate] from this rule",
             ));
         }
+        issues.extend(allow_issues(rules, &key, &reply.allow));
         let topic_key = format!("{key}.topic");
         match &reply.topic {
             None if protocol == MqttProtocol::V311 => issues.push(Issue::new(
@@ -266,6 +273,61 @@ pub(super) fn replies(rules: &[RuleConfig], protocol: MqttProtocol) -> Vec<Issue
                     ));
                 }
             }
+        }
+    }
+    issues
+}
+
+/// `reply.allow` of one rule (`key` is its `rules[i].reply`): topic filters, no templates, no
+/// broker topics, and none that overlaps a replying rule's filter (a device could then name a
+/// Response Topic that feeds the reply back in as a request).
+fn allow_issues(rules: &[RuleConfig], key: &str, allow: &[String]) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    for (j, filter) in allow.iter().enumerate() {
+        let at = format!("{key}.allow[{j}]");
+        if let Err(message) = rules::validate_filter(filter) {
+            let quoted = format!("{filter:?}");
+            let message = if message.contains(&quoted) {
+                message
+            } else {
+                format!("{quoted}: {message}")
+            };
+            issues.push(Issue::new(at, message));
+            continue;
+        }
+        if filter.contains(['{', '}']) {
+            issues.push(Issue::new(
+                at,
+                format!(
+                    "{filter:?}: reply.allow holds topic filters, not templates (nothing in \
+                     braces is replaced); use + for a level, e.g. \"dev/+/answers\""
+                ),
+            ));
+            continue;
+        }
+        if filter.starts_with('$') {
+            issues.push(Issue::new(
+                at,
+                format!(
+                    "{filter:?}: topics starting with '$' belong to the broker and are never \
+                     used as Response Topics; allow e.g. \"replies/#\""
+                ),
+            ));
+            continue;
+        }
+        if let Some((k, other)) = rules.iter().enumerate().find(|(_, r)| {
+            r.reply.is_some() && rules::overlap(filter, rules::match_filter(&r.topic))
+        }) {
+            issues.push(Issue::new(
+                at,
+                format!(
+                    "{filter:?} overlaps rules[{k}].topic {:?}, which replies too: a device \
+                     could name a Response Topic there and its reply would come back as a \
+                     request, forever; allow only topics outside every replying rule's filter, \
+                     e.g. \"replies/#\"",
+                    other.topic
+                ),
+            ));
         }
     }
     issues
@@ -359,5 +421,76 @@ mod tests {
         // Under MQTT 5 a rule may rely on Response Topics alone.
         let issues = replies(&config.rules, MqttProtocol::V5);
         assert!(!issues.iter().any(|i| i.key == "rules[3].reply.topic"));
+    }
+
+    #[test]
+    fn reply_allow_takes_filters_outside_every_replying_rule() {
+        let text = r##"
+[mqtt]
+url = "mqtt://x"
+protocol = "5"
+
+[[rules]]
+name = "cmd"
+topic = "$share/g/dev/+/req"
+function = "f"
+invocation = "request_response"
+[rules.reply]
+allow = ["replies/#", "dev/+/answers", "a/#/b", "", "dev/{id}/answers", "$SYS/#", "dev/#", "#"]
+
+[[rules]]
+name = "plain"
+topic = "telemetry/#"
+function = "f"
+"##;
+        let config = load_unvalidated(text);
+        let issues = replies(&config.rules, MqttProtocol::V5);
+        let found: Vec<(&str, &str)> = issues
+            .iter()
+            .map(|i| (i.key.as_str(), i.message.as_str()))
+            .collect();
+        let keys: Vec<&str> = found.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            keys,
+            [
+                "rules[0].reply.allow[2]",
+                "rules[0].reply.allow[3]",
+                "rules[0].reply.allow[4]",
+                "rules[0].reply.allow[5]",
+                "rules[0].reply.allow[6]",
+                "rules[0].reply.allow[7]",
+            ],
+            "{issues:#?}"
+        );
+        assert!(
+            found[0].1.contains("'#' must be the last level"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].1.starts_with("\"\": the filter is empty"),
+            "{found:?}"
+        );
+        assert!(found[2].1.contains("not templates"), "{found:?}");
+        assert!(found[3].1.contains("belong to the broker"), "{found:?}");
+        // A Response Topic there would be taken as a request again (through the share group's
+        // filter); a non-replying rule's filter is no loop.
+        for (_, message) in &found[4..] {
+            assert!(
+                message.contains("overlaps rules[0].topic \"$share/g/dev/+/req\""),
+                "{message}"
+            );
+        }
+        // Without the bad ones: no issue, and no reply.topic is needed under MQTT 5.
+        let good = text.replace(
+            r##", "a/#/b", "", "dev/{id}/answers", "$SYS/#", "dev/#", "#""##,
+            "",
+        );
+        let config = load_unvalidated(&good);
+        let issues = replies(&config.rules, MqttProtocol::V5);
+        assert!(issues.is_empty(), "{issues:#?}");
+        assert_eq!(
+            config.rules[0].reply.as_ref().map(|r| r.allow.len()),
+            Some(2)
+        );
     }
 }
