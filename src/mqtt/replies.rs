@@ -1,6 +1,7 @@
 //! Replies to devices: a `request_response` rule with `[rules.reply]` publishes the function's
 //! response back to MQTT, to the request's MQTT 5 Response Topic (with its Correlation Data)
-//! or else to the rule's `reply.topic`, where `{topic}` stands for the request's topic.
+//! when it matches `reply.allow`, or else to the rule's `reply.topic`, where `{topic}` stands
+//! for the request's topic (`crate::core::reply::destination` decides).
 //!
 //! A reply is part of its message's delivery: the invocation counts as done only once the
 //! broker has acknowledged the reply (PUBACK, QoS 1), so the queue is never acknowledged past a

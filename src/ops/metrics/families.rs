@@ -257,7 +257,7 @@ fn answers(encoder: &mut DescriptorEncoder, routes: &[RuleReport], health: &Heal
         counters(
             encoder,
             "mlb_replies",
-            "Replies of rules with [rules.reply], by result: published (the broker acknowledged it), no_topic (no Response Topic and no reply.topic), dead_lettered (it could not be published).",
+            "Replies of rules with [rules.reply], by result: published (the broker acknowledged it), no_topic (no Response Topic and no reply.topic), dead_lettered (it could not be published, or its Response Topic is not in reply.allow and there is no reply.topic).",
             replies,
         )?;
     }
