@@ -5,13 +5,16 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mqtt_lambda_bridge::buffer::disk::{
     ACK_PERSIST_INTERVAL, DEFAULT_SEGMENT_SIZE, read_ack_file, read_ack_position, segment_files,
 };
-use mqtt_lambda_bridge::buffer::{DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue};
+use mqtt_lambda_bridge::buffer::{
+    Appended, DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue,
+};
 use mqtt_lambda_bridge::core::config::WhenFull;
 use mqtt_lambda_bridge::core::envelope::Message;
 use tokio::sync::watch;
@@ -79,7 +82,7 @@ async fn append_until_ok(q: &DiskQueue, m: Message, limit: Duration) -> Duration
     let start = Instant::now();
     loop {
         match q.append(vec![m.clone()]).await {
-            Ok(()) => return start.elapsed(),
+            Ok(_) => return start.elapsed(),
             Err(e) => assert!(
                 start.elapsed() < limit,
                 "appends did not resume within {limit:?}: {e}"
@@ -102,7 +105,9 @@ async fn the_ack_position_reaches_disk_with_the_next_group_commit_while_appends_
             let mut n = 0;
             loop {
                 tokio::select! {
-                    r = q.append(vec![msg(n, 100)]) => r.expect("append"),
+                    r = q.append(vec![msg(n, 100)]) => {
+                        r.expect("append");
+                    }
                     _ = stopped.wait_for(|s| *s) => return,
                 }
                 n += 1;
@@ -375,7 +380,7 @@ async fn a_full_disk_recovers_by_itself_once_everything_is_delivered() {
     let mut n = 0;
     loop {
         match q.append(vec![msg(n, 250)]).await {
-            Ok(()) => ok.push(n),
+            Ok(_) => ok.push(n),
             Err(e) => {
                 assert_eq!(os_error(&e), Some(ENOSPC), "{e}");
                 break;
@@ -740,7 +745,7 @@ async fn a_real_full_tmpfs_recovers_once_everything_is_delivered() {
     while n < TOTAL {
         // Lambda is down: append until the disk is full.
         match q.append(vec![msg(n, 450)]).await {
-            Ok(()) => {
+            Ok(_) => {
                 appended.push(n);
                 n += 1;
                 continue;
@@ -765,4 +770,38 @@ async fn a_real_full_tmpfs_recovers_once_everything_is_delivered() {
     let q = DiskQueue::open(config(&dir)).expect("reopen");
     assert!(peek_all(&q).await.is_empty());
     q.close().await;
+}
+
+/// A `drop_newest` queue at its cap answers the append as dropped, not as stored, so whoever
+/// can tell the sender (HTTP ingest) does; the drop is counted, and nothing reaches a reader.
+#[tokio::test]
+async fn a_drop_newest_append_at_the_cap_reports_the_drop_and_stores_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = DiskQueueConfig {
+        segment_size: 4096,
+        max_size: 4096,
+        when_full: WhenFull::DropNewest,
+        ..config(dir.path())
+    };
+    let q = DiskQueue::open(config).expect("open");
+    let mut stored = Vec::new();
+    let mut n = 0;
+    let dropped = loop {
+        let appended = q.append(vec![msg(n, 200)]).await.expect("append");
+        if appended.dropped > 0 {
+            break appended;
+        }
+        assert_eq!(appended, Appended::stored(1), "message {n}");
+        stored.push(n);
+        n += 1;
+        assert!(n < 100, "a 4 KiB share never filled up");
+    };
+    assert_eq!(dropped, Appended::dropped(1), "message {n}");
+    let counters = q.counters();
+    assert_eq!(counters.dropped_newest.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        peek_all(&q).await,
+        stored,
+        "the dropped message is not in the queue"
+    );
 }

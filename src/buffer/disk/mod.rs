@@ -121,7 +121,7 @@ use tokio::sync::{Notify, oneshot};
 
 use super::record;
 use super::storage::{RealStorage, Storage};
-use super::{Entry, Queue, QueueError, Seq};
+use super::{Appended, Entry, Queue, QueueError, Seq};
 use crate::core::config::WhenFull;
 use crate::core::envelope::Message;
 use reader::Reader;
@@ -247,7 +247,7 @@ impl Shared {
 enum WriterMsg {
     Append {
         messages: Vec<Message>,
-        reply: oneshot::Sender<io::Result<()>>,
+        reply: oneshot::Sender<io::Result<Appended>>,
     },
     /// The ack position moved.
     Acked,
@@ -358,9 +358,9 @@ fn join_error(e: tokio::task::JoinError) -> QueueError {
 }
 
 impl Queue for DiskQueue {
-    async fn append(&self, messages: Vec<Message>) -> Result<(), QueueError> {
+    async fn append(&self, messages: Vec<Message>) -> Result<Appended, QueueError> {
         if messages.is_empty() {
-            return Ok(());
+            return Ok(Appended::default());
         }
         let size: u64 = messages.iter().map(|m| record::encoded_len(m) as u64).sum();
         if self.shared.config.when_full == WhenFull::Block {
@@ -384,7 +384,7 @@ impl Queue for DiskQueue {
         let (reply, done) = oneshot::channel();
         self.send(WriterMsg::Append { messages, reply })?;
         match done.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(appended)) => Ok(appended),
             Ok(Err(e)) => Err(QueueError::Io(e)),
             Err(_) => Err(QueueError::Closed),
         }
@@ -479,7 +479,13 @@ pub(crate) mod tests {
         assert_eq!(read.iter().map(|e| e.seq).collect::<Vec<_>>(), [0, 1, 2]);
         queue.ack(2).await.expect("ack");
         queue.close().await;
-        assert!(matches!(queue.append(vec![]).await, Ok(())));
+        assert!(matches!(
+            queue.append(vec![]).await,
+            Ok(Appended {
+                stored: 0,
+                dropped: 0
+            })
+        ));
         assert!(
             queue
                 .append(vec![segment::tests::message("late")])

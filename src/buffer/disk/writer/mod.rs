@@ -34,15 +34,18 @@ use super::ackfile::AckFile;
 use super::recovery::NewestSegment;
 use super::segment::{segment_head, segment_path};
 use super::{ACK_PERSIST_INTERVAL, Segment, Seq, Shared, WriterMsg};
-use crate::buffer::record;
 use crate::buffer::storage::{OpenMode, StorageFile};
+use crate::buffer::{Appended, record};
 use crate::core::config::WhenFull;
 use crate::core::envelope::Message;
 
 mod reuse;
 
 /// One append waiting for the group commit, with where its answer goes.
-pub(super) type PendingAppend = (Vec<Message>, oneshot::Sender<io::Result<()>>);
+pub(super) type PendingAppend = (Vec<Message>, Reply);
+
+/// Where an append's answer goes: how many it stored and how many the policy dropped.
+pub(super) type Reply = oneshot::Sender<io::Result<Appended>>;
 
 /// Owns the files: appends, fsyncs, rollovers, deletions, reuse, ack persistence.
 pub(super) struct Writer {
@@ -229,9 +232,9 @@ impl Writer {
             return;
         }
         let result = self.write_durably(&accepted);
-        for reply in replies {
+        for (reply, n) in replies {
             let _ = reply.send(match &result {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(Appended::stored(n)),
                 // Each caller gets its own copy, with the OS error code when there is one.
                 Err(e) => Err(match e.raw_os_error() {
                     Some(code) => io::Error::from_raw_os_error(code),
@@ -255,11 +258,9 @@ impl Writer {
     }
 
     /// Makes room for each append (`drop_oldest`) or answers it at once (no room made, or
-    /// dropped by `drop_newest`); returns the messages to write and who waits for them.
-    fn admit(
-        &mut self,
-        appends: Vec<PendingAppend>,
-    ) -> (Vec<Message>, Vec<oneshot::Sender<io::Result<()>>>) {
+    /// dropped by `drop_newest`: answered as dropped, never as stored); returns the messages to
+    /// write and who waits for how many of them.
+    fn admit(&mut self, appends: Vec<PendingAppend>) -> (Vec<Message>, Vec<(Reply, u64)>) {
         let shared = self.shared.clone();
         let config = &shared.config;
         let mut replies = Vec::with_capacity(appends.len());
@@ -280,11 +281,11 @@ impl Writer {
                     dir = %config.dir.display(), messages = messages.len(),
                     "buffer full (buffer.when_full = drop_newest): new messages dropped"
                 );
-                let _ = reply.send(Ok(()));
+                let _ = reply.send(Ok(Appended::dropped(messages.len() as u64)));
                 continue;
             }
+            replies.push((reply, messages.len() as u64));
             accepted.extend(messages);
-            replies.push(reply);
         }
         (accepted, replies)
     }
@@ -565,7 +566,7 @@ mod tests {
     }
 
     /// One group commit of `batches`, one append each; returns each append's answer.
-    pub(super) fn append(writer: &mut Writer, batches: &[&[&str]]) -> Vec<io::Result<()>> {
+    pub(super) fn append(writer: &mut Writer, batches: &[&[&str]]) -> Vec<io::Result<Appended>> {
         let mut answers = Vec::new();
         let mut appends = Vec::new();
         for batch in batches {
