@@ -805,3 +805,74 @@ async fn a_drop_newest_append_at_the_cap_reports_the_drop_and_stores_nothing() {
         "the dropped message is not in the queue"
     );
 }
+
+/// `buffer.max_size` is a promise to the SD card, also when many appends land in one group
+/// commit: each is admitted against what the group already holds, not only against what was
+/// on disk before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appenders_never_take_a_share_past_max_size() {
+    const APPENDERS: u64 = 64;
+    const EACH: u64 = 6;
+    const MAX_SIZE: u64 = 64 * 1024;
+    let mut over = Vec::new();
+    for when_full in [WhenFull::DropNewest, WhenFull::DropOldest, WhenFull::Block] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = DiskQueueConfig {
+            segment_size: 16 * 1024,
+            max_size: MAX_SIZE,
+            when_full,
+            ..config(dir.path())
+        };
+        let q = Arc::new(DiskQueue::open(config).expect("open"));
+        let highest = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop, stopped) = watch::channel(false);
+        // With `block` someone must take messages, or the appenders wait for ever; paced, so the
+        // share stays near full.
+        let reader = (when_full == WhenFull::Block).then(|| {
+            let (q, mut stopped) = (q.clone(), stopped.clone());
+            tokio::spawn(async move {
+                loop {
+                    let got = tokio::select! {
+                        got = q.read(8) => got.expect("read"),
+                        _ = stopped.wait_for(|s| *s) => return,
+                    };
+                    if let Some(last) = got.last() {
+                        q.ack(last.seq).await.expect("ack");
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        });
+        let mut appenders = tokio::task::JoinSet::new();
+        for a in 0..APPENDERS {
+            let (q, highest) = (q.clone(), highest.clone());
+            appenders.spawn(async move {
+                for k in 0..EACH {
+                    q.append(vec![msg(a * EACH + k, 1000)])
+                        .await
+                        .expect("append");
+                    highest.fetch_max(q.stats().bytes, Ordering::Relaxed);
+                }
+            });
+        }
+        while let Some(done) = appenders.join_next().await {
+            done.expect("appender");
+        }
+        let _ = stop.send(true);
+        if let Some(reader) = reader {
+            reader.await.expect("reader");
+        }
+        let on_disk: u64 = segment_files(dir.path())
+            .expect("list")
+            .iter()
+            .map(|f| std::fs::metadata(f).expect("stat").len())
+            .sum();
+        let highest = highest.load(Ordering::Relaxed);
+        if highest > MAX_SIZE || on_disk > MAX_SIZE {
+            over.push(format!(
+                "{when_full:?}: up to {highest} bytes ({on_disk} at the end)"
+            ));
+        }
+    }
+    assert!(over.is_empty(), "a share of {MAX_SIZE} bytes held {over:?}");
+}

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::buffer::deadletter::{self, DeadLetter, DeadLetters, KeptReason, StoredLine};
+use crate::buffer::disk::GROUP_OVERHEAD;
 use crate::buffer::layout::{LayoutError, queue_config, rule_dir};
 use crate::buffer::{Appended, DiskQueue, Queue};
 use crate::core::config::{Config, RuleConfig};
@@ -335,10 +336,11 @@ pub async fn replay_dead_letters(
             continue;
         }
         let queue = open_queue(config, rule)?;
-        // The queue drops nothing only while it stays under its share of buffer.max_size.
+        // The queue drops nothing only while it stays under its share of buffer.max_size,
+        // counting what its group commit writes besides the records.
         let room = queue_config(config, rule)
             .max_size
-            .saturating_sub(queue.stats().bytes);
+            .saturating_sub(queue.stats().bytes + GROUP_OVERHEAD);
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
