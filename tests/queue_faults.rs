@@ -12,8 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 use mqtt_lambda_bridge::buffer::disk::{
     ACK_PERSIST_INTERVAL, DEFAULT_SEGMENT_SIZE, read_ack_file, read_ack_position, segment_files,
 };
+use mqtt_lambda_bridge::buffer::storage::{OpenMode, StorageFile};
 use mqtt_lambda_bridge::buffer::{
-    Appended, DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue,
+    Appended, DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue, RealStorage, Storage,
 };
 use mqtt_lambda_bridge::core::config::WhenFull;
 use mqtt_lambda_bridge::core::envelope::Message;
@@ -875,4 +876,96 @@ async fn concurrent_appenders_never_take_a_share_past_max_size() {
         }
     }
     assert!(over.is_empty(), "a share of {MAX_SIZE} bytes held {over:?}");
+}
+
+/// Real storage, but the next open of a segment for reading first tells the test and waits
+/// for its go-ahead: the test makes the writer delete that segment meanwhile.
+struct PausedOpen {
+    armed: Mutex<
+        Option<(
+            std::sync::mpsc::Sender<PathBuf>,
+            std::sync::mpsc::Receiver<()>,
+        )>,
+    >,
+}
+
+impl Storage for PausedOpen {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        RealStorage.create_dir_all(dir)
+    }
+    fn list_dir(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+        RealStorage.list_dir(dir)
+    }
+    fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Box<dyn StorageFile>> {
+        let segment = path.extension().is_some_and(|e| e == "log");
+        if mode == OpenMode::Read && segment {
+            let armed = self.armed.lock().expect("lock").take();
+            if let Some((opening, go)) = armed {
+                let _ = opening.send(path.to_owned());
+                let _ = go.recv();
+            }
+        }
+        RealStorage.open(path, mode)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        RealStorage.remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        RealStorage.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        RealStorage.sync_dir(dir)
+    }
+}
+
+/// Under `drop_oldest` pressure the writer deletes the oldest segment while a reader is about
+/// to open it: the read moves on to what is left (the drop is counted), it does not fail.
+#[tokio::test]
+async fn a_read_racing_drop_oldest_moves_on_and_never_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = DiskQueueConfig {
+        segment_size: 512,
+        max_size: 2048,
+        ..config(dir.path())
+    };
+    let (opening_tx, opening) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let storage = Arc::new(PausedOpen {
+        armed: Mutex::new(None),
+    });
+    let q = Arc::new(DiskQueue::open_with(config, storage.clone()).expect("open"));
+    for n in 0..8 {
+        q.append(vec![msg(n, 100)]).await.expect("append");
+    }
+    *storage.armed.lock().expect("lock") = Some((opening_tx, go_rx));
+    let reader = {
+        let q = q.clone();
+        tokio::spawn(async move { q.read(100).await })
+    };
+    let path = tokio::task::spawn_blocking(move || opening.recv())
+        .await
+        .expect("join")
+        .expect("the reader opens a segment");
+    // While the reader is about to open it, drop_oldest deletes it.
+    let mut n = 8;
+    while path.exists() {
+        q.append(vec![msg(n, 100)]).await.expect("append");
+        n += 1;
+        assert!(n < 1000, "drop_oldest never deleted {}", path.display());
+    }
+    go.send(()).expect("go");
+    let read = reader.await.expect("join");
+    let got: Vec<u64> = read
+        .expect("the read moves on")
+        .iter()
+        .map(number)
+        .collect();
+    let dropped = q.counters().dropped_oldest.load(Ordering::Relaxed);
+    assert!(dropped > 0, "nothing counted as dropped");
+    assert_eq!(
+        got.first().copied(),
+        Some(dropped),
+        "the read starts right after what was dropped"
+    );
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
 }
