@@ -42,6 +42,11 @@ const STORE_RETRY_MIN_DELAY: Duration = Duration::from_millis(100);
 /// disk cleaned up), ingest resumes within this.
 const STORE_RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 
+/// After shutdown starts, how long a store already under way may still take: an append being
+/// written finishes within milliseconds; one waiting for room (`when_full = "block"`) is given
+/// up, unacknowledged.
+const STORE_STOP_GRACE: Duration = Duration::from_millis(500);
+
 /// One message as received, before routing.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -368,7 +373,10 @@ impl<Q: Queue> RouteTable<Q> {
 }
 
 /// Runs `attempt` until it succeeds, backing off (capped at [`STORE_RETRY_MAX_DELAY`]) and
-/// logging the first failure; `None` when shutdown came first.
+/// logging the first failure; `None` when shutdown came first. Once shutdown starts, an
+/// attempt still running gets [`STORE_STOP_GRACE`] and is then given up: a write finishes well
+/// within it, a wait for room in a full `block` buffer does not hold the stop up. What is given
+/// up is not acknowledged; the broker sends it again after the restart.
 async fn retry_until_stored<T, F, Fut>(
     rule: &str,
     what: &str,
@@ -382,8 +390,20 @@ where
     let mut backoff =
         crate::core::retry::retry_delays(STORE_RETRY_MIN_DELAY, STORE_RETRY_MAX_DELAY);
     let mut failures = 0u32;
+    let stopping = async {
+        shutdown.wait().await;
+        tokio::time::sleep(STORE_STOP_GRACE).await;
+    };
+    tokio::pin!(stopping);
     loop {
-        match attempt().await {
+        let result = tokio::select! {
+            result = attempt() => result,
+            _ = &mut stopping => {
+                tracing::info!(rule, "stopping: messages still waiting for {what} are not acknowledged; the broker sends them again after the restart");
+                return None;
+            }
+        };
+        match result {
             Ok(stored) => {
                 if failures > 0 {
                     tracing::info!(
@@ -393,6 +413,11 @@ where
                     );
                 }
                 return Some(stored);
+            }
+            // Stopping: the buffer may be closed under it; nothing to fix, nothing acknowledged.
+            Err(error) if shutdown.is_triggered() => {
+                tracing::info!(rule, error = %error, "stopping: messages not written to {what} are not acknowledged; the broker sends them again after the restart");
+                return None;
             }
             Err(error) => {
                 failures += 1;
@@ -561,6 +586,27 @@ mod tests {
         assert_eq!(RuleStats::get(&r[1].stats.queued), 1);
         let dropped = &r[0].queue.counters().dropped_newest;
         assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_waiting_for_room_gives_up_shortly_after_shutdown_unacknowledged() {
+        let (_dir, routes) = routes(&["a/#"]);
+        let r: Vec<_> = routes.iter().cloned().collect();
+        let full: Vec<Message> = (0..100)
+            .map(|i| Message::received("a/x".into(), vec![i], 1, false, SystemTime::now()))
+            .collect();
+        r[0].queue.append(full).await.expect("fill");
+        let (trigger, shutdown) = crate::core::shutdown::channel();
+        let admission = routes.admit([received("a/x", b"1".to_vec())], SystemTime::now());
+        let store = routes.store(admission, &shutdown);
+        tokio::pin!(store);
+        let waiting = tokio::time::timeout(Duration::from_secs(60), &mut store).await;
+        assert!(waiting.is_err(), "a full queue holds the store back");
+        trigger.trigger();
+        let started = tokio::time::Instant::now();
+        assert_eq!(store.await, StoreOutcome::Stopping);
+        assert!(started.elapsed() <= STORE_STOP_GRACE);
+        assert_eq!(RuleStats::get(&r[0].stats.queued), 0);
     }
 
     #[tokio::test(start_paused = true)]

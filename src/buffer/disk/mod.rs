@@ -368,6 +368,7 @@ impl DiskQueue {
     /// than the whole cap could never fit. No await lies between the reservation and the
     /// hand-over to the writer, so a cancelled append reserves nothing.
     async fn wait_for_room(&self, size: u64) -> Result<(), QueueError> {
+        let mut waited = false;
         loop {
             let freed = self.shared.freed.notified();
             {
@@ -382,6 +383,13 @@ impl DiskQueue {
                     state.reserved += size;
                     return Ok(());
                 }
+            }
+            if !waited {
+                waited = true;
+                tracing::debug!(
+                    dir = %self.shared.config.dir.display(),
+                    "buffer full (buffer.when_full = block): holding new messages back until Lambda takes some"
+                );
             }
             freed.await;
         }
