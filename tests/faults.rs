@@ -157,6 +157,72 @@ max_wait = "50ms"
     assert_eq!(code, Some(0), "{log}");
 }
 
+/// SIGTERM while ingest waits for room in a full `block` buffer (Lambda down): the wait is
+/// given up at once, the waiting messages are not acknowledged, the daemon exits within a
+/// couple of seconds (not after `shutdown_timeout`) without an ERROR line, and after a restart
+/// with Lambda back every message is delivered.
+#[tokio::test]
+async fn sigterm_while_ingest_waits_on_a_full_block_buffer_exits_promptly_and_loses_nothing() {
+    let broker = Mosquitto::start().await;
+    let lambda_port = support::free_port();
+    let endpoint = format!("http://127.0.0.1:{lambda_port}");
+    let buffer = tempfile::tempdir().expect("tempdir");
+    let rules = format!(
+        r#"
+[buffer]
+dir = "{}"
+max_size = "64KiB"
+when_full = "block"
+
+[[rules]]
+name = "blocked"
+topic = "b/#"
+function = "sink"
+"#,
+        buffer.path().display()
+    );
+    // A long shutdown_timeout, so waiting it out cannot pass for a prompt exit.
+    let text = config(&broker.url(), &endpoint, &rules)
+        .replace("shutdown_timeout = \"5s\"", "shutdown_timeout = \"20s\"");
+    let mut daemon = Daemon::start(&text).await;
+    daemon.wait_for_log("subscribed").await;
+    let publisher = Publisher::connect(broker.port).await;
+    // About 200 bytes each: far more than 64 KiB, and Lambda is down.
+    const N: u64 = 500;
+    for i in 0..N {
+        publisher
+            .publish("b/x", 1, format!("{i}:{}", "x".repeat(180)))
+            .await;
+    }
+    daemon.wait_for_log("holding new messages back").await;
+    assert!(
+        daemon.buffered() < N as usize,
+        "the buffer holds ingest back"
+    );
+
+    let asked = std::time::Instant::now();
+    let (code, log) = daemon.stop().await;
+    let took = asked.elapsed();
+    println!("stopped {took:?} after SIGTERM with ingest waiting for room");
+    assert_eq!(code, Some(0), "{log}");
+    let after_stop: Vec<&str> = log
+        .lines()
+        .skip_while(|l| !l.contains("stopping: no new messages"))
+        .collect();
+    let errors: Vec<&&str> = after_stop.iter().filter(|l| l.contains("ERROR")).collect();
+    assert!(
+        took < Duration::from_secs(3) && errors.is_empty(),
+        "stopped after {took:?} (at most 3s); ERROR lines after SIGTERM: {errors:#?}"
+    );
+
+    let fake = FakeLambda::default();
+    let _lambda = FakeLambdaServer::start_on(lambda_port, fake.clone()).await;
+    let daemon = daemon.restart().await;
+    wait_every_payload(&fake, N).await;
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
 /// A small tmpfs, unmounted on drop.
 struct Tmpfs {
     dir: tempfile::TempDir,

@@ -5,13 +5,17 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mqtt_lambda_bridge::buffer::disk::{
     ACK_PERSIST_INTERVAL, DEFAULT_SEGMENT_SIZE, read_ack_file, read_ack_position, segment_files,
 };
-use mqtt_lambda_bridge::buffer::{DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue};
+use mqtt_lambda_bridge::buffer::storage::{OpenMode, StorageFile};
+use mqtt_lambda_bridge::buffer::{
+    Appended, DiskQueue, DiskQueueConfig, Entry, FaultStorage, Queue, RealStorage, Storage,
+};
 use mqtt_lambda_bridge::core::config::WhenFull;
 use mqtt_lambda_bridge::core::envelope::Message;
 use tokio::sync::watch;
@@ -79,7 +83,7 @@ async fn append_until_ok(q: &DiskQueue, m: Message, limit: Duration) -> Duration
     let start = Instant::now();
     loop {
         match q.append(vec![m.clone()]).await {
-            Ok(()) => return start.elapsed(),
+            Ok(_) => return start.elapsed(),
             Err(e) => assert!(
                 start.elapsed() < limit,
                 "appends did not resume within {limit:?}: {e}"
@@ -102,7 +106,9 @@ async fn the_ack_position_reaches_disk_with_the_next_group_commit_while_appends_
             let mut n = 0;
             loop {
                 tokio::select! {
-                    r = q.append(vec![msg(n, 100)]) => r.expect("append"),
+                    r = q.append(vec![msg(n, 100)]) => {
+                        r.expect("append");
+                    }
                     _ = stopped.wait_for(|s| *s) => return,
                 }
                 n += 1;
@@ -375,7 +381,7 @@ async fn a_full_disk_recovers_by_itself_once_everything_is_delivered() {
     let mut n = 0;
     loop {
         match q.append(vec![msg(n, 250)]).await {
-            Ok(()) => ok.push(n),
+            Ok(_) => ok.push(n),
             Err(e) => {
                 assert_eq!(os_error(&e), Some(ENOSPC), "{e}");
                 break;
@@ -740,7 +746,7 @@ async fn a_real_full_tmpfs_recovers_once_everything_is_delivered() {
     while n < TOTAL {
         // Lambda is down: append until the disk is full.
         match q.append(vec![msg(n, 450)]).await {
-            Ok(()) => {
+            Ok(_) => {
                 appended.push(n);
                 n += 1;
                 continue;
@@ -765,4 +771,201 @@ async fn a_real_full_tmpfs_recovers_once_everything_is_delivered() {
     let q = DiskQueue::open(config(&dir)).expect("reopen");
     assert!(peek_all(&q).await.is_empty());
     q.close().await;
+}
+
+/// A `drop_newest` queue at its cap answers the append as dropped, not as stored, so whoever
+/// can tell the sender (HTTP ingest) does; the drop is counted, and nothing reaches a reader.
+#[tokio::test]
+async fn a_drop_newest_append_at_the_cap_reports_the_drop_and_stores_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = DiskQueueConfig {
+        segment_size: 4096,
+        max_size: 4096,
+        when_full: WhenFull::DropNewest,
+        ..config(dir.path())
+    };
+    let q = DiskQueue::open(config).expect("open");
+    let mut stored = Vec::new();
+    let mut n = 0;
+    let dropped = loop {
+        let appended = q.append(vec![msg(n, 200)]).await.expect("append");
+        if appended.dropped > 0 {
+            break appended;
+        }
+        assert_eq!(appended, Appended::stored(1), "message {n}");
+        stored.push(n);
+        n += 1;
+        assert!(n < 100, "a 4 KiB share never filled up");
+    };
+    assert_eq!(dropped, Appended::dropped(1), "message {n}");
+    let counters = q.counters();
+    assert_eq!(counters.dropped_newest.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        peek_all(&q).await,
+        stored,
+        "the dropped message is not in the queue"
+    );
+}
+
+/// `buffer.max_size` is a promise to the SD card, also when many appends land in one group
+/// commit: each is admitted against what the group already holds, not only against what was
+/// on disk before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appenders_never_take_a_share_past_max_size() {
+    const APPENDERS: u64 = 64;
+    const EACH: u64 = 6;
+    const MAX_SIZE: u64 = 64 * 1024;
+    let mut over = Vec::new();
+    for when_full in [WhenFull::DropNewest, WhenFull::DropOldest, WhenFull::Block] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = DiskQueueConfig {
+            segment_size: 16 * 1024,
+            max_size: MAX_SIZE,
+            when_full,
+            ..config(dir.path())
+        };
+        let q = Arc::new(DiskQueue::open(config).expect("open"));
+        let highest = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop, stopped) = watch::channel(false);
+        // With `block` someone must take messages, or the appenders wait for ever; paced, so the
+        // share stays near full.
+        let reader = (when_full == WhenFull::Block).then(|| {
+            let (q, mut stopped) = (q.clone(), stopped.clone());
+            tokio::spawn(async move {
+                loop {
+                    let got = tokio::select! {
+                        got = q.read(8) => got.expect("read"),
+                        _ = stopped.wait_for(|s| *s) => return,
+                    };
+                    if let Some(last) = got.last() {
+                        q.ack(last.seq).await.expect("ack");
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        });
+        let mut appenders = tokio::task::JoinSet::new();
+        for a in 0..APPENDERS {
+            let (q, highest) = (q.clone(), highest.clone());
+            appenders.spawn(async move {
+                for k in 0..EACH {
+                    q.append(vec![msg(a * EACH + k, 1000)])
+                        .await
+                        .expect("append");
+                    highest.fetch_max(q.stats().bytes, Ordering::Relaxed);
+                }
+            });
+        }
+        while let Some(done) = appenders.join_next().await {
+            done.expect("appender");
+        }
+        let _ = stop.send(true);
+        if let Some(reader) = reader {
+            reader.await.expect("reader");
+        }
+        let on_disk: u64 = segment_files(dir.path())
+            .expect("list")
+            .iter()
+            .map(|f| std::fs::metadata(f).expect("stat").len())
+            .sum();
+        let highest = highest.load(Ordering::Relaxed);
+        if highest > MAX_SIZE || on_disk > MAX_SIZE {
+            over.push(format!(
+                "{when_full:?}: up to {highest} bytes ({on_disk} at the end)"
+            ));
+        }
+    }
+    assert!(over.is_empty(), "a share of {MAX_SIZE} bytes held {over:?}");
+}
+
+/// Real storage, but the next open of a segment for reading first tells the test and waits
+/// for its go-ahead: the test makes the writer delete that segment meanwhile.
+struct PausedOpen {
+    armed: Mutex<
+        Option<(
+            std::sync::mpsc::Sender<PathBuf>,
+            std::sync::mpsc::Receiver<()>,
+        )>,
+    >,
+}
+
+impl Storage for PausedOpen {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        RealStorage.create_dir_all(dir)
+    }
+    fn list_dir(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+        RealStorage.list_dir(dir)
+    }
+    fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Box<dyn StorageFile>> {
+        let segment = path.extension().is_some_and(|e| e == "log");
+        if mode == OpenMode::Read && segment {
+            let armed = self.armed.lock().expect("lock").take();
+            if let Some((opening, go)) = armed {
+                let _ = opening.send(path.to_owned());
+                let _ = go.recv();
+            }
+        }
+        RealStorage.open(path, mode)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        RealStorage.remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        RealStorage.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        RealStorage.sync_dir(dir)
+    }
+}
+
+/// Under `drop_oldest` pressure the writer deletes the oldest segment while a reader is about
+/// to open it: the read moves on to what is left (the drop is counted), it does not fail.
+#[tokio::test]
+async fn a_read_racing_drop_oldest_moves_on_and_never_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = DiskQueueConfig {
+        segment_size: 512,
+        max_size: 2048,
+        ..config(dir.path())
+    };
+    let (opening_tx, opening) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let storage = Arc::new(PausedOpen {
+        armed: Mutex::new(None),
+    });
+    let q = Arc::new(DiskQueue::open_with(config, storage.clone()).expect("open"));
+    for n in 0..8 {
+        q.append(vec![msg(n, 100)]).await.expect("append");
+    }
+    *storage.armed.lock().expect("lock") = Some((opening_tx, go_rx));
+    let reader = {
+        let q = q.clone();
+        tokio::spawn(async move { q.read(100).await })
+    };
+    let path = tokio::task::spawn_blocking(move || opening.recv())
+        .await
+        .expect("join")
+        .expect("the reader opens a segment");
+    // While the reader is about to open it, drop_oldest deletes it.
+    let mut n = 8;
+    while path.exists() {
+        q.append(vec![msg(n, 100)]).await.expect("append");
+        n += 1;
+        assert!(n < 1000, "drop_oldest never deleted {}", path.display());
+    }
+    go.send(()).expect("go");
+    let read = reader.await.expect("join");
+    let got: Vec<u64> = read
+        .expect("the read moves on")
+        .iter()
+        .map(number)
+        .collect();
+    let dropped = q.counters().dropped_oldest.load(Ordering::Relaxed);
+    assert!(dropped > 0, "nothing counted as dropped");
+    assert_eq!(
+        got.first().copied(),
+        Some(dropped),
+        "the read starts right after what was dropped"
+    );
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
 }

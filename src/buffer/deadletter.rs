@@ -10,7 +10,9 @@
 //! ```
 //!
 //! Invariants:
-//! - An entry is appended whole and fsync'd before `append` returns. A crash mid-append can
+//! - An entry is appended whole and fsync'd before `append` returns; the append that creates
+//!   the file also fsyncs the directory, so the file itself survives a power cut (its entries
+//!   were acknowledged to the broker on the strength of it). A crash mid-append can
 //!   leave a torn last line; the next append starts on a line of its own, so the torn line
 //!   never swallows a good entry.
 //! - Nothing is ever deleted that was not put back: replay ([`plan_replay`]) restores what the
@@ -18,16 +20,21 @@
 //!   windows, messages older than `buffer.max_age`, messages the queue has no room for — and
 //!   [`DeadLetters::replace`] rewrites the store atomically (temporary file, fsync, rename,
 //!   directory fsync), so a crash leaves the old store or the new one, never a mix.
+//!
+//! Entries are written with `O_APPEND` (ingest and delivery may append to one store at the
+//! same time); the directory fsyncs go through [`Storage`], so tests can count them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+use super::storage::{RealStorage, Storage};
 use crate::core::envelope::Message;
 
 /// The file name inside a rule's directory.
@@ -75,16 +82,33 @@ pub fn timestamp(at: SystemTime) -> String {
 }
 
 /// The dead letters of one rule.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DeadLetters {
     path: PathBuf,
+    /// Where the directory fsyncs go.
+    storage: Arc<dyn Storage>,
+}
+
+impl std::fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetters")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DeadLetters {
     /// The store in a rule's directory.
     pub fn new(rule_dir: &Path) -> Self {
+        DeadLetters::with_storage(rule_dir, Arc::new(RealStorage))
+    }
+
+    /// [`DeadLetters::new`], syncing directories through `storage` (tests pass a
+    /// [`FaultStorage`](super::storage::FaultStorage) to count them).
+    pub fn with_storage(rule_dir: &Path, storage: Arc<dyn Storage>) -> Self {
         DeadLetters {
             path: rule_dir.join(FILE_NAME),
+            storage,
         }
     }
 
@@ -104,12 +128,7 @@ impl DeadLetters {
     pub fn append(&self, letter: &DeadLetter) -> Result<(), DeadLetterError> {
         let mut line = serde_json::to_vec(letter).map_err(|e| self.io(io::Error::other(e)))?;
         line.push(b'\n');
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| self.io(e))?;
+        let (mut file, created) = self.open_for_append()?;
         // A torn last line (crash mid-append) gets its end, so this entry stays whole.
         let len = file.metadata().map_err(|e| self.io(e))?.len();
         if len > 0 {
@@ -121,7 +140,32 @@ impl DeadLetters {
             }
         }
         file.write_all(&line).map_err(|e| self.io(e))?;
-        file.sync_data().map_err(|e| self.io(e))
+        file.sync_data().map_err(|e| self.io(e))?;
+        if created {
+            // The file's directory entry is new: without this a power cut can lose the whole
+            // file, entries fsync'd and acknowledged included.
+            self.storage.sync_dir(self.dir()).map_err(|e| self.io(e))?;
+        }
+        Ok(())
+    }
+
+    /// The file opened for appending, and whether this call created it.
+    fn open_for_append(&self) -> Result<(File, bool), DeadLetterError> {
+        let mut options = OpenOptions::new();
+        options.read(true).append(true);
+        match options.clone().create_new(true).open(&self.path) {
+            Ok(file) => Ok((file, true)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let file = options.open(&self.path).map_err(|e| self.io(e))?;
+                Ok((file, false))
+            }
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    /// The rule's directory, which holds the file.
+    fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
     }
 
     /// Every non-empty line, oldest first: entries, and lines that are not one (a torn last
@@ -171,7 +215,7 @@ impl DeadLetters {
     /// is written and fsync'd, renamed over the store, and the directory fsync'd. No lines:
     /// the store is removed.
     pub fn replace(&self, lines: &[Vec<u8>]) -> Result<(), DeadLetterError> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let dir = self.dir();
         if lines.is_empty() {
             return self.clear();
         }
@@ -190,7 +234,7 @@ impl DeadLetters {
         file.sync_all().map_err(temp_err)?;
         drop(file);
         fs::rename(&temp, &self.path).map_err(|e| self.io(e))?;
-        sync_dir(dir).map_err(|e| self.io(e))
+        self.storage.sync_dir(dir).map_err(|e| self.io(e))
     }
 
     /// Removes the file, durably.
@@ -200,13 +244,8 @@ impl DeadLetters {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(self.io(e)),
         }
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        sync_dir(dir).map_err(|e| self.io(e))
+        self.storage.sync_dir(self.dir()).map_err(|e| self.io(e))
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// One non-empty line of the store.
@@ -423,6 +462,25 @@ mod tests {
         assert_eq!(messages_of(&listed[0]), messages);
         store.clear().expect("clear");
         assert_eq!(store.count(), 0);
+    }
+
+    #[test]
+    fn the_append_that_creates_the_file_fsyncs_its_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = crate::buffer::FaultStorage::new();
+        let store = DeadLetters::with_storage(dir.path(), Arc::new(storage.clone()));
+        let letter = letter_with(vec![Message::received(
+            "a".into(),
+            b"1".to_vec(),
+            1,
+            false,
+            SystemTime::now(),
+        )]);
+        store.append(&letter).expect("append");
+        assert_eq!(storage.dir_syncs(), 1, "the new file's directory entry");
+        store.append(&letter).expect("append");
+        assert_eq!(storage.dir_syncs(), 1, "an existing file needs none");
+        assert_eq!(store.count(), 2);
     }
 
     #[test]

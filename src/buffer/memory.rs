@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use super::{Entry, Queue, QueueError, Seq};
+use super::{Appended, Entry, Queue, QueueError, Seq};
 use crate::core::envelope::Message;
 
 /// Messages held before `append` waits for acks: bounds memory, and past it the broker holds
@@ -92,7 +92,9 @@ impl Default for MemoryQueue {
 }
 
 impl Queue for MemoryQueue {
-    async fn append(&self, messages: Vec<Message>) -> Result<(), QueueError> {
+    async fn append(&self, messages: Vec<Message>) -> Result<Appended, QueueError> {
+        // It waits for room and never drops: every message is stored.
+        let stored = Appended::stored(messages.len() as u64);
         let mut pending = messages.into_iter().peekable();
         while pending.peek().is_some() {
             let waiting = self.acked.notified();
@@ -110,7 +112,7 @@ impl Queue for MemoryQueue {
                 waiting.await;
             }
         }
-        Ok(())
+        Ok(stored)
     }
 
     async fn read(&self, max: usize) -> Result<Vec<Entry>, QueueError> {

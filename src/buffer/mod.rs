@@ -10,7 +10,10 @@
 //!
 //! Invariants every implementation keeps:
 //! - `append` returns only when the messages are as durable as the implementation can make
-//!   them; the ingest loop acknowledges the MQTT publish only after that.
+//!   them; the ingest loop acknowledges the MQTT publish only after that. It says what it did
+//!   ([`Appended`]): messages its `when_full` policy dropped instead of storing them
+//!   (`drop_newest`) are counted apart, never as stored, so a sender that can be told (HTTP
+//!   ingest) is told.
 //! - `read` hands out messages in append order, each once per process lifetime, with a sequence
 //!   number that grows by one per message.
 //! - `ack(seq)` releases every message up to and including `seq`; what is not acked when the
@@ -48,11 +51,42 @@ pub enum QueueError {
     Io(#[from] std::io::Error),
 }
 
+/// What one append did with the messages it was handed: every one is either stored or
+/// dropped by the queue's `when_full` policy (`drop_newest`, counted and logged by the queue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Appended {
+    /// Messages now in the queue (durable, for a durable queue).
+    pub stored: u64,
+    /// Messages the policy dropped instead of storing them.
+    pub dropped: u64,
+}
+
+impl Appended {
+    /// `n` messages, all stored.
+    pub fn stored(n: u64) -> Self {
+        Appended {
+            stored: n,
+            dropped: 0,
+        }
+    }
+
+    /// `n` messages, all dropped by the policy.
+    pub fn dropped(n: u64) -> Self {
+        Appended {
+            stored: 0,
+            dropped: n,
+        }
+    }
+}
+
 /// A FIFO of messages for one rule.
 pub trait Queue: Send + Sync + 'static {
-    /// Adds `messages` at the tail; durable when it returns. It may wait for room.
-    fn append(&self, messages: Vec<Message>)
-    -> impl Future<Output = Result<(), QueueError>> + Send;
+    /// Adds `messages` at the tail; durable when it returns. It may wait for room. Says how
+    /// many were stored and how many the `when_full` policy dropped instead.
+    fn append(
+        &self,
+        messages: Vec<Message>,
+    ) -> impl Future<Output = Result<Appended, QueueError>> + Send;
 
     /// Waits until at least one unread message exists, then returns up to `max` of them in
     /// order. Cancel safe: when the future is dropped, nothing it read is lost; the next read

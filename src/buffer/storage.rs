@@ -177,6 +177,8 @@ struct FaultState {
     read_only: bool,
     /// Successful file fsyncs, by file name.
     syncs: HashMap<String, u64>,
+    /// Successful directory fsyncs.
+    dir_syncs: u64,
 }
 
 struct Tracked {
@@ -284,6 +286,11 @@ impl FaultStorage {
         self.lock().syncs.get(name).copied().unwrap_or(0)
     }
 
+    /// Successful directory fsyncs so far.
+    pub fn dir_syncs(&self) -> u64 {
+        self.lock().dir_syncs
+    }
+
     /// Loses everything not made durable, as a power cut does: each file is cut back to its
     /// length at its last successful fsync, and bytes overwritten or cut since then come back.
     /// Stop the queue first (`DiskQueue::abandon`), then reopen it with this storage. Files
@@ -378,7 +385,9 @@ impl Storage for FaultStorage {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        RealStorage.sync_dir(dir)
+        RealStorage.sync_dir(dir)?;
+        self.lock().dir_syncs += 1;
+        Ok(())
     }
 }
 

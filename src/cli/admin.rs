@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::buffer::deadletter::{self, DeadLetter, DeadLetters, KeptReason, StoredLine};
+use crate::buffer::disk::GROUP_OVERHEAD;
 use crate::buffer::layout::{LayoutError, queue_config, rule_dir};
-use crate::buffer::{DiskQueue, Queue};
+use crate::buffer::{Appended, DiskQueue, Queue};
 use crate::core::config::{Config, RuleConfig};
 
 /// The lock file in `buffer.dir` (the daemon's `BufferLock` uses the same).
@@ -54,6 +55,17 @@ pub enum AdminError {
         rule: String,
         /// Why.
         source: crate::buffer::QueueError,
+    },
+    /// The queue's `buffer.when_full = "drop_newest"` dropped the replayed messages (its
+    /// buffer is full); the store is untouched.
+    #[error(
+        "rule {rule}: the buffer is full and buffer.when_full = \"drop_newest\" dropped the {dropped} replayed message(s); the dead-letter store is unchanged: replay again once the rule's buffer has room"
+    )]
+    ReplayDropped {
+        /// The rule.
+        rule: String,
+        /// Messages the queue dropped.
+        dropped: u64,
     },
     /// The messages are back in the queue but the store still holds them.
     #[error(
@@ -324,10 +336,11 @@ pub async fn replay_dead_letters(
             continue;
         }
         let queue = open_queue(config, rule)?;
-        // The queue drops nothing only while it stays under its share of buffer.max_size.
+        // The queue drops nothing only while it stays under its share of buffer.max_size,
+        // counting what its group commit writes besides the records.
         let room = queue_config(config, rule)
             .max_size
-            .saturating_sub(queue.stats().bytes);
+            .saturating_sub(queue.stats().bytes + GROUP_OVERHEAD);
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -336,14 +349,21 @@ pub async fn replay_dead_letters(
         let appended = if restored > 0 {
             queue.append(plan.restore).await
         } else {
-            Ok(())
+            Ok(Appended::default())
         };
         queue.close().await;
         lock.owner.give_rule_dir(&dir);
-        appended.map_err(|source| AdminError::Replay {
+        let appended = appended.map_err(|source| AdminError::Replay {
             rule: rule.name.clone(),
             source,
         })?;
+        if appended.dropped > 0 {
+            // The store must keep what the queue did not take.
+            return Err(AdminError::ReplayDropped {
+                rule: rule.name.clone(),
+                dropped: appended.dropped,
+            });
+        }
         // Only once the messages are durable in the queue is the store rewritten: a crash in
         // between replays some twice (same ids), never loses one.
         store

@@ -24,7 +24,9 @@ impl<Q: Queue> Sink for RouteTable<Q> {
             properties: p.properties.clone(),
         });
         let admission = routes.admit(received, SystemTime::now());
-        if !routes.store(admission, shutdown).await {
+        // A rule's drop_newest drop is acknowledged too: the broker cannot be told, and the
+        // drop is the configured policy (counted and logged by the buffer).
+        if !routes.store(admission, shutdown).await.is_done() {
             return false;
         }
         tracing::debug!(publishes = publishes.len(), "buffered and acknowledged");

@@ -8,7 +8,11 @@
 //! alone would exceed Lambda's limit (it can never be invoked, so it goes to the dead-letter
 //! store instead of the queue). Storing ([`Routes::store`]) then performs that decision: the
 //! set-aside writes and one durable append per rule, all rules at once. Only when `store`
-//! returns `true` may the caller acknowledge the messages to the broker.
+//! returns [`StoreOutcome::Done`] may the caller acknowledge the messages; it names the rules
+//! whose `when_full = "drop_newest"` dropped the new messages instead of storing them. MQTT
+//! acknowledges those too (the drop is the configured policy, counted and logged by the
+//! buffer); HTTP ingest must not answer 202 for them. A dropped message is never counted as
+//! queued.
 //!
 //! The set in force is swappable ([`RouteTable`]): a reload (`reload.rs`) puts a new
 //! [`Routes`] in force and ingest takes the current one for each group of publishes, holding
@@ -23,8 +27,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use crate::buffer::Queue;
 use crate::buffer::deadletter::{DeadLetter, timestamp};
+use crate::buffer::{Appended, Queue};
 use crate::core::envelope::{self, Message};
 use crate::core::rules::RuleSet;
 use crate::core::shutdown::Shutdown;
@@ -37,6 +41,11 @@ const STORE_RETRY_MIN_DELAY: Duration = Duration::from_millis(100);
 /// Longest delay between two tries: once space is back (a delivered segment reclaimed, the
 /// disk cleaned up), ingest resumes within this.
 const STORE_RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// After shutdown starts, how long a store already under way may still take: an append being
+/// written finishes within milliseconds; one waiting for room (`when_full = "block"`) is given
+/// up, unacknowledged.
+const STORE_STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// One message as received, before routing.
 #[derive(Debug, Clone)]
@@ -62,6 +71,27 @@ pub struct Admission {
     pub set_aside: Vec<(usize, Message, usize)>,
     /// Messages that matched no rule.
     pub unmatched: usize,
+}
+
+/// What [`Routes::store`] did with an admission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// Every message went into its rule's buffer or dead-letter store, except those a rule's
+    /// `when_full` policy dropped: `dropped` names those rules (rule name, messages dropped),
+    /// in rule order; empty when everything was stored.
+    Done {
+        /// Rules whose buffer dropped the new messages, with how many.
+        dropped: Vec<(String, u64)>,
+    },
+    /// Shutdown came first: nothing may be acknowledged.
+    Stopping,
+}
+
+impl StoreOutcome {
+    /// Whether the messages may be acknowledged to the broker (stored, or dropped by policy).
+    pub fn is_done(&self) -> bool {
+        matches!(self, StoreOutcome::Done { .. })
+    }
 }
 
 /// The rules in force and the matcher over their filters.
@@ -140,9 +170,9 @@ impl<Q: Queue> Routes<Q> {
 
     /// Performs an admission: set-aside messages into their dead-letter stores, the rest
     /// appended to their queues, every rule at once. A failing store is retried until it works
-    /// (the broker keeps the unacknowledged messages meanwhile); `false` when shutdown came
-    /// first, and then nothing may be acknowledged.
-    pub async fn store(&self, admission: Admission, shutdown: &Shutdown) -> bool {
+    /// (the broker keeps the unacknowledged messages meanwhile); [`StoreOutcome::Stopping`] when
+    /// shutdown came first, and then nothing may be acknowledged.
+    pub async fn store(&self, admission: Admission, shutdown: &Shutdown) -> StoreOutcome {
         let now = SystemTime::now();
         for (i, message, size) in admission.set_aside {
             let route = &self.routes[i];
@@ -158,39 +188,55 @@ impl<Q: Queue> Routes<Q> {
                         .map_err(|e| e.to_string())
                 }
             };
-            if !retry_until_stored(&route.plan.name, "the dead-letter store", shutdown, write).await
+            let what = "the dead-letter store";
+            if retry_until_stored(&route.plan.name, what, shutdown, write)
+                .await
+                .is_none()
             {
-                return false;
+                return StoreOutcome::Stopping;
             }
             RuleStats::add(&route.stats.set_aside, 1);
             RuleStats::add(&route.stats.dead_lettered, 1);
         }
         let mut appends = JoinSet::new();
-        for (route, messages) in self.routes.iter().zip(admission.append) {
+        for (i, (route, messages)) in self.routes.iter().zip(admission.append).enumerate() {
             if messages.is_empty() {
                 continue;
             }
             let (route, shutdown) = (route.clone(), shutdown.clone());
             appends.spawn(async move {
-                let count = messages.len() as u64;
                 let queue = route.queue.clone();
                 let append = move || {
                     let (queue, messages) = (queue.clone(), messages.clone());
                     async move { queue.append(messages).await.map_err(|e| e.to_string()) }
                 };
-                let stored =
+                let appended: Option<Appended> =
                     retry_until_stored(&route.plan.name, "the buffer", &shutdown, append).await;
-                if stored {
-                    RuleStats::add(&route.stats.queued, count);
+                if let Some(appended) = appended {
+                    // What the policy dropped is counted by the buffer as dropped, not here.
+                    RuleStats::add(&route.stats.queued, appended.stored);
                 }
-                stored
+                (i, route.plan.name.clone(), appended)
             });
         }
-        let mut all = true;
-        while let Some(stored) = appends.join_next().await {
-            all &= stored.unwrap_or(false);
+        let mut dropped = Vec::new();
+        let mut stopping = false;
+        while let Some(joined) = appends.join_next().await {
+            match joined {
+                Ok((i, rule, Some(appended))) if appended.dropped > 0 => {
+                    dropped.push((i, rule, appended.dropped));
+                }
+                Ok((_, _, Some(_))) => {}
+                Ok((_, _, None)) | Err(_) => stopping = true,
+            }
         }
-        all
+        if stopping {
+            return StoreOutcome::Stopping;
+        }
+        dropped.sort_unstable_by_key(|(i, _, _)| *i);
+        StoreOutcome::Done {
+            dropped: dropped.into_iter().map(|(_, rule, n)| (rule, n)).collect(),
+        }
     }
 }
 
@@ -327,18 +373,38 @@ impl<Q: Queue> RouteTable<Q> {
 }
 
 /// Runs `attempt` until it succeeds, backing off (capped at [`STORE_RETRY_MAX_DELAY`]) and
-/// logging the first failure; `false` when shutdown came first.
-async fn retry_until_stored<F, Fut>(rule: &str, what: &str, shutdown: &Shutdown, attempt: F) -> bool
+/// logging the first failure; `None` when shutdown came first. Once shutdown starts, an
+/// attempt still running gets [`STORE_STOP_GRACE`] and is then given up: a write finishes well
+/// within it, a wait for room in a full `block` buffer does not hold the stop up. What is given
+/// up is not acknowledged; the broker sends it again after the restart.
+async fn retry_until_stored<T, F, Fut>(
+    rule: &str,
+    what: &str,
+    shutdown: &Shutdown,
+    attempt: F,
+) -> Option<T>
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Result<T, String>>,
 {
     let mut backoff =
         crate::core::retry::retry_delays(STORE_RETRY_MIN_DELAY, STORE_RETRY_MAX_DELAY);
     let mut failures = 0u32;
+    let stopping = async {
+        shutdown.wait().await;
+        tokio::time::sleep(STORE_STOP_GRACE).await;
+    };
+    tokio::pin!(stopping);
     loop {
-        match attempt().await {
-            Ok(()) => {
+        let result = tokio::select! {
+            result = attempt() => result,
+            _ = &mut stopping => {
+                tracing::info!(rule, "stopping: messages still waiting for {what} are not acknowledged; the broker sends them again after the restart");
+                return None;
+            }
+        };
+        match result {
+            Ok(stored) => {
                 if failures > 0 {
                     tracing::info!(
                         rule,
@@ -346,7 +412,12 @@ where
                         "writing {what} works again; acknowledging the held messages"
                     );
                 }
-                return true;
+                return Some(stored);
+            }
+            // Stopping: the buffer may be closed under it; nothing to fix, nothing acknowledged.
+            Err(error) if shutdown.is_triggered() => {
+                tracing::info!(rule, error = %error, "stopping: messages not written to {what} are not acknowledged; the broker sends them again after the restart");
+                return None;
             }
             Err(error) => {
                 failures += 1;
@@ -358,7 +429,7 @@ where
                 let delay = backoff.next().unwrap_or(STORE_RETRY_MAX_DELAY);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.wait() => return false,
+                    _ = shutdown.wait() => return None,
                 }
             }
         }
@@ -465,12 +536,77 @@ mod tests {
             SystemTime::now(),
         );
         let (_trigger, shutdown) = crate::core::shutdown::channel();
-        assert!(routes.store(admission, &shutdown).await);
+        let outcome = routes.store(admission, &shutdown).await;
+        assert_eq!(outcome, StoreOutcome::Done { dropped: vec![] });
         let r: Vec<_> = routes.iter().cloned().collect();
         assert_eq!(r[0].queue.len(), 1);
         assert_eq!(RuleStats::get(&r[0].stats.queued), 1);
         assert_eq!(r[1].dead_letters.list().expect("list").len(), 1);
         assert_eq!(RuleStats::get(&r[1].stats.set_aside), 1);
+    }
+
+    #[tokio::test]
+    async fn a_message_a_full_drop_newest_buffer_drops_is_reported_by_rule_and_not_counted_queued()
+    {
+        use crate::buffer::{DiskQueue, DiskQueueConfig};
+        use crate::core::config::WhenFull;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let route = |name: &str, max_size: u64| {
+            let rule_dir = dir.path().join(name);
+            let queue = DiskQueue::open(DiskQueueConfig {
+                dir: rule_dir.clone(),
+                segment_size: 4096,
+                max_size,
+                when_full: WhenFull::DropNewest,
+                max_age: None,
+            })
+            .expect("open");
+            Arc::new(Route {
+                plan: Arc::new(RulePlan::for_tests(name)),
+                filter: "a/#".into(),
+                qos: 1,
+                queue: Arc::new(queue),
+                stats: Arc::default(),
+                dead_letters: DeadLetters::new(&rule_dir),
+            })
+        };
+        // "full" has room for its segment header only; "roomy" takes everything.
+        let routes = Routes::new(vec![route("full", 8), route("roomy", 1 << 20)]);
+        let (_trigger, shutdown) = crate::core::shutdown::channel();
+        let admission = routes.admit([received("a/x", b"1".to_vec())], SystemTime::now());
+        let outcome = routes.store(admission, &shutdown).await;
+        assert_eq!(
+            outcome,
+            StoreOutcome::Done {
+                dropped: vec![("full".to_owned(), 1)]
+            }
+        );
+        let r: Vec<_> = routes.iter().cloned().collect();
+        assert_eq!(RuleStats::get(&r[0].stats.queued), 0, "dropped, not queued");
+        assert_eq!(RuleStats::get(&r[1].stats.queued), 1);
+        let dropped = &r[0].queue.counters().dropped_newest;
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_waiting_for_room_gives_up_shortly_after_shutdown_unacknowledged() {
+        let (_dir, routes) = routes(&["a/#"]);
+        let r: Vec<_> = routes.iter().cloned().collect();
+        let full: Vec<Message> = (0..100)
+            .map(|i| Message::received("a/x".into(), vec![i], 1, false, SystemTime::now()))
+            .collect();
+        r[0].queue.append(full).await.expect("fill");
+        let (trigger, shutdown) = crate::core::shutdown::channel();
+        let admission = routes.admit([received("a/x", b"1".to_vec())], SystemTime::now());
+        let store = routes.store(admission, &shutdown);
+        tokio::pin!(store);
+        let waiting = tokio::time::timeout(Duration::from_secs(60), &mut store).await;
+        assert!(waiting.is_err(), "a full queue holds the store back");
+        trigger.trigger();
+        let started = tokio::time::Instant::now();
+        assert_eq!(store.await, StoreOutcome::Stopping);
+        assert!(started.elapsed() <= STORE_STOP_GRACE);
+        assert_eq!(RuleStats::get(&r[0].stats.queued), 0);
     }
 
     #[tokio::test(start_paused = true)]

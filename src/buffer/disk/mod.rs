@@ -47,6 +47,11 @@
 //!   the `ack` file is behind opens with an ack record, in the same write and fsync as its
 //!   magic. So recovery, which reads only the newest segment, never finds less than the
 //!   position older segments were deleted on the strength of.
+//! - The segment files of a queue never hold more than `max_size` bytes together, however many
+//!   appends land in one group commit: each is admitted against what is on disk, what the
+//!   group already took and [`GROUP_OVERHEAD`] (`writer/admit.rs`); `block` appenders reserve
+//!   their bytes before they reach the writer. The one exception is a single append larger
+//!   than `max_size` when nothing else is queued (written alone, except under `drop_newest`).
 //! - A segment is deleted only when every record in it is acknowledged and that acknowledgement
 //!   is on disk — or when `when_full = "drop_oldest"` drops it, and then its unacknowledged
 //!   records are counted as dropped. The directory is fsync'd after every create, rename and
@@ -121,13 +126,14 @@ use tokio::sync::{Notify, oneshot};
 
 use super::record;
 use super::storage::{RealStorage, Storage};
-use super::{Entry, Queue, QueueError, Seq};
+use super::{Appended, Entry, Queue, QueueError, Seq};
 use crate::core::config::WhenFull;
 use crate::core::envelope::Message;
 use reader::Reader;
 
 pub use ackfile::{read_ack_file, read_ack_position};
 pub use segment::{SEGMENT_MAGIC, SEGMENT_MAGIC_V1, ScanResult, scan_segment, segment_files};
+pub use writer::GROUP_OVERHEAD;
 
 /// When no append comes, a moved ack position reaches the `ack` file this long after the `ack`
 /// (under steady appends it rides in the next group commit instead, at no extra fsync). Also
@@ -198,6 +204,9 @@ struct State {
     ack_next: Seq,
     /// Sum of segment lengths.
     bytes: u64,
+    /// Bytes of `block` appends admitted and not yet written: an appender reserves its bytes
+    /// here when it finds room, so that many appenders cannot take the same room at once.
+    reserved: u64,
     /// Set when the writer thread has stopped.
     closed: bool,
 }
@@ -247,7 +256,7 @@ impl Shared {
 enum WriterMsg {
     Append {
         messages: Vec<Message>,
-        reply: oneshot::Sender<io::Result<()>>,
+        reply: oneshot::Sender<io::Result<Appended>>,
     },
     /// The ack position moved.
     Acked,
@@ -351,6 +360,42 @@ impl DiskQueue {
     }
 }
 
+impl DiskQueue {
+    /// `block`: waits until `size` more bytes fit under the cap beside what is on disk and
+    /// what other appenders reserved, then reserves them (the writer releases them once
+    /// written). When nothing waits for delivery and nothing is reserved it goes ahead anyway:
+    /// the writer frees the delivered records first (`writer/admit.rs`), and an append larger
+    /// than the whole cap could never fit. No await lies between the reservation and the
+    /// hand-over to the writer, so a cancelled append reserves nothing.
+    async fn wait_for_room(&self, size: u64) -> Result<(), QueueError> {
+        let mut waited = false;
+        loop {
+            let freed = self.shared.freed.notified();
+            {
+                let mut state = self.shared.lock();
+                if state.closed {
+                    return Err(QueueError::Closed);
+                }
+                let fits = state.bytes + state.reserved + size + GROUP_OVERHEAD
+                    <= self.shared.config.max_size;
+                let idle = state.reserved == 0 && state.durable_seq == state.ack_next;
+                if fits || idle {
+                    state.reserved += size;
+                    return Ok(());
+                }
+            }
+            if !waited {
+                waited = true;
+                tracing::debug!(
+                    dir = %self.shared.config.dir.display(),
+                    "buffer full (buffer.when_full = block): holding new messages back until Lambda takes some"
+                );
+            }
+            freed.await;
+        }
+    }
+}
+
 fn join_error(e: tokio::task::JoinError) -> QueueError {
     QueueError::Io(io::Error::other(format!(
         "the buffer read task stopped: {e}"
@@ -358,33 +403,18 @@ fn join_error(e: tokio::task::JoinError) -> QueueError {
 }
 
 impl Queue for DiskQueue {
-    async fn append(&self, messages: Vec<Message>) -> Result<(), QueueError> {
+    async fn append(&self, messages: Vec<Message>) -> Result<Appended, QueueError> {
         if messages.is_empty() {
-            return Ok(());
+            return Ok(Appended::default());
         }
-        let size: u64 = messages.iter().map(|m| record::encoded_len(m) as u64).sum();
         if self.shared.config.when_full == WhenFull::Block {
-            loop {
-                let freed = self.shared.freed.notified();
-                {
-                    let state = self.shared.lock();
-                    if state.closed {
-                        return Err(QueueError::Closed);
-                    }
-                    let live = state.bytes;
-                    if live + size <= self.shared.config.max_size
-                        || state.durable_seq == state.ack_next
-                    {
-                        break;
-                    }
-                }
-                freed.await;
-            }
+            let size: u64 = messages.iter().map(|m| record::encoded_len(m) as u64).sum();
+            self.wait_for_room(size).await?;
         }
         let (reply, done) = oneshot::channel();
         self.send(WriterMsg::Append { messages, reply })?;
         match done.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(appended)) => Ok(appended),
             Ok(Err(e)) => Err(QueueError::Io(e)),
             Err(_) => Err(QueueError::Closed),
         }
@@ -479,7 +509,13 @@ pub(crate) mod tests {
         assert_eq!(read.iter().map(|e| e.seq).collect::<Vec<_>>(), [0, 1, 2]);
         queue.ack(2).await.expect("ack");
         queue.close().await;
-        assert!(matches!(queue.append(vec![]).await, Ok(())));
+        assert!(matches!(
+            queue.append(vec![]).await,
+            Ok(Appended {
+                stored: 0,
+                dropped: 0
+            })
+        ));
         assert!(
             queue
                 .append(vec![segment::tests::message("late")])

@@ -15,6 +15,8 @@
 //!   stops waiting (a cancelled `select!` branch) loses nothing: the next read returns them.
 //! - The hand-over list is filled before the read position is published, so whoever sees the
 //!   position finds the entries.
+//! - A segment `drop_oldest` deletes while a read is about to open it is skipped like the
+//!   records it held (the writer counted them as dropped): the read goes on with what is left.
 //! - Each sequence is handed out once, in order. Ack records are skipped (they take no
 //!   sequence). A record at or past the next segment's name is a leftover of an append whose
 //!   fsync failed and is skipped; a corrupt record is skipped by scanning for the next valid
@@ -341,10 +343,16 @@ impl Shared {
     fn step(&self, reader: &mut Reader, segment: &Segment) -> Result<Step, QueueError> {
         let open = match &mut reader.open {
             Some(open) if open.first_seq == segment.first_seq => open,
-            slot => {
-                let file = self.storage.open(&segment.path, OpenMode::Read)?;
-                slot.insert(OpenSegment::new(segment.first_seq, file))
-            }
+            slot => match self.storage.open(&segment.path, OpenMode::Read) {
+                Ok(file) => slot.insert(OpenSegment::new(segment.first_seq, file)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && self.removed(segment) => {
+                    // `drop_oldest` deleted it after `place` looked (it counted the records
+                    // as dropped and moved the ack position past them): `place` now finds
+                    // what is left.
+                    return Ok(Step::Skipped);
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
         if open.offset >= segment.len {
             return Ok(Step::End);
@@ -373,6 +381,15 @@ impl Shared {
                 Ok(Step::Skipped)
             }
         }
+    }
+
+    /// Whether the writer removed `segment` from the queue (`drop_oldest`).
+    fn removed(&self, segment: &Segment) -> bool {
+        let state = self.lock();
+        !state
+            .segments
+            .iter()
+            .any(|s| s.first_seq == segment.first_seq)
     }
 
     /// Moves the reader to the next segment, counting the sequences this one lacked; false

@@ -98,6 +98,7 @@ pub(super) fn open(
             durable_seq: recovered.next_seq,
             ack_next: ack_pos,
             bytes,
+            reserved: 0,
             closed: false,
         }),
         reader: Mutex::new(Reader {

@@ -401,7 +401,7 @@ impl Ingest {
         let stopping = self.stopping.clone();
         let stored = tokio::select! {
             stored = snapshot.store(admission, &self.stopping) => {
-                if stored { Stored::Done } else { Stored::Stopping }
+                if stored.is_done() { Stored::Done } else { Stored::Stopping }
             }
             _ = tokio::time::sleep(self.settings.store_wait) => Stored::TooSlow,
             _ = async move {

@@ -34,15 +34,21 @@ use super::ackfile::AckFile;
 use super::recovery::NewestSegment;
 use super::segment::{segment_head, segment_path};
 use super::{ACK_PERSIST_INTERVAL, Segment, Seq, Shared, WriterMsg};
-use crate::buffer::record;
 use crate::buffer::storage::{OpenMode, StorageFile};
-use crate::core::config::WhenFull;
+use crate::buffer::{Appended, record};
 use crate::core::envelope::Message;
 
+mod admit;
 mod reuse;
 
+pub use admit::GROUP_OVERHEAD;
+use admit::Group;
+
 /// One append waiting for the group commit, with where its answer goes.
-pub(super) type PendingAppend = (Vec<Message>, oneshot::Sender<io::Result<()>>);
+pub(super) type PendingAppend = (Vec<Message>, Reply);
+
+/// Where an append's answer goes: how many it stored and how many the policy dropped.
+pub(super) type Reply = oneshot::Sender<io::Result<Appended>>;
 
 /// Owns the files: appends, fsyncs, rollovers, deletions, reuse, ack persistence.
 pub(super) struct Writer {
@@ -69,6 +75,9 @@ pub(super) struct Writer {
     /// Set after a failed fsync (or a failed cut of a partial append): this segment file takes
     /// no more appends, the next one starts a new file.
     untrusted: bool,
+    /// Set while an append waits for room at the cap: the newest segment is then reused as
+    /// soon as everything in it is delivered (`reuse.rs`).
+    short_of_room: bool,
     buf: Vec<u8>,
 }
 
@@ -101,6 +110,7 @@ impl Writer {
             ack_due: None,
             failing: false,
             untrusted: false,
+            short_of_room: false,
             buf: Vec::new(),
         })
     }
@@ -222,16 +232,23 @@ impl Writer {
         }
     }
 
-    /// Writes every pending append, fsyncs once, answers each.
+    /// Writes every pending append, fsyncs once, answers each. Admission (`admit.rs`) may
+    /// split them into several group commits, so that the share never exceeds its cap.
     pub(super) fn append_all(&mut self, appends: Vec<PendingAppend>) {
-        let (accepted, replies) = self.admit(appends);
-        if replies.is_empty() {
+        let group = self.admit_all(appends);
+        self.commit(group);
+    }
+
+    /// Writes a group durably and answers each of its appends.
+    fn commit(&mut self, group: Group) {
+        if group.replies.is_empty() {
             return;
         }
-        let result = self.write_durably(&accepted);
-        for reply in replies {
+        let result = self.write_durably(&group.messages);
+        self.release_reserved(group.reserved);
+        for (reply, n) in group.replies {
             let _ = reply.send(match &result {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(Appended::stored(n)),
                 // Each caller gets its own copy, with the OS error code when there is one.
                 Err(e) => Err(match e.raw_os_error() {
                     Some(code) => io::Error::from_raw_os_error(code),
@@ -251,91 +268,6 @@ impl Writer {
         } else if !self.reuse_if_worthwhile() {
             // A read holds the segment: try again shortly.
             self.ack_due = Some(Instant::now() + ACK_PERSIST_INTERVAL);
-        }
-    }
-
-    /// Makes room for each append (`drop_oldest`) or answers it at once (no room made, or
-    /// dropped by `drop_newest`); returns the messages to write and who waits for them.
-    fn admit(
-        &mut self,
-        appends: Vec<PendingAppend>,
-    ) -> (Vec<Message>, Vec<oneshot::Sender<io::Result<()>>>) {
-        let shared = self.shared.clone();
-        let config = &shared.config;
-        let mut replies = Vec::with_capacity(appends.len());
-        let mut accepted: Vec<Message> = Vec::new();
-        for (messages, reply) in appends {
-            let size: u64 = messages.iter().map(|m| record::encoded_len(m) as u64).sum();
-            if let Err(e) = self.make_room(size) {
-                let _ = reply.send(Err(e));
-                continue;
-            }
-            let over = self.shared.lock().bytes + size > config.max_size;
-            if over && config.when_full == WhenFull::DropNewest {
-                self.shared
-                    .counters
-                    .dropped_newest
-                    .fetch_add(messages.len() as u64, Ordering::Relaxed);
-                tracing::warn!(
-                    dir = %config.dir.display(), messages = messages.len(),
-                    "buffer full (buffer.when_full = drop_newest): new messages dropped"
-                );
-                let _ = reply.send(Ok(()));
-                continue;
-            }
-            accepted.extend(messages);
-            replies.push(reply);
-        }
-        (accepted, replies)
-    }
-
-    /// With `drop_oldest`, deletes the oldest segments until `size` more bytes fit.
-    fn make_room(&mut self, size: u64) -> io::Result<()> {
-        let shared = self.shared.clone();
-        let config = &shared.config;
-        if config.when_full != WhenFull::DropOldest {
-            return Ok(());
-        }
-        loop {
-            let (bytes, segments) = {
-                let state = self.shared.lock();
-                (state.bytes, state.segments.len())
-            };
-            if bytes + size <= config.max_size {
-                return Ok(());
-            }
-            if segments <= 1 {
-                if self.len <= self.data_start {
-                    return Ok(()); // a single message larger than the cap: write it anyway
-                }
-                self.roll_over()?;
-                continue;
-            }
-            let dropped = {
-                let mut state = self.shared.lock();
-                let Some(old) = state.segments.pop_front() else {
-                    return Ok(());
-                };
-                let end = state
-                    .segments
-                    .front()
-                    .map_or(self.next_seq, |s| s.first_seq);
-                let unacked = end.saturating_sub(state.ack_next.max(old.first_seq));
-                state.ack_next = state.ack_next.max(end);
-                state.bytes -= old.len;
-                (old, unacked)
-            };
-            let (old, unacked) = dropped;
-            shared.storage.remove_file(&old.path)?;
-            shared.storage.sync_dir(&config.dir)?;
-            self.shared
-                .counters
-                .dropped_oldest
-                .fetch_add(unacked, Ordering::Relaxed);
-            tracing::warn!(
-                file = %old.path.display(), dropped = unacked,
-                "buffer full (buffer.when_full = drop_oldest): oldest segment deleted"
-            );
         }
     }
 
@@ -565,7 +497,7 @@ mod tests {
     }
 
     /// One group commit of `batches`, one append each; returns each append's answer.
-    pub(super) fn append(writer: &mut Writer, batches: &[&[&str]]) -> Vec<io::Result<()>> {
+    pub(super) fn append(writer: &mut Writer, batches: &[&[&str]]) -> Vec<io::Result<Appended>> {
         let mut answers = Vec::new();
         let mut appends = Vec::new();
         for batch in batches {

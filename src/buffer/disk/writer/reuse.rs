@@ -3,7 +3,8 @@
 //!
 //! The newest segment is reused once it is the only segment, every record in it is
 //! acknowledged and that acknowledgement is on disk, and its space is wanted: writes are
-//! failing (a full disk), or the queue is at its size cap, or the segment holds at least
+//! failing (a full disk), or the queue is at its size cap (or an append waits for room under
+//! it), or the segment holds at least
 //! 1/[`REUSE_FRACTION`] of `segment_size` (so small acks under normal traffic never touch the
 //! directory).
 //!
@@ -86,6 +87,7 @@ impl Writer {
         };
         let config = &self.shared.config;
         let wanted = self.failing
+            || self.short_of_room
             || bytes >= config.max_size
             || self.len >= config.segment_size / REUSE_FRACTION;
         wanted.then_some(path)
