@@ -132,6 +132,22 @@ pub(super) fn body_failed(why: BodyError, max_body: u64, read_timeout: Duration)
     }
 }
 
+/// Why a message is refused when full buffers with `when_full = "drop_newest"` dropped it:
+/// names the rules. A retry is stored again by the rules that kept it (same topic, a new id):
+/// functions that must see a message once deduplicate on its content.
+pub(super) fn dropped_reason(rules: &[String]) -> String {
+    let names: Vec<String> = rules.iter().map(|r| format!("{r:?}")).collect();
+    let (noun, verb) = if names.len() == 1 {
+        ("rule", "is")
+    } else {
+        ("rules", "are")
+    };
+    format!(
+        "not stored: the buffer of {noun} {} {verb} full and buffer.when_full = \"drop_newest\" dropped the message; retry later",
+        names.join(", ")
+    )
+}
+
 /// 503 with Retry-After: `why`, in words for the client.
 pub(super) fn retry_later(why: String) -> Answer {
     http::with_header(

@@ -17,9 +17,11 @@
 //! 405                    a method other than POST (Allow: POST)
 //! 408                    the body did not arrive within http.read_timeout
 //! 413                    the body is larger than http.max_body (by Content-Length, or as read)
-//! 503                    not stored within STORE_WAIT (the buffer is full with when_full =
-//!                        "block", or the disk is full or failing), the daemon is stopping, or
-//!                        too many bodies are held in memory; with Retry-After
+//! 503                    a matching rule's full buffer dropped it (when_full = "drop_newest";
+//!                        the answer names the rule), not stored within STORE_WAIT (the buffer
+//!                        is full with when_full = "block", or the disk is full or failing),
+//!                        the daemon is stopping, or too many bodies are held in memory; with
+//!                        Retry-After. 202 is never given for a message a policy dropped.
 //! ```
 //!
 //! Every answer is one line of JSON (`answer.rs`); the checks of a request are `request.rs`. `<topic>` is the rest of the path, %-decoded: its `/` are
@@ -80,7 +82,7 @@ use crate::core::config::{HttpConfig, WhenFull};
 use crate::core::health::Health;
 use crate::core::shutdown::Shutdown;
 use crate::http::{self, Answer, Limits};
-use crate::ingest::routes::{Admission, Received, RouteTable};
+use crate::ingest::routes::{Admission, Received, RouteTable, StoreOutcome};
 use crate::rule::Route;
 use request::TOPICS_PREFIX;
 
@@ -269,6 +271,9 @@ struct Ingest {
 enum Stored {
     /// In every matching rule's buffer.
     Done,
+    /// The buffers of these rules were full and their `when_full = "drop_newest"` dropped the
+    /// message (the other matching rules stored it).
+    Dropped(Vec<String>),
     /// Not within the store wait.
     TooSlow,
     /// The daemon is stopping.
@@ -400,9 +405,13 @@ impl Ingest {
         };
         let stopping = self.stopping.clone();
         let stored = tokio::select! {
-            stored = snapshot.store(admission, &self.stopping) => {
-                if stored.is_done() { Stored::Done } else { Stored::Stopping }
-            }
+            stored = snapshot.store(admission, &self.stopping) => match stored {
+                StoreOutcome::Done { dropped } if dropped.is_empty() => Stored::Done,
+                StoreOutcome::Done { dropped } => {
+                    Stored::Dropped(dropped.into_iter().map(|(rule, _)| rule).collect())
+                }
+                StoreOutcome::Stopping => Stored::Stopping,
+            },
             _ = tokio::time::sleep(self.settings.store_wait) => Stored::TooSlow,
             _ = async move {
                 stopping.wait().await;
@@ -414,6 +423,11 @@ impl Ingest {
                 let rules = names(&to.all);
                 tracing::debug!(topic = %topic, id = %to.id, rules = %rules.join(","), "HTTP message buffered");
                 answer::stored(to.id, rules, names(&to.set_aside))
+            }
+            Stored::Dropped(rules) => {
+                let why = answer::dropped_reason(&rules);
+                tracing::warn!(topic = %topic, id = %to.id, reason = %why, "HTTP message refused with 503");
+                answer::retry_later(why)
             }
             Stored::Stopping => answer::retry_later("the bridge is stopping; retry later".into()),
             Stored::TooSlow => {
@@ -593,6 +607,34 @@ mod tests {
             .expect("read");
         assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
         assert!(started.elapsed() >= Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn a_message_a_full_drop_newest_buffer_drops_is_answered_503_naming_the_rule() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Room for one message of 300 bytes, not two; nothing is ever delivered.
+        let (table, queue) = table(dir.path(), WhenFull::DropNewest, 600, FaultStorage::new());
+        let listener = listener(WhenFull::DropNewest, Duration::from_secs(5)).await;
+        let addr = listener.local_addr();
+        let (_stop, stopping) = crate::core::shutdown::channel();
+        let _running = listener.serve(
+            table,
+            Arc::new(crate::core::health::Health::new()),
+            stopping,
+        );
+        let payload = "x".repeat(300);
+        assert_eq!(post(addr, "/topics/a/1", &payload).await.0, 202);
+        let (status, body) = post(addr, "/topics/a/2", &payload).await;
+        assert_eq!(
+            status, 503,
+            "a dropped message must not be answered 202: {body}"
+        );
+        assert!(body.contains("rule \\\"r\\\""), "{body}");
+        assert!(body.contains("drop_newest"), "{body}");
+        // Only the first message is in the buffer: the device knows to retry the second.
+        let read = queue.read_ready(10).await.expect("read");
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].message.topic, "a/1");
     }
 
     #[tokio::test]
