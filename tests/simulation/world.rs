@@ -79,6 +79,8 @@ pub struct Profile {
     pub read_faults: u32,
     /// Weight of crash steps.
     pub crashes: u32,
+    /// Among crash steps, the weights of kill -9, power cut and graceful restart.
+    pub crash_mix: [u32; 3],
     /// Most publishes per burst.
     pub burst: usize,
     /// Smallest `max_size`.
@@ -108,6 +110,7 @@ impl Default for Profile {
             when_full: None,
             read_faults: 1,
             crashes: 3,
+            crash_mix: [1, 1, 1],
             burst: 12,
             min_size: 2048,
             slow_opens: false,
@@ -364,13 +367,7 @@ impl World {
             4,                        // reload
             self.profile.crashes,     // crash or restart
         ];
-        let total: u32 = weights.iter().sum();
-        let mut roll = self.rng.u32(0..total);
-        let mut pick = 0;
-        while roll >= weights[pick] {
-            roll -= weights[pick];
-            pick += 1;
-        }
+        let pick = pick_weighted(&mut self.rng, &weights);
         if std::env::var_os("SIM_TRACE").is_some() {
             let state: Vec<String> = self
                 .live
@@ -419,7 +416,7 @@ impl World {
                 }
             }
             5 => self.reload(),
-            _ => match self.rng.u32(0..3) {
+            _ => match pick_weighted(&mut self.rng, &self.profile.crash_mix) {
                 0 => {
                     self.trace(format_args!("kill -9"));
                     self.crash(false).await?
@@ -926,6 +923,18 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// An index into `weights`, drawn in proportion to them.
+fn pick_weighted(rng: &mut fastrand::Rng, weights: &[u32]) -> usize {
+    let mut roll = rng.u32(0..weights.iter().sum::<u32>().max(1));
+    for (i, w) in weights.iter().enumerate() {
+        if roll < *w {
+            return i;
+        }
+        roll -= w;
+    }
+    weights.len() - 1
 }
 
 const ORDER: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxed;
