@@ -76,7 +76,6 @@ fn known_bugs() -> Vec<Kind> {
             "shutdownignored" | "shutdown_ignored" => Kind::ShutdownIgnored,
             "overcap" | "over_cap" => Kind::OverCap,
             "duplicates" => Kind::Duplicates,
-            "unsubscribed" => Kind::Unsubscribed,
             other => panic!("SIM_EXPECT_BUGS: unknown kind {other}"),
         })
         .collect()
