@@ -87,12 +87,16 @@ impl World {
                 .specs
                 .iter()
                 .filter(|s| rules.contains(&s.name.as_str()))
-                .map(|s| format!("{} ({:?})", s.name, s.when_full))
+                .map(|s| {
+                    let bytes = self.live.get(&s.name).map(|l| l.route.queue.stats().bytes);
+                    let bytes = bytes.map_or("not open".to_owned(), |b| format!("{b} bytes"));
+                    format!("{} ({:?}, {bytes} of {})", s.name, s.when_full, s.max_size)
+                })
                 .collect();
             return Err(self.violation(
                 Kind::ShutdownIgnored,
                 format!(
-                    "a store for {} was still waiting 10 s after shutdown: stopping hangs",
+                    "a store for rules {} was still waiting 10 s after shutdown: stopping hangs",
                     blocking.join(", ")
                 ),
             ));
