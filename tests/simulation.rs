@@ -17,6 +17,15 @@
 //! - after each crash, what is delivered again is within in flight plus 32 (kill -9) or 256
 //!   (power cut) per rule.
 //!
+//! What it does not drive, and why: the reload is performed as `daemon::reload::LiveRules`
+//! performs it (`RouteTable::replace`, then `Directive::Run` / `Retire` once older snapshots
+//! are let go), not through `LiveRules` itself, which opens its queues on the real file system
+//! from a configuration file and needs the MQTT handles; the MQTT session (disconnects with
+//! and without the broker's session, SUBSCRIBEs lost with their connection) is simulated in
+//! `src/mqtt/session_sim.rs`, because the session module is private; dead letters are written
+//! beside `FaultStorage`, so a power cut cannot lose them here (a dead-letter file created
+//! without a directory fsync is not found).
+//!
 //! `SIM_SEED=S` replays one seed; `SIM_SEEDS=N` runs N seeds (default [`DEFAULT_SEEDS`]);
 //! `SIM_EXPECT_BUGS=lost,stalled,...` (or `none`) overrides [`KNOWN_BUGS`].
 //!

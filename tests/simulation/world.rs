@@ -3,13 +3,15 @@
 //! sends), in front of the simulated [`Lambda`]. A seeded generator picks every step; the
 //! invariants are checked after each one and at the end.
 //!
-//! Determinism: the runtime is current-thread with paused time, and the clock moves only when
-//! the simulation advances it (the simulation task never waits on a timer, so tokio never
-//! advances on its own). Reads run on tokio's blocking threads, which the test clock waits for;
-//! the queue's writer is an OS thread, so each step ends by settling: yielding and giving that
-//! thread a moment, until the step's effects have landed. What remains outside the seed is the
-//! writer thread's own 100 ms ack-file deadline (real time); an invariant that fails only
-//! under one timing is still reported with its seed, and re-running it usually reproduces it.
+//! Determinism: the schedule — every step, every fault, every Lambda answer in the order
+//! asked — is a function of the seed alone. The runtime is current-thread with paused time,
+//! and the clock moves only when the simulation advances it (the simulation task never waits
+//! on a timer, so tokio never advances on its own; reads on blocking threads hold it anyway).
+//! The queue's writer is an OS thread, so each step ends by settling: yielding and giving that
+//! thread a moment until what can be observed stops changing. What stays outside the seed is
+//! that thread's timing: which concurrent appends land in one group commit, and its 100 ms
+//! ack-file deadline (real time). A replayed seed follows the same schedule and, in practice,
+//! breaks the same invariant, sometimes a few steps apart or with another count.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
