@@ -21,6 +21,11 @@
 //!                           fsync and not report it again
 //! read_only(true)           EROFS from every mutation (open for       read_only(false),
 //!                           writing, write, set_len, remove, rename)  lift_faults()
+//! fail_next_reads(n)        EIO from the next n file reads (a bad      one-shot each;
+//!                           sector, a card going away)                lift_faults()
+//! slow_opens(d)             each open for reading takes `d` (a slow    slow_opens(ZERO)
+//!                           card), widening the window between
+//!                           choosing a file and opening it
 //! power_cut()               every file loses what was written since   (immediate)
 //!                           its last successful fsync: appended bytes
 //!                           are cut, overwritten bytes and truncated
@@ -174,6 +179,10 @@ struct FaultState {
     /// Bytes that may still be added before writes fail with ENOSPC (`None`: unlimited).
     free: Option<u64>,
     fail_next_fsync: bool,
+    /// File reads still to fail with EIO.
+    failing_reads: u32,
+    /// How long each open for reading takes.
+    slow_opens: std::time::Duration,
     read_only: bool,
     /// Successful file fsyncs, by file name.
     syncs: HashMap<String, u64>,
@@ -268,6 +277,29 @@ impl FaultStorage {
         self.lock().fail_next_fsync = true;
     }
 
+    /// The next `n` file reads fail with EIO (reads of the segments, the ack file).
+    pub fn fail_next_reads(&self, n: u32) {
+        self.lock().failing_reads = n;
+    }
+
+    /// Each open for reading takes `delay` from now on (`Duration::ZERO`: at once).
+    pub fn slow_opens(&self, delay: std::time::Duration) {
+        self.lock().slow_opens = delay;
+    }
+
+    /// The process restarted (kill -9, not a power cut): one-shot faults still pending are
+    /// dropped, and files poisoned by a failed fsync take durable writes again, as a new
+    /// process's writes to them reach the disk (what the failed fsync lost stays lost, but the
+    /// queue never acknowledged it). A full or read-only disk stays so.
+    pub fn process_restarted(&self) {
+        let mut state = self.lock();
+        state.fail_next_fsync = false;
+        state.failing_reads = 0;
+        for tracked in state.files.values_mut() {
+            tracked.poisoned = false;
+        }
+    }
+
     /// Every mutation fails with EROFS while `on` (a file system remounted read-only).
     pub fn read_only(&self, on: bool) {
         self.lock().read_only = on;
@@ -279,6 +311,7 @@ impl FaultStorage {
         state.free = None;
         state.read_only = false;
         state.fail_next_fsync = false;
+        state.failing_reads = 0;
     }
 
     /// Successful fsyncs of files named `name` (e.g. `"ack"`) so far.
@@ -327,6 +360,11 @@ impl Storage for FaultStorage {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
         if mode != OpenMode::Read {
             self.lock().check_writable()?;
+        } else {
+            let delay = self.lock().slow_opens;
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
         }
         let existing_len = fs::metadata(path).map(|m| m.len()).ok();
         // Truncation is done below through the fault layer, so a power cut can undo it.
@@ -452,6 +490,13 @@ impl StorageFile for FaultFile {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        {
+            let mut state = self.lock();
+            if state.failing_reads > 0 {
+                state.failing_reads -= 1;
+                return Err(os_error(EIO));
+            }
+        }
         FileExt::read_exact_at(&self.file, buf, offset)
     }
 

@@ -33,6 +33,8 @@ mod reasons;
 pub mod replies;
 mod run;
 mod session;
+#[cfg(test)]
+mod session_sim;
 mod subscriber;
 
 use std::time::Duration;
