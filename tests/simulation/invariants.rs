@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use mqtt_lambda_bridge::buffer::deadletter::DeadLetters;
 use mqtt_lambda_bridge::core::config::WhenFull;
+use mqtt_lambda_bridge::ingest::routes::StoreOutcome;
 
 use super::{CAP_SLACK, Checked, KILL_BOUND, ORDER, POWER_BOUND, World, parse_event};
 
@@ -119,11 +120,18 @@ impl World {
                 continue;
             }
             let store = self.pending.swap_remove(i);
-            let stored = store.handle.await.unwrap_or(false);
-            if !stored {
-                continue;
-            }
+            // A rule the outcome names as dropped did not acknowledge the message as stored
+            // (HTTP answers 503 naming it; MQTT's drop is the counted policy).
+            let dropped: Vec<String> = match store.handle.await {
+                Ok(StoreOutcome::Done { dropped }) => {
+                    dropped.into_iter().map(|(rule, _)| rule).collect()
+                }
+                Ok(StoreOutcome::Stopping) | Err(_) => continue,
+            };
             for (rule, ids) in &store.by_rule {
+                if dropped.contains(rule) {
+                    continue;
+                }
                 for id in ids {
                     self.acked.insert((rule.clone(), *id));
                 }

@@ -24,6 +24,7 @@ use mqtt_lambda_bridge::core::config::WhenFull;
 use mqtt_lambda_bridge::core::health::Beat;
 use mqtt_lambda_bridge::core::shutdown::{self, Shutdown, Trigger};
 use mqtt_lambda_bridge::delivery::pipeline::{DeliveryError, Directive, deliver_with};
+use mqtt_lambda_bridge::ingest::routes::StoreOutcome;
 use mqtt_lambda_bridge::ingest::routes::{Received, RouteTable, Routes};
 use mqtt_lambda_bridge::rule::Route;
 use mqtt_lambda_bridge::shaping::plan::RulePlan;
@@ -113,7 +114,7 @@ struct Live {
 /// A store in progress: the messages of one publish group (or one HTTP request).
 struct Pending {
     by_rule: Vec<(String, Vec<u64>)>,
-    handle: JoinHandle<bool>,
+    handle: JoinHandle<StoreOutcome>,
     /// Each rule's `dropped_newest` when it began.
     newest_before: HashMap<String, u64>,
     /// Rules another store was pending for at the same time (a drop is then not this one's).
