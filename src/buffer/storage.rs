@@ -21,6 +21,8 @@
 //!                           fsync and not report it again
 //! read_only(true)           EROFS from every mutation (open for       read_only(false),
 //!                           writing, write, set_len, remove, rename)  lift_faults()
+//! fail_reads(true)          EIO from every read and every open for    fail_reads(false),
+//!                           reading (an SD card failing under reads)  lift_faults()
 //! power_cut()               every file loses what was written since   (immediate)
 //!                           its last successful fsync: appended bytes
 //!                           are cut, overwritten bytes and truncated
@@ -175,6 +177,8 @@ struct FaultState {
     free: Option<u64>,
     fail_next_fsync: bool,
     read_only: bool,
+    /// Reads and opens for reading fail with EIO.
+    reads_fail: bool,
     /// Successful file fsyncs, by file name.
     syncs: HashMap<String, u64>,
 }
@@ -214,6 +218,13 @@ impl FaultState {
             },
         );
         id
+    }
+
+    fn check_readable(&self) -> io::Result<()> {
+        if self.reads_fail {
+            return Err(os_error(EIO));
+        }
+        Ok(())
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -271,11 +282,17 @@ impl FaultStorage {
         self.lock().read_only = on;
     }
 
-    /// Ends every fault: unlimited space, writable, no pending fsync failure.
+    /// Every read, and every open for reading, fails with EIO while `on`.
+    pub fn fail_reads(&self, on: bool) {
+        self.lock().reads_fail = on;
+    }
+
+    /// Ends every fault: unlimited space, writable, readable, no pending fsync failure.
     pub fn lift_faults(&self) {
         let mut state = self.lock();
         state.free = None;
         state.read_only = false;
+        state.reads_fail = false;
         state.fail_next_fsync = false;
     }
 
@@ -318,7 +335,9 @@ impl Storage for FaultStorage {
     }
 
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
-        if mode != OpenMode::Read {
+        if mode == OpenMode::Read {
+            self.lock().check_readable()?;
+        } else {
             self.lock().check_writable()?;
         }
         let existing_len = fs::metadata(path).map(|m| m.len()).ok();
@@ -443,6 +462,7 @@ impl StorageFile for FaultFile {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.lock().check_readable()?;
         FileExt::read_exact_at(&self.file, buf, offset)
     }
 
