@@ -200,6 +200,7 @@ async fn turn_until_done<Q: Queue, I: Invoke>(
     let mut steered = true;
     loop {
         beat.turn();
+        run.stop_reading_if_stopping();
         if let Some(through) = run.core.ack_through() {
             queue.ack(through).await.map_err(queue_err)?;
         }
@@ -329,6 +330,17 @@ impl<Q: Queue, I: Invoke> Run<Q, I> {
             (ticket, outcome)
         });
         self.carrying.insert(handle.id(), ticket);
+    }
+
+    /// At shutdown a buffer that cannot be read is not waited for: what was read is delivered,
+    /// the rest stays buffered for the next start. (A retiring rule keeps retrying: nothing
+    /// else would ever deliver what its buffer holds.)
+    fn stop_reading_if_stopping(&mut self) {
+        let reading = self.core.mode() == Mode::Draining { read_to_end: false };
+        if reading && self.outage.is_open() && self.drain.is_triggered() {
+            tracing::warn!(rule = %self.plan.name, "stopping while the rule's buffer cannot be read: what it holds stays there for the next start");
+            self.core.on_read(Vec::new(), now());
+        }
     }
 
     /// Writes the dead letter the core asks for, if any, off the runtime's threads.
@@ -1039,5 +1051,40 @@ mod tests {
         );
         trigger.trigger();
         task.await.expect("join").expect("deliver");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_does_not_wait_for_a_buffer_that_cannot_be_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let queue = disk_queue(&dir.path().join("r"), Arc::new(storage.clone()));
+        storage.fail_reads(true);
+        queue
+            .append((0..5).map(msg).collect())
+            .await
+            .expect("append");
+        let route = disk_route(queue, dir.path());
+        let invoker = Arc::new(FakeInvoker::default());
+        let (trigger, drain) = shutdown::channel();
+        let task = tokio::spawn(deliver(
+            route.clone(),
+            invoker.clone(),
+            Arc::new(Semaphore::new(32)),
+            drain,
+        ));
+        wait_until(
+            "the rule is reported stalled",
+            || route.stats.stalled.is_stalled(),
+            || format!("task finished: {}", task.is_finished()),
+        )
+        .await;
+        trigger.trigger();
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        assert!(
+            matches!(ended, Ok(Ok(Ok(())))),
+            "the task ends at once: {ended:?}"
+        );
+        assert_eq!(route.queue.stats().pending, 5, "left for the next start");
+        assert!(delivered(&invoker).is_empty());
     }
 }

@@ -16,6 +16,8 @@
 //! - One error line when an outage begins and one info line when it ends, whatever the number
 //!   of attempts in between.
 //! - Only the queue being closed (a stop) ends the task: [`QueueError::Closed`] passes through.
+//! - At shutdown the loop stops reading a buffer in an outage (`mod.rs`): what it holds stays
+//!   for the next start, unacknowledged. A retiring rule keeps retrying.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +67,11 @@ impl ReadOutage {
     /// Whether a read may go now (no outage, or its retry is due).
     pub(super) fn may_read(&self) -> bool {
         self.retry_at().is_none()
+    }
+
+    /// Whether reads are failing (from the first failed read to the next good one).
+    pub(super) fn is_open(&self) -> bool {
+        self.current.is_some()
     }
 
     /// When to read again, while waiting to.
