@@ -679,3 +679,102 @@ async fn a_rule_added_by_a_reload_is_scraped_and_a_removed_one_goes_once_drained
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
 }
+
+#[tokio::test]
+async fn a_rule_that_cannot_read_its_buffer_is_not_ready_and_stalled_until_it_reads_again() {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    // The first event takes long: meanwhile delivery reads about a megabyte ahead and stops,
+    // so the newest segments stay unread on disk.
+    lambda
+        .fake
+        .script("f", [Reply::Slow(Duration::from_secs(15))]);
+    let port = free_port();
+    let buffer = tempfile::tempdir().expect("tempdir");
+    let rules = format!(
+        "[[rules]]\nname = \"r\"\ntopic = \"t/#\"\nfunction = \"f\"\nmax_concurrency = 1\n\n[buffer]\ndir = \"{}\"\nsegment_size = \"4KiB\"\n",
+        buffer.path().display()
+    );
+    let daemon = Daemon::start(&with_metrics(
+        config(&broker.url(), &lambda.endpoint(), &rules),
+        port,
+    ))
+    .await;
+    daemon.wait_for_log("subscribed").await;
+    wait_for_port(port).await;
+    let publisher = Publisher::connect(broker.port).await;
+    const MESSAGES: usize = 1000;
+    let payload = "x".repeat(2000);
+    publisher.publish("t/0", 1, payload.clone()).await;
+    lambda.fake.wait_arrived(1).await;
+    for n in 1..MESSAGES {
+        publisher
+            .publish(&format!("t/{n}"), 1, payload.clone())
+            .await;
+    }
+    publisher.wait_acked(MESSAGES).await;
+    scrape_until(port, "every message stored", |t| {
+        sample(t, "mlb_messages_received_total{rule=\"r\"}") == Some(MESSAGES as f64)
+    })
+    .await;
+
+    // A segment that delivery has not read yet goes away (a drop_oldest race, a failing card).
+    let rule_dir = buffer.path().join("r");
+    let mut segments: Vec<_> = std::fs::read_dir(&rule_dir)
+        .expect("rule dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let missing = segments[segments.len() - 2].clone();
+    let away = rule_dir.join("away");
+    std::fs::rename(&missing, &away).expect("rename");
+    // Else delivery may have read past that segment already: the setup, not the daemon, failed.
+    assert!(
+        lambda.fake.invocations().is_empty(),
+        "the first event was still in flight when the segment went away (the fake records it when it answers)"
+    );
+
+    let answer = wait_status(port, "/readyz", 503).await;
+    assert!(
+        answer
+            .body
+            .starts_with("rule r cannot read its buffer: No such file or directory")
+            && answer.body.trim_end().ends_with("; retrying"),
+        "{answer:?}"
+    );
+    scrape_until(port, "the rule is reported stalled", |t| {
+        sample(t, "mlb_rule_stalled{rule=\"r\"}") == Some(1.0)
+    })
+    .await;
+    daemon.wait_for_log("cannot read the rule's buffer").await;
+
+    std::fs::rename(&away, &missing).expect("rename back");
+    wait_status(port, "/readyz", 200).await;
+    let text = scrape_until(port, "everything delivered", |t| {
+        sample(t, "mlb_messages_delivered_total{rule=\"r\"}") == Some(MESSAGES as f64)
+    })
+    .await;
+    assert_eq!(sample(&text, "mlb_rule_stalled{rule=\"r\"}"), Some(0.0));
+    assert_eq!(sample(&text, "mlb_buffer_messages{rule=\"r\"}"), Some(0.0));
+    let delivered: std::collections::HashSet<String> = lambda
+        .fake
+        .accepted_for("f")
+        .iter()
+        .flat_map(|i| i.body["messages"].as_array().cloned().unwrap_or_default())
+        .filter_map(|m| m["topic"].as_str().map(str::to_owned))
+        .collect();
+    let first_missing = (0..MESSAGES).find(|n| !delivered.contains(&format!("t/{n}")));
+    assert_eq!(
+        first_missing,
+        None,
+        "{} of {MESSAGES} delivered",
+        delivered.len()
+    );
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    let errors = log.matches("cannot read the rule's buffer").count();
+    assert_eq!(errors, 1, "logged once per outage:\n{log}");
+    assert!(log.contains("the rule's buffer reads again"), "{log}");
+}

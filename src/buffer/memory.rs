@@ -130,6 +130,12 @@ impl Queue for MemoryQueue {
         Ok(self.take_unread(max))
     }
 
+    async fn rewind(&self) -> Result<(), QueueError> {
+        let mut state = self.lock();
+        state.next_read = state.head;
+        Ok(())
+    }
+
     async fn ack(&self, through: Seq) -> Result<(), QueueError> {
         {
             let mut state = self.lock();

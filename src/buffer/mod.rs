@@ -18,6 +18,9 @@
 //!   number that grows by one per message.
 //! - `ack(seq)` releases every message up to and including `seq`; what is not acked when the
 //!   process stops is read again after a restart (for implementations that survive one).
+//! - `rewind` hands out again, from the first unacknowledged message, what was read and not
+//!   acked: a new reader (a delivery task started again) begins where the acknowledgements
+//!   are, not where a dead reader got to.
 //! - No call does blocking file I/O on the async runtime: the disk queue reads on tokio's
 //!   blocking threads and writes on its own writer thread.
 //!
@@ -98,6 +101,13 @@ pub trait Queue: Send + Sync + 'static {
     /// Cancel safe like `read`.
     fn read_ready(&self, max: usize)
     -> impl Future<Output = Result<Vec<Entry>, QueueError>> + Send;
+
+    /// Moves the read position back to the first unacknowledged message, so the next read
+    /// starts there. The default does nothing: right only for a queue that one reader reads
+    /// for its whole life (test doubles).
+    fn rewind(&self) -> impl Future<Output = Result<(), QueueError>> + Send {
+        async { Ok(()) }
+    }
 
     /// Releases every message up to and including `through`.
     fn ack(&self, through: Seq) -> impl Future<Output = Result<(), QueueError>> + Send;

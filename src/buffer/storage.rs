@@ -23,6 +23,8 @@
 //!                           writing, write, set_len, remove, rename)  lift_faults()
 //! fail_next_reads(n)        EIO from the next n file reads (a bad      one-shot each;
 //!                           sector, a card going away)                lift_faults()
+//! fail_reads(true)          EIO from every read and every open for    fail_reads(false),
+//!                           reading (an SD card failing under reads)  lift_faults()
 //! slow_opens(d)             each open for reading takes `d` (a slow    slow_opens(ZERO)
 //!                           card), widening the window between
 //!                           choosing a file and opening it
@@ -184,6 +186,8 @@ struct FaultState {
     /// How long each open for reading takes.
     slow_opens: std::time::Duration,
     read_only: bool,
+    /// Reads and opens for reading fail with EIO.
+    reads_fail: bool,
     /// Successful file fsyncs, by file name.
     syncs: HashMap<String, u64>,
     /// Successful directory fsyncs.
@@ -225,6 +229,13 @@ impl FaultState {
             },
         );
         id
+    }
+
+    fn check_readable(&self) -> io::Result<()> {
+        if self.reads_fail {
+            return Err(os_error(EIO));
+        }
+        Ok(())
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -305,11 +316,17 @@ impl FaultStorage {
         self.lock().read_only = on;
     }
 
-    /// Ends every fault: unlimited space, writable, no pending fsync failure.
+    /// Every read, and every open for reading, fails with EIO while `on`.
+    pub fn fail_reads(&self, on: bool) {
+        self.lock().reads_fail = on;
+    }
+
+    /// Ends every fault: unlimited space, writable, readable, no pending fsync failure.
     pub fn lift_faults(&self) {
         let mut state = self.lock();
         state.free = None;
         state.read_only = false;
+        state.reads_fail = false;
         state.fail_next_fsync = false;
         state.failing_reads = 0;
     }
@@ -358,13 +375,14 @@ impl Storage for FaultStorage {
     }
 
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
-        if mode != OpenMode::Read {
-            self.lock().check_writable()?;
-        } else {
+        if mode == OpenMode::Read {
+            self.lock().check_readable()?;
             let delay = self.lock().slow_opens;
             if !delay.is_zero() {
                 std::thread::sleep(delay);
             }
+        } else {
+            self.lock().check_writable()?;
         }
         let existing_len = fs::metadata(path).map(|m| m.len()).ok();
         // Truncation is done below through the fault layer, so a power cut can undo it.
@@ -492,6 +510,7 @@ impl StorageFile for FaultFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         {
             let mut state = self.lock();
+            state.check_readable()?;
             if state.failing_reads > 0 {
                 state.failing_reads -= 1;
                 return Err(os_error(EIO));

@@ -1,9 +1,10 @@
 //! Counters each part writes and the reporters read (the rule summary, `/metrics`): a rule's
 //! [`RuleStats`] and the invocation duration histogram. Plain atomics, written without locks;
-//! a reader sees each counter on its own, not a consistent set.
+//! a reader sees each counter on its own, not a consistent set. The one exception is
+//! [`Stalled`], a short line behind a lock, written only when a rule stalls or recovers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// Counters of one rule, for the rule summary and metrics.
@@ -46,6 +47,42 @@ pub struct RuleStats {
     /// Receipt time (ms since the epoch) of the oldest message delivery has read and not yet
     /// acknowledged in the queue; 0 when it holds none.
     pub oldest_unacked_ms: AtomicU64,
+    /// Why the rule delivers nothing now (its buffer cannot be read, or its delivery stopped),
+    /// for `/readyz` and `mlb_rule_stalled`; clear while it delivers.
+    pub stalled: Stalled,
+}
+
+/// Why a rule cannot deliver now, as one line that completes "rule X …" (e.g. "cannot read
+/// its buffer: …; retrying"); `None` while it can. Set by whoever sees the stall begin
+/// (the delivery loop, the rule's life), cleared by whoever sees it end.
+#[derive(Debug, Default)]
+pub struct Stalled(Mutex<Option<String>>);
+
+impl Stalled {
+    /// The rule stalled, for this reason.
+    pub fn set(&self, reason: String) {
+        *self.lock() = Some(reason);
+    }
+
+    /// The rule delivers again.
+    pub fn clear(&self) {
+        *self.lock() = None;
+    }
+
+    /// Why it is stalled, or `None`.
+    pub fn reason(&self) -> Option<String> {
+        self.lock().clone()
+    }
+
+    /// Whether it is stalled.
+    pub fn is_stalled(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // A plain store or load: a panic elsewhere cannot leave it half-written.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl RuleStats {

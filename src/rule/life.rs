@@ -23,11 +23,14 @@
 //! - A retirement waits for ingest to let go of every route set older than its removal
 //!   (`Released` with the removal's generation); a release from an earlier removal, the rule
 //!   having been added back and removed again since, changes nothing.
-//! - A reload of a failed rule respawns its task over the same queue, which reads from the
-//!   durable acknowledgement position: nothing acknowledged is skipped, nothing is lost.
-//! - A failed rule still in force is reported stalled to the watchdog until it runs again or
-//!   stops, so a service manager restarts the daemon; a removed rule is not waited for (a
-//!   restart would not deliver it either).
+//! - A reload of a failed rule respawns its task over the same queue, which the new task
+//!   rewinds to the first unacknowledged message: what the dead task had in flight or had read
+//!   is read again, so nothing is acknowledged that was not delivered or dead-lettered.
+//! - A failed rule still in force is reported stalled to the watchdog, on `/readyz` and in
+//!   `mlb_rule_stalled` until it runs again or stops, so a service manager restarts the
+//!   daemon; a removed rule is not waited for (a restart would not deliver it either).
+//! - A task fails only on a closed queue or a bug: a read error is retried inside the task,
+//!   which reports the rule stalled meanwhile (`delivery::pipeline`), and is no event here.
 //! - `Stopped` is final: a rule added back after it stopped starts a new life.
 
 /// Where a rule is in its life.
@@ -109,7 +112,7 @@ pub enum Effect {
     /// Log that the delivery task stopped on this error.
     LogFailed(String),
     /// Report the rule's delivery loop as stalled to the watchdog, so a service manager that
-    /// watches it restarts the daemon.
+    /// watches it restarts the daemon, and the rule as stalled on `/readyz` and in metrics.
     MarkStalled,
     /// Stop reporting it stalled (a task runs again, or the rule stops).
     ClearStalled,

@@ -453,6 +453,13 @@ impl Queue for DiskQueue {
         Ok(self.shared.take_ready(max))
     }
 
+    async fn rewind(&self) -> Result<(), QueueError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.rewind())
+            .await
+            .map_err(join_error)
+    }
+
     async fn ack(&self, through: Seq) -> Result<(), QueueError> {
         {
             let mut state = self.shared.lock();

@@ -225,6 +225,18 @@ impl Shared {
         ready.drain(..n).collect()
     }
 
+    /// Moves the read position back to the first unacknowledged sequence and empties the
+    /// hand-over list: what an earlier reader took and did not acknowledge is read again
+    /// (blocking: waits for a read in progress).
+    pub(super) fn rewind(&self) {
+        let mut reader = self.lock_reader();
+        let ack_next = self.lock().ack_next;
+        self.lock_ready().clear();
+        reader.next_seq = ack_next;
+        reader.open = None;
+        self.read_next.store(ack_next, Ordering::Release);
+    }
+
     /// How many records a read of `max` should fetch from disk before it hands out: none when
     /// the hand-over list holds enough, or when the disk holds nothing unread.
     pub(super) fn to_fetch(&self, max: usize) -> usize {
@@ -275,10 +287,15 @@ impl Shared {
             let Some(place) = self.place(reader) else {
                 break;
             };
-            let record = match self.step(reader, &place.segment)? {
-                Step::Skipped => continue,
-                Step::End => None,
-                Step::Message(seq, message, len) => Some((seq, message, len)),
+            let record = match self.step(reader, &place.segment) {
+                Ok(Step::Skipped) => continue,
+                Ok(Step::End) => None,
+                Ok(Step::Message(seq, message, len)) => Some((seq, message, len)),
+                // What was read before the error is handed over (the position is past it);
+                // the failed step left the position where it was, so the next read meets the
+                // error again, or reads on once it is gone.
+                Err(_) if !batch.entries.is_empty() => break,
+                Err(e) => return Err(e),
             };
             // The end of this segment: its durable part is read, or what follows belongs to
             // the next segment (the leftovers of an append whose fsync failed).

@@ -426,11 +426,18 @@ impl<I: Invoke> LiveRules<I> {
                 ));
                 if let Some(task) = self.tasks.get_mut(name) {
                     task.stalled = Some(beat);
+                    // Also for `/readyz` and `mlb_rule_stalled`, which read the counters.
+                    if let Life::Failed { reason } = &task.life {
+                        route.stats.stalled.set(format!(
+                            "stopped delivering: {reason}; reload or restart to start it again"
+                        ));
+                    }
                 } else {
                     beat.retire();
                 }
             }
             Effect::ClearStalled => {
+                route.stats.stalled.clear();
                 if let Some(beat) = self.tasks.get_mut(name).and_then(|t| t.stalled.take()) {
                     beat.retire();
                 }
@@ -635,6 +642,11 @@ mod tests {
         let a = &rules.tasks["a"];
         assert!(matches!(a.life, Life::Failed { .. }), "{:?}", a.life);
         assert!(a.stalled.is_some(), "reported stalled to the watchdog");
+        let reason = a.route.stats.stalled.reason().unwrap_or_default();
+        assert!(
+            reason.starts_with("stopped delivering: rule a: "),
+            "reported stalled to /readyz and metrics: {reason}"
+        );
         assert_eq!(rules.routes().len(), 2, "a failed rule is still in force");
 
         let only_b = config(dir.path(), &["b"]);
@@ -662,6 +674,7 @@ mod tests {
         let a = &rules.tasks["a"];
         assert_eq!(a.life, Life::Running);
         assert!(a.stalled.is_none(), "no longer reported stalled");
+        assert_eq!(a.route.stats.stalled.reason(), None);
         // Its queue is closed, so the new task fails again at once: proof that it ran.
         fail(&mut rules, "a").await;
     }

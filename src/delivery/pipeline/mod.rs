@@ -6,7 +6,8 @@
 //! rule's delivery state and its transitions, pure, with its acknowledgement bookkeeping in
 //! `ack.rs`; [`deliver_with`] here is a thin async loop that only waits for the next input and
 //! performs what the core asks for: read, start invocations (`invoke.rs`, and `reply.rs` for a
-//! rule that answers), acknowledge, write a dead letter.
+//! rule that answers), acknowledge, write a dead letter. A read that fails is retried with
+//! backoff while the rule is reported stalled (`outage.rs`).
 //!
 //! A reload steers a running task with a [`Directive`]: `Run` with a changed plan swaps it in
 //! place over the same queue (the open batch, window or held messages become events at once;
@@ -18,12 +19,17 @@
 //! - The queue is acknowledged through `min(every unfinished event's first sequence) - 1`, never
 //!   past a message not yet accepted by Lambda or written to the dead-letter store: a crash only
 //!   ever replays, never skips.
+//! - A task starts by rewinding its queue to the first unacknowledged message: a task started
+//!   again after one that died (a reload of a failed rule) reads what that one had in flight
+//!   again, so its first acknowledgement covers only what it delivered itself.
+//! - Only a closed queue ends the task on an error; a read error is an outage, retried.
 //! - The loop holds no lock and allocates nothing per input beyond what an invocation carries;
 //!   everything it decides, it asks of the core.
 
 mod ack;
 mod invoke;
 mod machine;
+mod outage;
 mod reply;
 
 use std::collections::BTreeMap;
@@ -49,8 +55,10 @@ pub use machine::{
     Core, LETTER_RETRY_MAX_DELAY, LETTER_RETRY_MIN_DELAY, MAX_INFLIGHT_BYTES, Mode, Outcome,
     ReadWant, Ticket, Wait,
 };
+pub use outage::{READ_RETRY_MAX_DELAY, READ_RETRY_MIN_DELAY};
 
 use invoke::Invocation;
+use outage::ReadOutage;
 use reply::Answer;
 
 /// Most entries read from the queue at a time.
@@ -144,8 +152,10 @@ impl Pacing {
 
 /// As [`deliver`], steered by a reload through `directives` (see [`Directive`]) and proving the
 /// loop alive through `beat` (health.rs): it turns each time round and when idle, so a loop
-/// stuck in an await outside its `select!` stops the watchdog. The task ends when a drain
-/// (shutdown) or a retirement has delivered everything, or on a queue failure. A rule with
+/// stuck in an await outside its `select!` stops the watchdog. The task starts from the
+/// queue's first unacknowledged message (see the module's invariants) and ends when a drain
+/// (shutdown) or a retirement has delivered everything, or when its queue is closed; a read
+/// error is retried while the rule is reported stalled (`outage.rs`). A rule with
 /// `[rules.reply]` publishes each response through `replier` (reply.rs) before the event
 /// counts as delivered.
 pub async fn deliver_with<Q: Queue, I: Invoke>(
@@ -158,7 +168,13 @@ pub async fn deliver_with<Q: Queue, I: Invoke>(
     replier: Option<Replier>,
 ) -> Result<(), DeliveryError> {
     let run = Run::new(&route, invoker, global.clone(), drain.clone(), replier);
-    let ended = turn_until_done(&route, run, &global, &drain, directives, &beat).await;
+    let ended = match route.queue.rewind().await {
+        Ok(()) => turn_until_done(&route, run, &global, &drain, directives, &beat).await,
+        Err(source) => Err(DeliveryError::Queue {
+            rule: route.plan.name.clone(),
+            source,
+        }),
+    };
     // Whatever the end, this loop is no longer watched: a failed rule is reported stalled by
     // its life (`rule::life`, `Effect::MarkStalled`), which a reload can clear by respawning.
     beat.retire();
@@ -184,6 +200,7 @@ async fn turn_until_done<Q: Queue, I: Invoke>(
     let mut steered = true;
     loop {
         beat.turn();
+        run.stop_reading_if_stopping();
         if let Some(through) = run.core.ack_through() {
             queue.ack(through).await.map_err(queue_err)?;
         }
@@ -210,11 +227,18 @@ async fn turn_until_done<Q: Queue, I: Invoke>(
                 }
                 Err(_) => steered = false,
             },
-            read = queue.read(READ_MAX), if wait.read == ReadWant::Wait => {
-                run.core.on_read(read.map_err(queue_err)?, now());
+            read = queue.read(READ_MAX), if wait.read == ReadWant::Wait && run.outage.may_read() => {
+                if let Some(entries) = run.outage.on_read(read, Instant::now()).map_err(queue_err)? {
+                    run.core.on_read(entries, now());
+                }
             }
-            read = queue.read_ready(READ_MAX), if wait.read == ReadWant::Now => {
-                run.core.on_read(read.map_err(queue_err)?, now());
+            read = queue.read_ready(READ_MAX), if wait.read == ReadWant::Now && run.outage.may_read() => {
+                if let Some(entries) = run.outage.on_read(read, Instant::now()).map_err(queue_err)? {
+                    run.core.on_read(entries, now());
+                }
+            }
+            _ = sleep_until_opt(run.outage.retry_at()), if !run.outage.may_read() => {
+                run.outage.on_retry_due();
             }
             _ = sleep_until_opt(wait.wake_at.map(Instant::from_std)) => run.core.on_tick(now()),
             permit = global.clone().acquire_owned(), if short_of_slots => {
@@ -238,6 +262,8 @@ struct Run<Q, I> {
     plan: Arc<RulePlan>,
     pacing: Pacing,
     core: Core,
+    /// Whether the queue's reads are failing, and when to try again.
+    outage: ReadOutage,
     invocations: JoinSet<(Ticket, Outcome)>,
     /// Which event each invocation task carries, to account for a task that failed.
     carrying: BTreeMap<Id, Ticket>,
@@ -261,6 +287,7 @@ impl<Q: Queue, I: Invoke> Run<Q, I> {
             replier,
             pacing: Pacing::new(&plan),
             core: Core::new(plan.clone(), route.stats.clone()),
+            outage: ReadOutage::new(&plan.name, route.stats.clone()),
             plan,
             invocations: JoinSet::new(),
             carrying: BTreeMap::new(),
@@ -303,6 +330,17 @@ impl<Q: Queue, I: Invoke> Run<Q, I> {
             (ticket, outcome)
         });
         self.carrying.insert(handle.id(), ticket);
+    }
+
+    /// At shutdown a buffer that cannot be read is not waited for: what was read is delivered,
+    /// the rest stays buffered for the next start. (A retiring rule keeps retrying: nothing
+    /// else would ever deliver what its buffer holds.)
+    fn stop_reading_if_stopping(&mut self) {
+        let reading = self.core.mode() == Mode::Draining { read_to_end: false };
+        if reading && self.outage.is_open() && self.drain.is_triggered() {
+            tracing::warn!(rule = %self.plan.name, "stopping while the rule's buffer cannot be read: what it holds stays there for the next start");
+            self.core.on_read(Vec::new(), now());
+        }
     }
 
     /// Writes the dead letter the core asks for, if any, off the runtime's threads.
@@ -379,8 +417,8 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::MemoryQueue;
     use crate::buffer::deadletter::DeadLetters;
+    use crate::buffer::{DiskQueue, FaultStorage, MemoryQueue};
     use crate::core::envelope::{self, Message};
     use crate::core::shutdown;
     use crate::delivery::invoker::{InvokeError, InvokeRequest};
@@ -779,5 +817,274 @@ mod tests {
         }
         assert_eq!(invoker.events().len(), 2 + 6);
         task.abort();
+    }
+
+    /// Each event's first payload as a number, in the order the invoker saw them.
+    fn delivered(invoker: &FakeInvoker) -> Vec<i64> {
+        invoker
+            .events()
+            .iter()
+            .filter_map(|e| e["messages"][0]["payload"].as_i64())
+            .collect()
+    }
+
+    /// Waits until `done` (10 s at most, in the test's clock), else fails with `seen()`.
+    async fn wait_until(what: &str, done: impl Fn() -> bool, seen: impl Fn() -> String) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting until {what}: {}",
+                seen()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Holds every invocation of a message numbered `hold_from` or more forever (a task that
+    /// dies with it in flight), and records the others.
+    struct Holding {
+        hold_from: i64,
+        inner: FakeInvoker,
+    }
+
+    impl Invoke for Holding {
+        async fn invoke(&self, request: InvokeRequest) -> Result<Vec<u8>, InvokeError> {
+            let event: serde_json::Value =
+                serde_json::from_slice(&request.payload).map_err(|e| InvokeError::Transient {
+                    code: "test".into(),
+                    message: e.to_string(),
+                })?;
+            if event["messages"][0]["payload"].as_i64() >= Some(self.hold_from) {
+                self.inner.requests.lock().expect("lock").push(request);
+                return std::future::pending().await;
+            }
+            self.inner.invoke(request).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_started_again_does_not_acknowledge_what_the_dead_one_had_in_flight() {
+        let queue = Arc::new(MemoryQueue::new(100));
+        queue
+            .append((0..10).map(msg).collect())
+            .await
+            .expect("append");
+        let (_dir, route) = route(plan(1, Duration::ZERO), queue.clone());
+        let (_trigger, drain) = shutdown::channel();
+        let holding = Arc::new(Holding {
+            hold_from: 3,
+            inner: FakeInvoker::default(),
+        });
+        let dead = tokio::spawn(deliver(
+            route.clone(),
+            holding.clone(),
+            Arc::new(Semaphore::new(32)),
+            drain.clone(),
+        ));
+        wait_until(
+            "message 3 is in flight",
+            || delivered(&holding.inner).contains(&3),
+            || format!("invoked {:?}", delivered(&holding.inner)),
+        )
+        .await;
+        // The task dies with 3 in flight and 4..9 read: what a failed rule leaves behind.
+        dead.abort();
+        let _ = dead.await;
+        assert_eq!(queue.len(), 7, "0, 1 and 2 acknowledged, 3..9 not");
+
+        let invoker = Arc::new(FakeInvoker::default());
+        let again = spawn_deliver(&route, &invoker, drain);
+        queue
+            .append((10..12).map(msg).collect())
+            .await
+            .expect("append");
+        wait_until(
+            "the queue is acknowledged to its end",
+            || queue.is_empty(),
+            || {
+                format!(
+                    "{} unacknowledged; delivered {:?}",
+                    queue.len(),
+                    delivered(&invoker)
+                )
+            },
+        )
+        .await;
+        assert_eq!(
+            delivered(&invoker),
+            (3..12).collect::<Vec<i64>>(),
+            "everything acknowledged was delivered by the new task: nothing the dead one had in flight or had read was skipped"
+        );
+        again.abort();
+    }
+
+    /// A disk queue over `storage` with small segments, in `dir`.
+    fn disk_queue(dir: &std::path::Path, storage: Arc<dyn crate::buffer::Storage>) -> DiskQueue {
+        let config = crate::buffer::DiskQueueConfig {
+            dir: dir.to_owned(),
+            segment_size: crate::buffer::disk::MIN_SEGMENT_SIZE,
+            max_size: 1 << 30,
+            when_full: crate::core::config::WhenFull::Block,
+            max_age: None,
+        };
+        DiskQueue::open_with(config, storage).expect("open")
+    }
+
+    fn disk_route(queue: DiskQueue, dir: &std::path::Path) -> Arc<Route<DiskQueue>> {
+        Arc::new(Route {
+            plan: Arc::new(plan(1, Duration::ZERO)),
+            filter: "#".into(),
+            qos: 1,
+            queue: Arc::new(queue),
+            stats: Arc::default(),
+            dead_letters: DeadLetters::new(dir),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_read_error_is_retried_the_rule_reported_stalled_and_everything_delivered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let queue = disk_queue(&dir.path().join("r"), Arc::new(storage.clone()));
+        storage.fail_reads(true);
+        queue
+            .append((0..5).map(msg).collect())
+            .await
+            .expect("append");
+        let route = disk_route(queue, dir.path());
+        let invoker = Arc::new(FakeInvoker::default());
+        let (trigger, drain) = shutdown::channel();
+        let task = tokio::spawn(deliver(
+            route.clone(),
+            invoker.clone(),
+            Arc::new(Semaphore::new(32)),
+            drain,
+        ));
+        wait_until(
+            "the rule is reported stalled",
+            || route.stats.stalled.is_stalled(),
+            || format!("task finished: {}", task.is_finished()),
+        )
+        .await;
+        let reason = route.stats.stalled.reason().unwrap_or_default();
+        assert!(
+            reason.starts_with("cannot read its buffer: ") && reason.ends_with("; retrying"),
+            "{reason}"
+        );
+        assert!(delivered(&invoker).is_empty());
+        assert!(!task.is_finished(), "a read error does not end the rule");
+
+        storage.fail_reads(false);
+        wait_until(
+            "everything is delivered and acknowledged",
+            || route.queue.stats().pending == 0,
+            || {
+                format!(
+                    "{} pending; delivered {:?}; stalled: {:?}",
+                    route.queue.stats().pending,
+                    delivered(&invoker),
+                    route.stats.stalled.reason()
+                )
+            },
+        )
+        .await;
+        assert_eq!(delivered(&invoker), (0..5).collect::<Vec<i64>>());
+        assert!(!route.stats.stalled.is_stalled(), "cleared once it reads");
+        trigger.trigger();
+        task.await.expect("join").expect("deliver");
+    }
+
+    #[tokio::test]
+    async fn what_was_read_before_a_missing_segment_is_delivered_and_nothing_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rule_dir = dir.path().join("r");
+        let queue = disk_queue(&rule_dir, Arc::new(crate::buffer::RealStorage));
+        for n in 0..40 {
+            queue.append(vec![msg(n)]).await.expect("append");
+        }
+        let segments = crate::buffer::disk::segment_files(&rule_dir).expect("list");
+        assert!(segments.len() >= 3, "{segments:?}");
+        // The second segment is gone (a drop_oldest race, a failing card): reading stops there.
+        let missing = segments[1].clone();
+        let away = rule_dir.join("away");
+        std::fs::rename(&missing, &away).expect("rename");
+        let route = disk_route(queue, dir.path());
+        let invoker = Arc::new(FakeInvoker::default());
+        let (trigger, drain) = shutdown::channel();
+        let task = tokio::spawn(deliver(
+            route.clone(),
+            invoker.clone(),
+            Arc::new(Semaphore::new(32)),
+            drain,
+        ));
+        wait_until(
+            "the rule is reported stalled",
+            || route.stats.stalled.is_stalled(),
+            || {
+                format!(
+                    "task finished: {}; delivered {:?}",
+                    task.is_finished(),
+                    delivered(&invoker)
+                )
+            },
+        )
+        .await;
+        std::fs::rename(&away, &missing).expect("rename back");
+        wait_until(
+            "everything is acknowledged",
+            || route.queue.stats().pending == 0,
+            || {
+                format!(
+                    "{} pending; delivered {:?}; task finished: {}",
+                    route.queue.stats().pending,
+                    delivered(&invoker),
+                    task.is_finished()
+                )
+            },
+        )
+        .await;
+        assert_eq!(
+            delivered(&invoker),
+            (0..40).collect::<Vec<i64>>(),
+            "what was read before the error, then the rest: nothing acknowledged undelivered"
+        );
+        trigger.trigger();
+        task.await.expect("join").expect("deliver");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_does_not_wait_for_a_buffer_that_cannot_be_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let queue = disk_queue(&dir.path().join("r"), Arc::new(storage.clone()));
+        storage.fail_reads(true);
+        queue
+            .append((0..5).map(msg).collect())
+            .await
+            .expect("append");
+        let route = disk_route(queue, dir.path());
+        let invoker = Arc::new(FakeInvoker::default());
+        let (trigger, drain) = shutdown::channel();
+        let task = tokio::spawn(deliver(
+            route.clone(),
+            invoker.clone(),
+            Arc::new(Semaphore::new(32)),
+            drain,
+        ));
+        wait_until(
+            "the rule is reported stalled",
+            || route.stats.stalled.is_stalled(),
+            || format!("task finished: {}", task.is_finished()),
+        )
+        .await;
+        trigger.trigger();
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        assert!(
+            matches!(ended, Ok(Ok(Ok(())))),
+            "the task ends at once: {ended:?}"
+        );
+        assert_eq!(route.queue.stats().pending, 5, "left for the next start");
+        assert!(delivered(&invoker).is_empty());
     }
 }

@@ -47,17 +47,16 @@ impl Collected {
                 self.broker
             ));
         }
-        self.routes
-            .read()
-            .ok()?
-            .iter()
-            .find(|rule| !rule.buffer.writable())
-            .map(|rule| {
-                format!(
+        self.routes.read().ok()?.iter().find_map(|rule| {
+            if !rule.buffer.writable() {
+                return Some(format!(
                     "buffer for rule {} cannot be written: the last write failed (disk full, read-only or I/O error)",
                     rule.name
-                )
-            })
+                ));
+            }
+            let stalled = rule.stats.stalled.reason();
+            stalled.map(|why| format!("rule {} {why}", rule.name))
+        })
     }
 }
 
@@ -310,6 +309,14 @@ fn buffers(encoder: &mut DescriptorEncoder, routes: &[RuleReport]) -> fmt::Resul
             };
             (rule_label(r), age)
         }),
+    )?;
+    gauges(
+        encoder,
+        "mlb_rule_stalled",
+        "1 while the rule delivers nothing: its buffer cannot be read (retried) or its delivery stopped on an error (/readyz says why); else 0.",
+        routes
+            .iter()
+            .map(|r| (rule_label(r), u64::from(r.stats.stalled.is_stalled()))),
     )
 }
 

@@ -6,7 +6,8 @@
 //! GET /metrics   200  Prometheus text format 0.0.4; OpenMetrics 1.0 when the Accept header
 //!                     names application/openmetrics-text
 //! GET /healthz   200  "ok" while the process serves
-//! GET /readyz    200  "ready" when the broker connection is up and every buffer is writable
+//! GET /readyz    200  "ready" when the broker connection is up, every buffer is writable and
+//!                     no rule is stalled
 //!                503  one line saying why not
 //! other paths    404;  other methods 405 (GET and HEAD are served)
 //! ```
@@ -29,6 +30,9 @@
 //! mlb_buffer_bytes{rule}                       gauge    size of the rule's segment files
 //! mlb_buffer_oldest_age_seconds{rule}          gauge    age of the oldest buffered message that
 //!                                                       delivery holds (0 when none)
+//! mlb_rule_stalled{rule}                       gauge    1 while the rule delivers nothing: its
+//!                                                       buffer cannot be read (retried) or its
+//!                                                       delivery stopped (/readyz says why)
 //! mlb_mqtt_connected                           gauge    1 while the broker connection is up
 //! process_resident_memory_bytes, process_virtual_memory_bytes, process_cpu_seconds_total,
 //! process_open_fds, process_max_fds, process_start_time_seconds   (Linux, from /proc)
@@ -273,7 +277,7 @@ fn without_userinfo(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::stats::RuleReport;
+    use crate::core::stats::{RuleReport, RuleStats};
     use std::time::SystemTime;
 
     /// Sends `head` to a metrics listener with no rules and reads the answer to the close.
@@ -397,5 +401,66 @@ mod tests {
                 "buffer for rule temperature cannot be written: the last write failed (disk full, read-only or I/O error)"
             )
         );
+    }
+
+    #[test]
+    fn a_stalled_rule_is_not_ready_and_its_gauge_is_one() {
+        let stats = Arc::new(RuleStats::default());
+        let buffer: Arc<dyn crate::core::stats::BufferReport> = Arc::new(Writable::default());
+        let routes = Board::new(std::sync::RwLock::new(vec![RuleReport {
+            name: "temperature".into(),
+            replies: false,
+            stats: stats.clone(),
+            buffer,
+        }]));
+        let health = Arc::new(Health::new());
+        health.set_mqtt_connected(true);
+        let endpoints = Endpoints::new("mqtt://broker.lan:1883", routes, health);
+        let gauge = || {
+            let text = String::from_utf8_lossy(&endpoints.metrics(false).body).into_owned();
+            text.lines()
+                .find(|l| l.starts_with("mlb_rule_stalled{rule=\"temperature\"}"))
+                .map(str::to_owned)
+        };
+        assert_eq!(endpoints.readiness.not_ready(), None);
+        assert_eq!(
+            gauge().as_deref(),
+            Some("mlb_rule_stalled{rule=\"temperature\"} 0")
+        );
+        stats
+            .stalled
+            .set("cannot read its buffer: Input/output error (os error 5); retrying".into());
+        assert_eq!(
+            endpoints.readiness.not_ready().as_deref(),
+            Some(
+                "rule temperature cannot read its buffer: Input/output error (os error 5); retrying"
+            )
+        );
+        assert_eq!(
+            gauge().as_deref(),
+            Some("mlb_rule_stalled{rule=\"temperature\"} 1")
+        );
+        stats.stalled.clear();
+        assert_eq!(endpoints.readiness.not_ready(), None);
+    }
+
+    /// A buffer that is always writable and empty.
+    #[derive(Default)]
+    struct Writable(crate::core::stats::BufferCounters);
+
+    impl crate::core::stats::BufferReport for Writable {
+        fn counters(&self) -> &crate::core::stats::BufferCounters {
+            &self.0
+        }
+        fn stats(&self) -> crate::core::stats::QueueStats {
+            crate::core::stats::QueueStats {
+                pending: 0,
+                bytes: 0,
+                segments: 0,
+            }
+        }
+        fn writable(&self) -> bool {
+            true
+        }
     }
 }
