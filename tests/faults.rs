@@ -288,3 +288,57 @@ fn the_patience_after_an_outage_covers_every_retry_delay_the_bridge_can_draw() {
         200 * 80
     );
 }
+
+/// With `when_full = "block"`, an append that does not fit waits until Lambda takes messages.
+/// Once every message is acknowledged it must go in (an empty queue takes any append), even
+/// when acknowledging freed no file: the bridge once stalled here for good, its first small
+/// group delivered and the next, larger group never woken (seen as the blocked-ingest test
+/// above getting 18 of 3,000 payloads on a busy machine).
+#[tokio::test]
+async fn a_blocked_append_goes_in_once_everything_before_it_is_acknowledged() {
+    use mqtt_lambda_bridge::buffer::disk::DEFAULT_SEGMENT_SIZE;
+    use mqtt_lambda_bridge::buffer::{DiskQueue, DiskQueueConfig, Queue};
+    use mqtt_lambda_bridge::core::config::WhenFull;
+    use mqtt_lambda_bridge::core::envelope::Message;
+
+    const MAX_SIZE: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = std::sync::Arc::new(
+        DiskQueue::open(DiskQueueConfig {
+            dir: dir.path().to_owned(),
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            max_size: MAX_SIZE,
+            when_full: WhenFull::Block,
+            max_age: None,
+        })
+        .expect("open the queue"),
+    );
+    let message = |n: usize| {
+        Message::received(
+            "b/x".to_owned(),
+            format!("{n}:{}", "x".repeat(180)).into_bytes(),
+            1,
+            false,
+            std::time::SystemTime::now(),
+        )
+    };
+    // A small first group, as ingest stores when the broker's flood has just begun…
+    queue
+        .append((0..18).map(message).collect())
+        .await
+        .expect("append the first group");
+    // …then a group that does not fit beside it.
+    let large = {
+        let queue = queue.clone();
+        tokio::spawn(async move { queue.append((18..318).map(message).collect()).await })
+    };
+    let first = queue.read(100).await.expect("read the first group");
+    assert_eq!(first.len(), 18);
+    let last = first.last().map(|e| e.seq).expect("entries");
+    queue.ack(last).await.expect("ack the first group");
+    tokio::time::timeout(support::PATIENCE, large)
+        .await
+        .expect("the blocked append went in once everything before it was acknowledged")
+        .expect("append task")
+        .expect("append");
+}
