@@ -342,3 +342,30 @@ async fn a_blocked_append_goes_in_once_everything_before_it_is_acknowledged() {
         .expect("append task")
         .expect("append");
 }
+
+/// A failing wait prints what arrived in one line, never the events themselves.
+#[test]
+fn a_failing_wait_summarises_what_arrived_in_one_line() {
+    use support::fake_lambda::{Invocation, summary};
+    let invocation = |payloads: &[u64]| Invocation {
+        function: "sink".to_owned(),
+        qualifier: None,
+        invocation_type: Some("Event".to_owned()),
+        authorization: None,
+        body: serde_json::json!({
+            "messages": payloads.iter().map(|n| serde_json::json!({"payload": n})).collect::<Vec<_>>()
+        }),
+        body_len: 0,
+        messages: payloads.len(),
+        concurrent: 1,
+        at: std::time::Instant::now(),
+    };
+    let all = [invocation(&[0, 1]), invocation(&[3, 4000])];
+    let line = summary(&all);
+    assert_eq!(
+        line,
+        "sink: 4 messages in 2 requests; 4 numbered payloads up to 4000, missing below it: \
+         2, 4, 5, 6, 7, 8, 9, 10, 11, 12, …"
+    );
+    assert_eq!(summary(&[]), "no requests accepted");
+}

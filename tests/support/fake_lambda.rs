@@ -267,7 +267,7 @@ impl FakeLambda {
             if tokio::time::timeout_at(deadline, waiting).await.is_err() {
                 let refused = self.refused();
                 panic!(
-                    "fake Lambda never saw {what} within {patience:?}: {missing}; \
+                    "fake Lambda never saw {what} within {patience:.1?}: {missing}; \
                      {refused} requests refused"
                 );
             }
