@@ -114,6 +114,7 @@ async fn a_lambda_outage_then_throttling_then_recovery_delivers_everything_acros
     const N: u64 = 200;
     let broker = Mosquitto::start().await;
     // Lambda is down: nothing listens on its port.
+    let outage = support::Outage::begin();
     let lambda_port = support::free_port();
     let endpoint = format!("http://127.0.0.1:{lambda_port}");
     let daemon = Daemon::start(&config(&broker.url(), &endpoint, RULES)).await;
@@ -138,7 +139,7 @@ async fn a_lambda_outage_then_throttling_then_recovery_delivers_everything_acros
     daemon.wait_buffered((N / 2) as usize).await;
 
     // Lambda comes back, throttling at first.
-    let fake = FakeLambda::default();
+    let fake = FakeLambda::back_after(&outage);
     fake.script(
         "sink",
         [

@@ -7,20 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use support::fake_lambda::{FakeLambda, FakeLambdaServer, deliveries};
-use support::{Daemon, Mosquitto, Publisher, config};
-
-async fn wait_every_payload(fake: &FakeLambda, n: u64) -> BTreeMap<u64, usize> {
-    fake.wait_until(&format!("payloads 0..{n}"), |all| {
-        deliveries(all).len() as u64 >= n
-    })
-    .await;
-    let seen = fake.with_invocations(deliveries);
-    assert_eq!(
-        seen.keys().copied().collect::<Vec<_>>(),
-        (0..n).collect::<Vec<_>>()
-    );
-    seen
-}
+use support::{Daemon, Mosquitto, Outage, Publisher, config};
 
 #[tokio::test]
 async fn three_kill_9_during_a_stream_of_6000_deliver_at_most_150_duplicates() {
@@ -67,7 +54,7 @@ max_wait = "20ms"
     }
     stream.await.expect("publisher");
     publisher.wait_acked(N as usize).await;
-    let seen = wait_every_payload(&lambda.fake, N).await;
+    let seen = lambda.fake.wait_for_payloads(N).await;
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
     if std::env::var_os("DUP_DETAIL").is_some() {
         let ids = lambda.fake.with_invocations(|all| {
@@ -99,6 +86,8 @@ async fn while_the_buffer_blocks_ingest_keep_alives_flow_and_the_connection_stay
     // No in-flight limit: the broker pushes everything it holds, so the bridge holds more
     // publishes than one ingest group while its buffer refuses more.
     let broker = Mosquitto::start_with("max_inflight_messages 0").await;
+    // Lambda is down: nothing listens on its port until the buffer is full.
+    let outage = Outage::begin();
     let lambda_port = support::free_port();
     let endpoint = format!("http://127.0.0.1:{lambda_port}");
     let buffer = tempfile::tempdir().expect("tempdir");
@@ -145,14 +134,24 @@ max_wait = "50ms"
         daemon.count_log("connected to the MQTT broker"),
         1,
         "{}",
-        daemon.log_text()
+        daemon.log_lines("MQTT")
     );
-    assert_eq!(daemon.count_log("cannot connect to the MQTT broker"), 0);
+    assert_eq!(
+        daemon.count_log("cannot connect to the MQTT broker"),
+        0,
+        "{}",
+        daemon.log_lines("MQTT")
+    );
 
-    let fake = FakeLambda::default();
+    let fake = FakeLambda::back_after(&outage);
     let _lambda = FakeLambdaServer::start_on(lambda_port, fake.clone()).await;
-    wait_every_payload(&fake, N).await;
-    assert_eq!(daemon.count_log("connected to the MQTT broker"), 1);
+    fake.wait_for_payloads(N).await;
+    assert_eq!(
+        daemon.count_log("connected to the MQTT broker"),
+        1,
+        "{}",
+        daemon.log_lines("MQTT")
+    );
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
 }
@@ -258,6 +257,8 @@ async fn a_full_disk_stops_acknowledging_then_recovers_by_itself_and_delivers_ev
         return;
     };
     let broker = Mosquitto::start_with("max_inflight_messages 0").await;
+    // Lambda is down: nothing listens on its port until the buffer is full.
+    let outage = Outage::begin();
     let lambda_port = support::free_port();
     let endpoint = format!("http://127.0.0.1:{lambda_port}");
     let rules = format!(
@@ -292,14 +293,145 @@ max_wait = "50ms"
 
     // Lambda comes back: what is delivered frees its segment, ingest resumes, and every
     // message the broker kept arrives.
-    let fake = FakeLambda::default();
+    let fake = FakeLambda::back_after(&outage);
     let _lambda = FakeLambdaServer::start_on(lambda_port, fake.clone()).await;
-    wait_every_payload(&fake, N).await;
+    fake.wait_for_payloads(N).await;
     assert_eq!(
         daemon.count_log("connected to the MQTT broker"),
         1,
-        "no reconnect churn while the disk was full"
+        "no reconnect churn while the disk was full:\n{}",
+        daemon.log_lines("MQTT")
     );
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
+}
+
+/// The patience after an outage (`Outage::patience`) rests on `support::longest_retry_sleep`
+/// bounding how long the bridge may still be sleeping when Lambda comes back. Checked against
+/// schedules the bridge's own retry policy draws (random jitter), at every quarter second of
+/// outages up to ten minutes; a fixed patience is not enough (one such wait once gave up after
+/// 30 s on a busy machine while the bridge slept in a grown backoff).
+#[test]
+fn the_patience_after_an_outage_covers_every_retry_delay_the_bridge_can_draw() {
+    use mqtt_lambda_bridge::core::retry::retry_delays;
+    use mqtt_lambda_bridge::delivery::pipeline::{RETRY_MAX_DELAY, RETRY_MIN_DELAY};
+    use support::{PATIENCE, longest_retry_sleep};
+
+    const HORIZON: Duration = Duration::from_secs(600);
+    const STEP: Duration = Duration::from_millis(250);
+    let mut beyond_fixed_patience = 0;
+    for _ in 0..200 {
+        // Attempts at 0, then after each delay; a failed attempt takes no time here (a refused
+        // connection), which makes the delays start as early as they can.
+        let mut attempts = vec![Duration::ZERO];
+        let mut delays = retry_delays(RETRY_MIN_DELAY, RETRY_MAX_DELAY);
+        while *attempts.last().unwrap_or(&HORIZON) < HORIZON {
+            let last = *attempts.last().unwrap_or(&HORIZON);
+            attempts.push(last + delays.next().unwrap_or(RETRY_MAX_DELAY));
+        }
+        let mut down_for = Duration::ZERO;
+        let mut next = 1;
+        while down_for < HORIZON {
+            while attempts[next] <= down_for {
+                next += 1;
+            }
+            let still_asleep = attempts[next] - down_for;
+            assert!(
+                still_asleep <= longest_retry_sleep(down_for),
+                "after {down_for:?} down the bridge sleeps {still_asleep:?} more, beyond the \
+                 {:?} allowed",
+                longest_retry_sleep(down_for)
+            );
+            if down_for <= Duration::from_secs(20) && still_asleep > PATIENCE {
+                beyond_fixed_patience += 1;
+            }
+            down_for += STEP;
+        }
+    }
+    eprintln!(
+        "outages of at most 20 s after which the bridge slept longer than {PATIENCE:?}: \
+         {beyond_fixed_patience} of {} sampled",
+        200 * 80
+    );
+}
+
+/// With `when_full = "block"`, an append that does not fit waits until Lambda takes messages.
+/// Once every message is acknowledged it must go in (an empty queue takes any append), even
+/// when acknowledging freed no file: the bridge once stalled here for good, its first small
+/// group delivered and the next, larger group never woken (seen as the blocked-ingest test
+/// above getting 18 of 3,000 payloads on a busy machine).
+#[tokio::test]
+async fn a_blocked_append_goes_in_once_everything_before_it_is_acknowledged() {
+    use mqtt_lambda_bridge::buffer::disk::DEFAULT_SEGMENT_SIZE;
+    use mqtt_lambda_bridge::buffer::{DiskQueue, DiskQueueConfig, Queue};
+    use mqtt_lambda_bridge::core::config::WhenFull;
+    use mqtt_lambda_bridge::core::envelope::Message;
+
+    const MAX_SIZE: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = std::sync::Arc::new(
+        DiskQueue::open(DiskQueueConfig {
+            dir: dir.path().to_owned(),
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            max_size: MAX_SIZE,
+            when_full: WhenFull::Block,
+            max_age: None,
+        })
+        .expect("open the queue"),
+    );
+    let message = |n: usize| {
+        Message::received(
+            "b/x".to_owned(),
+            format!("{n}:{}", "x".repeat(180)).into_bytes(),
+            1,
+            false,
+            std::time::SystemTime::now(),
+        )
+    };
+    // A small first group, as ingest stores when the broker's flood has just begun…
+    queue
+        .append((0..18).map(message).collect())
+        .await
+        .expect("append the first group");
+    // …then a group that does not fit beside it.
+    let large = {
+        let queue = queue.clone();
+        tokio::spawn(async move { queue.append((18..318).map(message).collect()).await })
+    };
+    let first = queue.read(100).await.expect("read the first group");
+    assert_eq!(first.len(), 18);
+    let last = first.last().map(|e| e.seq).expect("entries");
+    queue.ack(last).await.expect("ack the first group");
+    tokio::time::timeout(support::PATIENCE, large)
+        .await
+        .expect("the blocked append went in once everything before it was acknowledged")
+        .expect("append task")
+        .expect("append");
+}
+
+/// A failing wait prints what arrived in one line, never the events themselves.
+#[test]
+fn a_failing_wait_summarises_what_arrived_in_one_line() {
+    use support::fake_lambda::{Invocation, summary};
+    let invocation = |payloads: &[u64]| Invocation {
+        function: "sink".to_owned(),
+        qualifier: None,
+        invocation_type: Some("Event".to_owned()),
+        authorization: None,
+        body: serde_json::json!({
+            "messages": payloads.iter().map(|n| serde_json::json!({"payload": n})).collect::<Vec<_>>()
+        }),
+        body_len: 0,
+        messages: payloads.len(),
+        concurrent: 1,
+        at: std::time::Instant::now(),
+    };
+    let all = [invocation(&[0, 1]), invocation(&[3, 4000])];
+    let line = summary(&all);
+    assert_eq!(
+        line,
+        "sink: 4 messages in 2 requests; 4 numbered payloads up to 4000, missing below it: \
+         2, 4, 5, 6, 7, 8, 9, 10, 11, 12, …"
+    );
+    assert_eq!(summary(&[]), "no requests accepted");
 }

@@ -5,7 +5,7 @@
 mod support;
 
 use serde_json::json;
-use support::fake_lambda::FakeLambdaServer;
+use support::fake_lambda::{FakeLambda, FakeLambdaServer};
 use support::{Daemon, Mosquitto, Protocol, config_for};
 
 const RULES: &str = r#"
@@ -101,6 +101,7 @@ async fn user_properties_and_content_type_reach_the_function_only_when_present()
 async fn properties_survive_a_restart_in_the_disk_buffer() {
     let broker = Mosquitto::start().await;
     // Lambda is down: the message waits in the buffer across a restart.
+    let outage = support::Outage::begin();
     let lambda_port = support::free_port();
     let endpoint = format!("http://127.0.0.1:{lambda_port}");
     let mut daemon =
@@ -118,7 +119,7 @@ async fn properties_survive_a_restart_in_the_disk_buffer() {
     assert_eq!(code, Some(0), "{log}");
 
     let daemon = daemon.restart().await;
-    let lambda = FakeLambdaServer::start_on(lambda_port, Default::default()).await;
+    let lambda = FakeLambdaServer::start_on(lambda_port, FakeLambda::back_after(&outage)).await;
     lambda.fake.wait_for_messages("f", 1).await;
     let event = &lambda.fake.invocations()[0].body;
     assert_eq!(

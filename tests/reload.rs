@@ -170,6 +170,7 @@ async fn a_changed_function_gets_the_messages_that_arrive_after_the_reload() {
 async fn a_removed_rule_delivers_what_it_buffered_while_lambda_was_down_and_takes_nothing_new() {
     let broker = Mosquitto::start().await;
     // Lambda is down: nothing listens on its port yet.
+    let outage = support::Outage::begin();
     let lambda_port = free_port();
     let endpoint = format!("http://127.0.0.1:{lambda_port}");
     let id = format!("reload-{}", free_port());
@@ -196,7 +197,7 @@ async fn a_removed_rule_delivers_what_it_buffered_while_lambda_was_down_and_take
     publisher.wait_acked(9).await;
 
     // Lambda comes back: the removed rule's buffer is delivered, then it stops.
-    let lambda = FakeLambdaServer::start_on(lambda_port, FakeLambda::default()).await;
+    let lambda = FakeLambdaServer::start_on(lambda_port, FakeLambda::back_after(&outage)).await;
     lambda.fake.wait_for_messages("fb", 5).await;
     lambda.fake.wait_for_messages("fa", 1).await;
     daemon.wait_for_log("removed rule's buffer delivered").await;
@@ -277,6 +278,7 @@ async fn an_invalid_file_is_reported_key_by_key_and_the_old_rules_keep_deliverin
 #[tokio::test]
 async fn a_removed_rule_stopped_before_its_drain_is_delivered_once_added_back() {
     let broker = Mosquitto::start().await;
+    let outage = support::Outage::begin();
     let lambda_port = free_port();
     let endpoint = format!("http://127.0.0.1:{lambda_port}");
     let id = format!("reload-{}", free_port());
@@ -305,7 +307,7 @@ async fn a_removed_rule_stopped_before_its_drain_is_delivered_once_added_back() 
     );
 
     // What the README says to do: add the rule back (same name).
-    let lambda = FakeLambdaServer::start_on(lambda_port, FakeLambda::default()).await;
+    let lambda = FakeLambdaServer::start_on(lambda_port, FakeLambda::back_after(&outage)).await;
     rewrite_config(&daemon, &quick(text(&broker, &endpoint, &id, &both)));
     let daemon = daemon.restart().await;
     lambda.fake.wait_for_messages("fb", 3).await;
@@ -320,6 +322,7 @@ async fn a_removed_rule_stopped_before_its_drain_is_delivered_once_added_back() 
 #[tokio::test]
 async fn a_rule_added_back_while_draining_keeps_its_queue_and_takes_messages_again() {
     let broker = Mosquitto::start().await;
+    let outage = support::Outage::begin();
     let lambda_port = free_port();
     let endpoint = format!("http://127.0.0.1:{lambda_port}");
     let id = format!("reload-{}", free_port());
@@ -349,7 +352,7 @@ async fn a_rule_added_back_while_draining_keeps_its_queue_and_takes_messages_aga
     }
     daemon.wait_buffered(6).await;
 
-    let lambda = FakeLambdaServer::start_on(lambda_port, FakeLambda::default()).await;
+    let lambda = FakeLambdaServer::start_on(lambda_port, FakeLambda::back_after(&outage)).await;
     lambda.fake.wait_for_messages("fb", 6).await;
     assert_eq!(
         payloads(&lambda.fake, "fb"),

@@ -1,5 +1,10 @@
 //! An in-process fake of Lambda's Invoke API (`POST /2015-03-31/functions/{name}/invocations`)
 //! that records every request and answers from a script: accept, throttle, fail, be slow.
+//!
+//! Its waits await the next request instead of polling, and give up after the fake's patience:
+//! [`PATIENCE`], or more for a fake standing in for a Lambda that comes back after an outage
+//! ([`FakeLambda::back_after`]). A wait that gives up says what arrived in a line (how many
+//! requests and messages, the first payloads missing), never the requests themselves.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -13,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use tokio::sync::Notify;
 
-use super::PATIENCE;
+use super::{Outage, PATIENCE};
 
 /// One request the fake received.
 #[derive(Debug, Clone)]
@@ -94,6 +99,8 @@ struct Inner {
     /// Count each event's messages without parsing it, and keep no body (benchmarks: the
     /// fake shares the machine with the bridge, and parsing would take its CPU).
     lean: bool,
+    /// How long a wait may take; `None` is [`PATIENCE`].
+    patience: Option<Duration>,
 }
 
 /// The fake; clones share state.
@@ -157,6 +164,29 @@ impl FakeLambda {
         fake
     }
 
+    /// A fake for a Lambda that was down during `outage` and comes back now: its waits allow
+    /// for the retry delay the bridge may be sleeping after that long.
+    pub fn back_after(outage: &Outage) -> FakeLambda {
+        let fake = FakeLambda::default();
+        let patience = outage.patience();
+        // Shown with a failure: whether the outage, and so the allowance, was long.
+        eprintln!(
+            "Lambda back after {:.1?} down; its waits allow {patience:.1?}",
+            outage.lasted()
+        );
+        fake.inner.lock().expect("lock").patience = Some(patience);
+        fake
+    }
+
+    /// How long each wait may take.
+    pub fn patience(&self) -> Duration {
+        self.inner
+            .lock()
+            .expect("lock")
+            .patience
+            .unwrap_or(PATIENCE)
+    }
+
     pub fn script(&self, function: &str, replies: impl IntoIterator<Item = Reply>) {
         let mut inner = self.inner.lock().expect("lock");
         inner
@@ -205,40 +235,94 @@ impl FakeLambda {
         self.inner.lock().expect("lock").refused
     }
 
-    /// Waits until `predicate` holds over the accepted invocations.
+    /// Waits until `predicate` holds over the accepted invocations; a failure summarises them.
+    /// The predicate runs under the fake's lock: it must not lock it again.
     pub async fn wait_until(&self, what: &str, predicate: impl Fn(&[Invocation]) -> bool) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+        self.wait_for(what, |all| {
+            if predicate(all) {
+                Ok(())
+            } else {
+                Err(summary(all))
+            }
+        })
+        .await
+    }
+
+    /// Waits until `check` passes over the accepted invocations, within the fake's patience; on
+    /// failure the panic names `what` and the last thing `check` said was missing. `check` runs
+    /// under the fake's lock: it must not lock it again.
+    pub async fn wait_for<T>(
+        &self,
+        what: &str,
+        check: impl Fn(&[Invocation]) -> Result<T, String>,
+    ) -> T {
+        let patience = self.patience();
+        let deadline = tokio::time::Instant::now() + patience;
         loop {
             let waiting = self.notify.notified();
-            if self.with_invocations(&predicate) {
-                return;
-            }
+            let missing = match self.with_invocations(&check) {
+                Ok(done) => return done,
+                Err(missing) => missing,
+            };
             if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                let refused = self.refused();
                 panic!(
-                    "fake Lambda never saw {what}; got {:#?}",
-                    self.invocations()
+                    "fake Lambda never saw {what} within {patience:.1?}: {missing}; \
+                     {refused} requests refused"
                 );
             }
         }
     }
 
+    /// Waits until every payload numbered `0..n` (see [`deliveries`]) reached the function, and
+    /// returns how often each arrived; a payload numbered `n` or more fails the test. A failure
+    /// says how many arrived and the first missing.
+    pub async fn wait_for_payloads(&self, n: u64) -> std::collections::BTreeMap<u64, usize> {
+        let seen = self
+            .wait_for(&format!("payloads 0..{n}"), |all| {
+                let seen = deliveries(all);
+                let missing = first_missing(&seen, n);
+                if missing.is_empty() {
+                    return Ok(seen);
+                }
+                Err(format!(
+                    "{} of {n} arrived in {} requests; first missing: {}",
+                    seen.range(..n).count(),
+                    all.len(),
+                    list(&missing),
+                ))
+            })
+            .await;
+        let strays: Vec<u64> = seen.range(n..).map(|(k, _)| *k).collect();
+        assert!(
+            strays.is_empty(),
+            "payloads outside 0..{n} arrived: {}",
+            list(&strays)
+        );
+        seen
+    }
+
     /// Waits until `n` messages in all reached `function`.
     pub async fn wait_for_messages(&self, function: &str, n: usize) {
-        self.wait_until(&format!("{n} messages for {function}"), |all| {
-            all.iter()
+        self.wait_for(&format!("{n} messages for {function}"), |all| {
+            let got: usize = all
+                .iter()
                 .filter(|i| i.function == function)
                 .map(|i| i.messages)
-                .sum::<usize>()
-                >= n
+                .sum();
+            if got >= n {
+                Ok(())
+            } else {
+                Err(format!("{got} of {n} arrived; in all {}", summary(all)))
+            }
         })
         .await
     }
 
-    /// Waits until `n` refused requests in all.
     /// Waits until `n` requests have arrived in all, before they are answered (a slow answer
     /// is still being prepared).
     pub async fn wait_arrived(&self, n: usize) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let deadline = tokio::time::Instant::now() + self.patience();
         loop {
             let waiting = self.notify.notified();
             let arrived = self.inner.lock().expect("lock").arrived;
@@ -251,8 +335,9 @@ impl FakeLambda {
         }
     }
 
+    /// Waits until `n` refused requests in all.
     pub async fn wait_refused(&self, n: usize) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let deadline = tokio::time::Instant::now() + self.patience();
         loop {
             let waiting = self.notify.notified();
             if self.refused() >= n {
@@ -263,6 +348,57 @@ impl FakeLambda {
             }
         }
     }
+}
+
+/// Items a failure message lists before it says there are more.
+const SHOWN: usize = 10;
+
+/// The first payload numbers below `n` not in `seen`: one more than [`SHOWN`], so [`list`]
+/// can tell there are more.
+fn first_missing(seen: &std::collections::BTreeMap<u64, usize>, n: u64) -> Vec<u64> {
+    (0..n)
+        .filter(|i| !seen.contains_key(i))
+        .take(SHOWN + 1)
+        .collect()
+}
+
+/// The first [`SHOWN`] of `items`, and "…" when there are more.
+fn list(items: &[u64]) -> String {
+    let shown: Vec<String> = items.iter().take(SHOWN).map(u64::to_string).collect();
+    let more = if items.len() > SHOWN { ", …" } else { "" };
+    format!("{}{more}", shown.join(", "))
+}
+
+/// What the fake accepted, in one line: requests and messages per function, and the numbered
+/// payloads seen (how many, and the first gaps), never the events themselves.
+pub fn summary(all: &[Invocation]) -> String {
+    if all.is_empty() {
+        return "no requests accepted".to_owned();
+    }
+    let mut per_function = std::collections::BTreeMap::<&str, (usize, usize)>::new();
+    for i in all {
+        let entry = per_function.entry(&i.function).or_default();
+        entry.0 += 1;
+        entry.1 += i.messages;
+    }
+    let functions: Vec<String> = per_function
+        .iter()
+        .map(|(f, (requests, messages))| format!("{f}: {messages} messages in {requests} requests"))
+        .collect();
+    let seen = deliveries(all);
+    let numbers = match seen.keys().next_back() {
+        None => "no numbered payloads".to_owned(),
+        Some(&last) => {
+            let gaps = first_missing(&seen, last);
+            let gaps = if gaps.is_empty() {
+                "none missing below it".to_owned()
+            } else {
+                format!("missing below it: {}", list(&gaps))
+            };
+            format!("{} numbered payloads up to {last}, {gaps}", seen.len())
+        }
+    };
+    format!("{}; {numbers}", functions.join(", "))
 }
 
 /// Messages in an event, without parsing it: every message starts with its id, and the bridge

@@ -14,8 +14,48 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 
-/// How long any awaited condition may take before the test fails.
+/// How long any awaited condition may take before the test fails, on a machine other work
+/// shares (two cores, several builds and test runs beside this one). A wait that depends on
+/// the bridge's own retry schedule adds that schedule to it: see [`Outage`].
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Lambda being down, from when a test makes it unreachable (or starts the daemon without it)
+/// until it comes back. The bridge retries each event with delays that double from
+/// `RETRY_MIN_DELAY` (jitter adds up to as much again), so the longer the outage, the longer
+/// it may sleep before it notices Lambda is back: a wait after an outage allows for that.
+#[derive(Debug, Clone, Copy)]
+pub struct Outage {
+    began: std::time::Instant,
+}
+
+impl Outage {
+    /// Lambda is unreachable from now on.
+    pub fn begin() -> Outage {
+        Outage {
+            began: std::time::Instant::now(),
+        }
+    }
+
+    /// How long Lambda has been down so far.
+    pub fn lasted(&self) -> Duration {
+        self.began.elapsed()
+    }
+
+    /// How long to wait for deliveries once Lambda is back: the longest retry delay the bridge
+    /// may have begun during the outage so far, plus [`PATIENCE`] for the deliveries themselves.
+    pub fn patience(&self) -> Duration {
+        PATIENCE + longest_retry_sleep(self.lasted())
+    }
+}
+
+/// The longest delay the bridge may be sleeping between two invocation attempts after failing
+/// for `down_for`. Unjittered delays double from the minimum, so the one in progress is at most
+/// the sum of those before it plus the minimum, and those are at most `down_for` (load only
+/// stretches them); jitter at most doubles a delay, and the cap bounds it before jitter.
+pub fn longest_retry_sleep(down_for: Duration) -> Duration {
+    use mqtt_lambda_bridge::delivery::pipeline::{RETRY_MAX_DELAY, RETRY_MIN_DELAY};
+    (down_for + RETRY_MIN_DELAY).min(RETRY_MAX_DELAY) * 2
+}
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -359,8 +399,9 @@ impl Daemon {
             }
             if tokio::time::timeout_at(deadline, waiting).await.is_err() {
                 panic!(
-                    "the daemon never logged {needle:?} {n} times; log:\n{}",
-                    self.log_text()
+                    "the daemon logged {needle:?} {} of {n} times within {PATIENCE:?}; {}",
+                    self.count_log(needle),
+                    self.log_tail()
                 );
             }
         }
@@ -381,9 +422,9 @@ impl Daemon {
             }
             if tokio::time::timeout_at(deadline, waiting).await.is_err() {
                 panic!(
-                    "the daemon buffered only {} of {n}; log:\n{}",
+                    "the daemon buffered only {} of {n} within {PATIENCE:?}; {}",
                     self.buffered(),
-                    self.log_text()
+                    self.log_tail()
                 );
             }
         }
@@ -413,6 +454,32 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// The log's last [`LOG_TAIL`] lines, leaving out the per-message debug lines a long run
+    /// writes thousands of: what a failing wait prints.
+    pub fn log_tail(&self) -> String {
+        let log = self.log.lock().expect("log lock");
+        let telling: Vec<&String> = log.iter().filter(|l| !is_chatter(l)).collect();
+        let start = telling.len().saturating_sub(LOG_TAIL);
+        let lines: Vec<&str> = telling[start..].iter().map(|l| l.as_str()).collect();
+        format!(
+            "the last {} of {} log lines (per-batch debug lines left out):\n{}",
+            lines.len(),
+            log.len(),
+            lines.join("\n")
+        )
+    }
+
+    /// Log lines containing `needle`, one per line: what an assertion about them prints.
+    pub fn log_lines(&self, needle: &str) -> String {
+        let log = self.log.lock().expect("log lock");
+        let lines: Vec<&str> = log
+            .iter()
+            .filter(|l| l.contains(needle))
+            .map(String::as_str)
+            .collect();
+        lines.join("\n")
     }
 
     /// Sends the signal `name` (e.g. "HUP", as `systemctl reload` does) to the running daemon.
@@ -453,6 +520,16 @@ impl Daemon {
         let _ = self.child.kill().await;
         self
     }
+}
+
+/// Lines a failing wait's log tail shows at most.
+const LOG_TAIL: usize = 40;
+
+/// Debug lines the daemon writes per batch or per publish: thousands in a long test, and
+/// never what explains a failure.
+fn is_chatter(line: &str) -> bool {
+    line.contains("DEBUG")
+        && (line.contains("buffered and acknowledged") || line.contains(" delivered"))
 }
 
 /// A daemon configuration for tests: `rules` is appended verbatim.

@@ -469,6 +469,9 @@ impl Queue for DiskQueue {
             }
             state.ack_next = next;
         }
+        // A `block`-mode append waits for room or for everything to be acknowledged: this ack
+        // may be the second, which frees no file and so wakes nobody else.
+        self.shared.freed.notify_waiters();
         self.signal_ack();
         Ok(())
     }
