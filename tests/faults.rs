@@ -217,7 +217,7 @@ function = "sink"
     let fake = FakeLambda::default();
     let _lambda = FakeLambdaServer::start_on(lambda_port, fake.clone()).await;
     let daemon = daemon.restart().await;
-    wait_every_payload(&fake, N).await;
+    fake.wait_for_payloads(N).await;
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
 }
