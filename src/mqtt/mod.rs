@@ -26,6 +26,7 @@
 mod acks;
 mod hold;
 mod internals;
+mod notes;
 mod options;
 mod poll;
 pub mod protocol;

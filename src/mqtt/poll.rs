@@ -215,8 +215,9 @@ impl Poller {
             }
             Action::ForgetHeld => self.held = None,
             Action::ResetBackoff => self.backoff = reconnect_backoff(),
-            Action::SubscribeAll => {
-                let _ = self.channels.subscriber.send(SubscriberEvent::SubscribeAll);
+            Action::Subscribe(answered) => {
+                let event = SubscriberEvent::SubscribeUnanswered(answered);
+                let _ = self.channels.subscriber.send(event);
             }
             Action::Answer(waiter, result) => {
                 let _ = waiter.send(result);
