@@ -8,7 +8,8 @@
 //! test by name instead of silently corrupting a stream of acknowledgements or replies:
 //!
 //! - under MQTT 3.1.1 `network` is `Some` once a CONNACK was polled, and what we write to it
-//!   between polls reaches the broker in the order written (the grouped acknowledgements);
+//!   between polls reaches the broker in the order written (the grouped acknowledgements),
+//!   and `clean()` after a failed write drops it so that the next poll connects again;
 //! - `state.handle_incoming_packet` with a made-up QoS 2 publish marks its packet id as in
 //!   progress, adds exactly one event (taken back by truncating `state.events`) and, with
 //!   manual acks, answers nothing; a PUBREL for a marked id is then answered with PUBCOMP,
@@ -39,9 +40,25 @@ impl EventLoop {
     }
 
     /// Writes `acks` to the connection in one go (PUBACK, or PUBREC for QoS 2), between polls;
-    /// under MQTT 5, or when not connected, writes nothing. An error is left for the next poll
-    /// to find on the connection; it is returned only to be logged.
+    /// under MQTT 5, or when not connected, writes nothing.
+    ///
+    /// When they cannot all be written (the broker took no data for [`ACK_FLUSH_TIMEOUT`], or
+    /// the socket failed), the connection is dropped, as rumqttc drops it when its own writes
+    /// fail: the broker sends unacknowledged messages again only on a new connection, so one
+    /// that stayed up would hold them (and their in-flight slots) for good. The next poll
+    /// connects again; the error says why, for the log.
     pub async fn write_acks(&mut self, acks: &[Ack]) -> Result<(), String> {
+        let written = self.try_write_acks(acks).await;
+        if written.is_err()
+            && let EventLoop::V311(e) = self
+        {
+            // What rumqttc held moves to its pending list, as after a failed poll.
+            e.clean();
+        }
+        written
+    }
+
+    async fn try_write_acks(&mut self, acks: &[Ack]) -> Result<(), String> {
         let EventLoop::V311(e) = self else {
             return Ok(());
         };
@@ -320,6 +337,50 @@ mod tests {
                 Packet::PubAck(rumqttc::PubAck::new(2)),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn acks_the_broker_does_not_take_drop_the_connection_and_the_next_poll_reconnects() {
+        let (listener, e, _client) = listener().await;
+        let mut eventloop = EventLoop::V311(e);
+        // A broker that takes the connection, then reads nothing: writes block once the
+        // sockets' buffers are full.
+        let broker = tokio::spawn(async move {
+            let stalled = FakeBroker::accept(&listener).await;
+            let again = FakeBroker::accept(&listener).await;
+            (stalled, again)
+        });
+        let EventLoop::V311(e) = &mut eventloop else {
+            unreachable!()
+        };
+        tokio::time::timeout(WITHIN, connected(e))
+            .await
+            .expect("connack");
+        // Far more than the sockets' buffers take: 4 bytes each, 16 MiB.
+        let acks: Vec<Ack> = (0..4 << 20)
+            .map(|i| Ack {
+                pkid: (i % 65_535 + 1) as u16,
+                qos: 1,
+            })
+            .collect();
+        // The ack timeout passes at once once the write blocks (the clock is paused).
+        tokio::time::pause();
+        let written = eventloop.write_acks(&acks).await;
+        tokio::time::resume();
+        assert!(written.is_err(), "the broker took 16 MiB without reading");
+        let EventLoop::V311(e) = &mut eventloop else {
+            unreachable!()
+        };
+        assert!(
+            e.network.is_none(),
+            "the connection must not stay up with acknowledgements lost: the broker sends those \
+             messages again only on a new connection"
+        );
+        tokio::time::timeout(WITHIN, connected(e))
+            .await
+            .expect("the next poll connects again");
+        let accepted = tokio::time::timeout(WITHIN, broker).await;
+        assert!(matches!(accepted, Ok(Ok(_))), "a second connection");
     }
 
     #[tokio::test]
