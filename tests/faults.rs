@@ -1,5 +1,6 @@
 //! Promises under faults, end to end with real mosquitto: few duplicates after kill -9, a
-//! connection that stays healthy while ingest waits, and a full disk that recovers by itself.
+//! connection that stays healthy while ingest waits, a full disk that recovers by itself, and
+//! a QoS 0 flood that stays bounded in memory while ingest waits and a reply waits too.
 
 mod support;
 
@@ -236,4 +237,73 @@ max_wait = "50ms"
     );
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
+}
+
+#[tokio::test]
+async fn a_qos0_flood_while_ingest_blocks_and_a_reply_waits_stays_bounded_in_memory() {
+    // The broker holds nothing back from the bridge (no in-flight or queue limits).
+    let broker = Mosquitto::start_with("max_inflight_messages 0\nmax_queued_messages 0\n").await;
+    let relay = support::relay::Relay::start(broker.port).await;
+    // The reply's PUBACK never comes: the reply waits, and with it its delivery.
+    relay.swallow_pubacks(true);
+    let lambda = FakeLambdaServer::start().await;
+    let buffer = tempfile::tempdir().expect("tempdir");
+    let rules = format!(
+        r#"
+[buffer]
+dir = "{}"
+max_size = "64KiB"
+when_full = "block"
+
+[[rules]]
+name = "cmd"
+topic = "dev/+/req"
+function = "handler"
+invocation = "request_response"
+[rules.reply]
+topic = "replies/{{topic}}"
+"#,
+        buffer.path().display()
+    );
+    let mut daemon = Daemon::start(&config(&relay.url(), &lambda.endpoint(), &rules)).await;
+    daemon.wait_for_log("subscribed").await;
+    let publisher = Publisher::connect(broker.port).await;
+    publisher.publish("dev/1/req", 1, r#"{"n":1}"#).await;
+    relay.wait_swallowed(1).await;
+    let before = daemon.peak_rss_kib().expect("the daemon's memory");
+
+    // 1 KiB messages: the buffer (64 KiB) is full after a few dozen, ingest blocks, and the
+    // bridge may not pause reads (the reply's PUBACK is behind the flood).
+    const N: usize = 50_000;
+    let payload = "x".repeat(1024);
+    for _ in 0..N {
+        publisher.publish("dev/2/req", 0, payload.clone()).await;
+    }
+    // At most 4,096 publishes held, one ingest group and the buffer: the rest is dropped,
+    // the log counting them every 10,000.
+    const BOUND_KIB: u64 = 24 * 1024;
+    let read = daemon.wait_for_log_count("still dropping QoS 0 messages", 4);
+    let watched = async {
+        loop {
+            let grown = daemon.peak_rss_kib().unwrap_or(before) - before;
+            assert!(
+                grown < BOUND_KIB,
+                "the daemon grew by {} MiB during a {} MiB QoS 0 flood: publishes pile up",
+                grown / 1024,
+                N / 1024
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = read => {}
+        _ = watched => {}
+    }
+    let grown = daemon.peak_rss_kib().unwrap_or(before) - before;
+    assert!(grown < BOUND_KIB, "grew by {} MiB", grown / 1024);
+    assert_eq!(
+        daemon.count_log("dropping QoS 0 messages until ingest catches up"),
+        1
+    );
+    daemon.stop().await;
 }

@@ -50,6 +50,17 @@ pub enum Note {
     Received(u64),
     /// Reads paused; `pauses` counts them (the first is a warning).
     Pausing(u64),
+    /// The first QoS 0 publish dropped of a run (see `hold.rs`).
+    DroppingQos0,
+    /// QoS 0 publishes dropped so far in this run.
+    StillDroppingQos0(u64),
+    /// A run of QoS 0 drops ended.
+    StoppedDroppingQos0 {
+        /// Dropped in this run.
+        dropped: u64,
+        /// Dropped since the process started.
+        total: u64,
+    },
     /// A reply went out with this packet id.
     ReplySent(u16),
     /// The first failure of an outage.
@@ -138,6 +149,27 @@ impl Note {
         }
     }
 
+    fn log_drops(&self) {
+        match self {
+            Note::DroppingQos0 => tracing::warn!(
+                held = super::INGEST_HOLD_MAX,
+                "ingest is far behind the broker and reads cannot pause while a reply or acknowledgements wait on the connection: dropping QoS 0 messages until ingest catches up (QoS 1 and 2 messages are kept)"
+            ),
+            Note::StillDroppingQos0(dropped) => {
+                tracing::warn!(
+                    dropped,
+                    "still dropping QoS 0 messages: ingest is far behind"
+                )
+            }
+            Note::StoppedDroppingQos0 { dropped, total } => tracing::warn!(
+                dropped,
+                total,
+                "ingest caught up: QoS 0 messages are taken again after {dropped} were dropped"
+            ),
+            _ => {}
+        }
+    }
+
     fn log_outage(&self, broker: &str) {
         match self {
             Note::CannotConnect { error, retry_in } => tracing::warn!(
@@ -163,7 +195,7 @@ impl Note {
                 broker = %broker, retry_in = %human(*retry_in),
                 "still cannot reach the MQTT broker: {error}"
             ),
-            _ => {}
+            _ => self.log_drops(),
         }
     }
 }

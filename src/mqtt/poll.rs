@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::core::health::Health;
 
 use super::acks::{self, AckLine, Exchanges};
-use super::hold::Hold;
+use super::hold::{Admit, Hold};
 use super::protocol::{Event, EventLoop, Inbound, PendingPublishes};
 use super::replies::{Replier, ReplyBook, Waiter};
 use super::session::{Action, Request, Session, SessionEvent, Shared};
@@ -161,8 +161,14 @@ impl Poller {
         })
     }
 
-    /// Hands a publish to ingest; past the hold's bound, waits for ingest to catch up.
+    /// Hands a publish to ingest; past the hold's bound, waits for ingest to catch up, or
+    /// when it may not wait, drops a QoS 0 publish (see `hold.rs`).
     async fn forward(&mut self, publish: Inbound) {
+        let reply_waiting = self.channels.replier.waiting();
+        if self.channels.hold.admit(publish.qos, reply_waiting) == Admit::DropQos0 {
+            self.feed(SessionEvent::DroppedQos0).await;
+            return;
+        }
         self.feed(SessionEvent::Publish).await;
         if self.channels.tx.is_closed() {
             // Ingest has stopped; the broker keeps this one for next time.

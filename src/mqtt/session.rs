@@ -125,6 +125,9 @@ pub enum SessionEvent {
     Publish,
     /// Ingest is far behind: the poll task stops reading until it catches up.
     Paused,
+    /// Ingest is far behind and the poll task may not pause: a QoS 0 publish was dropped
+    /// (`hold.rs`).
+    DroppedQos0,
     /// One of our replies went out with this packet id.
     PublishSent(u16),
     /// The broker acknowledged our reply with this packet id.
@@ -208,6 +211,10 @@ pub struct Session {
     outage: Option<Outage>,
     received: u64,
     pauses: u64,
+    /// QoS 0 publishes dropped since the process started, and since the current run of drops
+    /// began (0: none is going on).
+    dropped_qos0: u64,
+    dropping_qos0: u64,
     /// How many publishes are kept from a broken connection, if any are.
     held: Option<usize>,
 }
@@ -248,13 +255,8 @@ impl Session {
             }
             SessionEvent::SubAck { pkid, granted } => self.suback(pkid, granted),
             SessionEvent::UnsubAck { pkid, refused } => self.unsuback(pkid, refused),
-            SessionEvent::Publish => {
-                self.received += 1;
-                if self.received.is_multiple_of(RECEIVED_EVERY) {
-                    return vec![Action::Log(Note::Received(self.received))];
-                }
-                Vec::new()
-            }
+            SessionEvent::Publish => self.taken(),
+            SessionEvent::DroppedQos0 => self.dropped(),
             SessionEvent::Paused => {
                 self.pauses += 1;
                 vec![Action::Log(Note::Pausing(self.pauses))]
@@ -367,6 +369,35 @@ impl Session {
         } else {
             Note::StillCannotConnect { error, retry_in }
         }
+    }
+
+    /// A publish went to ingest: counted, and the end of a run of QoS 0 drops told.
+    fn taken<W>(&mut self) -> Vec<Action<W>> {
+        let mut actions = Vec::new();
+        if self.dropping_qos0 > 0 {
+            actions.push(Action::Log(Note::StoppedDroppingQos0 {
+                dropped: std::mem::take(&mut self.dropping_qos0),
+                total: self.dropped_qos0,
+            }));
+        }
+        self.received += 1;
+        if self.received.is_multiple_of(RECEIVED_EVERY) {
+            actions.push(Action::Log(Note::Received(self.received)));
+        }
+        actions
+    }
+
+    /// A QoS 0 publish was dropped: a warning at the first of a run, then a count every
+    /// [`RECEIVED_EVERY`], and one line when the run ends, so each drop is in the log.
+    fn dropped<W>(&mut self) -> Vec<Action<W>> {
+        self.dropped_qos0 += 1;
+        self.dropping_qos0 += 1;
+        let note = match self.dropping_qos0 {
+            1 => Note::DroppingQos0,
+            n if n.is_multiple_of(RECEIVED_EVERY) => Note::StillDroppingQos0(n),
+            _ => return Vec::new(),
+        };
+        vec![Action::Log(note)]
     }
 
     fn suback<W>(&mut self, pkid: u16, granted: Vec<Granted>) -> Vec<Action<W>> {
@@ -843,6 +874,36 @@ mod tests {
         assert_eq!(
             session.on(SessionEvent::Paused, now, &shared),
             vec![Action::Log(Note::Pausing(2))]
+        );
+    }
+
+    #[test]
+    fn each_qos0_drop_is_counted_in_the_log_a_warning_first_and_the_run_s_end_told() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        let mut seen = Vec::new();
+        for _ in 0..25_000 {
+            seen.extend(session.on(SessionEvent::DroppedQos0, now, &shared));
+        }
+        seen.extend(session.on(SessionEvent::Publish, now, &shared));
+        seen.extend(session.on(SessionEvent::Publish, now, &shared));
+        seen.extend(session.on(SessionEvent::DroppedQos0, now, &shared));
+        seen.extend(session.on(SessionEvent::Publish, now, &shared));
+        assert_eq!(
+            notes(&seen),
+            vec![
+                &Note::DroppingQos0,
+                &Note::StillDroppingQos0(10_000),
+                &Note::StillDroppingQos0(20_000),
+                &Note::StoppedDroppingQos0 {
+                    dropped: 25_000,
+                    total: 25_000
+                },
+                &Note::DroppingQos0,
+                &Note::StoppedDroppingQos0 {
+                    dropped: 1,
+                    total: 25_001
+                },
+            ]
         );
     }
 }

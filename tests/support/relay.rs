@@ -39,6 +39,9 @@ struct Arms {
     cut: Notify,
     /// Connections accepted from the bridge.
     accepted: AtomicUsize,
+    /// PUBACKs dropped.
+    swallowed: AtomicUsize,
+    swallow: Notify,
 }
 
 /// The relay, listening on `port`, until dropped.
@@ -95,6 +98,25 @@ impl Relay {
     /// Connections accepted from the bridge so far.
     pub fn accepted(&self) -> usize {
         self.arms.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` PUBACKs were dropped.
+    pub async fn wait_swallowed(&self, n: usize) {
+        let waited = tokio::time::timeout(super::PATIENCE, async {
+            loop {
+                let swallowed = self.arms.swallow.notified();
+                if self.arms.swallowed.load(Ordering::SeqCst) >= n {
+                    return;
+                }
+                swallowed.await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "the relay dropped {} of {n} PUBACKs",
+            self.arms.swallowed.load(Ordering::SeqCst)
+        );
     }
 
     /// Waits until `n` connections were cut for a lost SUBSCRIBE.
@@ -186,6 +208,8 @@ async fn relay(bridge: TcpStream, broker: TcpStream, arms: Arc<Arms>) {
             }
             while let Some((kind, packet)) = next_packet(&mut buf) {
                 if kind == PUBACK && arms.swallow_pubacks.load(Ordering::SeqCst) {
+                    arms.swallowed.fetch_add(1, Ordering::SeqCst);
+                    arms.swallow.notify_waiters();
                     continue;
                 }
                 if bridge_write.write_all(packet.chunk()).await.is_err() {
