@@ -27,6 +27,7 @@ use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::{Outgoing, QoS};
 
 use super::protocol::{Ack, EventLoop};
+use super::session::RequestsHeld;
 
 /// How long writing acknowledgements may wait for the broker to take them (rumqttc's own
 /// flushes wait as long, its default connection timeout).
@@ -176,6 +177,55 @@ impl EventLoop {
                     _ => None,
                 })
                 .collect(),
+        }
+    }
+
+    /// The SUBSCRIBEs and UNSUBSCRIBEs rumqttc holds, not reported sent yet: right after a
+    /// failed poll, those it took (their reports wait in `state.events` and come after the
+    /// reconnect) and those in `pending` (a CONNACK without the session clears them).
+    pub fn requests_held(&self) -> RequestsHeld {
+        match self {
+            EventLoop::V311(e) => RequestsHeld {
+                taken: (e.state.events.iter())
+                    .filter(|ev| {
+                        matches!(
+                            ev,
+                            rumqttc::Event::Outgoing(
+                                Outgoing::Subscribe(_) | Outgoing::Unsubscribe(_)
+                            )
+                        )
+                    })
+                    .count(),
+                pending: (e.pending.iter())
+                    .filter(|r| {
+                        matches!(
+                            r,
+                            rumqttc::Request::Subscribe(_) | rumqttc::Request::Unsubscribe(_)
+                        )
+                    })
+                    .count(),
+            },
+            EventLoop::V5(e) => RequestsHeld {
+                taken: (e.state.events.iter())
+                    .filter(|ev| {
+                        matches!(
+                            ev,
+                            rumqttc::v5::Event::Outgoing(
+                                Outgoing::Subscribe(_) | Outgoing::Unsubscribe(_)
+                            )
+                        )
+                    })
+                    .count(),
+                pending: (e.pending.iter())
+                    .filter(|r| {
+                        matches!(
+                            r,
+                            rumqttc::v5::Request::Subscribe(_)
+                                | rumqttc::v5::Request::Unsubscribe(_)
+                        )
+                    })
+                    .count(),
+            },
         }
     }
 
@@ -464,6 +514,39 @@ mod tests {
         let pkid = pkid.expect("broker");
         assert_ne!(pkid, 0);
         assert_eq!(eventloop.pending_publishes().pkids(), vec![pkid]);
+    }
+
+    #[test]
+    fn held_subscribes_are_those_in_pending_and_those_whose_report_is_still_in_state_events() {
+        let [mut v311, mut v5] = event_loops();
+        let EventLoop::V311(e) = &mut v311 else {
+            unreachable!()
+        };
+        e.state
+            .handle_outgoing_packet(rumqttc::Request::Subscribe(rumqttc::Subscribe::new(
+                "a",
+                QoS::AtLeastOnce,
+            )))
+            .expect("taken");
+        e.pending
+            .push_back(rumqttc::Request::Unsubscribe(rumqttc::Unsubscribe::new(
+                "b",
+            )));
+        e.pending
+            .push_back(rumqttc::Request::Subscribe(rumqttc::Subscribe::new(
+                "c",
+                QoS::AtLeastOnce,
+            )));
+        let EventLoop::V5(e) = &mut v5 else {
+            unreachable!()
+        };
+        e.pending
+            .push_back(rumqttc::v5::Request::Unsubscribe(p5::Unsubscribe::new(
+                "b", None,
+            )));
+        let held = |taken, pending| RequestsHeld { taken, pending };
+        assert_eq!(v311.requests_held(), held(1, 2));
+        assert_eq!(v5.requests_held(), held(0, 1));
     }
 
     #[test]

@@ -128,11 +128,14 @@ pub(super) async fn poll(
 impl Poller {
     /// The connection broke for `error`: what rumqttc holds now and when to try again.
     fn lost(&mut self, error: String) -> SessionEvent {
+        // The notes of the requests rumqttc holds are all in (each is made first).
+        self.take_notes();
         SessionEvent::ConnectionLost {
             error,
             retry_in: self.backoff.next().unwrap_or(RECONNECT_MAX_DELAY),
             held: self.eventloop.pending_publishes().pkids(),
             unreported: self.eventloop.unreported_publishes_sent(),
+            requests: self.eventloop.requests_held(),
         }
     }
 

@@ -11,7 +11,8 @@
 //!   the resumed session, and the first connection of a process subscribes every filter;
 //! - which filters and rules a SUBACK or UNSUBACK answers: requests are noted in the order the
 //!   subscriber sent them ([`SessionEvent::Requested`]), matched to packet ids as rumqttc
-//!   reports them sent, and to answers by packet id;
+//!   reports them sent, and to answers by packet id; those rumqttc held pending when the
+//!   connection broke are forgotten when a new session drops them ([`RequestsHeld`]);
 //! - the replies: the reply book follows what rumqttc sent, and after a new session the
 //!   publishes rumqttc held are handed back first ([`Action::HandBackHeld`]);
 //! - acknowledgements: when the first of a group went out, the rest of it is written at once
@@ -102,6 +103,8 @@ pub enum SessionEvent {
         held: Vec<u16>,
         /// Packet ids of publishes rumqttc sent but will report only after the reconnect.
         unreported: Vec<u16>,
+        /// The subscriber's requests rumqttc holds, not reported sent yet.
+        requests: RequestsHeld,
     },
     /// The subscriber is about to hand this request to rumqttc.
     Requested(Request),
@@ -192,6 +195,17 @@ struct Outage {
     error: String,
 }
 
+/// The SUBSCRIBEs and UNSUBSCRIBEs rumqttc holds right after a connection broke, not yet
+/// reported sent; the oldest requests noted, in this order.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RequestsHeld {
+    /// Taken and written: their reports come after the reconnect, whatever the session.
+    pub taken: usize,
+    /// In its pending list: sent after a reconnect that keeps the session, dropped by one
+    /// that does not (and then never reported).
+    pub pending: usize,
+}
+
 /// Requests in the order the subscriber sent them, then by packet id once they went out.
 #[derive(Debug, Default)]
 struct Requested {
@@ -199,6 +213,21 @@ struct Requested {
     queued: VecDeque<Request>,
     /// Gone out, waiting for the broker's answer.
     sent: HashMap<u16, Request>,
+    /// What rumqttc held of them when the connection broke, until it connects again.
+    held: RequestsHeld,
+}
+
+impl Requested {
+    /// Connected again: a new session dropped the requests rumqttc held pending, so their
+    /// notes go too, or each answer would name the filters of another request.
+    fn on_connected(&mut self, session_present: bool) {
+        let RequestsHeld { taken, pending } = std::mem::take(&mut self.held);
+        if !session_present {
+            let from = taken.min(self.queued.len());
+            let to = (taken + pending).min(self.queued.len());
+            self.queued.drain(from..to);
+        }
+    }
 }
 
 /// The session's state between events; see the module's overview.
@@ -242,7 +271,11 @@ impl Session {
                 retry_in,
                 held,
                 unreported,
-            } => self.lost(error, retry_in, held, unreported, now, shared),
+                requests,
+            } => {
+                self.requested.held = requests;
+                self.lost(error, retry_in, held, unreported, now, shared)
+            }
             SessionEvent::Requested(request) => {
                 self.requested.queued.push_back(request);
                 Vec::new()
@@ -313,6 +346,7 @@ impl Session {
         // A new session has no subscriptions. A resumed one has those answered, and maybe
         // some whose SUBSCRIBE reached the broker before the connection died: asking again
         // is harmless, missing one leaves its rule deaf until a restart.
+        self.requested.on_connected(session_present);
         if !session_present {
             self.answered.clear();
         }
@@ -481,6 +515,7 @@ mod tests {
             retry_in: Duration::from_secs(1),
             held,
             unreported: Vec::new(),
+            requests: RequestsHeld::default(),
         }
     }
 
@@ -905,5 +940,57 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_new_session_drops_the_notes_of_requests_rumqttc_dropped_so_answers_name_the_right_ones() {
+        for session_present in [false, true] {
+            let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+            session.on(connected(false), now, &shared);
+            let asked = |filter: &str| {
+                SessionEvent::Requested(Request::Subscribe(vec![(
+                    filter.into(),
+                    1,
+                    vec![filter.into()],
+                )]))
+            };
+            // "a" was written as the connection broke (its report comes after the reconnect);
+            // "b" waited in rumqttc's pending list; "c" was asked during the outage.
+            session.on(asked("a"), now, &shared);
+            session.on(asked("b"), now, &shared);
+            let lost = SessionEvent::ConnectionLost {
+                error: "reset".into(),
+                retry_in: Duration::from_secs(1),
+                held: Vec::new(),
+                unreported: Vec::new(),
+                requests: RequestsHeld {
+                    taken: 1,
+                    pending: 1,
+                },
+            };
+            session.on(lost, now, &shared);
+            session.on(asked("c"), now, &shared);
+            session.on(connected(session_present), now, &shared);
+            // A new session: rumqttc sends "c" only; a kept one: "b", then "c".
+            let sent: &[&str] = if session_present {
+                &["a", "b", "c"]
+            } else {
+                &["a", "c"]
+            };
+            for (pkid, _) in (1..).zip(sent) {
+                session.on(SessionEvent::RequestSent(pkid), now, &shared);
+            }
+            let last = sent.len() as u16;
+            let answer = session.on(suback(last, 1), now, &shared);
+            assert_eq!(
+                notes(&answer),
+                vec![&Note::Subscribed {
+                    rule: "c".into(),
+                    filter: "c".into(),
+                    qos: 1
+                }],
+                "session_present={session_present}"
+            );
+        }
     }
 }
