@@ -1,5 +1,6 @@
 //! Promises under faults, end to end with real mosquitto: few duplicates after kill -9, a
-//! connection that stays healthy while ingest waits, and a full disk that recovers by itself.
+//! connection that stays healthy while ingest waits, a full disk that recovers by itself, and
+//! a QoS 0 flood that stays bounded in memory while ingest waits and a reply waits too.
 
 mod support;
 
@@ -8,6 +9,18 @@ use std::time::Duration;
 
 use support::fake_lambda::{FakeLambda, FakeLambdaServer, deliveries};
 use support::{Daemon, Mosquitto, Outage, Publisher, config};
+
+/// A port for a Lambda that is down, and the socket that keeps it: bound but not listening,
+/// so invocations are refused, and no listener another test starts meanwhile can take the port
+/// (its invocations would then be answered by that test's fake). Drop it to start the fake.
+fn lambda_down() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a port for the Lambda that is down");
+    let port = socket.local_addr().expect("addr").port();
+    (socket, port)
+}
 
 #[tokio::test]
 async fn three_kill_9_during_a_stream_of_6000_deliver_at_most_150_duplicates() {
@@ -86,9 +99,9 @@ async fn while_the_buffer_blocks_ingest_keep_alives_flow_and_the_connection_stay
     // No in-flight limit: the broker pushes everything it holds, so the bridge holds more
     // publishes than one ingest group while its buffer refuses more.
     let broker = Mosquitto::start_with("max_inflight_messages 0").await;
-    // Lambda is down: nothing listens on its port until the buffer is full.
+    // Lambda is down: its port is held, bound but not listening, until the buffer is full.
     let outage = Outage::begin();
-    let lambda_port = support::free_port();
+    let (_down_lambda, lambda_port) = lambda_down();
     let endpoint = format!("http://127.0.0.1:{lambda_port}");
     let buffer = tempfile::tempdir().expect("tempdir");
     let rules = format!(
@@ -257,9 +270,9 @@ async fn a_full_disk_stops_acknowledging_then_recovers_by_itself_and_delivers_ev
         return;
     };
     let broker = Mosquitto::start_with("max_inflight_messages 0").await;
-    // Lambda is down: nothing listens on its port until the buffer is full.
+    // Lambda is down: its port is held, bound but not listening, until the buffer is full.
     let outage = Outage::begin();
-    let lambda_port = support::free_port();
+    let (down_lambda, lambda_port) = lambda_down();
     let endpoint = format!("http://127.0.0.1:{lambda_port}");
     let rules = format!(
         r#"
@@ -294,6 +307,7 @@ max_wait = "50ms"
     // Lambda comes back: what is delivered frees its segment, ingest resumes, and every
     // message the broker kept arrives.
     let fake = FakeLambda::back_after(&outage);
+    drop(down_lambda);
     let _lambda = FakeLambdaServer::start_on(lambda_port, fake.clone()).await;
     fake.wait_for_payloads(N).await;
     assert_eq!(
@@ -434,4 +448,73 @@ fn a_failing_wait_summarises_what_arrived_in_one_line() {
          2, 4, 5, 6, 7, 8, 9, 10, 11, 12, …"
     );
     assert_eq!(summary(&[]), "no requests accepted");
+}
+
+#[tokio::test]
+async fn a_qos0_flood_while_ingest_blocks_and_a_reply_waits_stays_bounded_in_memory() {
+    // The broker holds nothing back from the bridge (no in-flight or queue limits).
+    let broker = Mosquitto::start_with("max_inflight_messages 0\nmax_queued_messages 0\n").await;
+    let relay = support::relay::Relay::start(broker.port).await;
+    // The reply's PUBACK never comes: the reply waits, and with it its delivery.
+    relay.swallow_pubacks(true);
+    let lambda = FakeLambdaServer::start().await;
+    let buffer = tempfile::tempdir().expect("tempdir");
+    let rules = format!(
+        r#"
+[buffer]
+dir = "{}"
+max_size = "64KiB"
+when_full = "block"
+
+[[rules]]
+name = "cmd"
+topic = "dev/+/req"
+function = "handler"
+invocation = "request_response"
+[rules.reply]
+topic = "replies/{{topic}}"
+"#,
+        buffer.path().display()
+    );
+    let mut daemon = Daemon::start(&config(&relay.url(), &lambda.endpoint(), &rules)).await;
+    daemon.wait_for_log("subscribed").await;
+    let publisher = Publisher::connect(broker.port).await;
+    publisher.publish("dev/1/req", 1, r#"{"n":1}"#).await;
+    relay.wait_swallowed(1).await;
+    let before = daemon.peak_rss_kib().expect("the daemon's memory");
+
+    // 1 KiB messages: the buffer (64 KiB) is full after a few dozen, ingest blocks, and the
+    // bridge may not pause reads (the reply's PUBACK is behind the flood).
+    const N: usize = 30_000;
+    let payload = "x".repeat(1024);
+    for _ in 0..N {
+        publisher.publish("dev/2/req", 0, payload.clone()).await;
+    }
+    // At most 4,096 publishes held, one ingest group and the buffer: the rest is dropped,
+    // the log counting them every 10,000.
+    const BOUND_KIB: u64 = 16 * 1024;
+    let read = daemon.wait_for_log_count("still dropping QoS 0 messages", 2);
+    let watched = async {
+        loop {
+            let grown = daemon.peak_rss_kib().unwrap_or(before) - before;
+            assert!(
+                grown < BOUND_KIB,
+                "the daemon grew by {} MiB during a {} MiB QoS 0 flood: publishes pile up",
+                grown / 1024,
+                N / 1024
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = read => {}
+        _ = watched => {}
+    }
+    let grown = daemon.peak_rss_kib().unwrap_or(before) - before;
+    assert!(grown < BOUND_KIB, "grew by {} MiB", grown / 1024);
+    assert_eq!(
+        daemon.count_log("dropping QoS 0 messages until ingest catches up"),
+        1
+    );
+    daemon.stop().await;
 }

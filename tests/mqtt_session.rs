@@ -238,3 +238,39 @@ async fn leave_a_release_pending(port: u16, client_id: &str, protocol: Protocol)
         .expect("PUBRECs sent");
     // The event loop is dropped here with the socket: the broker's PUBREL goes unanswered.
 }
+
+#[tokio::test]
+async fn a_subscribe_lost_with_its_connection_is_sent_again_on_the_resumed_session() {
+    subscribe_lost_with_its_connection(Protocol::V311).await;
+}
+
+#[tokio::test]
+async fn over_mqtt5_a_subscribe_lost_with_its_connection_is_sent_again() {
+    subscribe_lost_with_its_connection(Protocol::V5).await;
+}
+
+/// The first SUBSCRIBE goes out and the connection dies before its SUBACK (a Wi-Fi blip right
+/// after connecting): the broker never saw it, and the session it resumes has no subscription.
+/// The client library does not send a request again that it wrote once, so the bridge must.
+async fn subscribe_lost_with_its_connection(protocol: Protocol) {
+    let broker = Mosquitto::start().await;
+    let relay = support::relay::Relay::start(broker.port).await;
+    relay.lose_subscribes(1);
+    let lambda = FakeLambdaServer::start().await;
+    let daemon = Daemon::start(&config_for(
+        protocol,
+        &relay.url(),
+        &lambda.endpoint(),
+        RULES,
+    ))
+    .await;
+    relay.wait_cuts(1).await;
+    daemon.wait_for_log("session_present=true").await;
+    daemon.wait_for_log("subscribed").await;
+    let publisher = Publisher::connect(broker.port).await;
+    publisher.publish("s/a/t", 1, "1").await;
+    lambda.fake.wait_for_messages("f", 1).await;
+    assert_eq!(payloads(&lambda), vec![json!(1)]);
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}

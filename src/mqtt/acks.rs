@@ -19,7 +19,10 @@
 //!   once, and a group is registered in the [`AckLine`] before its first enters the channel.
 //! - Acknowledgements for a connection that broke are dropped from the line, as rumqttc drops
 //!   the PUBACKs still in its channel: the broker sends those publishes again on the next
-//!   connection (same packet ids, DUP set), and they are acknowledged then.
+//!   connection (same packet ids, DUP set), and they are acknowledged then. Acknowledgements
+//!   the poll task cannot write (the broker took no data for 5 s) end the connection for that
+//!   reason (`internals.rs`): on a connection that stayed up the broker would never send those
+//!   publishes again, and their in-flight slots would leak.
 //! - Neither task waits for the other: the line's lock is held only to push or pop a group, and
 //!   acknowledgements that find rumqttc's channel full wait in the [`AckQueue`] while ingest
 //!   goes on (see `hold.rs` for why that matters).

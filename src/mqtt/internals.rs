@@ -8,7 +8,8 @@
 //! test by name instead of silently corrupting a stream of acknowledgements or replies:
 //!
 //! - under MQTT 3.1.1 `network` is `Some` once a CONNACK was polled, and what we write to it
-//!   between polls reaches the broker in the order written (the grouped acknowledgements);
+//!   between polls reaches the broker in the order written (the grouped acknowledgements),
+//!   and `clean()` after a failed write drops it so that the next poll connects again;
 //! - `state.handle_incoming_packet` with a made-up QoS 2 publish marks its packet id as in
 //!   progress, adds exactly one event (taken back by truncating `state.events`) and, with
 //!   manual acks, answers nothing; a PUBREL for a marked id is then answered with PUBCOMP,
@@ -26,6 +27,7 @@ use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::{Outgoing, QoS};
 
 use super::protocol::{Ack, EventLoop};
+use super::session::RequestsHeld;
 
 /// How long writing acknowledgements may wait for the broker to take them (rumqttc's own
 /// flushes wait as long, its default connection timeout).
@@ -39,9 +41,25 @@ impl EventLoop {
     }
 
     /// Writes `acks` to the connection in one go (PUBACK, or PUBREC for QoS 2), between polls;
-    /// under MQTT 5, or when not connected, writes nothing. An error is left for the next poll
-    /// to find on the connection; it is returned only to be logged.
+    /// under MQTT 5, or when not connected, writes nothing.
+    ///
+    /// When they cannot all be written (the broker took no data for [`ACK_FLUSH_TIMEOUT`], or
+    /// the socket failed), the connection is dropped, as rumqttc drops it when its own writes
+    /// fail: the broker sends unacknowledged messages again only on a new connection, so one
+    /// that stayed up would hold them (and their in-flight slots) for good. The next poll
+    /// connects again; the error says why, for the log.
     pub async fn write_acks(&mut self, acks: &[Ack]) -> Result<(), String> {
+        let written = self.try_write_acks(acks).await;
+        if written.is_err()
+            && let EventLoop::V311(e) = self
+        {
+            // What rumqttc held moves to its pending list, as after a failed poll.
+            e.clean();
+        }
+        written
+    }
+
+    async fn try_write_acks(&mut self, acks: &[Ack]) -> Result<(), String> {
         let EventLoop::V311(e) = self else {
             return Ok(());
         };
@@ -159,6 +177,55 @@ impl EventLoop {
                     _ => None,
                 })
                 .collect(),
+        }
+    }
+
+    /// The SUBSCRIBEs and UNSUBSCRIBEs rumqttc holds, not reported sent yet: right after a
+    /// failed poll, those it took (their reports wait in `state.events` and come after the
+    /// reconnect) and those in `pending` (a CONNACK without the session clears them).
+    pub fn requests_held(&self) -> RequestsHeld {
+        match self {
+            EventLoop::V311(e) => RequestsHeld {
+                taken: (e.state.events.iter())
+                    .filter(|ev| {
+                        matches!(
+                            ev,
+                            rumqttc::Event::Outgoing(
+                                Outgoing::Subscribe(_) | Outgoing::Unsubscribe(_)
+                            )
+                        )
+                    })
+                    .count(),
+                pending: (e.pending.iter())
+                    .filter(|r| {
+                        matches!(
+                            r,
+                            rumqttc::Request::Subscribe(_) | rumqttc::Request::Unsubscribe(_)
+                        )
+                    })
+                    .count(),
+            },
+            EventLoop::V5(e) => RequestsHeld {
+                taken: (e.state.events.iter())
+                    .filter(|ev| {
+                        matches!(
+                            ev,
+                            rumqttc::v5::Event::Outgoing(
+                                Outgoing::Subscribe(_) | Outgoing::Unsubscribe(_)
+                            )
+                        )
+                    })
+                    .count(),
+                pending: (e.pending.iter())
+                    .filter(|r| {
+                        matches!(
+                            r,
+                            rumqttc::v5::Request::Subscribe(_)
+                                | rumqttc::v5::Request::Unsubscribe(_)
+                        )
+                    })
+                    .count(),
+            },
         }
     }
 
@@ -323,6 +390,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn acks_the_broker_does_not_take_drop_the_connection_and_the_next_poll_reconnects() {
+        let (listener, e, _client) = listener().await;
+        let mut eventloop = EventLoop::V311(e);
+        // A broker that takes the connection, then reads nothing: writes block once the
+        // sockets' buffers are full.
+        let broker = tokio::spawn(async move {
+            let stalled = FakeBroker::accept(&listener).await;
+            let again = FakeBroker::accept(&listener).await;
+            (stalled, again)
+        });
+        let EventLoop::V311(e) = &mut eventloop else {
+            unreachable!()
+        };
+        tokio::time::timeout(WITHIN, connected(e))
+            .await
+            .expect("connack");
+        // Far more than the sockets' buffers take: 4 bytes each, 16 MiB.
+        let acks: Vec<Ack> = (0..4 << 20)
+            .map(|i| Ack {
+                pkid: (i % 65_535 + 1) as u16,
+                qos: 1,
+            })
+            .collect();
+        // The ack timeout passes at once once the write blocks (the clock is paused).
+        tokio::time::pause();
+        let written = eventloop.write_acks(&acks).await;
+        tokio::time::resume();
+        assert!(written.is_err(), "the broker took 16 MiB without reading");
+        let EventLoop::V311(e) = &mut eventloop else {
+            unreachable!()
+        };
+        assert!(
+            e.network.is_none(),
+            "the connection must not stay up with acknowledgements lost: the broker sends those \
+             messages again only on a new connection"
+        );
+        tokio::time::timeout(WITHIN, connected(e))
+            .await
+            .expect("the next poll connects again");
+        let accepted = tokio::time::timeout(WITHIN, broker).await;
+        assert!(matches!(accepted, Ok(Ok(_))), "a second connection");
+    }
+
+    #[tokio::test]
     async fn a_new_session_clears_pending_and_what_is_pushed_after_goes_out_first_in_order() {
         let (listener, e, client) = listener().await;
         let mut eventloop = EventLoop::V311(e);
@@ -403,6 +514,39 @@ mod tests {
         let pkid = pkid.expect("broker");
         assert_ne!(pkid, 0);
         assert_eq!(eventloop.pending_publishes().pkids(), vec![pkid]);
+    }
+
+    #[test]
+    fn held_subscribes_are_those_in_pending_and_those_whose_report_is_still_in_state_events() {
+        let [mut v311, mut v5] = event_loops();
+        let EventLoop::V311(e) = &mut v311 else {
+            unreachable!()
+        };
+        e.state
+            .handle_outgoing_packet(rumqttc::Request::Subscribe(rumqttc::Subscribe::new(
+                "a",
+                QoS::AtLeastOnce,
+            )))
+            .expect("taken");
+        e.pending
+            .push_back(rumqttc::Request::Unsubscribe(rumqttc::Unsubscribe::new(
+                "b",
+            )));
+        e.pending
+            .push_back(rumqttc::Request::Subscribe(rumqttc::Subscribe::new(
+                "c",
+                QoS::AtLeastOnce,
+            )));
+        let EventLoop::V5(e) = &mut v5 else {
+            unreachable!()
+        };
+        e.pending
+            .push_back(rumqttc::v5::Request::Unsubscribe(p5::Unsubscribe::new(
+                "b", None,
+            )));
+        let held = |taken, pending| RequestsHeld { taken, pending };
+        assert_eq!(v311.requests_held(), held(1, 2));
+        assert_eq!(v5.requests_held(), held(0, 1));
     }
 
     #[test]

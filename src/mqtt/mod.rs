@@ -12,8 +12,10 @@
 //!
 //! The poll task never waits on ingest: while ingest waits (a full disk, `when_full =
 //! "block"`) the event loop keeps being polled, so PINGREQs go out and the connection stays
-//! up. What it holds meanwhile is bounded by the broker's in-flight window; past
-//! [`INGEST_HOLD_MAX`] publishes or [`INGEST_HOLD_MAX_BYTES`] it stops polling (`hold.rs`).
+//! up. What it holds meanwhile is bounded: past [`INGEST_HOLD_MAX`] publishes or
+//! [`INGEST_HOLD_MAX_BYTES`] it stops polling, or while it may not stop (a reply waits for its
+//! PUBACK, acknowledgements wait to be sent) it drops QoS 0 publishes, each counted in the log,
+//! and QoS 1/2 ones are bounded by the broker's in-flight window (`hold.rs`).
 //!
 //! Manual acks are on: a publish that was not stored is never acknowledged, so after a crash
 //! the broker (persistent session, `clean_start = false`) delivers it again. A resumed session
@@ -26,6 +28,7 @@
 mod acks;
 mod hold;
 mod internals;
+mod notes;
 mod options;
 mod poll;
 pub mod protocol;
@@ -60,7 +63,8 @@ const OUTGOING_INFLIGHT: u16 = 100;
 /// Requests (acks, subscribes) buffered towards the event loop.
 const REQUEST_CAPACITY: usize = 10_000;
 /// Publishes held between the poll task and the ingest loop; past it the poll task stops
-/// polling (and so reading the socket) until ingest catches up.
+/// polling (and so reading the socket) until ingest catches up, or when it may not stop,
+/// drops QoS 0 publishes (`hold.rs`).
 pub const INGEST_HOLD_MAX: usize = 4096;
 /// Payload bytes held between the poll task and the ingest loop, likewise.
 pub const INGEST_HOLD_MAX_BYTES: usize = 16 * 1024 * 1024;

@@ -5,7 +5,8 @@
 //!
 //! Invariants: the session's decisions are performed in the order returned, before the next
 //! poll (acknowledgements written behind the first of their group go out before anything else
-//! rumqttc sends); the subscriber's notes are taken in before rumqttc's report that a request
+//! rumqttc sends; when they cannot be, the connection was dropped and the session hears of it
+//! as a lost connection before anything else); the subscriber's notes are taken in before rumqttc's report that a request
 //! went out, since each note is made before its request enters rumqttc's channel.
 
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::core::health::Health;
 
 use super::acks::{self, AckLine, Exchanges};
-use super::hold::Hold;
+use super::hold::{Admit, Hold};
 use super::protocol::{Event, EventLoop, Inbound, PendingPublishes};
 use super::replies::{Replier, ReplyBook, Waiter};
 use super::session::{Action, Request, Session, SessionEvent, Shared};
@@ -68,6 +69,15 @@ fn reconnect_backoff() -> backon::ExponentialBackoff {
     crate::core::retry::retry_delays(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY)
 }
 
+/// What performing an action left to do.
+enum Performed {
+    Done,
+    /// The event loop is done.
+    Stop,
+    /// Feed this event to the session next (the action ended the connection).
+    Then(SessionEvent),
+}
+
 /// The poll task's own state besides the session.
 struct Poller {
     eventloop: EventLoop,
@@ -107,12 +117,7 @@ pub(super) async fn poll(
                 Some(event) => event,
                 None => continue,
             },
-            Err(error) => SessionEvent::ConnectionLost {
-                error,
-                retry_in: poller.backoff.next().unwrap_or(RECONNECT_MAX_DELAY),
-                held: poller.eventloop.pending_publishes().pkids(),
-                unreported: poller.eventloop.unreported_publishes_sent(),
-            },
+            Err(error) => poller.lost(error),
         };
         if poller.feed(event).await {
             return;
@@ -121,6 +126,19 @@ pub(super) async fn poll(
 }
 
 impl Poller {
+    /// The connection broke for `error`: what rumqttc holds now and when to try again.
+    fn lost(&mut self, error: String) -> SessionEvent {
+        // The notes of the requests rumqttc holds are all in (each is made first).
+        self.take_notes();
+        SessionEvent::ConnectionLost {
+            error,
+            retry_in: self.backoff.next().unwrap_or(RECONNECT_MAX_DELAY),
+            held: self.eventloop.pending_publishes().pkids(),
+            unreported: self.eventloop.unreported_publishes_sent(),
+            requests: self.eventloop.requests_held(),
+        }
+    }
+
     /// The session's name for `event`; `None` for what concerns it not.
     fn session_event(&mut self, event: Event) -> Option<SessionEvent> {
         Some(match event {
@@ -146,8 +164,14 @@ impl Poller {
         })
     }
 
-    /// Hands a publish to ingest; past the hold's bound, waits for ingest to catch up.
+    /// Hands a publish to ingest; past the hold's bound, waits for ingest to catch up, or
+    /// when it may not wait, drops a QoS 0 publish (see `hold.rs`).
     async fn forward(&mut self, publish: Inbound) {
+        let reply_waiting = self.channels.replier.waiting();
+        if self.channels.hold.admit(publish.qos, reply_waiting) == Admit::DropQos0 {
+            self.feed(SessionEvent::DroppedQos0).await;
+            return;
+        }
         self.feed(SessionEvent::Publish).await;
         if self.channels.tx.is_closed() {
             // Ingest has stopped; the broker keeps this one for next time.
@@ -187,21 +211,27 @@ impl Poller {
     /// Feeds `event` to the session and performs what it returns; `true` when the event loop
     /// is done.
     async fn feed(&mut self, event: SessionEvent) -> bool {
-        let books = Books {
-            replier: &self.channels.replier,
-            line: self.channels.line.as_deref(),
-        };
-        let actions = self.session.on(event, Instant::now(), &books);
-        for action in actions {
-            if self.perform(action).await {
-                return true;
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            let books = Books {
+                replier: &self.channels.replier,
+                line: self.channels.line.as_deref(),
+            };
+            let actions = self.session.on(event, Instant::now(), &books);
+            for action in actions {
+                match self.perform(action).await {
+                    Performed::Done => {}
+                    Performed::Stop => return true,
+                    // The session hears of it once the rest of these actions are done.
+                    Performed::Then(event) => next = Some(event),
+                }
             }
         }
         false
     }
 
-    /// Performs one action; `true` when the event loop is done.
-    async fn perform(&mut self, action: Action<Waiter>) -> bool {
+    /// Performs one action.
+    async fn perform(&mut self, action: Action<Waiter>) -> Performed {
         match action {
             Action::Log(note) => note.log(&self.broker),
             Action::Connected(up) => self.health.set_mqtt_connected(up),
@@ -215,22 +245,27 @@ impl Poller {
             }
             Action::ForgetHeld => self.held = None,
             Action::ResetBackoff => self.backoff = reconnect_backoff(),
-            Action::SubscribeAll => {
-                let _ = self.channels.subscriber.send(SubscriberEvent::SubscribeAll);
+            Action::Subscribe(answered) => {
+                let event = SubscriberEvent::SubscribeUnanswered(answered);
+                let _ = self.channels.subscriber.send(event);
             }
             Action::Answer(waiter, result) => {
                 let _ = waiter.send(result);
             }
             Action::WriteAcks(rest) => {
-                if let Err(text) = self.eventloop.write_acks(&rest).await {
-                    tracing::debug!(error = %text, acks = rest.len(), "writing acknowledgements failed; the broker sends those messages again");
+                if let Err(why) = self.eventloop.write_acks(&rest).await {
+                    // write_acks dropped the connection: it is lost like any other.
+                    return Performed::Then(self.lost(format!(
+                        "{} acknowledgements could not be written ({why}), so the connection was dropped; the broker sends those messages again after the reconnect",
+                        rest.len()
+                    )));
                 }
             }
             Action::Released(pkid) => self.channels.exchanges.completed(pkid),
             Action::ForgetExchanges => self.channels.exchanges.forget(),
             Action::Wait(delay) => tokio::time::sleep(delay).await,
-            Action::Stop => return true,
+            Action::Stop => return Performed::Stop,
         }
-        false
+        Performed::Done
     }
 }

@@ -5,11 +5,14 @@
 //! wait before reconnecting).
 //!
 //! What it decides:
-//! - subscribing: every filter of the rules in force on a new session, and once per process
-//!   start even on a resumed one (rules added to the config since the session began);
+//! - subscribing: on every connection, each filter of the rules in force that the broker's
+//!   session has no SUBACK for ([`Answered`], emptied by a new session), so a SUBSCRIBE lost
+//!   with its connection (written, no SUBACK; rumqttc never sends it again) is sent again on
+//!   the resumed session, and the first connection of a process subscribes every filter;
 //! - which filters and rules a SUBACK or UNSUBACK answers: requests are noted in the order the
 //!   subscriber sent them ([`SessionEvent::Requested`]), matched to packet ids as rumqttc
-//!   reports them sent, and to answers by packet id;
+//!   reports them sent, and to answers by packet id; those rumqttc held pending when the
+//!   connection broke are forgotten when a new session drops them ([`RequestsHeld`]);
 //! - the replies: the reply book follows what rumqttc sent, and after a new session the
 //!   publishes rumqttc held are handed back first ([`Action::HandBackHeld`]);
 //! - acknowledgements: when the first of a group went out, the rest of it is written at once
@@ -24,9 +27,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::core::clock::human;
-
 use super::acks::AckLine;
+pub use super::notes::Note;
 use super::protocol::{Ack, Granted};
 use super::replies::ReplyBook;
 
@@ -54,10 +56,23 @@ pub fn reminder_after(n: u32) -> Duration {
 /// when the broker answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    /// Each filter and the names of the rules that use it.
-    Subscribe(Vec<(String, Vec<String>)>),
+    /// Each filter, the QoS asked and the names of the rules that use it.
+    Subscribe(Vec<(String, u8, Vec<String>)>),
     /// One filter.
     Unsubscribe(String),
+}
+
+/// The filters the broker's session answered with a SUBACK (granted or refused), with the
+/// QoS asked: what it need not be asked again.
+pub type Answered = HashMap<String, u8>;
+
+/// Of `current` (the rules' filters with their QoS, in rule order), those to subscribe: each
+/// that has no SUBACK in the broker's session, or one for another QoS.
+pub fn unanswered(current: Vec<(String, u8)>, answered: &Answered) -> Vec<(String, u8)> {
+    current
+        .into_iter()
+        .filter(|(filter, qos)| answered.get(filter) != Some(qos))
+        .collect()
 }
 
 /// What the reply book and the ack line are behind: shared with delivery and ingest.
@@ -88,6 +103,8 @@ pub enum SessionEvent {
         held: Vec<u16>,
         /// Packet ids of publishes rumqttc sent but will report only after the reconnect.
         unreported: Vec<u16>,
+        /// The subscriber's requests rumqttc holds, not reported sent yet.
+        requests: RequestsHeld,
     },
     /// The subscriber is about to hand this request to rumqttc.
     Requested(Request),
@@ -111,6 +128,9 @@ pub enum SessionEvent {
     Publish,
     /// Ingest is far behind: the poll task stops reading until it catches up.
     Paused,
+    /// Ingest is far behind and the poll task may not pause: a QoS 0 publish was dropped
+    /// (`hold.rs`).
+    DroppedQos0,
     /// One of our replies went out with this packet id.
     PublishSent(u16),
     /// The broker acknowledged our reply with this packet id.
@@ -147,8 +167,9 @@ pub enum Action<W> {
     ForgetHeld,
     /// Start the reconnect backoff over.
     ResetBackoff,
-    /// Subscribe every filter of the rules in force.
-    SubscribeAll,
+    /// Subscribe each filter of the rules in force that is not answered with the QoS it
+    /// wants ([`unanswered`] says which, in rule order).
+    Subscribe(Answered),
     /// Answer a reply's waiter.
     Answer(W, Result<(), String>),
     /// Write these acknowledgements behind the one just sent.
@@ -163,83 +184,6 @@ pub enum Action<W> {
     Stop,
 }
 
-/// A line for the log, with what a person needs to act on it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Note {
-    /// Connected, maybe after an outage of this long.
-    Connected {
-        /// The broker had our session.
-        session_present: bool,
-        /// How long the broker was unreachable.
-        after: Option<Duration>,
-    },
-    /// A new session: these many replies are published again.
-    HandingBack(usize),
-    /// A rule's filter is subscribed.
-    Subscribed {
-        /// The rule.
-        rule: String,
-        /// Its filter.
-        filter: String,
-        /// The QoS granted.
-        qos: u8,
-    },
-    /// The broker refused a rule's filter.
-    SubscriptionRefused {
-        /// The rule.
-        rule: String,
-        /// Its filter.
-        filter: String,
-        /// Why.
-        reason: String,
-    },
-    /// No rule uses the filter any more, and it is unsubscribed.
-    Unsubscribed(String),
-    /// The broker refused to unsubscribe the filter.
-    UnsubscribeRefused {
-        /// The filter.
-        filter: String,
-        /// Why.
-        reason: String,
-    },
-    /// Publishes received so far.
-    Received(u64),
-    /// Reads paused; `pauses` counts them (the first is a warning).
-    Pausing(u64),
-    /// A reply went out with this packet id.
-    ReplySent(u16),
-    /// The first failure of an outage.
-    CannotConnect {
-        /// Why.
-        error: String,
-        /// Next attempt in.
-        retry_in: Duration,
-    },
-    /// A reminder that the broker is still down.
-    StillDown {
-        /// Why.
-        error: String,
-        /// Next attempt in.
-        retry_in: Duration,
-        /// Down so far.
-        down_for: Duration,
-    },
-    /// Still down, for another reason than before.
-    ReasonChanged {
-        /// Why, now.
-        error: String,
-        /// Next attempt in.
-        retry_in: Duration,
-    },
-    /// Still down, as before (debug).
-    StillCannotConnect {
-        /// Why.
-        error: String,
-        /// Next attempt in.
-        retry_in: Duration,
-    },
-}
-
 /// A broker outage as the log tells it.
 #[derive(Debug)]
 struct Outage {
@@ -251,6 +195,17 @@ struct Outage {
     error: String,
 }
 
+/// The SUBSCRIBEs and UNSUBSCRIBEs rumqttc holds right after a connection broke, not yet
+/// reported sent; the oldest requests noted, in this order.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RequestsHeld {
+    /// Taken and written: their reports come after the reconnect, whatever the session.
+    pub taken: usize,
+    /// In its pending list: sent after a reconnect that keeps the session, dropped by one
+    /// that does not (and then never reported).
+    pub pending: usize,
+}
+
 /// Requests in the order the subscriber sent them, then by packet id once they went out.
 #[derive(Debug, Default)]
 struct Requested {
@@ -258,17 +213,37 @@ struct Requested {
     queued: VecDeque<Request>,
     /// Gone out, waiting for the broker's answer.
     sent: HashMap<u16, Request>,
+    /// What rumqttc held of them when the connection broke, until it connects again.
+    held: RequestsHeld,
+}
+
+impl Requested {
+    /// Connected again: a new session dropped the requests rumqttc held pending, so their
+    /// notes go too, or each answer would name the filters of another request.
+    fn on_connected(&mut self, session_present: bool) {
+        let RequestsHeld { taken, pending } = std::mem::take(&mut self.held);
+        if !session_present {
+            let from = taken.min(self.queued.len());
+            let to = (taken + pending).min(self.queued.len());
+            self.queued.drain(from..to);
+        }
+    }
 }
 
 /// The session's state between events; see the module's overview.
 #[derive(Debug, Default)]
 pub struct Session {
     requested: Requested,
-    /// Everything was subscribed once since the process started.
-    subscribed_once: bool,
+    /// What the broker's session answered; empty at the start of a process (what the session
+    /// holds from before is not known) and after a new session.
+    answered: Answered,
     outage: Option<Outage>,
     received: u64,
     pauses: u64,
+    /// QoS 0 publishes dropped since the process started, and since the current run of drops
+    /// began (0: none is going on).
+    dropped_qos0: u64,
+    dropping_qos0: u64,
     /// How many publishes are kept from a broken connection, if any are.
     held: Option<usize>,
 }
@@ -296,7 +271,11 @@ impl Session {
                 retry_in,
                 held,
                 unreported,
-            } => self.lost(error, retry_in, held, unreported, now, shared),
+                requests,
+            } => {
+                self.requested.held = requests;
+                self.lost(error, retry_in, held, unreported, now, shared)
+            }
             SessionEvent::Requested(request) => {
                 self.requested.queued.push_back(request);
                 Vec::new()
@@ -309,13 +288,8 @@ impl Session {
             }
             SessionEvent::SubAck { pkid, granted } => self.suback(pkid, granted),
             SessionEvent::UnsubAck { pkid, refused } => self.unsuback(pkid, refused),
-            SessionEvent::Publish => {
-                self.received += 1;
-                if self.received.is_multiple_of(RECEIVED_EVERY) {
-                    return vec![Action::Log(Note::Received(self.received))];
-                }
-                Vec::new()
-            }
+            SessionEvent::Publish => self.taken(),
+            SessionEvent::DroppedQos0 => self.dropped(),
             SessionEvent::Paused => {
                 self.pauses += 1;
                 vec![Action::Log(Note::Pausing(self.pauses))]
@@ -369,12 +343,14 @@ impl Session {
             session_present,
             after,
         }));
-        // A new session has no subscriptions; a resumed one has those of the config it began
-        // with, so the first connection of a process subscribes the current rules anyway.
-        if !session_present || !self.subscribed_once {
-            self.subscribed_once = true;
-            actions.push(Action::SubscribeAll);
+        // A new session has no subscriptions. A resumed one has those answered, and maybe
+        // some whose SUBSCRIBE reached the broker before the connection died: asking again
+        // is harmless, missing one leaves its rule deaf until a restart.
+        self.requested.on_connected(session_present);
+        if !session_present {
+            self.answered.clear();
         }
+        actions.push(Action::Subscribe(self.answered.clone()));
         actions
     }
 
@@ -429,13 +405,43 @@ impl Session {
         }
     }
 
+    /// A publish went to ingest: counted, and the end of a run of QoS 0 drops told.
+    fn taken<W>(&mut self) -> Vec<Action<W>> {
+        let mut actions = Vec::new();
+        if self.dropping_qos0 > 0 {
+            actions.push(Action::Log(Note::StoppedDroppingQos0 {
+                dropped: std::mem::take(&mut self.dropping_qos0),
+                total: self.dropped_qos0,
+            }));
+        }
+        self.received += 1;
+        if self.received.is_multiple_of(RECEIVED_EVERY) {
+            actions.push(Action::Log(Note::Received(self.received)));
+        }
+        actions
+    }
+
+    /// A QoS 0 publish was dropped: a warning at the first of a run, then a count every
+    /// [`RECEIVED_EVERY`], and one line when the run ends, so each drop is in the log.
+    fn dropped<W>(&mut self) -> Vec<Action<W>> {
+        self.dropped_qos0 += 1;
+        self.dropping_qos0 += 1;
+        let note = match self.dropping_qos0 {
+            1 => Note::DroppingQos0,
+            n if n.is_multiple_of(RECEIVED_EVERY) => Note::StillDroppingQos0(n),
+            _ => return Vec::new(),
+        };
+        vec![Action::Log(note)]
+    }
+
     fn suback<W>(&mut self, pkid: u16, granted: Vec<Granted>) -> Vec<Action<W>> {
         let filters = match self.requested.sent.remove(&pkid) {
             Some(Request::Subscribe(filters)) => filters,
             _ => Vec::new(),
         };
         let mut actions = Vec::new();
-        for ((filter, rules), granted) in filters.into_iter().zip(granted) {
+        for ((filter, qos, rules), granted) in filters.into_iter().zip(granted) {
+            self.answered.insert(filter.clone(), qos);
             // One line per rule, so each rule's subscription can be found by its name.
             for rule in rules {
                 let note = match &granted {
@@ -461,94 +467,13 @@ impl Session {
             return Vec::new();
         };
         let note = match refused {
-            None => Note::Unsubscribed(filter),
+            None => {
+                self.answered.remove(&filter);
+                Note::Unsubscribed(filter)
+            }
             Some(reason) => Note::UnsubscribeRefused { filter, reason },
         };
         vec![Action::Log(note)]
-    }
-}
-
-impl Note {
-    /// Writes the line; `broker` is the broker's URL, for the connection's lines.
-    pub fn log(&self, broker: &str) {
-        match self {
-            Note::Connected {
-                session_present,
-                after: Some(outage),
-            } => tracing::info!(
-                broker = %broker,
-                session_present,
-                "connected to the MQTT broker again after an outage of {}",
-                human(*outage)
-            ),
-            Note::Connected {
-                session_present,
-                after: None,
-            } => tracing::info!(broker = %broker, session_present, "connected to the MQTT broker"),
-            Note::HandingBack(replies) => tracing::info!(
-                replies,
-                "the broker started a new session: publishing the replies it had not acknowledged again"
-            ),
-            Note::Subscribed { rule, filter, qos } => {
-                tracing::info!(rule = %rule, filter = %filter, granted = qos, "subscribed")
-            }
-            Note::SubscriptionRefused {
-                rule,
-                filter,
-                reason,
-            } => tracing::error!(
-                rule = %rule, filter = %filter, reason = %reason,
-                "the broker refused the subscription ({reason}); check its ACL for this client"
-            ),
-            Note::Unsubscribed(filter) => {
-                tracing::info!(filter = %filter, "unsubscribed: no rule uses this filter any more")
-            }
-            Note::UnsubscribeRefused { filter, reason } => tracing::warn!(
-                filter = %filter, reason = %reason,
-                "the broker refused to unsubscribe; messages on this filter that match no rule are acknowledged and dropped"
-            ),
-            Note::Received(received) => {
-                tracing::debug!(received, "publishes received from the broker")
-            }
-            Note::Pausing(1) => tracing::warn!(
-                held = super::INGEST_HOLD_MAX,
-                "ingest is far behind the broker: pausing reads from it while the buffer catches up"
-            ),
-            Note::Pausing(pauses) => tracing::debug!(pauses, "pausing reads from the broker again"),
-            Note::ReplySent(pkid) => {
-                tracing::debug!(pkid, "reply sent; waiting for the broker's acknowledgement")
-            }
-            _ => self.log_outage(broker),
-        }
-    }
-
-    fn log_outage(&self, broker: &str) {
-        match self {
-            Note::CannotConnect { error, retry_in } => tracing::warn!(
-                broker = %broker,
-                retry_in = %human(*retry_in),
-                "cannot connect to the MQTT broker: {error}; retrying with backoff, no messages arrive meanwhile"
-            ),
-            Note::StillDown {
-                error,
-                retry_in,
-                down_for,
-            } => tracing::warn!(
-                broker = %broker,
-                retry_in = %human(*retry_in),
-                "the MQTT broker is still unreachable after {}: {error}; no messages arrive meanwhile",
-                human(*down_for)
-            ),
-            Note::ReasonChanged { error, retry_in } => tracing::info!(
-                broker = %broker, retry_in = %human(*retry_in),
-                "the MQTT broker still cannot be reached, now: {error}"
-            ),
-            Note::StillCannotConnect { error, retry_in } => tracing::debug!(
-                broker = %broker, retry_in = %human(*retry_in),
-                "still cannot reach the MQTT broker: {error}"
-            ),
-            _ => {}
-        }
     }
 }
 
@@ -590,6 +515,7 @@ mod tests {
             retry_in: Duration::from_secs(1),
             held,
             unreported: Vec::new(),
+            requests: RequestsHeld::default(),
         }
     }
 
@@ -684,23 +610,108 @@ mod tests {
         );
     }
 
+    /// What the subscriber would send on `actions`, given the rules' `current` filters.
+    fn subscribed(actions: &[Action<u32>], current: &[(&str, u8)]) -> Vec<Vec<(String, u8)>> {
+        let current: Vec<(String, u8)> = current.iter().map(|(f, q)| (f.to_string(), *q)).collect();
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Subscribe(answered) => Some(unanswered(current.clone(), answered)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The subscriber asks for `filters` (at QoS 1, for rule "r") and rumqttc sends it as `pkid`.
+    fn ask(session: &mut Session, shared: &Plain, filters: &[&str], pkid: u16) {
+        let asked = filters.iter().map(|f| (f.to_string(), 1, vec!["r".into()]));
+        let now = Instant::now();
+        session.on(
+            SessionEvent::Requested(Request::Subscribe(asked.collect())),
+            now,
+            shared,
+        );
+        session.on(SessionEvent::RequestSent(pkid), now, shared);
+    }
+
+    fn suback(pkid: u16, n: usize) -> SessionEvent {
+        SessionEvent::SubAck {
+            pkid,
+            granted: vec![Granted::Qos(1); n],
+        }
+    }
+
+    fn owned(filters: &[(&str, u8)]) -> Vec<Vec<(String, u8)>> {
+        vec![filters.iter().map(|(f, q)| (f.to_string(), *q)).collect()]
+    }
+
     #[test]
-    fn a_new_session_subscribes_every_filter_of_the_current_rules() {
+    fn the_first_connection_of_a_process_subscribes_every_filter_even_to_a_resumed_session() {
+        let (shared, now) = (Plain::default(), Instant::now());
+        let rules = [("a/#", 1), ("b/+", 2)];
+        for present in [false, true] {
+            let actions = Session::new().on(connected(present), now, &shared);
+            assert_eq!(subscribed(&actions, &rules), owned(&rules));
+        }
+    }
+
+    #[test]
+    fn a_subscribe_lost_with_its_connection_is_asked_again_on_the_resumed_session() {
         let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
-        let subscribes = |actions: Vec<Action<u32>>| {
-            actions
-                .iter()
-                .filter(|a| matches!(a, Action::SubscribeAll))
-                .count()
+        let rules = [("a/#", 1), ("b/+", 1)];
+        session.on(connected(false), now, &shared);
+        ask(&mut session, &shared, &["a/#", "b/+"], 1);
+        // The connection dies before the SUBACK.
+        session.on(lost("reset", vec![]), now, &shared);
+        let back = session.on(connected(true), now, &shared);
+        assert_eq!(subscribed(&back, &rules), owned(&rules));
+        ask(&mut session, &shared, &["a/#", "b/+"], 2);
+        session.on(suback(2, 2), now, &shared);
+        // Answered: a later resumed session asks nothing.
+        session.on(lost("reset", vec![]), now, &shared);
+        let again = session.on(connected(true), now, &shared);
+        assert_eq!(subscribed(&again, &rules), owned(&[]));
+        // A new session has no subscriptions at all.
+        session.on(lost("reset", vec![]), now, &shared);
+        let new = session.on(connected(false), now, &shared);
+        assert_eq!(subscribed(&new, &rules), owned(&rules));
+    }
+
+    #[test]
+    fn a_reload_s_subscribe_lost_is_asked_again_alone_in_rule_order_and_a_qos_change_too() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        session.on(connected(false), now, &shared);
+        ask(&mut session, &shared, &["a/#"], 1);
+        session.on(suback(1, 1), now, &shared);
+        // A reload adds two rules; their SUBSCRIBE dies with the connection.
+        ask(&mut session, &shared, &["c", "b"], 2);
+        session.on(lost("reset", vec![]), now, &shared);
+        let back = session.on(connected(true), now, &shared);
+        let rules = [("b", 1), ("a/#", 2), ("c", 1)];
+        // a/# was answered at QoS 1, and a rule now wants 2.
+        assert_eq!(subscribed(&back, &rules), owned(&rules));
+        let rules = [("b", 1), ("a/#", 1), ("c", 1)];
+        assert_eq!(subscribed(&back, &rules), owned(&[("b", 1), ("c", 1)]));
+    }
+
+    #[test]
+    fn an_unsubscribed_filter_is_no_longer_answered() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        session.on(connected(false), now, &shared);
+        ask(&mut session, &shared, &["a"], 1);
+        session.on(suback(1, 1), now, &shared);
+        let unsubscribe = Request::Unsubscribe("a".into());
+        session.on(SessionEvent::Requested(unsubscribe), now, &shared);
+        session.on(SessionEvent::RequestSent(2), now, &shared);
+        let unsuback = SessionEvent::UnsubAck {
+            pkid: 2,
+            refused: None,
         };
-        // The first connection of a process subscribes, even to a resumed session.
-        assert_eq!(subscribes(session.on(connected(true), now, &shared)), 1);
+        session.on(unsuback, now, &shared);
         session.on(lost("reset", vec![]), now, &shared);
-        // A resumed session keeps its subscriptions.
-        assert_eq!(subscribes(session.on(connected(true), now, &shared)), 0);
-        session.on(lost("reset", vec![]), now, &shared);
-        // A new one has none.
-        assert_eq!(subscribes(session.on(connected(false), now, &shared)), 1);
+        // A rule takes it again: it is asked on the resumed session.
+        let back = session.on(connected(true), now, &shared);
+        assert_eq!(subscribed(&back, &[("a", 1)]), owned(&[("a", 1)]));
     }
 
     #[test]
@@ -716,8 +727,8 @@ mod tests {
     fn a_suback_names_the_rules_it_answers() {
         let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
         let subscribe = Request::Subscribe(vec![
-            ("a/#".into(), vec!["one".into(), "two".into()]),
-            ("b/+".into(), vec!["three".into()]),
+            ("a/#".into(), 1, vec!["one".into(), "two".into()]),
+            ("b/+".into(), 1, vec!["three".into()]),
         ]);
         session.on(SessionEvent::Requested(subscribe), now, &shared);
         session.on(
@@ -790,7 +801,9 @@ mod tests {
         let back = session.on(connected(false), now, &shared);
         assert!(notes(&back).contains(&&Note::HandingBack(3)));
         let hand_back = back.iter().position(|a| *a == Action::HandBackHeld);
-        let subscribe = back.iter().position(|a| *a == Action::SubscribeAll);
+        let subscribe = back
+            .iter()
+            .position(|a| matches!(a, Action::Subscribe(answered) if answered.is_empty()));
         assert!(hand_back.is_some() && subscribe.is_some());
         for pkid in [1, 2, 3] {
             session.on(SessionEvent::PublishSent(pkid), now, &shared);
@@ -897,5 +910,87 @@ mod tests {
             session.on(SessionEvent::Paused, now, &shared),
             vec![Action::Log(Note::Pausing(2))]
         );
+    }
+
+    #[test]
+    fn each_qos0_drop_is_counted_in_the_log_a_warning_first_and_the_run_s_end_told() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        let mut seen = Vec::new();
+        for _ in 0..25_000 {
+            seen.extend(session.on(SessionEvent::DroppedQos0, now, &shared));
+        }
+        seen.extend(session.on(SessionEvent::Publish, now, &shared));
+        seen.extend(session.on(SessionEvent::Publish, now, &shared));
+        seen.extend(session.on(SessionEvent::DroppedQos0, now, &shared));
+        seen.extend(session.on(SessionEvent::Publish, now, &shared));
+        assert_eq!(
+            notes(&seen),
+            vec![
+                &Note::DroppingQos0,
+                &Note::StillDroppingQos0(10_000),
+                &Note::StillDroppingQos0(20_000),
+                &Note::StoppedDroppingQos0 {
+                    dropped: 25_000,
+                    total: 25_000
+                },
+                &Note::DroppingQos0,
+                &Note::StoppedDroppingQos0 {
+                    dropped: 1,
+                    total: 25_001
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_session_drops_the_notes_of_requests_rumqttc_dropped_so_answers_name_the_right_ones() {
+        for session_present in [false, true] {
+            let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+            session.on(connected(false), now, &shared);
+            let asked = |filter: &str| {
+                SessionEvent::Requested(Request::Subscribe(vec![(
+                    filter.into(),
+                    1,
+                    vec![filter.into()],
+                )]))
+            };
+            // "a" was written as the connection broke (its report comes after the reconnect);
+            // "b" waited in rumqttc's pending list; "c" was asked during the outage.
+            session.on(asked("a"), now, &shared);
+            session.on(asked("b"), now, &shared);
+            let lost = SessionEvent::ConnectionLost {
+                error: "reset".into(),
+                retry_in: Duration::from_secs(1),
+                held: Vec::new(),
+                unreported: Vec::new(),
+                requests: RequestsHeld {
+                    taken: 1,
+                    pending: 1,
+                },
+            };
+            session.on(lost, now, &shared);
+            session.on(asked("c"), now, &shared);
+            session.on(connected(session_present), now, &shared);
+            // A new session: rumqttc sends "c" only; a kept one: "b", then "c".
+            let sent: &[&str] = if session_present {
+                &["a", "b", "c"]
+            } else {
+                &["a", "c"]
+            };
+            for (pkid, _) in (1..).zip(sent) {
+                session.on(SessionEvent::RequestSent(pkid), now, &shared);
+            }
+            let last = sent.len() as u16;
+            let answer = session.on(suback(last, 1), now, &shared);
+            assert_eq!(
+                notes(&answer),
+                vec![&Note::Subscribed {
+                    rule: "c".into(),
+                    filter: "c".into(),
+                    qos: 1
+                }],
+                "session_present={session_present}"
+            );
+        }
     }
 }

@@ -1,23 +1,26 @@
-//! The subscriber task sends every SUBSCRIBE and UNSUBSCRIBE: the whole current rule set when
-//! the session says so (a new session, and once per process start), and what a reload adds or
-//! removes ([`Subscriptions`]) on the same connection and session.
+//! The subscriber task sends every SUBSCRIBE and UNSUBSCRIBE: on each connection, the filters
+//! of the current rules the broker's session has not answered (the session says which are
+//! answered; a new session and a process start have none), and what a reload adds or removes
+//! ([`Subscriptions`]) on the same connection and session.
 //!
 //! Invariant: being the only sender, it notes each request for the session (through the poll
 //! task) before handing it to rumqttc, in the order sent, so a SUBACK names the filters and
-//! rules it answers. It awaits room in rumqttc's request channel, which the poll task drains
+//! rules it answers. Being the only sender, it also keeps a subscribe and an unsubscribe of one
+//! filter in the order asked: the current rules are read when their turn comes, after every
+//! reload's change asked before. It awaits room in rumqttc's request channel, which the poll task drains
 //! while it polls; ingest never waits on this task.
 
 use tokio::sync::mpsc;
 
 use super::Sink;
 use super::protocol::Client;
-use super::session::Request;
+use super::session::{Answered, Request, unanswered};
 
 /// What the subscriber task is asked to do.
 #[derive(Debug)]
 pub(super) enum SubscriberEvent {
-    /// Subscribe every filter of the rules in force (the session decided).
-    SubscribeAll,
+    /// Subscribe each filter of the rules in force not answered so (the session decided).
+    SubscribeUnanswered(Answered),
     /// A reload added these filters (or raised their QoS).
     Subscribe(Vec<(String, u8)>),
     /// No rule uses these filters any more.
@@ -67,7 +70,9 @@ pub(super) async fn subscriber<S: Sink>(
 ) {
     while let Some(event) = events.recv().await {
         let filters = match event {
-            SubscriberEvent::SubscribeAll => routes.subscriptions(),
+            SubscriberEvent::SubscribeUnanswered(answered) => {
+                unanswered(routes.subscriptions(), &answered)
+            }
             SubscriberEvent::Subscribe(filters) => filters,
             SubscriberEvent::Unsubscribe(filters) => {
                 for filter in filters {
@@ -84,7 +89,7 @@ pub(super) async fn subscriber<S: Sink>(
         }
         let named = filters
             .iter()
-            .map(|(path, _)| (path.clone(), routes.rules_of(path)))
+            .map(|(path, qos)| (path.clone(), *qos, routes.rules_of(path)))
             .collect();
         let _ = notes.send(Request::Subscribe(named));
         if let Err(err) = client.subscribe_many(filters).await {

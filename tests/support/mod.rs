@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_lambda;
+pub mod relay;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
