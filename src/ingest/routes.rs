@@ -14,7 +14,7 @@
 //! buffer); HTTP ingest must not answer 202 for them. A dropped message is never counted as
 //! queued.
 //!
-//! The set in force is swappable ([`RouteTable`]): a reload (`reload.rs`) puts a new
+//! The set in force is swappable ([`RouteTable`]): a reload (`daemon/reload`) puts a new
 //! [`Routes`] in force and ingest takes the current one for each group of publishes, holding
 //! that [`Snapshot`] until the group is stored. A message matched to a rule is therefore
 //! appended to it even when a reload removes the rule meanwhile, and

@@ -1,7 +1,7 @@
 //! Forming events: what a rule does to the messages it reads before they are invoked.
 //!
 //! Pure: no I/O, no tokio, no clock. Every method that depends on time takes a [`Now`], so the
-//! tests drive time by hand and the delivery loop (`pipeline.rs`) only performs what this
+//! tests drive time by hand and the delivery loop (`delivery/pipeline`) only performs what this
 //! decides.
 //!
 //! ```text

@@ -37,7 +37,7 @@ pub const EVENT_PAYLOAD_LIMIT: u64 = 1024 * 1024;
 pub const REQUEST_RESPONSE_PAYLOAD_LIMIT: u64 = 6 * 1024 * 1024;
 
 /// Names a rule cannot take because the daemon keeps a file of that name directly in
-/// `buffer.dir`, beside the rules' directories (`lib.rs`: `BufferLock`). Every file or
+/// `buffer.dir`, beside the rules' directories (`buffer/layout.rs`: `BufferLock`). Every file or
 /// directory the daemon ever creates at that level must be listed here.
 pub const RESERVED_RULE_NAMES: &[&str] = &["lock"];
 
