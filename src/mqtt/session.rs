@@ -943,6 +943,45 @@ mod tests {
     }
 
     #[test]
+    fn a_request_noted_during_the_outage_survives_a_new_session_and_its_answer_names_it_alone() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        let rules = [("a", 1), ("b", 1)];
+        session.on(connected(false), now, &shared);
+        let asked = |filters: &[&str]| {
+            let named = filters
+                .iter()
+                .map(|f| (f.to_string(), 1, vec![f.to_string()]));
+            SessionEvent::Requested(Request::Subscribe(named.collect()))
+        };
+        // "a" waits in rumqttc's pending list when the connection breaks; "b" (a reload) is
+        // handed during the outage and waits in its request channel.
+        session.on(asked(&["a"]), now, &shared);
+        let broke = SessionEvent::ConnectionLost {
+            error: "reset".into(),
+            retry_in: Duration::from_secs(1),
+            held: Vec::new(),
+            unreported: Vec::new(),
+            requests: RequestsHeld {
+                taken: 0,
+                pending: 1,
+            },
+        };
+        session.on(broke, now, &shared);
+        session.on(asked(&["b"]), now, &shared);
+        // A new session: rumqttc dropped "a" and sends "b" first, then the subscriber's "a, b".
+        let back = session.on(connected(false), now, &shared);
+        assert_eq!(subscribed(&back, &rules), owned(&rules));
+        session.on(asked(&["a", "b"]), now, &shared);
+        session.on(SessionEvent::RequestSent(1), now, &shared);
+        session.on(SessionEvent::RequestSent(2), now, &shared);
+        // Only "b" is answered; the connection breaks before "a, b" is.
+        session.on(suback(1, 1), now, &shared);
+        session.on(lost("reset", vec![]), now, &shared);
+        let resumed = session.on(connected(true), now, &shared);
+        assert_eq!(subscribed(&resumed, &rules), owned(&[("a", 1)]));
+    }
+
+    #[test]
     fn a_new_session_drops_the_notes_of_requests_rumqttc_dropped_so_answers_name_the_right_ones() {
         for session_present in [false, true] {
             let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());

@@ -41,6 +41,10 @@ struct Broker {
     subscriptions: BTreeSet<String>,
     /// Handed to the event loop, not yet sent: they survive a broken connection.
     queued: VecDeque<Vec<String>>,
+    /// How many of `queued` (the oldest) rumqttc moved to its pending list when the
+    /// connection broke; a new session drops those. The rest were handed during the outage
+    /// and wait in its request channel, which a new session leaves alone.
+    pending: usize,
     /// Sent on this connection, not yet at the broker: lost when it breaks.
     sent: VecDeque<(u16, Vec<String>)>,
     /// At the broker, not yet answered.
@@ -111,10 +115,12 @@ impl SessionWorld {
                     // The broker restarted without persistence meanwhile.
                     b.has_session = false;
                 }
+                let pending = std::mem::take(&mut b.pending);
                 if !b.has_session {
                     b.subscriptions.clear();
-                    // rumqttc drops the requests it still held when the session is new.
-                    b.queued.clear();
+                    // rumqttc drops its pending list when the session is new (`poll`), not
+                    // what waits in its request channel.
+                    b.queued.drain(..pending.min(b.queued.len()));
                 }
                 let present = b.has_session;
                 b.connected = true;
@@ -147,9 +153,11 @@ impl SessionWorld {
                 b.connected = false;
                 b.sent.clear();
                 b.arrived.clear();
+                // rumqttc's `clean()` moves what its request channel holds to its pending list.
+                b.pending = b.queued.len();
                 let requests = RequestsHeld {
                     taken: 0,
-                    pending: b.queued.len(),
+                    pending: b.pending,
                 };
                 self.feed(SessionEvent::ConnectionLost {
                     error: "connection reset".into(),
