@@ -101,7 +101,7 @@ async fn while_the_buffer_blocks_ingest_keep_alives_flow_and_the_connection_stay
     let broker = Mosquitto::start_with("max_inflight_messages 0").await;
     // Lambda is down: its port is held, bound but not listening, until the buffer is full.
     let outage = Outage::begin();
-    let (_down_lambda, lambda_port) = lambda_down();
+    let (down_lambda, lambda_port) = lambda_down();
     let endpoint = format!("http://127.0.0.1:{lambda_port}");
     let buffer = tempfile::tempdir().expect("tempdir");
     let rules = format!(
@@ -157,6 +157,7 @@ max_wait = "50ms"
     );
 
     let fake = FakeLambda::back_after(&outage);
+    drop(down_lambda);
     let _lambda = FakeLambdaServer::start_on(lambda_port, fake.clone()).await;
     fake.wait_for_payloads(N).await;
     assert_eq!(
