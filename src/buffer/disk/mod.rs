@@ -6,7 +6,8 @@
 //! <buffer.dir>/<rule>/
 //!     segment-00000000000000000000.log   records with sequence numbers from 0
 //!     segment-00000000000000052311.log   records from 52311 (the name is its first sequence)
-//!     ack                                the first unacknowledged sequence number (when idle)
+//!     ack                                the first unacknowledged sequence number and the
+//!                                        acknowledged ranges above it (see ackfile.rs)
 //!     dead-letters.jsonl                 events Lambda can never accept (see deadletter.rs)
 //! ```
 //!
@@ -15,10 +16,12 @@
 //! sequence, marked by QoS 0xAC). Segments with the magic `MLBSEG01` (written before ack
 //! records existed) are read as before and never appended to: the first append after start-up
 //! begins a new segment. An older binary cannot read `MLBSEG02` segments: to downgrade, drain
-//! the buffer first. The `ack` file holds two 24-byte slots (generation, first unacknowledged
-//! sequence, CRC32C); each update overwrites the older slot, so a torn write leaves the other
-//! slot intact. It is created when the queue opens, so that recording an ack later never needs
-//! a free block.
+//! the buffer first. The `ack` file holds two slots, each a 24-byte header (generation, first
+//! unacknowledged sequence, CRC32C) and up to 84 acknowledged ranges above that position; an
+//! update never overwrites the slot holding the last fsync'd state, so a torn write leaves it
+//! intact. A binary from before the ranges reads the headers and ignores the ranges (it
+//! replays them; see `ackfile.rs`). The file is created when the queue opens, so that
+//! recording an ack later never needs a free block.
 //!
 //! # Invariants
 //!
@@ -43,6 +46,18 @@
 //!   acknowledged since the last group commit (or, when appends had paused, in the last
 //!   interval), and never skips a record that was not acknowledged: an ack record only ever
 //!   holds a position that was acknowledged, and it is durable only with its group commit.
+//! - Delivery acknowledges in order through a low-water mark, and also each event Lambda
+//!   accepted ahead of an older one still in flight ([`Queue::ack_range`]): those ranges live
+//!   beside the position (`ranges.rs` in memory, up to [`MAX_RANGES`]; the lowest 84 in the
+//!   `ack` file) and recovery skips the records inside them. The position absorbs a range it
+//!   reaches. Every [`ACK_WRITE_EVERY`] acks the position and ranges go into the `ack` file
+//!   with one `pwrite` and no fsync: a process crash (kill -9, OOM, panic) keeps the page cache,
+//!   so it replays at most what was in flight plus [`ACK_WRITE_EVERY`]. The fsync follows
+//!   within [`ACK_PERSIST_INTERVAL`], or as soon as the interval since the last one allows once
+//!   [`ACK_SYNC_EVERY`] acks wait, never more than once per interval: a power cut replays at
+//!   most what was in flight plus the acks of one interval (at most [`ACK_SYNC_EVERY`] while
+//!   acks come slower than that per interval). Group commits carry the position only; while
+//!   ranges are not on disk, the `ack` file is synced as when appends pause.
 //! - The newest segment holds the newest position the log carried: a new segment written while
 //!   the `ack` file is behind opens with an ack record, in the same write and fsync as its
 //!   magic. So recovery, which reads only the newest segment, never finds less than the
@@ -75,14 +90,16 @@
 //! behind it and reuses the newest one if worthwhile. Readers
 //! read the fsync'd part of the segments with their own file handle, on tokio's blocking
 //! threads; what a read brings in waits in a hand-over list, so a caller that stops waiting
-//! (a cancelled `select!` branch) loses nothing. Acks move a shared position and wake the
-//! writer.
+//! (a cancelled `select!` branch) loses nothing. Acks move a shared position (or add a range)
+//! and wake the writer, which writes the `ack` file unsynced every [`ACK_WRITE_EVERY`] acks.
 //!
 //! # Recovery
 //!
 //! Start-up reads only the newest segment (to find its last whole record and its highest ack
-//! record, and truncate a torn tail, ack records included) and the `ack` file; the ack
-//! position is the higher of the two. The reader then scans forward within one segment to the
+//! record, and truncate a torn tail, ack records included) and the `ack` file (fsync'd at
+//! once: a crashed process may have left an unsynced write); the ack position is the higher of
+//! the two, moved past the ranges it reaches. Ranges past the last record are dropped (their
+//! sequences go to new messages). The reader then scans forward within one segment to the
 //! ack position. Older segments are trusted by their names and checked as they are read: a corrupt
 //! record is skipped by scanning for the next valid one, a missing segment is a gap; both are
 //! counted and logged with the file name. Nothing makes recovery refuse to start or loop.
@@ -92,10 +109,12 @@
 //! ```text
 //! mod.rs          this text; DiskQueue and its config, the Queue impl, the shared state
 //! segment.rs      a segment file: its name, its header, scanning its bytes
-//! ackfile.rs      the two-slot `ack` file; the ack position on disk
+//! ackfile.rs      the two-slot `ack` file; the ack position and ranges on disk
+//! ranges.rs       the acknowledged ranges above the position (pure)
 //! recovery.rs     opening: the newest segment, the ack position, what to cut, rename, delete
 //! reader.rs       reads into the hand-over list; skipping ack records, leftovers, corruption
 //! writer/mod.rs   the writer thread: group commit, rollover, drop_oldest, deleting behind
+//! writer/ack.rs   when the ack state goes into the `ack` file, synced or not
 //! writer/reuse.rs reusing the newest segment in place
 //! ```
 //!
@@ -104,6 +123,7 @@
 //! [`FaultStorage`]: super::storage::FaultStorage
 
 mod ackfile;
+mod ranges;
 mod reader;
 mod recovery;
 mod segment;
@@ -126,7 +146,10 @@ use crate::core::config::WhenFull;
 use crate::core::envelope::Message;
 use reader::Reader;
 
-pub use ackfile::{read_ack_file, read_ack_position};
+pub use ackfile::{
+    AckFileContents, MAX_FILE_RANGES, read_ack_contents, read_ack_file, read_ack_position,
+};
+pub use ranges::MAX_RANGES;
 pub use segment::{SEGMENT_MAGIC, SEGMENT_MAGIC_V1, ScanResult, scan_segment, segment_files};
 
 /// When no append comes, a moved ack position reaches the `ack` file this long after the `ack`
@@ -134,6 +157,16 @@ pub use segment::{SEGMENT_MAGIC, SEGMENT_MAGIC_V1, ScanResult, scan_segment, seg
 /// the least time between two writes of the `ack` file, so an SD card sees at most ten ack
 /// fsyncs a second, and none while appends keep coming.
 pub const ACK_PERSIST_INTERVAL: Duration = Duration::from_millis(100);
+/// A process crash replays at most this many acknowledged messages beyond those in flight:
+/// the ack state goes into the `ack` file (one `pwrite`, no fdatasync; the page cache survives
+/// a kill -9) each time this many more were acknowledged.
+pub const ACK_WRITE_EVERY: u64 = 32;
+/// Once this many acks are not durable, the `ack` file is fdatasync'd as soon as
+/// [`ACK_PERSIST_INTERVAL`] since the last fdatasync allows (instead of an interval after the
+/// first of them): a power cut replays at most this many acknowledged messages beyond those in
+/// flight while acks come slower than this many per interval, and one interval's worth when
+/// they come faster.
+pub const ACK_SYNC_EVERY: u64 = 256;
 /// Default segment size: large enough for sequential writes, small enough that deleting a
 /// whole segment frees space in useful steps.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 8 * 1024 * 1024;
@@ -196,6 +229,10 @@ struct State {
     durable_seq: Seq,
     /// First unacknowledged sequence.
     ack_next: Seq,
+    /// Acknowledged ranges above `ack_next` (events accepted while an older one was in flight).
+    ranges: ranges::AckRanges,
+    /// Messages acknowledged so far (a running count, for how often the `ack` file is written).
+    acks: u64,
     /// Sum of segment lengths.
     bytes: u64,
     /// Set when the writer thread has stopped.
@@ -430,7 +467,24 @@ impl Queue for DiskQueue {
             if next <= state.ack_next {
                 return Ok(());
             }
-            state.ack_next = next;
+            state.acks += next - state.ack_next;
+            state.ack_next = state.ranges.advance(next);
+        }
+        self.signal_ack();
+        Ok(())
+    }
+
+    async fn ack_range(&self, first: Seq, last: Seq) -> Result<(), QueueError> {
+        {
+            let mut state = self.shared.lock();
+            let end = (last + 1).min(state.durable_seq);
+            let position = state.ack_next;
+            let added = state.ranges.insert(first, end, position);
+            if added == 0 {
+                return Ok(());
+            }
+            state.acks += added;
+            state.ack_next = state.ranges.advance(position);
         }
         self.signal_ack();
         Ok(())
@@ -443,6 +497,9 @@ impl Drop for DiskQueue {
         let _ = self.send(WriterMsg::Close { reply });
     }
 }
+
+#[cfg(test)]
+mod crash_tests;
 
 #[cfg(test)]
 pub(crate) mod tests {

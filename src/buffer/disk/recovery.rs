@@ -18,6 +18,10 @@
 //! - Sequences inside a segment stay contiguous: when the newest segment cannot take the next
 //!   sequence, it is renamed if it holds no message (needs no free block), or a new segment
 //!   starts, opening with an ack record when the `ack` file does not hold the position.
+//! - The `ack` file is fsync'd before anything is deleted on its strength (a process that
+//!   crashed may have left an unsynced write in the page cache). Its ranges move the position
+//!   when they reach it; ranges at or past the next sequence are dropped, since new messages
+//!   take those sequences.
 //! - Nothing found on disk makes opening refuse or loop; only I/O errors do.
 
 use std::collections::VecDeque;
@@ -29,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use super::ackfile::AckFile;
+use super::ranges::AckRanges;
 use super::reader::Reader;
 use super::segment::{
     MAGIC_LEN, SEGMENT_MAGIC, list_segments, read_whole, scan_segment, segment_head, segment_path,
@@ -67,6 +72,8 @@ pub(super) struct Recovered {
     pub(super) next_seq: Seq,
     /// First unacknowledged sequence.
     pub(super) ack_pos: Seq,
+    /// Acknowledged ranges above it, from the `ack` file, cut at `next_seq`.
+    pub(super) ranges: AckRanges,
     pub(super) ack: AckFile,
     pub(super) newest: NewestSegment,
 }
@@ -97,6 +104,8 @@ pub(super) fn open(
             segments: recovered.segments,
             durable_seq: recovered.next_seq,
             ack_next: ack_pos,
+            ranges: recovered.ranges,
+            acks: 0,
             bytes,
             closed: false,
         }),
@@ -132,7 +141,11 @@ pub(super) fn recover(
 ) -> io::Result<Recovered> {
     storage.create_dir_all(dir)?;
     let names = list_segments(storage, dir)?;
-    let ack = AckFile::read(storage, dir)?;
+    let (mut ack, ranges) = AckFile::read(storage, dir)?;
+    if let Err(e) = ack.sync_found(storage) {
+        // Only a power cut in the next moments could then bring back an older position.
+        tracing::warn!(dir = %dir.display(), error = %e, "buffer recovery: cannot fsync the ack file");
+    }
     let mut found = find_segments(storage, &names, counters)?;
     let first_seq = found.segments.front().map(|s| s.first_seq);
     let (ack_pos, next_seq) = settle_positions(
@@ -143,6 +156,11 @@ pub(super) fn recover(
         found.newest_is_empty,
         counters,
     );
+    // Ranges past the records are stale (the records they named were lost): sequences from
+    // `next_seq` on are given to new messages.
+    let mut ranges = AckRanges::from_list(&ranges, ack_pos);
+    ranges.cut_at(next_seq);
+    let ack_pos = ranges.advance(ack_pos);
     if found.end != Some(next_seq) {
         let carried = (ack.holds() < Some(ack_pos)).then_some(ack_pos);
         continue_at(storage, dir, &mut found, next_seq, carried)?;
@@ -159,6 +177,7 @@ pub(super) fn recover(
         segments: found.segments,
         next_seq,
         ack_pos,
+        ranges,
         ack,
         newest: found.newest,
     })
@@ -336,7 +355,7 @@ mod tests {
 
     fn write_ack(dir: &Path, position: Seq) {
         AckFile::read(&RealStorage, dir)
-            .and_then(|mut ack| ack.write(&RealStorage, position))
+            .and_then(|(mut ack, _)| ack.write(&RealStorage, position, &[]))
             .expect("write ack file");
     }
 
