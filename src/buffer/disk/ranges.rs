@@ -101,9 +101,11 @@ impl AckRanges {
             .and_then(|(_, &end)| (seq < end).then_some(end))
     }
 
-    /// Drops everything at or past `end` (recovery: ranges past the records are stale).
-    pub fn cut_at(&mut self, end: Seq) {
+    /// Drops everything at or past `end` (recovery: ranges past the records are stale);
+    /// returns whether there was any.
+    pub fn cut_at(&mut self, end: Seq) -> bool {
         let past: Vec<Seq> = self.map.range(end..).map(|(&s, _)| s).collect();
+        let mut cut = !past.is_empty();
         for s in past {
             self.map.remove(&s);
         }
@@ -111,7 +113,9 @@ impl AckRanges {
             && *last.get() > end
         {
             *last.get_mut() = end;
+            cut = true;
         }
+        cut
     }
 
     /// The lowest `max` ranges, lowest first (what the `ack` file has room for; the ones
@@ -176,8 +180,9 @@ mod tests {
     #[test]
     fn cut_at_drops_and_shortens_what_lies_past_the_records() {
         let mut r = AckRanges::from_list(&[(5, 8), (10, 20), (30, 31)], 0);
-        r.cut_at(15);
+        assert!(r.cut_at(15));
         assert_eq!(list(&r), [(5, 8), (10, 15)]);
+        assert!(!r.cut_at(15));
     }
 
     #[test]

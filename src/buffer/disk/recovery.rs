@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::ackfile::AckFile;
+use super::ackfile::{AckFile, MAX_FILE_RANGES};
 use super::ranges::AckRanges;
 use super::reader::Reader;
 use super::segment::{
@@ -159,8 +159,15 @@ pub(super) fn recover(
     // Ranges past the records are stale (the records they named were lost): sequences from
     // `next_seq` on are given to new messages.
     let mut ranges = AckRanges::from_list(&ranges, ack_pos);
-    ranges.cut_at(next_seq);
+    let stale = ranges.cut_at(next_seq);
     let ack_pos = ranges.advance(ack_pos);
+    if stale {
+        // Both slots, so neither keeps a range that new messages' sequences would fall in.
+        let kept = ranges.lowest(MAX_FILE_RANGES);
+        for _ in 0..2 {
+            ack.write(storage, ack_pos, &kept)?;
+        }
+    }
     if found.end != Some(next_seq) {
         let carried = (ack.holds() < Some(ack_pos)).then_some(ack_pos);
         continue_at(storage, dir, &mut found, next_seq, carried)?;
@@ -346,7 +353,7 @@ fn continue_at(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::disk::ackfile::read_ack_file;
+    use crate::buffer::disk::ackfile::{read_ack_contents, read_ack_file};
     use crate::buffer::disk::segment::segment_files;
     use crate::buffer::disk::segment::tests::segment_bytes;
     use crate::buffer::disk::tests::config;
@@ -407,6 +414,28 @@ mod tests {
             SEGMENT_MAGIC
         );
         assert_eq!(recovered.newest.data_start, MAGIC_LEN);
+    }
+
+    #[test]
+    fn acked_ranges_move_the_position_and_those_past_the_records_are_erased() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes = segment_bytes(&[(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "e")]);
+        std::fs::write(segment_path(dir.path(), 0), &bytes).expect("write");
+        // Two writes: the stale range is in both slots.
+        let (mut ack, _) = AckFile::read(&RealStorage, dir.path()).expect("read");
+        ack.write(&RealStorage, 1, &[(1, 2), (3, 4), (6, 9)])
+            .expect("write");
+        ack.write(&RealStorage, 1, &[(1, 2), (3, 4), (6, 9)])
+            .expect("write");
+        let (recovered, _) = recover_dir(dir.path());
+        assert_eq!((recovered.ack_pos, recovered.next_seq), (2, 5));
+        assert_eq!(recovered.ranges.lowest(10), [(3, 4)]);
+        let on_disk = read_ack_contents(dir.path()).expect("ack");
+        assert!(
+            on_disk.ranges.iter().all(|&(_, end)| end <= 5),
+            "{:?}",
+            on_disk.ranges
+        );
     }
 
     #[test]
