@@ -771,14 +771,21 @@ async fn a_real_full_tmpfs_recovers_once_everything_is_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_during_a_paced_drain_replay_at_most_sync_every_acknowledged_per_cut() {
     // About 2,000 acks a second: 64 in flight, each taking 20 to 44 ms.
-    let (rate, per_cut) = drain_with_cuts(Cut::PowerCut, 20).await;
-    assert!(
-        rate < 2560.0,
-        "paced at {rate:.0}/s: too fast for this bound"
-    );
+    let (_, per_cut) = drain_with_cuts(Cut::PowerCut, 20).await;
     assert!(
         per_cut.iter().all(|&d| d <= ACK_SYNC_EVERY as usize),
         "acknowledged messages replayed per cut {per_cut:?}, at most {ACK_SYNC_EVERY}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_during_a_full_speed_drain_replay_at_most_sync_every_acknowledged_per_cut() {
+    let (_, per_cut) = drain_with_cuts(Cut::PowerCut, 0).await;
+    // Acks that come while the fdatasync runs wait for the next one: a slow disk adds a few.
+    let bound = ACK_SYNC_EVERY as usize + 64;
+    assert!(
+        per_cut.iter().all(|&d| d <= bound),
+        "acknowledged messages replayed per cut {per_cut:?}, at most {bound}"
     );
 }
 
@@ -792,13 +799,6 @@ async fn kill_9_during_a_full_speed_drain_replays_fewer_than_write_every_acknowl
         per_cut.iter().all(|&d| d <= bound),
         "acknowledged messages replayed per kill {per_cut:?}, at most {bound}"
     );
-}
-
-/// A measurement at full speed (prints, checks only that nothing is lost): `cargo nextest run
-/// --test queue_faults -E 'test(/full_speed_drain_measured/)' --no-capture`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn power_cuts_during_a_full_speed_drain_measured() {
-    drain_with_cuts(Cut::PowerCut, 0).await;
 }
 
 /// A backlog of 6,000 messages drained with appends paused: each message is an invocation of

@@ -1,12 +1,14 @@
 //! The writer's side of the ack state: when the position and the ranges go into the `ack`
-//! file (unsynced every `ACK_WRITE_EVERY` acks, synced at most once per
-//! `ACK_PERSIST_INTERVAL`), and what a restart would resume from.
+//! file (unsynced every `ACK_WRITE_EVERY` acks; synced every `ACK_SYNC_EVERY` acks, or else
+//! `ACK_PERSIST_INTERVAL` after an ack), and what a restart would resume from.
 //!
 //! Invariants kept here (the full list is in `disk/mod.rs`):
 //! - A segment is deleted only behind a position that is durable: the `ack` file's after its
 //!   fdatasync, or the newest segment's ack record after its group commit.
-//! - Between two fdatasyncs of the `ack` file lies at least one interval, however fast acks
-//!   come; an unsynced write never stands in for a durable one.
+//! - An fdatasync of the `ack` file comes only for `ACK_SYNC_EVERY` acks, or for fewer at most
+//!   once per `ACK_PERSIST_INTERVAL`: its cost follows the ack rate (a trickle of acks costs at
+//!   most ten a second, a full speed drain one per 256 messages). An unsynced write never
+//!   stands in for a durable one.
 
 use std::io;
 use std::time::Instant;
@@ -38,20 +40,19 @@ impl Writer {
 
     /// The ack position moved: the ack file is due one interval later, unless a group commit
     /// carries the position first (at most an interval after the ack, at most one ack-file
-    /// fsync per interval, none while appends keep coming and acks come in order). After
-    /// [`ACK_SYNC_EVERY`] acks it is due as soon as the interval since the last sync allows.
+    /// fsync per interval for fewer than [`ACK_SYNC_EVERY`] acks, none while appends keep
+    /// coming and acks come in order). Once [`ACK_SYNC_EVERY`] acks are not durable, it is due
+    /// now: a power cut then replays at most that many beyond what was in flight, at any rate.
     pub(super) fn schedule_ack(&mut self) {
         let now = Instant::now();
         let unsynced = self.shared.lock().acks - self.acks_synced;
         let due = if unsynced >= ACK_SYNC_EVERY {
-            self.last_sync
-                .map_or(now, |at| at + ACK_PERSIST_INTERVAL)
-                .max(now)
+            now
         } else {
             now + ACK_PERSIST_INTERVAL
         };
-        // Set only once the position moved after the last ack-file write, so this also
-        // spaces ack-file writes an interval apart.
+        // A due time set earlier stays: set only once the position moved after the last
+        // ack-file write, it spaces the writes for a trickle of acks an interval apart.
         self.ack_due = Some(self.ack_due.map_or(due, |at| at.min(due)));
     }
 

@@ -13,8 +13,8 @@
 //!   the append wrote before anything else happens.
 //! - After a failed fsync the segment file is untrusted: the next append starts a new one.
 //! - The `ack` file gets the ack state (position and ranges) unsynced every
-//!   `ACK_WRITE_EVERY` acks, and fsync'd at most once per `ACK_PERSIST_INTERVAL` (sooner after
-//!   `ACK_SYNC_EVERY` acks, never sooner than an interval after the last fsync).
+//!   `ACK_WRITE_EVERY` acks, and fsync'd at once when `ACK_SYNC_EVERY` acks are not durable,
+//!   else `ACK_PERSIST_INTERVAL` after an ack (for a trickle, at most once per interval).
 //! - An ack record holds only a position that was acknowledged, and is durable only with its
 //!   group commit. A new segment opens with an ack record when the `ack` file is behind, so the
 //!   newest segment never holds less than the position older segments were deleted on.
