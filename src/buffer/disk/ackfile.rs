@@ -8,37 +8,44 @@
 //! range:  start (u64 LE)      | end, exclusive (u64 LE)                | !CRC32C of those 16 | generation (low 32 bits, LE)
 //! ```
 //!
-//! It holds two slots of [`SLOT_LEN`] bytes: a header, then up to [`MAX_FILE_RANGES`] range
+//! It holds three slots of [`SLOT_LEN`] bytes: a header, then up to [`MAX_FILE_RANGES`] range
 //! chunks tagged with the header's generation, then zeros. A range chunk's check value is the
-//! CRC inverted, so it can never pass for a header.
+//! CRC inverted, so it can never pass for a header. Slots 0 and 1 (bytes 0 and 2040) take the
+//! writes that are fdatasync'd, alternately; slot 2 (byte 4104, in a block of its own) takes
+//! the writes that are not, from any thread ([`VolatileAck`]), so they never wait for the
+//! writer thread or its fsyncs and never touch a synced slot.
 //!
 //! The first version of this file was two 24-byte headers and nothing else. Both versions read
 //! the same way, chunk by chunk: the position is that of the valid header with the highest
-//! generation. So a binary from before the ranges reads a new file as a position only (it sees
+//! generation (this binary takes the highest position of any valid header, which is the same
+//! or newer: positions only grow). So a binary from before the ranges reads a new file as a position only (it sees
 //! the two headers and no valid chunk besides: it replays what the ranges would have skipped,
 //! never skips anything), and when it writes its next header at byte 0 or 24, this binary reads
 //! that header back as the newest and ignores the range chunk it overwrote.
 //!
 //! Invariants kept here:
-//! - A write never touches the slot holding the last fdatasync'd state (the other slot takes
-//!   it), so a power cut during any write, synced or not, leaves that state readable; a torn
-//!   chunk fails its CRC and is ignored, a range chunk only counts with the generation of a
-//!   valid header.
+//! - A write never touches the slot holding the last fdatasync'd state (synced writes take the
+//!   other of slots 0 and 1, unsynced ones slot 2), so a power cut during any write leaves that
+//!   state readable; a torn chunk fails its CRC and is ignored, a range chunk only counts with
+//!   the generation of a valid header.
 //! - [`AckFile::write`] is durable when it returns (one `pwrite`, one fdatasync) and
-//!   [`AckFile::holds`] names only that; [`AckFile::write_unsynced`] is one `pwrite` (it
+//!   [`AckFile::holds`] names only that; [`VolatileAck::write_with`] is one `pwrite` (it
 //!   survives a process crash, the page cache keeps it, but not a power cut).
+//! - Generations come from one counter shared by both kinds of write: each header's is new.
 //! - Acknowledgements only grow, so every range ever written holds acknowledged sequences:
 //!   recovery takes the union of the valid ones, and cuts any past the records.
 //! - More ranges than [`MAX_FILE_RANGES`]: the lowest are written; the others are replayed
 //!   after a crash.
-//! - The first write makes the file both slots long (4080 bytes, one block): later updates
-//!   overwrite blocks the file already has and need no free space. The queue writes it when it
+//! - The first write makes the file all three slots long (6144 bytes, two blocks): later
+//!   updates overwrite blocks the file already has and need no free space. The queue writes it when it
 //!   opens, while there is room.
 //! - The position on disk is the higher of this file's and the highest ack record in the
 //!   newest segment ([`read_ack_position`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::Seq;
 use super::segment::{list_segments, read_whole, scan_segment};
@@ -52,6 +59,10 @@ const CHUNK_LEN: usize = 24;
 pub const MAX_FILE_RANGES: usize = 84;
 /// Bytes per slot: a header and its range chunks.
 pub const SLOT_LEN: usize = CHUNK_LEN * (1 + MAX_FILE_RANGES);
+/// Where the unsynced slot starts: a whole number of chunks, past the first block.
+const VOLATILE_AT: usize = 171 * CHUNK_LEN;
+/// The file's length once written.
+const FILE_LEN: usize = VOLATILE_AT + SLOT_LEN;
 
 /// What the `ack` file holds: the valid header with the highest generation, and the union of
 /// the valid ranges.
@@ -63,8 +74,11 @@ pub struct AckFileContents {
     pub position: Option<Seq>,
     /// Acknowledged ranges `[start, end)`, possibly overlapping or below the position.
     pub ranges: Vec<(Seq, Seq)>,
-    /// The slot (0 or 1) holding the newest valid header: the next write goes to the other.
+    /// Of slots 0 and 1, the one holding the newer valid header: the next synced write goes
+    /// to the other.
     slot: usize,
+    /// The file's length.
+    len: usize,
 }
 
 /// Reads the ack file: the first unacknowledged sequence, from the valid header with the
@@ -109,19 +123,25 @@ fn read_contents(storage: &dyn Storage, dir: &Path) -> io::Result<AckFileContent
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(AckFileContents::default()),
         Err(e) => return Err(e),
     };
-    let mut contents = AckFileContents::default();
+    let mut contents = AckFileContents {
+        len: buf.len(),
+        ..AckFileContents::default()
+    };
     let mut generations = Vec::new();
     let mut tagged = Vec::new();
+    let mut synced_generation = None;
     for (i, chunk) in buf.chunks_exact(CHUNK_LEN).enumerate() {
         let crc = crc32c::crc32c(&chunk[0..16]);
         let check = u32_at(chunk, 16);
         let (a, b) = (u64_at(chunk, 0), u64_at(chunk, 8));
         if check == crc {
             generations.push(a as u32);
-            if contents.position.is_none() || a > contents.generation {
-                contents.generation = a;
-                contents.position = Some(b);
-                contents.slot = (i * CHUNK_LEN) / SLOT_LEN;
+            contents.generation = contents.generation.max(a);
+            contents.position = contents.position.max(Some(b));
+            let at = i * CHUNK_LEN;
+            if at < VOLATILE_AT && synced_generation.is_none_or(|g| a > g) {
+                synced_generation = Some(a);
+                contents.slot = (at / SLOT_LEN).min(1);
             }
         } else if check == !crc && a < b {
             tagged.push((u32_at(chunk, 20), (a, b)));
@@ -158,16 +178,16 @@ pub(super) struct AckFile {
     path: PathBuf,
     /// Opened at the first write, kept open after it.
     file: Option<Box<dyn StorageFile>>,
-    /// Generation of the last header written (0: none yet).
-    generation: u64,
+    /// The last generation given to a header (0: none yet), shared with [`VolatileAck`].
+    generation: Arc<AtomicU64>,
+    /// The file is [`FILE_LEN`] long.
+    full: bool,
     /// The slot holding the last fdatasync'd state: writes go to the other one.
     durable_slot: usize,
     /// The position the file holds durably (`None`: no valid header yet).
     holds: Option<Seq>,
     /// The ranges it holds durably.
     holds_ranges: Vec<(Seq, Seq)>,
-    /// What was last written, synced or not.
-    written: Option<(Seq, Vec<(Seq, Seq)>)>,
 }
 
 impl AckFile {
@@ -180,11 +200,11 @@ impl AckFile {
         let file = AckFile {
             path: dir.join(ACK_FILE),
             file: None,
-            generation: contents.generation,
+            generation: Arc::new(AtomicU64::new(contents.generation)),
+            full: contents.len >= FILE_LEN,
             durable_slot: contents.slot,
             holds: contents.position,
             holds_ranges: Vec::new(),
-            written: None,
         };
         Ok((file, contents.ranges))
     }
@@ -192,7 +212,7 @@ impl AckFile {
     /// Makes what the file holds now durable (at open: a process that crashed may have left an
     /// unsynced write in the page cache, and recovery is about to delete segments on it).
     pub(super) fn sync_found(&mut self, storage: &dyn Storage) -> io::Result<()> {
-        if self.generation == 0 {
+        if self.generation.load(Ordering::SeqCst) == 0 {
             return Ok(());
         }
         self.file_handle(storage)?.sync_data()
@@ -213,11 +233,13 @@ impl AckFile {
         self.holds == Some(position) && self.holds_ranges == ranges
     }
 
-    /// Whether the last write (synced or not) was `position` and `ranges`.
-    pub(super) fn wrote(&self, position: Seq, ranges: &[(Seq, Seq)]) -> bool {
-        self.written
-            .as_ref()
-            .is_some_and(|(p, r)| *p == position && r == ranges)
+    /// The writer of the unsynced slot, sharing this file's generations.
+    pub(super) fn volatile(&self) -> VolatileAck {
+        VolatileAck {
+            path: self.path.clone(),
+            file: Mutex::new(None),
+            generation: self.generation.clone(),
+        }
     }
 
     /// Writes `position` and `ranges` (the lowest [`MAX_FILE_RANGES`] of them) into the slot
@@ -236,16 +258,6 @@ impl AckFile {
         Ok(())
     }
 
-    /// As [`AckFile::write`] without the fdatasync: survives a process crash, not a power cut.
-    pub(super) fn write_unsynced(
-        &mut self,
-        storage: &dyn Storage,
-        position: Seq,
-        ranges: &[(Seq, Seq)],
-    ) -> io::Result<()> {
-        self.put(storage, position, ranges).map(|_| ())
-    }
-
     fn file_handle(&mut self, storage: &dyn Storage) -> io::Result<&mut Box<dyn StorageFile>> {
         Ok(match &mut self.file {
             Some(file) => file,
@@ -261,14 +273,51 @@ impl AckFile {
         ranges: &[(Seq, Seq)],
     ) -> io::Result<usize> {
         let ranges = &ranges[..ranges.len().min(MAX_FILE_RANGES)];
-        let generation = self.generation + 1;
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let slot = 1 - self.durable_slot;
         let bytes = encode_slot(generation, position, ranges);
-        self.file_handle(storage)?
-            .write_all_at(&bytes, (slot * SLOT_LEN) as u64)?;
-        self.generation = generation;
-        self.written = Some((position, ranges.to_vec()));
+        let full = self.full;
+        let file = self.file_handle(storage)?;
+        if !full {
+            // Gives the unsynced slot its block now, with this write's fdatasync, while there is
+            // room (zeros are no valid chunk).
+            file.write_all_at(&[0u8; SLOT_LEN], VOLATILE_AT as u64)?;
+        }
+        file.write_all_at(&bytes, (slot * SLOT_LEN) as u64)?;
+        self.full = true;
         Ok(slot)
+    }
+}
+
+/// Writes the ack state into slot 2 without an fdatasync, from any thread: after a process
+/// crash the page cache still has it, so a restart replays less.
+pub(super) struct VolatileAck {
+    path: PathBuf,
+    /// Opened at the first write, kept open after it.
+    file: Mutex<Option<Box<dyn StorageFile>>>,
+    generation: Arc<AtomicU64>,
+}
+
+impl VolatileAck {
+    /// Writes the state `snapshot` returns (taken under this slot's lock, so the last write is
+    /// the newest state) into slot 2: one `pwrite`, no fdatasync.
+    pub(super) fn write_with(
+        &self,
+        storage: &dyn Storage,
+        snapshot: impl FnOnce() -> (Seq, Vec<(Seq, Seq)>),
+    ) -> io::Result<()> {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let file = match &mut *file {
+            Some(file) => file,
+            slot => slot.insert(storage.open(&self.path, OpenMode::OpenOrCreate)?),
+        };
+        let (position, ranges) = snapshot();
+        let ranges = &ranges[..ranges.len().min(MAX_FILE_RANGES)];
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        file.write_all_at(
+            &encode_slot(generation, position, ranges),
+            VOLATILE_AT as u64,
+        )
     }
 }
 
@@ -357,30 +406,36 @@ mod tests {
             );
             assert_eq!(storage.syncs_of(ACK_FILE), generation);
         }
-        // Generation 3 is in slot 1, generation 2 (position 20) is still in slot 0.
+        // Generation 3 is in slot 1, generation 2 (position 20) is still in slot 0; slot 2
+        // was given its block, zeroed.
         let bytes = std::fs::read(dir.path().join(ACK_FILE)).expect("read");
-        assert_eq!(bytes.len(), 2 * SLOT_LEN);
+        assert_eq!(bytes.len(), FILE_LEN);
         assert_eq!(bytes[..SLOT_LEN], encode_slot(2, 20, &[]));
-        assert_eq!(bytes[SLOT_LEN..], encode_slot(3, 30, &[]));
-        // Unsynced writes all go to slot 0, leaving the durable generation 3 alone.
-        ack.write_unsynced(&storage, 40, &[(45, 50)])
-            .expect("write");
-        ack.write_unsynced(&storage, 41, &[(45, 51)])
-            .expect("write");
+        assert_eq!(bytes[SLOT_LEN..2 * SLOT_LEN], encode_slot(3, 30, &[]));
+        assert!(bytes[VOLATILE_AT..].iter().all(|&b| b == 0));
+        // Unsynced writes all go to slot 2, leaving both synced slots alone.
+        let volatile = ack.volatile();
+        for (position, end) in [(40, 50), (41, 51)] {
+            volatile
+                .write_with(&storage, || (position, vec![(45, end)]))
+                .expect("write");
+        }
         assert_eq!(storage.syncs_of(ACK_FILE), 3);
         assert_eq!(ack.holds(), Some(30));
         let bytes = std::fs::read(dir.path().join(ACK_FILE)).expect("read");
-        assert_eq!(bytes[SLOT_LEN..], encode_slot(3, 30, &[]));
+        assert_eq!(bytes[..SLOT_LEN], encode_slot(2, 20, &[]));
+        assert_eq!(bytes[SLOT_LEN..2 * SLOT_LEN], encode_slot(3, 30, &[]));
+        assert_eq!(bytes[VOLATILE_AT..], encode_slot(5, 41, &[(45, 51)]));
         let contents = read_ack_contents(dir.path()).expect("read");
         assert_eq!((contents.generation, contents.position), (5, Some(41)));
         assert_eq!(contents.ranges, [(45, 51)]);
-        // Reopened, it goes on from the generation on disk, into the other slot.
+        // Reopened, it goes on from the generation on disk, into the older synced slot.
         let (mut again, ranges) = AckFile::read(&storage, dir.path()).expect("read");
         assert_eq!((again.holds(), ranges), (Some(41), vec![(45, 51)]));
         again.write(&storage, 60, &[]).expect("write");
         assert_eq!(read_ack_file(dir.path()).expect("read"), Some((6, 60)));
         let bytes = std::fs::read(dir.path().join(ACK_FILE)).expect("read");
-        assert_eq!(bytes[SLOT_LEN..], encode_slot(6, 60, &[]));
+        assert_eq!(bytes[..SLOT_LEN], encode_slot(6, 60, &[]));
     }
 
     #[test]
@@ -389,10 +444,12 @@ mod tests {
         let storage = FaultStorage::new();
         let (mut ack, _) = AckFile::read(&storage, dir.path()).expect("read");
         ack.write(&storage, 10, &[(12, 15)]).expect("write");
-        ack.write_unsynced(&storage, 20, &[(22, 30)])
-            .expect("write");
-        ack.write_unsynced(&storage, 25, &[(26, 30)])
-            .expect("write");
+        let volatile = ack.volatile();
+        for (position, start) in [(20, 22), (25, 26)] {
+            volatile
+                .write_with(&storage, || (position, vec![(start, 30)]))
+                .expect("write");
+        }
         storage.power_cut().expect("power cut");
         let contents = read_ack_contents(dir.path()).expect("read");
         assert_eq!(contents.position, Some(10));
@@ -458,7 +515,8 @@ mod tests {
         assert_eq!(read_ack_file(dir.path()).expect("read"), Some((1, 5)));
         storage.read_only(false);
         ack.write(&storage, 9, &[]).expect("write");
-        assert_eq!(read_ack_file(dir.path()).expect("read"), Some((2, 9)));
+        // The failed write used generation 2: generations are unique, not gapless.
+        assert_eq!(read_ack_file(dir.path()).expect("read"), Some((3, 9)));
     }
 
     #[test]

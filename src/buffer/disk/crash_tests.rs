@@ -75,7 +75,11 @@ async fn a_process_crash_replays_what_was_in_flight_not_everything_acked_after_i
     }
     queue.abandon();
     let seqs = replayed(dir.path(), &storage).await;
-    assert_eq!(seqs[..2], [0, 500], "{}", summary(&seqs));
+    assert!(
+        seqs.contains(&0) && seqs.contains(&500),
+        "{}",
+        summary(&seqs)
+    );
     assert!(
         seqs.len() < 2 + ACK_WRITE_EVERY as usize,
         "{}",

@@ -16,10 +16,10 @@
 //! sequence, marked by QoS 0xAC). Segments with the magic `MLBSEG01` (written before ack
 //! records existed) are read as before and never appended to: the first append after start-up
 //! begins a new segment. An older binary cannot read `MLBSEG02` segments: to downgrade, drain
-//! the buffer first. The `ack` file holds two slots, each a 24-byte header (generation, first
-//! unacknowledged sequence, CRC32C) and up to 84 acknowledged ranges above that position; an
-//! update never overwrites the slot holding the last fsync'd state, so a torn write leaves it
-//! intact. A binary from before the ranges reads the headers and ignores the ranges (it
+//! the buffer first. The `ack` file holds three slots, each a 24-byte header (generation, first
+//! unacknowledged sequence, CRC32C) and up to 84 acknowledged ranges above that position: two
+//! for fsync'd writes, written alternately, and one for writes without an fsync; an update
+//! never overwrites the slot holding the last fsync'd state, so a torn write leaves it intact. A binary from before the ranges reads the headers and ignores the ranges (it
 //! replays them; see `ackfile.rs`). The file is created when the queue opens, so that
 //! recording an ack later never needs a free block.
 //!
@@ -50,8 +50,9 @@
 //!   accepted ahead of an older one still in flight ([`Queue::ack_range`]): those ranges live
 //!   beside the position (`ranges.rs` in memory, up to [`MAX_RANGES`]; the lowest 84 in the
 //!   `ack` file) and recovery skips the records inside them. The position absorbs a range it
-//!   reaches. Every [`ACK_WRITE_EVERY`] acks the position and ranges go into the `ack` file
-//!   with one `pwrite` and no fsync: a process crash (kill -9, OOM, panic) keeps the page cache,
+//!   reaches. Every [`ACK_WRITE_EVERY`] acks the position and ranges go into the `ack` file's
+//!   third slot with one `pwrite` and no fsync, on a blocking thread of the acking side (never
+//!   behind the writer thread's fsyncs): a process crash (kill -9, OOM, panic) keeps the page cache,
 //!   so it replays at most what was in flight plus [`ACK_WRITE_EVERY`]. The fsync follows
 //!   within [`ACK_PERSIST_INTERVAL`] (at most one per interval for a trickle of acks), or at
 //!   once when [`ACK_SYNC_EVERY`] acks are not durable: a power cut replays at most what was in
@@ -91,7 +92,8 @@
 //! read the fsync'd part of the segments with their own file handle, on tokio's blocking
 //! threads; what a read brings in waits in a hand-over list, so a caller that stops waiting
 //! (a cancelled `select!` branch) loses nothing. Acks move a shared position (or add a range)
-//! and wake the writer, which writes the `ack` file unsynced every [`ACK_WRITE_EVERY`] acks.
+//! and wake the writer; every [`ACK_WRITE_EVERY`] acks they also hand one unsynced `pwrite` of
+//! the `ack` file's third slot to a blocking thread.
 //!
 //! # Recovery
 //!
@@ -262,9 +264,45 @@ struct Shared {
     /// Set when the ack position moved and the writer was told; the writer clears it when it
     /// takes the message, so a burst of acks sends one message.
     ack_signalled: AtomicBool,
+    /// The `ack` file's unsynced slot, written from the acking side.
+    volatile: ackfile::VolatileAck,
+    /// `State::acks` when the ack state last went into the `ack` file, synced or not.
+    acks_written: AtomicU64,
+    /// An unsynced write is queued or running.
+    volatile_busy: AtomicBool,
 }
 
 impl Shared {
+    /// Writes the ack state into the `ack` file's unsynced slot until fewer than
+    /// [`ACK_WRITE_EVERY`] acks are left unwritten (blocking file I/O).
+    fn write_volatile(&self) {
+        loop {
+            let mut acks = 0;
+            let result = self.volatile.write_with(&*self.storage, || {
+                let state = self.lock();
+                acks = state.acks;
+                (state.ack_next, state.ranges.lowest(MAX_FILE_RANGES))
+            });
+            match result {
+                Ok(()) => {
+                    self.acks_written.fetch_max(acks, Ordering::AcqRel);
+                }
+                Err(e) => {
+                    // The synced writes log what fails; this one is only a head start, tried
+                    // again after the next acks.
+                    tracing::debug!(dir = %self.config.dir.display(), error = %e, "cannot write the ack file's unsynced slot");
+                    self.volatile_busy.store(false, Ordering::Release);
+                    return;
+                }
+            }
+            self.volatile_busy.store(false, Ordering::Release);
+            let unwritten = self.lock().acks - self.acks_written.load(Ordering::Acquire);
+            if unwritten < ACK_WRITE_EVERY || self.volatile_busy.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every mutation under this lock is completed before it is released, so a poisoned
         // lock still guards a consistent state.
@@ -362,8 +400,12 @@ impl DiskQueue {
     }
 
     /// Stops the writer without persisting the ack position, as `kill -9` would; appends that
-    /// returned are on disk. For crash tests.
+    /// returned are on disk, and an unsynced write of the ack state already started finishes
+    /// (a `pwrite` a kill -9 interrupts is torn, which the slot's CRCs catch). For crash tests.
     pub fn abandon(self) {
+        while self.shared.volatile_busy.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
         let _ = self.send(WriterMsg::Abandon);
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(thread) = thread {
@@ -377,6 +419,21 @@ impl DiskQueue {
             .unwrap_or_else(|p| p.into_inner())
             .send(msg)
             .map_err(|_| QueueError::Closed)
+    }
+
+    /// After [`ACK_WRITE_EVERY`] acks (`acks` is the running count), writes the ack state into
+    /// the `ack` file's unsynced slot: one `pwrite` on a blocking thread (never on the runtime,
+    /// and never behind the writer thread's fsyncs), so a process crash replays at most that
+    /// many acknowledged messages beyond what was in flight.
+    fn write_ahead(&self, acks: u64) {
+        let written = self.shared.acks_written.load(Ordering::Acquire);
+        if acks.saturating_sub(written) < ACK_WRITE_EVERY
+            || self.shared.volatile_busy.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let shared = self.shared.clone();
+        drop(tokio::task::spawn_blocking(move || shared.write_volatile()));
     }
 
     /// Tells the writer the ack position moved, once per burst of acks.
@@ -461,7 +518,7 @@ impl Queue for DiskQueue {
     }
 
     async fn ack(&self, through: Seq) -> Result<(), QueueError> {
-        {
+        let acks = {
             let mut state = self.shared.lock();
             let next = (through + 1).min(state.durable_seq);
             if next <= state.ack_next {
@@ -469,13 +526,15 @@ impl Queue for DiskQueue {
             }
             state.acks += next - state.ack_next;
             state.ack_next = state.ranges.advance(next);
-        }
+            state.acks
+        };
+        self.write_ahead(acks);
         self.signal_ack();
         Ok(())
     }
 
     async fn ack_range(&self, first: Seq, last: Seq) -> Result<(), QueueError> {
-        {
+        let acks = {
             let mut state = self.shared.lock();
             let end = (last + 1).min(state.durable_seq);
             let position = state.ack_next;
@@ -485,7 +544,9 @@ impl Queue for DiskQueue {
             }
             state.acks += added;
             state.ack_next = state.ranges.advance(position);
-        }
+            state.acks
+        };
+        self.write_ahead(acks);
         self.signal_ack();
         Ok(())
     }

@@ -122,6 +122,9 @@ pub(super) fn open(
         storage,
         writable: AtomicBool::new(true),
         ack_signalled: AtomicBool::new(false),
+        volatile: recovered.ack.volatile(),
+        acks_written: AtomicU64::new(0),
+        volatile_busy: AtomicBool::new(false),
     });
     let mut writer = Writer::new(
         shared.clone(),
@@ -162,11 +165,13 @@ pub(super) fn recover(
     let stale = ranges.cut_at(next_seq);
     let ack_pos = ranges.advance(ack_pos);
     if stale {
-        // Both slots, so neither keeps a range that new messages' sequences would fall in.
+        // Every slot, so none keeps a range that new messages' sequences would fall in.
         let kept = ranges.lowest(MAX_FILE_RANGES);
         for _ in 0..2 {
             ack.write(storage, ack_pos, &kept)?;
         }
+        ack.volatile()
+            .write_with(storage, || (ack_pos, kept.clone()))?;
     }
     if found.end != Some(next_seq) {
         let carried = (ack.holds() < Some(ack_pos)).then_some(ack_pos);

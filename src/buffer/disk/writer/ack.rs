@@ -1,6 +1,8 @@
 //! The writer's side of the ack state: when the position and the ranges go into the `ack`
-//! file (unsynced every `ACK_WRITE_EVERY` acks; synced every `ACK_SYNC_EVERY` acks, or else
-//! `ACK_PERSIST_INTERVAL` after an ack), and what a restart would resume from.
+//! file's synced slots (every `ACK_SYNC_EVERY` acks, or else `ACK_PERSIST_INTERVAL` after an
+//! ack), and what a restart would resume from. The unsynced writes every `ACK_WRITE_EVERY`
+//! acks are not the writer's: they go from the acking side to the `ack` file's third slot, so
+//! they never wait behind a group commit's fsync (`DiskQueue::write_ahead`).
 //!
 //! Invariants kept here (the full list is in `disk/mod.rs`):
 //! - A segment is deleted only behind a position that is durable: the `ack` file's after its
@@ -15,7 +17,7 @@ use std::time::Instant;
 
 use super::Writer;
 use crate::buffer::disk::ackfile::MAX_FILE_RANGES;
-use crate::buffer::disk::{ACK_PERSIST_INTERVAL, ACK_SYNC_EVERY, ACK_WRITE_EVERY, Seq};
+use crate::buffer::disk::{ACK_PERSIST_INTERVAL, ACK_SYNC_EVERY, Seq};
 
 impl Writer {
     /// The ack position a restart would resume from: the ack file's or the newest segment's.
@@ -54,25 +56,6 @@ impl Writer {
         // A due time set earlier stays: set only once the position moved after the last
         // ack-file write, it spaces the writes for a trickle of acks an interval apart.
         self.ack_due = Some(self.ack_due.map_or(due, |at| at.min(due)));
-    }
-
-    /// After [`ACK_WRITE_EVERY`] acks, writes the ack state into the `ack` file without an
-    /// fdatasync: a process crash (kill -9, OOM, panic) keeps the page cache, so it then
-    /// replays at most that many acknowledged messages beyond what was in flight.
-    pub(super) fn write_if_many(&mut self) {
-        let (acks, position, ranges) = self.ack_snapshot();
-        if acks - self.acks_written < ACK_WRITE_EVERY || self.ack.wrote(position, &ranges) {
-            return;
-        }
-        match self
-            .ack
-            .write_unsynced(&*self.shared.storage, position, &ranges)
-        {
-            Ok(()) => self.acks_written = acks,
-            Err(e) => {
-                tracing::warn!(dir = %self.shared.config.dir.display(), error = %e, "cannot write the ack position; will retry")
-            }
-        }
     }
 
     /// The running ack count, the position and the ranges the `ack` file has room for.
@@ -140,7 +123,9 @@ impl Writer {
         let ranges: Vec<(Seq, Seq)> = ranges.into_iter().filter(|&(s, _)| s > seq).collect();
         self.ack.write(&*self.shared.storage, seq, &ranges)?;
         self.last_sync = Some(Instant::now());
-        self.acks_written = acks;
+        self.shared
+            .acks_written
+            .fetch_max(acks, std::sync::atomic::Ordering::AcqRel);
         self.acks_synced = acks;
         Ok(())
     }

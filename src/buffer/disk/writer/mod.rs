@@ -12,8 +12,7 @@
 //!   state's durable length (what readers may read) move. A failed write or fsync cuts what
 //!   the append wrote before anything else happens.
 //! - After a failed fsync the segment file is untrusted: the next append starts a new one.
-//! - The `ack` file gets the ack state (position and ranges) unsynced every
-//!   `ACK_WRITE_EVERY` acks, and fsync'd at once when `ACK_SYNC_EVERY` acks are not durable,
+//! - The `ack` file gets the ack state (position and ranges) fsync'd at once when `ACK_SYNC_EVERY` acks are not durable,
 //!   else `ACK_PERSIST_INTERVAL` after an ack (for a trickle, at most once per interval).
 //! - An ack record holds only a position that was acknowledged, and is durable only with its
 //!   group commit. A new segment opens with an ack record when the `ack` file is behind, so the
@@ -67,8 +66,6 @@ pub(super) struct Writer {
     data_start: u64,
     /// When the moved ack position is to be written (`None`: nothing is due).
     ack_due: Option<Instant>,
-    /// The shared running count of acks when the `ack` file was last written, synced or not.
-    acks_written: u64,
     /// The same when the ack state was last made durable.
     acks_synced: u64,
     /// When the `ack` file was last fdatasync'd.
@@ -109,7 +106,6 @@ impl Writer {
             v1: newest.v1,
             data_start: newest.data_start,
             ack_due: None,
-            acks_written: 0,
             acks_synced: 0,
             last_sync: None,
             failing: false,
@@ -143,7 +139,6 @@ impl Writer {
                     WriterMsg::Append { messages, reply } => appends.push((messages, reply)),
                     WriterMsg::Acked => {
                         self.shared.ack_signalled.store(false, Ordering::Release);
-                        self.write_if_many();
                         self.schedule_ack();
                     }
                     WriterMsg::Close { reply } => close = Some(reply),
