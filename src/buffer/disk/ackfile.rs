@@ -485,6 +485,27 @@ mod tests {
     }
 
     #[test]
+    fn a_binary_from_before_the_ranges_reads_a_true_position_from_every_slot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FaultStorage::new();
+        let (mut ack, _) = AckFile::read(&storage, dir.path()).expect("read");
+        ack.write(&storage, 10, &[(12, 15)]).expect("write");
+        ack.write(&storage, 16, &[(18, 19)]).expect("write");
+        ack.volatile()
+            .write_with(&storage, || (17, vec![(18, 30)]))
+            .expect("write");
+        // How the first version read the file: every 24-byte chunk whose CRC matches is a
+        // header; the highest generation wins.
+        let bytes = std::fs::read(dir.path().join(ACK_FILE)).expect("read");
+        let headers: Vec<(u64, u64)> = bytes
+            .chunks_exact(CHUNK_LEN)
+            .filter(|c| crc32c::crc32c(&c[0..16]) == u32_at(c, 16))
+            .map(|c| (u64_at(c, 0), u64_at(c, 8)))
+            .collect();
+        assert_eq!(headers, [(2, 16), (1, 10), (3, 17)]);
+    }
+
+    #[test]
     fn a_header_an_older_binary_wrote_over_a_range_chunk_wins() {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = FaultStorage::new();
