@@ -433,7 +433,11 @@ impl DiskQueue {
             return;
         }
         let shared = self.shared.clone();
-        drop(tokio::task::spawn_blocking(move || shared.write_volatile()));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || shared.write_volatile())),
+            // Not on a runtime (no async caller to hold up): write here.
+            Err(_) => shared.write_volatile(),
+        }
     }
 
     /// Tells the writer the ack position moved, once per burst of acks.
