@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mqtt_lambda_bridge::buffer::disk::{
-    ACK_PERSIST_INTERVAL, DEFAULT_SEGMENT_SIZE, read_ack_file, read_ack_position, segment_files,
+    ACK_PERSIST_INTERVAL, ACK_SYNC_EVERY, ACK_WRITE_EVERY, DEFAULT_SEGMENT_SIZE, read_ack_file,
+    read_ack_position, segment_files,
 };
 use mqtt_lambda_bridge::buffer::storage::{OpenMode, StorageFile};
 use mqtt_lambda_bridge::buffer::{
@@ -968,4 +969,157 @@ async fn a_read_racing_drop_oldest_moves_on_and_never_fails() {
         "the read starts right after what was dropped"
     );
     assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_during_a_paced_drain_replay_at_most_sync_every_acknowledged_per_cut() {
+    // About 2,000 acks a second: 64 in flight, each taking 20 to 44 ms.
+    let (_, per_cut) = drain_with_cuts(Cut::PowerCut, 20).await;
+    assert!(
+        per_cut.iter().all(|&d| d <= ACK_SYNC_EVERY as usize),
+        "acknowledged messages replayed per cut {per_cut:?}, at most {ACK_SYNC_EVERY}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_during_a_full_speed_drain_replay_at_most_sync_every_acknowledged_per_cut() {
+    let (_, per_cut) = drain_with_cuts(Cut::PowerCut, 0).await;
+    // Acks that come while the fdatasync runs wait for the next one: a slow disk adds a few.
+    let bound = ACK_SYNC_EVERY as usize + 64;
+    assert!(
+        per_cut.iter().all(|&d| d <= bound),
+        "acknowledged messages replayed per cut {per_cut:?}, at most {bound}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_full_speed_drain_replays_fewer_than_write_every_acknowledged_per_kill() {
+    let (_, per_cut) = drain_with_cuts(Cut::Kill9, 0).await;
+    // The writer thread takes each burst of acks as soon as it is free: a busy machine may
+    // delay it by a few acks more.
+    let bound = ACK_WRITE_EVERY as usize + 16;
+    assert!(
+        per_cut.iter().all(|&d| d <= bound),
+        "acknowledged messages replayed per kill {per_cut:?}, at most {bound}"
+    );
+}
+
+/// A backlog of 6,000 messages drained with appends paused: each message is an invocation of
+/// its own, 64 in flight, finishing out of order after `base_ms` plus up to 24 ms (every 300th
+/// one takes 250 ms, holding the low-water mark back); each is acknowledged ahead
+/// (`ack_range`) and the low-water mark follows (`ack`), as delivery does. Three cuts at
+/// 300–600 ms into a phase. Returns the ack rate and, per cut, how many messages acknowledged
+/// before it were read again after it.
+async fn drain_with_cuts(cut: Cut, base_ms: u64) -> (f64, Vec<usize>) {
+    const TOTAL: u64 = 6000;
+    const CUTS: usize = 3;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = FaultStorage::new();
+    let open =
+        || DiskQueue::open_with(config(dir.path()), Arc::new(storage.clone())).expect("open");
+    let q = open();
+    for start in (0..TOTAL).step_by(500) {
+        let batch = (start..start + 500).map(|n| msg(n, 100)).collect();
+        q.append(batch).await.expect("append");
+    }
+    drop(q);
+    let mut acked: HashSet<u64> = HashSet::new();
+    let mut per_cut = Vec::new();
+    let mut rates = Vec::new();
+    let mut seed = 0x2026_1204_u64;
+    for phase in 0..=CUTS {
+        let q = open();
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let length = Duration::from_millis(300 + (seed >> 33) % 300);
+        let until = (phase < CUTS).then(|| Instant::now() + length);
+        let (read, acks, took) = invoke_until(&q, &mut acked, until, base_ms, TOTAL).await;
+        rates.push(acks as f64 / took.as_secs_f64());
+        if phase > 0 {
+            per_cut.push(read.len());
+        }
+        if phase < CUTS {
+            q.abandon();
+            if cut == Cut::PowerCut {
+                storage.power_cut().expect("power cut");
+            }
+        } else {
+            q.close().await;
+        }
+    }
+    let missing: Vec<u64> = (0..TOTAL).filter(|n| !acked.contains(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} never acknowledged, first {:?}",
+        missing.len(),
+        missing.first()
+    );
+    let rate = rates[..CUTS].iter().sum::<f64>() / CUTS as f64;
+    println!(
+        "drain with {cut:?}: {rate:.0} acks/s; acknowledged messages read again after each cut: {per_cut:?}"
+    );
+    (rate, per_cut)
+}
+
+/// Reads and "invokes" until `until` (or until all `total` are acknowledged); returns the
+/// numbers read that had been acknowledged in an earlier phase, how many were acknowledged in
+/// this one, and how long it ran.
+async fn invoke_until(
+    q: &DiskQueue,
+    acked: &mut HashSet<u64>,
+    until: Option<Instant>,
+    base_ms: u64,
+    total: u64,
+) -> (Vec<u64>, usize, Duration) {
+    let started = Instant::now();
+    let mut again = Vec::new();
+    let mut in_flight = tokio::task::JoinSet::new();
+    // Sequence → done, for the low-water mark.
+    let mut open_seqs: std::collections::BTreeMap<u64, bool> = Default::default();
+    let mut acks = 0;
+    let deadline = until.map(tokio::time::Instant::from_std);
+    loop {
+        if until.is_none() && acked.len() as u64 >= total {
+            break;
+        }
+        let room = 64 - in_flight.len();
+        tokio::select! {
+            got = q.read(room), if room > 0 => {
+                for entry in got.expect("read") {
+                    let n = number(&entry);
+                    if acked.contains(&n) {
+                        again.push(n);
+                    }
+                    open_seqs.insert(entry.seq, false);
+                    let delay = if n % 300 == 150 { 250 } else { base_ms + n * 7 % 25 };
+                    in_flight.spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        (entry.seq, n)
+                    });
+                }
+            }
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                let (seq, n) = done.expect("invocation");
+                q.ack_range(seq, seq).await.expect("ack ahead");
+                open_seqs.insert(seq, true);
+                let mut through = None;
+                while let Some(entry) = open_seqs.first_entry() {
+                    if !*entry.get() {
+                        break;
+                    }
+                    through = Some(*entry.key());
+                    entry.remove();
+                }
+                if let Some(through) = through {
+                    q.ack(through).await.expect("ack");
+                }
+                acked.insert(n);
+                acks += 1;
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
+        }
+    }
+    in_flight.abort_all();
+    (again, acks, started.elapsed())
 }

@@ -18,6 +18,8 @@
 //!   number that grows by one per message.
 //! - `ack(seq)` releases every message up to and including `seq`; what is not acked when the
 //!   process stops is read again after a restart (for implementations that survive one).
+//!   `ack_range(first, last)` releases a run above that position ahead of it (an event that
+//!   finished before an older one), so a restart need not replay it either.
 //! - `rewind` hands out again, from the first unacknowledged message, what was read and not
 //!   acked: a new reader (a delivery task started again) begins where the acknowledgements
 //!   are, not where a dead reader got to.
@@ -111,4 +113,15 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Releases every message up to and including `through`.
     fn ack(&self, through: Seq) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// Releases the messages from `first` through `last`: an event Lambda accepted while an
+    /// older one is still in flight. The caller vouches that every sequence in between was
+    /// delivered or dropped. A hint for what a crash replays: `ack(through)` still follows once
+    /// everything before is done, and an implementation may keep fewer ranges than it is given
+    /// (the disk queue keeps up to [`disk::MAX_RANGES`]) or none (the memory queue).
+    fn ack_range(
+        &self,
+        first: Seq,
+        last: Seq,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send;
 }

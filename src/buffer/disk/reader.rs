@@ -21,6 +21,8 @@
 //!   sequence). A record at or past the next segment's name is a leftover of an append whose
 //!   fsync failed and is skipped; a corrupt record is skipped by scanning for the next valid
 //!   one; a gap is counted as lost. Each is logged with the file name, and none stops a read.
+//! - A message inside an acknowledged range above the ack position (`ranges.rs`, read from
+//!   the `ack` file at recovery) was delivered before a crash: it is skipped, not handed out.
 //! - A message older than `max_age` is dropped and counted; when nothing before it waits to
 //!   be delivered, the ack position moves past it.
 
@@ -283,6 +285,13 @@ impl Shared {
         let mut batch = Batch::default();
         // One clock reading ages every message of this read (milliseconds apart at most).
         let clock = self.config.max_age.map(|_| crate::core::clock::reading());
+        // Acknowledged ahead of the position (found at recovery: in this process's life the
+        // reader has passed every range already). Read once; ranges only grow until the
+        // position absorbs them.
+        let acked = {
+            let state = self.lock();
+            (!state.ranges.is_empty()).then(|| state.ranges.clone())
+        };
         while batch.wants_more(max) {
             let Some(place) = self.place(reader) else {
                 break;
@@ -320,6 +329,9 @@ impl Shared {
                 self.count_lost(seq - reader.next_seq, path, "a gap in sequence numbers");
             }
             reader.next_seq = seq + 1;
+            if acked.as_ref().is_some_and(|r| r.end_of(seq).is_some()) {
+                continue;
+            }
             if self.drop_if_expired(clock.as_ref(), &message) {
                 batch.ack_moved |= self.release_expired(&batch, seq, place.ack_next);
                 continue;

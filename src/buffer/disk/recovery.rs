@@ -18,6 +18,10 @@
 //! - Sequences inside a segment stay contiguous: when the newest segment cannot take the next
 //!   sequence, it is renamed if it holds no message (needs no free block), or a new segment
 //!   starts, opening with an ack record when the `ack` file does not hold the position.
+//! - The `ack` file is fsync'd before anything is deleted on its strength (a process that
+//!   crashed may have left an unsynced write in the page cache). Its ranges move the position
+//!   when they reach it; ranges at or past the next sequence are dropped, since new messages
+//!   take those sequences.
 //! - Nothing found on disk makes opening refuse or loop; only I/O errors do.
 
 use std::collections::VecDeque;
@@ -28,7 +32,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::ackfile::AckFile;
+use super::ackfile::{AckFile, MAX_FILE_RANGES};
+use super::ranges::AckRanges;
 use super::reader::Reader;
 use super::segment::{
     MAGIC_LEN, SEGMENT_MAGIC, list_segments, read_whole, scan_segment, segment_head, segment_path,
@@ -67,6 +72,8 @@ pub(super) struct Recovered {
     pub(super) next_seq: Seq,
     /// First unacknowledged sequence.
     pub(super) ack_pos: Seq,
+    /// Acknowledged ranges above it, from the `ack` file, cut at `next_seq`.
+    pub(super) ranges: AckRanges,
     pub(super) ack: AckFile,
     pub(super) newest: NewestSegment,
 }
@@ -97,6 +104,8 @@ pub(super) fn open(
             segments: recovered.segments,
             durable_seq: recovered.next_seq,
             ack_next: ack_pos,
+            ranges: recovered.ranges,
+            acks: 0,
             bytes,
             reserved: 0,
             closed: false,
@@ -114,6 +123,9 @@ pub(super) fn open(
         storage,
         writable: AtomicBool::new(true),
         ack_signalled: AtomicBool::new(false),
+        volatile: recovered.ack.volatile(),
+        acks_written: AtomicU64::new(0),
+        volatile_busy: AtomicBool::new(false),
     });
     let mut writer = Writer::new(
         shared.clone(),
@@ -133,7 +145,11 @@ pub(super) fn recover(
 ) -> io::Result<Recovered> {
     storage.create_dir_all(dir)?;
     let names = list_segments(storage, dir)?;
-    let ack = AckFile::read(storage, dir)?;
+    let (mut ack, ranges) = AckFile::read(storage, dir)?;
+    if let Err(e) = ack.sync_found(storage) {
+        // Only a power cut in the next moments could then bring back an older position.
+        tracing::warn!(dir = %dir.display(), error = %e, "buffer recovery: cannot fsync the ack file");
+    }
     let mut found = find_segments(storage, &names, counters)?;
     let first_seq = found.segments.front().map(|s| s.first_seq);
     let (ack_pos, next_seq) = settle_positions(
@@ -144,6 +160,20 @@ pub(super) fn recover(
         found.newest_is_empty,
         counters,
     );
+    // Ranges past the records are stale (the records they named were lost): sequences from
+    // `next_seq` on are given to new messages.
+    let mut ranges = AckRanges::from_list(&ranges, ack_pos);
+    let stale = ranges.cut_at(next_seq);
+    let ack_pos = ranges.advance(ack_pos);
+    if stale {
+        // Every slot, so none keeps a range that new messages' sequences would fall in.
+        let kept = ranges.lowest(MAX_FILE_RANGES);
+        for _ in 0..2 {
+            ack.write(storage, ack_pos, &kept)?;
+        }
+        ack.volatile()
+            .write_with(storage, || (ack_pos, kept.clone()))?;
+    }
     if found.end != Some(next_seq) {
         let carried = (ack.holds() < Some(ack_pos)).then_some(ack_pos);
         continue_at(storage, dir, &mut found, next_seq, carried)?;
@@ -160,6 +190,7 @@ pub(super) fn recover(
         segments: found.segments,
         next_seq,
         ack_pos,
+        ranges,
         ack,
         newest: found.newest,
     })
@@ -328,7 +359,7 @@ fn continue_at(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::disk::ackfile::read_ack_file;
+    use crate::buffer::disk::ackfile::{read_ack_contents, read_ack_file};
     use crate::buffer::disk::segment::segment_files;
     use crate::buffer::disk::segment::tests::segment_bytes;
     use crate::buffer::disk::tests::config;
@@ -337,7 +368,7 @@ mod tests {
 
     fn write_ack(dir: &Path, position: Seq) {
         AckFile::read(&RealStorage, dir)
-            .and_then(|mut ack| ack.write(&RealStorage, position))
+            .and_then(|(mut ack, _)| ack.write(&RealStorage, position, &[]))
             .expect("write ack file");
     }
 
@@ -389,6 +420,28 @@ mod tests {
             SEGMENT_MAGIC
         );
         assert_eq!(recovered.newest.data_start, MAGIC_LEN);
+    }
+
+    #[test]
+    fn acked_ranges_move_the_position_and_those_past_the_records_are_erased() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes = segment_bytes(&[(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "e")]);
+        std::fs::write(segment_path(dir.path(), 0), &bytes).expect("write");
+        // Two writes: the stale range is in both slots.
+        let (mut ack, _) = AckFile::read(&RealStorage, dir.path()).expect("read");
+        ack.write(&RealStorage, 1, &[(1, 2), (3, 4), (6, 9)])
+            .expect("write");
+        ack.write(&RealStorage, 1, &[(1, 2), (3, 4), (6, 9)])
+            .expect("write");
+        let (recovered, _) = recover_dir(dir.path());
+        assert_eq!((recovered.ack_pos, recovered.next_seq), (2, 5));
+        assert_eq!(recovered.ranges.lowest(10), [(3, 4)]);
+        let on_disk = read_ack_contents(dir.path()).expect("ack");
+        assert!(
+            on_disk.ranges.iter().all(|&(_, end)| end <= 5),
+            "{:?}",
+            on_disk.ranges
+        );
     }
 
     #[test]

@@ -74,6 +74,11 @@ impl Acks {
     /// A new acknowledgement position, when it moved: everything read below the oldest
     /// unfinished event and below `pending` (the first sequence of what is read but not started
     /// yet, if any).
+    /// The position last reported by [`Acks::through`].
+    pub(super) fn acked(&self) -> Option<Seq> {
+        self.acked
+    }
+
     pub(super) fn through(&mut self, pending: Option<Seq>) -> Option<Seq> {
         let barrier = [self.unfinished.keys().next().copied(), pending]
             .into_iter()

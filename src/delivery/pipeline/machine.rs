@@ -21,7 +21,7 @@
 //! - Halting starts nothing and reads nothing: in every mode each input the loop waits for can
 //!   arrive, so the loop never spins.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -121,6 +121,10 @@ pub struct Core {
     letters: VecDeque<PendingLetter>,
     /// Whether the front letter is being written now.
     writing_letter: bool,
+    /// Events in flight that cover a run of sequences wholly (first → last), and those runs
+    /// once accepted, for `Queue::ack_range`: a crash then need not replay them.
+    spans: BTreeMap<Seq, Seq>,
+    accepted: Vec<(Seq, Seq)>,
 }
 
 impl Core {
@@ -137,6 +141,8 @@ impl Core {
             invoking_bytes: 0,
             letters: VecDeque::new(),
             writing_letter: false,
+            spans: BTreeMap::new(),
+            accepted: Vec::new(),
         }
     }
 
@@ -230,6 +236,13 @@ impl Core {
 
     /// Takes up to `n` formed events to invoke now.
     pub fn start(&mut self, n: usize) -> Vec<Unit> {
+        // Without a throttle or windows, the former's events are consecutive runs of what was
+        // read, so one of m messages covers first..first+m-1 wholly (gaps are records the queue
+        // skipped). Carried events may come from a plan that had either: none of those.
+        let (carried, contiguous) = (
+            self.carried.len(),
+            self.plan.throttle.is_none() && self.plan.aggregate.is_none(),
+        );
         let units: Vec<Unit> = std::iter::from_fn(|| {
             self.carried
                 .pop_front()
@@ -237,7 +250,11 @@ impl Core {
         })
         .take(n)
         .collect();
-        for unit in &units {
+        for (i, unit) in units.iter().enumerate() {
+            if contiguous && i >= carried && unit.messages > 0 {
+                self.spans
+                    .insert(unit.first_seq, unit.first_seq + unit.messages as Seq - 1);
+            }
             self.acks.begin(unit.first_seq);
             self.invoking += 1;
             self.invoking_bytes += unit.payload.len();
@@ -255,8 +272,10 @@ impl Core {
         } = ticket;
         self.invoking = self.invoking.saturating_sub(1);
         self.invoking_bytes = self.invoking_bytes.saturating_sub(bytes);
+        let span = self.spans.remove(&first_seq);
         match outcome {
             Some(Outcome::Delivered) => {
+                self.accepted.extend(span.map(|last| (first_seq, last)));
                 self.acks.finish(first_seq);
                 RuleStats::add(&self.stats.delivered, messages as u64);
                 RuleStats::add(&self.stats.invocations, 1);
@@ -314,6 +333,15 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// Runs of sequences Lambda accepted since the last call, above the acknowledgement
+    /// position (events that finished ahead of an older one).
+    pub fn accepted_ahead(&mut self) -> Vec<(Seq, Seq)> {
+        let acked = self.acks.acked();
+        let mut runs = std::mem::take(&mut self.accepted);
+        runs.retain(|&(_, last)| acked.is_none_or(|a| last > a));
+        runs
     }
 
     /// A new acknowledgement position, when it moved: everything read below the oldest
@@ -617,5 +645,40 @@ mod tests {
             core.on_finished(Ticket::of(unit), Some(Outcome::Delivered));
         }
         assert_eq!(core.ack_through(), Some(4));
+    }
+
+    #[test]
+    fn events_accepted_ahead_of_a_slow_one_are_reported_as_runs_once() {
+        let start = std::time::Instant::now();
+        let mut core = Core::new(Arc::new(plan(2, Duration::from_secs(1))), Arc::default());
+        core.on_read(entries(0..6), at(start, 0));
+        let units = core.start(3);
+        assert_eq!(units.len(), 3, "three events of two");
+        core.on_finished(Ticket::of(&units[2]), Some(Outcome::Delivered));
+        core.on_finished(Ticket::of(&units[1]), Some(Outcome::Delivered));
+        assert_eq!(core.accepted_ahead(), [(4, 5), (2, 3)]);
+        assert_eq!(core.accepted_ahead(), [], "reported once");
+        assert_eq!(core.ack_through(), None, "the first is still in flight");
+        core.on_finished(Ticket::of(&units[0]), Some(Outcome::Delivered));
+        assert_eq!(core.ack_through(), Some(5));
+        assert_eq!(core.accepted_ahead(), [], "in order: no range needed");
+    }
+
+    #[test]
+    fn a_throttled_rule_reports_no_runs() {
+        let start = std::time::Instant::now();
+        let mut throttled = plan(1, Duration::ZERO);
+        throttled.throttle = Some(crate::shaping::throttle::ThrottleSpec {
+            min_interval_ms: None,
+            keep: crate::shaping::throttle::Keep::First,
+            only_changes: true,
+            deadband: None,
+        });
+        let mut core = Core::new(Arc::new(throttled), Arc::default());
+        core.on_read(entries(0..2), at(start, 0));
+        let units = core.start(2);
+        assert_eq!(units.len(), 2);
+        core.on_finished(Ticket::of(&units[1]), Some(Outcome::Delivered));
+        assert_eq!(core.accepted_ahead(), []);
     }
 }

@@ -201,6 +201,9 @@ async fn turn_until_done<Q: Queue, I: Invoke>(
     loop {
         beat.turn();
         run.stop_reading_if_stopping();
+        for (first, last) in run.core.accepted_ahead() {
+            queue.ack_range(first, last).await.map_err(queue_err)?;
+        }
         if let Some(through) = run.core.ack_through() {
             queue.ack(through).await.map_err(queue_err)?;
         }

@@ -12,6 +12,8 @@
 //!   state's durable length (what readers may read) move. A failed write or fsync cuts what
 //!   the append wrote before anything else happens.
 //! - After a failed fsync the segment file is untrusted: the next append starts a new one.
+//! - The `ack` file gets the ack state (position and ranges) fsync'd at once when `ACK_SYNC_EVERY` acks are not durable,
+//!   else `ACK_PERSIST_INTERVAL` after an ack (for a trickle, at most once per interval).
 //! - An ack record holds only a position that was acknowledged, and is durable only with its
 //!   group commit. A new segment opens with an ack record when the `ack` file is behind, so the
 //!   newest segment never holds less than the position older segments were deleted on.
@@ -38,6 +40,7 @@ use crate::buffer::storage::{OpenMode, StorageFile};
 use crate::buffer::{Appended, record};
 use crate::core::envelope::Message;
 
+mod ack;
 mod admit;
 mod reuse;
 
@@ -69,6 +72,10 @@ pub(super) struct Writer {
     data_start: u64,
     /// When the moved ack position is to be written (`None`: nothing is due).
     ack_due: Option<Instant>,
+    /// The same when the ack state was last made durable.
+    acks_synced: u64,
+    /// When the `ack` file was last fdatasync'd.
+    last_sync: Option<Instant>,
     /// Set after a failed write or fsync, so the failure is logged once and a full disk gets
     /// its delivered segment reused; cleared by the next successful append.
     failing: bool,
@@ -108,31 +115,13 @@ impl Writer {
             v1: newest.v1,
             data_start: newest.data_start,
             ack_due: None,
+            acks_synced: 0,
+            last_sync: None,
             failing: false,
             untrusted: false,
             short_of_room: false,
             buf: Vec::new(),
         })
-    }
-
-    /// The ack position a restart would resume from: the ack file's or the newest segment's.
-    fn ack_on_disk(&self) -> Option<Seq> {
-        self.ack.holds().max(self.ack_in_log)
-    }
-
-    /// At open: creates the ack file now, while there is room, so a later ack write only
-    /// overwrites a block the file already has, which works on a full disk. Also writes it
-    /// when recovery moved the position past what is on disk (missing segments).
-    pub(super) fn settle_ack_file(&mut self, ack_pos: Seq) {
-        if self.ack.holds().is_some() && self.ack_on_disk() >= Some(ack_pos) {
-            return;
-        }
-        if let Err(e) = self.write_ack_file(ack_pos) {
-            tracing::warn!(
-                dir = %self.shared.config.dir.display(), error = %e,
-                "cannot create the buffer's ack file; will retry at the first acknowledgement"
-            );
-        }
     }
 
     /// The thread's loop: until the queue closes, takes every waiting message at once.
@@ -194,44 +183,6 @@ impl Writer {
         self.shared.freed.notify_waiters();
     }
 
-    /// The ack position moved: the ack file is due one interval later, unless a group commit
-    /// carries the position first (at most an interval after the ack, at most one ack-file
-    /// fsync per interval, none while appends keep coming).
-    fn schedule_ack(&mut self) {
-        if self.ack_due.is_none() {
-            // Set only once the position moved after the last ack-file write, so this also
-            // spaces ack-file writes an interval apart.
-            self.ack_due = Some(Instant::now() + ACK_PERSIST_INTERVAL);
-        }
-    }
-
-    /// Persists the ack position when it is due. Also notices a position moved without a
-    /// message (the writer's own drops, a signal still on its way).
-    fn persist_ack_if_due(&mut self) {
-        let ack_next = self.shared.lock().ack_next;
-        // A group commit may have carried it already: then only a retried reuse is left.
-        let on_disk = Some(ack_next) == self.ack_on_disk();
-        if self.ack_due.is_none() {
-            if on_disk {
-                return;
-            }
-            self.schedule_ack();
-        }
-        let now = Instant::now();
-        if self.ack_due.is_some_and(|due| due > now) {
-            return;
-        }
-        self.ack_due = None;
-        let done = if on_disk {
-            self.reuse_if_worthwhile()
-        } else {
-            self.persist_ack_and_delete()
-        };
-        if !done {
-            self.ack_due = Some(now + ACK_PERSIST_INTERVAL);
-        }
-    }
-
     /// Writes every pending append, fsyncs once, answers each. Admission (`admit.rs`) may
     /// split them into several group commits, so that the share never exceeds its cap.
     pub(super) fn append_all(&mut self, appends: Vec<PendingAppend>) {
@@ -259,9 +210,11 @@ impl Writer {
         if result.is_ok() {
             self.shared.appended.notify_waiters();
             if let Some(position) = self.ack_on_disk() {
-                if position == self.shared.lock().ack_next {
+                let (acks, ack_next, ranges) = self.ack_snapshot();
+                if self.ack_state_on_disk(ack_next, &ranges) {
                     // Carried by this group commit: the ack file need not be written.
                     self.ack_due = None;
+                    self.acks_synced = acks;
                 }
                 self.delete_behind(position);
             }
@@ -423,26 +376,6 @@ impl Writer {
             return Err(e);
         }
         Ok(())
-    }
-
-    /// Writes a moved ack position to the ack file, deletes the segments wholly behind it, and
-    /// reuses the newest segment if worthwhile. Returns false when something should be tried
-    /// again later.
-    pub(super) fn persist_ack_and_delete(&mut self) -> bool {
-        let ack_next = self.shared.lock().ack_next;
-        if Some(ack_next) != self.ack.holds() {
-            if let Err(e) = self.write_ack_file(ack_next) {
-                tracing::warn!(dir = %self.shared.config.dir.display(), error = %e, "cannot persist the ack position; will retry");
-                return false;
-            }
-            self.delete_behind(ack_next);
-        }
-        self.reuse_if_worthwhile()
-    }
-
-    /// Writes the ack file (which then notes what it holds).
-    fn write_ack_file(&mut self, seq: Seq) -> io::Result<()> {
-        self.ack.write(&*self.shared.storage, seq)
     }
 
     /// Deletes the segments wholly behind `position`, which is on disk (in the ack file or in
