@@ -46,7 +46,10 @@ use world::{Kind, Profile, Violation, World};
 /// Seeds the sweep runs by default: about 30 s on two shared cores (300 take 86 s).
 const DEFAULT_SEEDS: u64 = 100;
 
-/// Broken on this branch's code; each is fixed elsewhere (see the report of each fix).
+/// Invariants the code still breaks in some seeds: the sweep reports them without failing, and
+/// each has a `finds_*` test that asserts the simulation still finds it. Duplicates after a crash: acknowledged ranges cut them from hundreds to a few dozen per
+/// crash, but a few seeds in a hundred still deliver more again than in flight plus 32 (kill -9)
+/// and after a graceful restart; not explained yet, so still listed.
 const KNOWN_BUGS: &[Kind] = &[Kind::Duplicates];
 
 /// Runs one seed on its own current-thread runtime with paused time.
@@ -212,7 +215,7 @@ fn finds_duplicates_over_the_bound_after_a_crash() {
         crash_mix: [1, 0, 0],
         ..Profile::default()
     };
-    assert_found(Kind::Duplicates, "after a kill -9", profile, 1, 30);
+    assert_found(Kind::Duplicates, "after a kill -9", profile, 1, 60);
 }
 
 #[test]

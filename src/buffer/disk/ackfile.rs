@@ -47,8 +47,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::Seq;
 use super::segment::{list_segments, read_whole, scan_segment};
+use super::{ACK_WRITE_EVERY, Seq};
 use crate::buffer::storage::{OpenMode, RealStorage, Storage, StorageFile};
 
 /// The file's name in the queue directory.
@@ -318,6 +318,38 @@ impl VolatileAck {
             &encode_slot(generation, position, ranges),
             VOLATILE_AT as u64,
         )
+    }
+}
+
+impl super::Shared {
+    /// Writes the ack state into the `ack` file's unsynced slot until fewer than
+    /// [`ACK_WRITE_EVERY`] acks are left unwritten (blocking file I/O).
+    pub(super) fn write_volatile(&self) {
+        loop {
+            let mut acks = 0;
+            let result = self.volatile.write_with(&*self.storage, || {
+                let state = self.lock();
+                acks = state.acks;
+                (state.ack_next, state.ranges.lowest(MAX_FILE_RANGES))
+            });
+            match result {
+                Ok(()) => {
+                    self.acks_written.fetch_max(acks, Ordering::AcqRel);
+                }
+                Err(e) => {
+                    // The synced writes log what fails; this one is only a head start, tried
+                    // again after the next acks.
+                    tracing::debug!(dir = %self.config.dir.display(), error = %e, "cannot write the ack file's unsynced slot");
+                    self.volatile_busy.store(false, Ordering::Release);
+                    return;
+                }
+            }
+            self.volatile_busy.store(false, Ordering::Release);
+            let unwritten = self.lock().acks - self.acks_written.load(Ordering::Acquire);
+            if unwritten < ACK_WRITE_EVERY || self.volatile_busy.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
     }
 }
 

@@ -282,36 +282,6 @@ struct Shared {
 }
 
 impl Shared {
-    /// Writes the ack state into the `ack` file's unsynced slot until fewer than
-    /// [`ACK_WRITE_EVERY`] acks are left unwritten (blocking file I/O).
-    fn write_volatile(&self) {
-        loop {
-            let mut acks = 0;
-            let result = self.volatile.write_with(&*self.storage, || {
-                let state = self.lock();
-                acks = state.acks;
-                (state.ack_next, state.ranges.lowest(MAX_FILE_RANGES))
-            });
-            match result {
-                Ok(()) => {
-                    self.acks_written.fetch_max(acks, Ordering::AcqRel);
-                }
-                Err(e) => {
-                    // The synced writes log what fails; this one is only a head start, tried
-                    // again after the next acks.
-                    tracing::debug!(dir = %self.config.dir.display(), error = %e, "cannot write the ack file's unsynced slot");
-                    self.volatile_busy.store(false, Ordering::Release);
-                    return;
-                }
-            }
-            self.volatile_busy.store(false, Ordering::Release);
-            let unwritten = self.lock().acks - self.acks_written.load(Ordering::Acquire);
-            if unwritten < ACK_WRITE_EVERY || self.volatile_busy.swap(true, Ordering::AcqRel) {
-                return;
-            }
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every mutation under this lock is completed before it is released, so a poisoned
         // lock still guards a consistent state.
