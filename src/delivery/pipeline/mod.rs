@@ -945,17 +945,25 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn a_read_error_is_retried_the_rule_reported_stalled_and_everything_delivered() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// A rule over five messages whose reads fail (EIO), delivering until it reports itself
+    /// stalled.
+    async fn stalled_on_unreadable_reads(
+        dir: &std::path::Path,
+    ) -> (
+        FaultStorage,
+        Arc<Route<DiskQueue>>,
+        Arc<FakeInvoker>,
+        shutdown::Trigger,
+        tokio::task::JoinHandle<Result<(), DeliveryError>>,
+    ) {
         let storage = FaultStorage::new();
-        let queue = disk_queue(&dir.path().join("r"), Arc::new(storage.clone()));
+        let queue = disk_queue(&dir.join("r"), Arc::new(storage.clone()));
         storage.fail_reads(true);
         queue
             .append((0..5).map(msg).collect())
             .await
             .expect("append");
-        let route = disk_route(queue, dir.path());
+        let route = disk_route(queue, dir);
         let invoker = Arc::new(FakeInvoker::default());
         let (trigger, drain) = shutdown::channel();
         let task = tokio::spawn(deliver(
@@ -970,6 +978,14 @@ mod tests {
             || format!("task finished: {}", task.is_finished()),
         )
         .await;
+        (storage, route, invoker, trigger, task)
+    }
+
+    #[tokio::test]
+    async fn a_read_error_is_retried_the_rule_reported_stalled_and_everything_delivered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (storage, route, invoker, trigger, task) =
+            stalled_on_unreadable_reads(dir.path()).await;
         let reason = route.stats.stalled.reason().unwrap_or_default();
         assert!(
             reason.starts_with("cannot read its buffer: ") && reason.ends_with("; retrying"),
@@ -1059,28 +1075,8 @@ mod tests {
     #[tokio::test]
     async fn a_shutdown_does_not_wait_for_a_buffer_that_cannot_be_read() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let storage = FaultStorage::new();
-        let queue = disk_queue(&dir.path().join("r"), Arc::new(storage.clone()));
-        storage.fail_reads(true);
-        queue
-            .append((0..5).map(msg).collect())
-            .await
-            .expect("append");
-        let route = disk_route(queue, dir.path());
-        let invoker = Arc::new(FakeInvoker::default());
-        let (trigger, drain) = shutdown::channel();
-        let task = tokio::spawn(deliver(
-            route.clone(),
-            invoker.clone(),
-            Arc::new(Semaphore::new(32)),
-            drain,
-        ));
-        wait_until(
-            "the rule is reported stalled",
-            || route.stats.stalled.is_stalled(),
-            || format!("task finished: {}", task.is_finished()),
-        )
-        .await;
+        let (_storage, route, invoker, trigger, task) =
+            stalled_on_unreadable_reads(dir.path()).await;
         trigger.trigger();
         let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
         assert!(

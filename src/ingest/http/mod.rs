@@ -498,6 +498,29 @@ mod tests {
         (RouteTable::new(Routes::new(vec![route])), queue)
     }
 
+    /// Serves one rule `r` whose buffer has room for one message of 300 bytes, not two (nothing
+    /// is ever delivered), until the returned guards drop.
+    async fn serve_a_small_buffer(
+        dir: &Path,
+        when_full: WhenFull,
+        store_wait: Duration,
+    ) -> (
+        SocketAddr,
+        Arc<DiskQueue>,
+        (crate::core::shutdown::Trigger, Running),
+    ) {
+        let (table, queue) = table(dir, when_full, 600, FaultStorage::new());
+        let listener = listener(when_full, store_wait).await;
+        let addr = listener.local_addr();
+        let (stop, stopping) = crate::core::shutdown::channel();
+        let running = listener.serve(
+            table,
+            Arc::new(crate::core::health::Health::new()),
+            stopping,
+        );
+        (addr, queue, (stop, running))
+    }
+
     async fn listener(when_full: WhenFull, store_wait: Duration) -> Listener {
         let config = HttpConfig {
             listen: Some("127.0.0.1:0".into()),
@@ -612,16 +635,8 @@ mod tests {
     #[tokio::test]
     async fn a_message_a_full_drop_newest_buffer_drops_is_answered_503_naming_the_rule() {
         let dir = tempfile::tempdir().expect("tempdir");
-        // Room for one message of 300 bytes, not two; nothing is ever delivered.
-        let (table, queue) = table(dir.path(), WhenFull::DropNewest, 600, FaultStorage::new());
-        let listener = listener(WhenFull::DropNewest, Duration::from_secs(5)).await;
-        let addr = listener.local_addr();
-        let (_stop, stopping) = crate::core::shutdown::channel();
-        let _running = listener.serve(
-            table,
-            Arc::new(crate::core::health::Health::new()),
-            stopping,
-        );
+        let (addr, queue, _serving) =
+            serve_a_small_buffer(dir.path(), WhenFull::DropNewest, Duration::from_secs(5)).await;
         let payload = "x".repeat(300);
         assert_eq!(post(addr, "/topics/a/1", &payload).await.0, 202);
         let (status, body) = post(addr, "/topics/a/2", &payload).await;
@@ -640,16 +655,8 @@ mod tests {
     #[tokio::test]
     async fn a_full_blocking_buffer_is_answered_503_after_the_store_wait() {
         let dir = tempfile::tempdir().expect("tempdir");
-        // Room for one message of 300 bytes, not two; nothing is ever delivered.
-        let (table, _queue) = table(dir.path(), WhenFull::Block, 600, FaultStorage::new());
-        let listener = listener(WhenFull::Block, Duration::from_millis(300)).await;
-        let addr = listener.local_addr();
-        let (_stop, stopping) = crate::core::shutdown::channel();
-        let _running = listener.serve(
-            table,
-            Arc::new(crate::core::health::Health::new()),
-            stopping,
-        );
+        let (addr, _queue, _serving) =
+            serve_a_small_buffer(dir.path(), WhenFull::Block, Duration::from_millis(300)).await;
         let payload = "x".repeat(300);
         assert_eq!(post(addr, "/topics/a/1", &payload).await.0, 202);
         let started = std::time::Instant::now();
