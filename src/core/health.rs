@@ -43,6 +43,9 @@ pub struct Health {
     loops: Mutex<Vec<Arc<LoopSlot>>>,
     /// HTTP ingest's answers, by status.
     pub http_answers: HttpAnswers,
+    /// QoS 0 publishes the MQTT connection dropped because ingest was far behind while reads
+    /// could not pause (a reply or acknowledgements waiting on the connection).
+    qos0_dropped: AtomicU64,
 }
 
 /// The statuses HTTP ingest answers with; anything else counts as the last, `0` ("other").
@@ -93,6 +96,7 @@ impl Default for Health {
             epoch: Instant::now(),
             loops: Mutex::new(Vec::new()),
             http_answers: HttpAnswers::default(),
+            qos0_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -110,6 +114,16 @@ impl Health {
     /// A new report: not connected yet, no loop watched.
     pub fn new() -> Health {
         Health::default()
+    }
+
+    /// Counts one QoS 0 publish dropped past the ingest bound.
+    pub fn count_qos0_dropped(&self) {
+        self.qos0_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// QoS 0 publishes dropped past the ingest bound since the start.
+    pub fn qos0_dropped(&self) -> u64 {
+        self.qos0_dropped.load(Ordering::Relaxed)
     }
 
     /// The MQTT event loop got a CONNACK (true) or lost the connection (false). Either also

@@ -169,6 +169,7 @@ impl Poller {
     async fn forward(&mut self, publish: Inbound) {
         let reply_waiting = self.channels.replier.waiting();
         if self.channels.hold.admit(publish.qos, reply_waiting) == Admit::DropQos0 {
+            self.health.count_qos0_dropped();
             self.feed(SessionEvent::DroppedQos0).await;
             return;
         }

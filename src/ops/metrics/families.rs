@@ -126,6 +126,13 @@ impl Collector for Collected {
         buffers(&mut encoder, &routes)?;
         single(
             &mut encoder,
+            "mlb_mqtt_qos0_dropped",
+            "QoS 0 messages dropped on arrival because ingest was far behind while reads could not pause (a reply or acknowledgements waiting on the connection).",
+            MetricType::Counter,
+            self.health.qos0_dropped() as f64,
+        )?;
+        single(
+            &mut encoder,
             "mlb_mqtt_connected",
             "1 while the connection to the MQTT broker is up, else 0.",
             MetricType::Gauge,

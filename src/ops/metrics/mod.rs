@@ -33,6 +33,8 @@
 //! mlb_rule_stalled{rule}                       gauge    1 while the rule delivers nothing: its
 //!                                                       buffer cannot be read (retried) or its
 //!                                                       delivery stopped (/readyz says why)
+//! mlb_mqtt_qos0_dropped_total                  counter  QoS 0 messages dropped on arrival: ingest
+//!                                                       far behind, reads unable to pause
 //! mlb_mqtt_connected                           gauge    1 while the broker connection is up
 //! process_resident_memory_bytes, process_virtual_memory_bytes, process_cpu_seconds_total,
 //! process_open_fds, process_max_fds, process_start_time_seconds   (Linux, from /proc)
@@ -462,5 +464,22 @@ mod tests {
         fn writable(&self) -> bool {
             true
         }
+    }
+
+    #[test]
+    fn qos0_messages_dropped_by_the_connection_are_counted() {
+        let routes = Board::new(std::sync::RwLock::new(Vec::new()));
+        let health = Arc::new(Health::new());
+        let endpoints = Endpoints::new("mqtt://broker.lan:1883", routes, health.clone());
+        let line = || {
+            let text = String::from_utf8_lossy(&endpoints.metrics(false).body).into_owned();
+            text.lines()
+                .find(|l| l.starts_with("mlb_mqtt_qos0_dropped"))
+                .map(str::to_owned)
+        };
+        assert_eq!(line().as_deref(), Some("mlb_mqtt_qos0_dropped_total 0.0"));
+        health.count_qos0_dropped();
+        health.count_qos0_dropped();
+        assert_eq!(line().as_deref(), Some("mlb_mqtt_qos0_dropped_total 2.0"));
     }
 }
