@@ -964,6 +964,19 @@ mod tests {
             .await
             .expect("append");
         let route = disk_route(queue, dir);
+        let (invoker, trigger, task) = deliver_until_stalled(&route).await;
+        (storage, route, invoker, trigger, task)
+    }
+
+    /// Starts delivering `route` to a fake Lambda and waits until the rule reports itself
+    /// stalled.
+    async fn deliver_until_stalled(
+        route: &Arc<Route<DiskQueue>>,
+    ) -> (
+        Arc<FakeInvoker>,
+        shutdown::Trigger,
+        tokio::task::JoinHandle<Result<(), DeliveryError>>,
+    ) {
         let invoker = Arc::new(FakeInvoker::default());
         let (trigger, drain) = shutdown::channel();
         let task = tokio::spawn(deliver(
@@ -975,10 +988,16 @@ mod tests {
         wait_until(
             "the rule is reported stalled",
             || route.stats.stalled.is_stalled(),
-            || format!("task finished: {}", task.is_finished()),
+            || {
+                format!(
+                    "task finished: {}; delivered {:?}",
+                    task.is_finished(),
+                    delivered(&invoker)
+                )
+            },
         )
         .await;
-        (storage, route, invoker, trigger, task)
+        (invoker, trigger, task)
     }
 
     #[tokio::test]
@@ -1029,26 +1048,7 @@ mod tests {
         let away = rule_dir.join("away");
         std::fs::rename(&missing, &away).expect("rename");
         let route = disk_route(queue, dir.path());
-        let invoker = Arc::new(FakeInvoker::default());
-        let (trigger, drain) = shutdown::channel();
-        let task = tokio::spawn(deliver(
-            route.clone(),
-            invoker.clone(),
-            Arc::new(Semaphore::new(32)),
-            drain,
-        ));
-        wait_until(
-            "the rule is reported stalled",
-            || route.stats.stalled.is_stalled(),
-            || {
-                format!(
-                    "task finished: {}; delivered {:?}",
-                    task.is_finished(),
-                    delivered(&invoker)
-                )
-            },
-        )
-        .await;
+        let (invoker, trigger, task) = deliver_until_stalled(&route).await;
         std::fs::rename(&away, &missing).expect("rename back");
         wait_until(
             "everything is acknowledged",
