@@ -167,8 +167,8 @@ impl Poller {
     /// Hands a publish to ingest; past the hold's bound, waits for ingest to catch up, or
     /// when it may not wait, drops a QoS 0 publish (see `hold.rs`).
     async fn forward(&mut self, publish: Inbound) {
-        let reply_waiting = self.channels.replier.waiting();
-        if self.channels.hold.admit(publish.qos, reply_waiting) == Admit::DropQos0 {
+        let replier = &self.channels.replier;
+        if self.channels.hold.admit(publish.qos, || replier.waiting()) == Admit::DropQos0 {
             self.health.count_qos0_dropped();
             self.feed(SessionEvent::DroppedQos0).await;
             return;
