@@ -78,20 +78,7 @@ async fn kill_9_while_streaming(protocol: Protocol) {
     daemon.wait_for_log("subscribed").await;
 
     let publisher = Publisher::connect(broker.port).await;
-    let stream = {
-        let client = publisher.client.clone();
-        tokio::spawn(async move {
-            for i in 0..N {
-                client
-                    .publish("stream/x", rumqttc::QoS::AtLeastOnce, false, i.to_string())
-                    .await
-                    .expect("queue publish");
-                if i % 100 == 0 {
-                    tokio::time::sleep(Duration::from_millis(15)).await;
-                }
-            }
-        })
-    };
+    let stream = publisher.stream_in_bursts("stream/x", N, 100, Duration::from_millis(15));
     let seed = std::env::var("KILL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -429,20 +416,7 @@ async fn duplicates_per_kill_9_while_streaming_stay_within_the_bound() {
     let mut daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), rules)).await;
     daemon.wait_for_log("subscribed").await;
     let publisher = Publisher::connect(broker.port).await;
-    let stream = {
-        let client = publisher.client.clone();
-        tokio::spawn(async move {
-            for i in 0..n {
-                client
-                    .publish("stream/x", rumqttc::QoS::AtLeastOnce, false, i.to_string())
-                    .await
-                    .expect("queue publish");
-                if i % 500 == 499 {
-                    tokio::time::sleep(Duration::from_millis(pause_ms)).await;
-                }
-            }
-        })
-    };
+    let stream = publisher.stream_in_bursts("stream/x", n, 500, Duration::from_millis(pause_ms));
     let mut rng = Lcg(env_or("KILL_SEED", 20261204));
     let mut restarts = Vec::new();
     let mut killed_at = Vec::new();

@@ -39,21 +39,8 @@ max_wait = "20ms"
     let mut daemon = Daemon::start(&config(&broker.url(), &lambda.endpoint(), rules)).await;
     daemon.wait_for_log("subscribed").await;
     let publisher = Publisher::connect(broker.port).await;
-    let stream = {
-        let client = publisher.client.clone();
-        tokio::spawn(async move {
-            // Sensors every few ms: five messages every 10 ms, about 500 a second.
-            for i in 0..N {
-                client
-                    .publish("stream/x", rumqttc::QoS::AtLeastOnce, false, i.to_string())
-                    .await
-                    .expect("queue publish");
-                if i % 5 == 4 {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        })
-    };
+    // Sensors every few ms: five messages every 10 ms, about 500 a second.
+    let stream = publisher.stream_in_bursts("stream/x", N, 5, Duration::from_millis(10));
     for third in 1..=3u64 {
         // Kill once the function has seen about a third, two thirds… of the stream.
         lambda

@@ -116,20 +116,7 @@ async fn kill_9_of_one_member_mid_stream_loses_nothing() {
     let b = member(Protocol::V311, &broker, &lambda, "b").await;
 
     let publisher = Publisher::connect(broker.port).await;
-    let stream = {
-        let client = publisher.client.clone();
-        tokio::spawn(async move {
-            for i in 0..N {
-                client
-                    .publish("stream/x", rumqttc::QoS::AtLeastOnce, false, i.to_string())
-                    .await
-                    .expect("queue publish");
-                if i % 100 == 0 {
-                    tokio::time::sleep(Duration::from_millis(15)).await;
-                }
-            }
-        })
-    };
+    let stream = publisher.stream_in_bursts("stream/x", N, 100, Duration::from_millis(15));
     // Mid-stream: once b has buffered some, kill it without a chance to ack what it holds.
     b.wait_buffered(100).await;
     let b = b.kill().await;

@@ -203,6 +203,29 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Publishes `0..n` (the numbers as payloads) at QoS 1 to `topic` in a task, pausing
+    /// `pause` after every `burst` messages: a stream of sensor readings.
+    pub fn stream_in_bursts(
+        &self,
+        topic: &'static str,
+        n: u64,
+        burst: u64,
+        pause: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, i.to_string())
+                    .await
+                    .expect("queue publish");
+                if i % burst == burst - 1 {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        })
+    }
+
     pub async fn connect(port: u16) -> Publisher {
         let id = format!("test-pub-{}", free_port());
         let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
