@@ -59,8 +59,9 @@
 //! # Shutdown
 //!
 //! At the stop signal (before the queues close) the listener stops accepting; requests in
-//! flight finish (a store still waiting [`STOP_GRACE`] after the signal is answered 503), idle
-//! connections close, and what is left at the shutdown deadline is dropped.
+//! flight finish (a store still waiting half a second after the signal gives up, as every
+//! store does at shutdown in `routes.rs`, and is answered 503), idle connections close, and
+//! what is left at the shutdown deadline is dropped.
 
 mod answer;
 mod files;
@@ -105,9 +106,6 @@ pub const BODY_MEMORY_BUDGET: u64 = 16 * 1024 * 1024;
 /// Longest wait for a message to be stored. A buffer full with `when_full = "block"` or a full
 /// disk can last as long as Lambda is down; a device is better told to come back than held.
 pub const STORE_WAIT: Duration = Duration::from_secs(10);
-/// After the stop signal, time a store still gets before the request is answered 503: a healthy
-/// fsync takes milliseconds, so one still waiting is held by a full buffer or a failing disk.
-pub const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Why HTTP ingest cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -403,7 +401,7 @@ impl Ingest {
             let name = |i: &usize| routes.get(*i).map(|r| r.plan.name.clone());
             indices.iter().filter_map(name).collect()
         };
-        let stopping = self.stopping.clone();
+        // A store gives up by itself shortly after the stop signal (`Routes::store`).
         let stored = tokio::select! {
             stored = snapshot.store(admission, &self.stopping) => match stored {
                 StoreOutcome::Done { dropped } if dropped.is_empty() => Stored::Done,
@@ -413,10 +411,6 @@ impl Ingest {
                 StoreOutcome::Stopping => Stored::Stopping,
             },
             _ = tokio::time::sleep(self.settings.store_wait) => Stored::TooSlow,
-            _ = async move {
-                stopping.wait().await;
-                tokio::time::sleep(STOP_GRACE).await;
-            } => Stored::Stopping,
         };
         match stored {
             Stored::Done => {
