@@ -95,16 +95,19 @@ impl World {
 
     pub(super) fn check_duplicates(&self) -> Checked {
         let seen = self.lambda.seen();
-        for (rule, dups) in &seen.epoch.dups {
-            let allowed = self.allowance.get(rule).copied().unwrap_or(0);
+        for ((crash, rule), dups) in &seen.epochs.dups {
+            let (allowed, what) = self
+                .allowance
+                .get(&(*crash, rule.clone()))
+                .copied()
+                .unwrap_or((0, "start"));
             if *dups > allowed {
                 return Err(self.violation(
                     Kind::Duplicates,
                     format!(
-                        "rule {rule}: {dups} messages delivered again after a {}, over the \
-                         bound of {allowed} (in flight plus {KILL_BOUND} per kill -9, \
-                         {POWER_BOUND} per power cut)",
-                        self.last_crash
+                        "rule {rule}: {dups} messages delivered again after {what} number \
+                         {crash}, over the bound of {allowed} (in flight plus {KILL_BOUND} per \
+                         kill -9 or restart, {POWER_BOUND} per power cut)"
                     ),
                 ));
             }

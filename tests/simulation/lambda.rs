@@ -5,7 +5,7 @@
 //! Invariant: a message counts as delivered only when the answer was "accepted" and reached
 //! the delivery task (a slow answer cut short by a crash does not count).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -24,13 +24,20 @@ pub enum Health {
     Slow,
 }
 
-/// The duplicates since one crash.
+/// Which crash each repeat delivery is charged to.
+///
+/// A message delivered again is charged to the first crash (or restart) after its last
+/// acceptance: that crash lost its acknowledgement. A message a crash put back may wait
+/// through later crashes (its rule removed, Lambda down) before it is delivered again; it
+/// still counts against the crash that lost it, not the one before its redelivery.
 #[derive(Debug, Default)]
-pub struct Epoch {
-    /// What had been accepted before the crash.
-    pub before: HashSet<(String, u64)>,
-    /// Accepted again after it, per rule.
-    pub dups: HashMap<String, u64>,
+pub struct Epochs {
+    /// Crashes so far: the current epoch's number.
+    pub current: usize,
+    /// The epoch in which each (rule, message id) was last accepted.
+    last: HashMap<(String, u64), usize>,
+    /// Repeats per crash (1-based: the crash that ended epoch n is crash n + 1) and rule.
+    pub dups: HashMap<(usize, String), u64>,
 }
 
 /// What the simulated function saw; behind the [`Lambda`]'s lock.
@@ -40,8 +47,8 @@ pub struct Seen {
     pub health: Health,
     /// Times each (rule, message id) was accepted.
     pub accepted: HashMap<(String, u64), u32>,
-    /// Since the last crash or restart.
-    pub epoch: Epoch,
+    /// Repeats, charged to crashes.
+    pub epochs: Epochs,
 }
 
 /// The simulated function (all rules share it).
@@ -62,7 +69,7 @@ impl Lambda {
                 rng: fastrand::Rng::with_seed(seed),
                 health: Health::Healthy,
                 accepted: HashMap::new(),
-                epoch: Epoch::default(),
+                epochs: Epochs::default(),
             }),
         }
     }
@@ -72,14 +79,12 @@ impl Lambda {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A crash or restart happened: duplicates from now on are counted against it.
-    pub fn begin_epoch(&self) {
+    /// A crash or restart happened: repeats of what was accepted before are charged to it.
+    /// Returns its number.
+    pub fn begin_epoch(&self) -> usize {
         let mut seen = self.seen();
-        let before = seen.accepted.keys().cloned().collect();
-        seen.epoch = Epoch {
-            before,
-            dups: HashMap::new(),
-        };
+        seen.epochs.current += 1;
+        seen.epochs.current
     }
 
     fn decide(&self) -> (Duration, Answer) {
@@ -123,11 +128,18 @@ impl Lambda {
 
     fn record(&self, rule: &str, ids: &[u64]) {
         let mut seen = self.seen();
+        let now = seen.epochs.current;
         for id in ids {
             let key = (rule.to_owned(), *id);
             *seen.accepted.entry(key.clone()).or_default() += 1;
-            if seen.epoch.before.contains(&key) {
-                *seen.epoch.dups.entry(rule.to_owned()).or_default() += 1;
+            if let Some(last) = seen.epochs.last.insert(key, now)
+                && last < now
+            {
+                *seen
+                    .epochs
+                    .dups
+                    .entry((last + 1, rule.to_owned()))
+                    .or_default() += 1;
             }
         }
     }

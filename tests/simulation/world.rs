@@ -47,6 +47,10 @@ pub struct Profile {
     pub when_full: Option<WhenFull>,
     /// Weight of EIO on read among storage faults (0: never).
     pub read_faults: u32,
+    /// Weight of reload steps.
+    pub reloads: u32,
+    /// When Lambda's health changes, the weights of healthy, flaky, down and slow.
+    pub health: [u32; 4],
     /// Weight of crash steps.
     pub crashes: u32,
     /// Among crash steps, the weights of kill -9, power cut and graceful restart.
@@ -79,6 +83,8 @@ impl Default for Profile {
             steps: 120,
             when_full: None,
             read_faults: 1,
+            reloads: 4,
+            health: [1, 1, 1, 1],
             crashes: 3,
             crash_mix: [1, 1, 1],
             burst: 12,
@@ -149,8 +155,11 @@ pub struct World {
     /// Drops counted by policies that may drop acknowledged messages, over all restarts.
     counted: HashMap<String, u64>,
     /// Duplicates allowed since the last crash, per rule.
-    allowance: HashMap<String, u64>,
-    last_crash: &'static str,
+    /// Per crash (numbered from 1) and rule: the repeats it may cause, and what it was.
+    allowance: HashMap<(usize, String), (u64, &'static str)>,
+    /// Per rule: the last crash it was running at (what that crash left unsynced is still on
+    /// disk while the rule stays closed).
+    exposed: HashMap<String, usize>,
 }
 
 type Checked = Result<(), Violation>;
@@ -204,7 +213,7 @@ impl World {
             acked: HashSet::new(),
             counted: HashMap::new(),
             allowance: HashMap::new(),
-            last_crash: "start",
+            exposed: HashMap::new(),
         }
     }
 
@@ -334,7 +343,7 @@ impl World {
             6,                        // Lambda's health changes
             5,                        // storage fault
             self.profile.read_faults, // a read fails
-            4,                        // reload
+            self.profile.reloads,     // reload
             self.profile.crashes,     // crash or restart
         ];
         let pick = pick_weighted(&mut self.rng, &weights);
@@ -366,7 +375,8 @@ impl World {
             }
             2 => {
                 let health = [Health::Healthy, Health::Flaky, Health::Down, Health::Slow];
-                self.lambda.seen().health = health[self.rng.usize(0..health.len())];
+                let pick = pick_weighted(&mut self.rng, &self.profile.health);
+                self.lambda.seen().health = health[pick];
             }
             3 => match self.rng.u32(0..4) {
                 0 => {

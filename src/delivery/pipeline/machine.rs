@@ -192,7 +192,17 @@ impl Core {
             &mut self.former,
             Former::new(plan.clone(), self.stats.clone()),
         );
-        self.carried.extend(std::iter::from_fn(|| old.take_ready()));
+        // Their spans are known now, under the plan that formed them: once accepted they are
+        // reported as ranges like any other event (else an old event still in flight would
+        // hold back every carried one's acknowledgement, and a crash would replay them all).
+        let contiguous = self.plan.throttle.is_none() && self.plan.aggregate.is_none();
+        for unit in std::iter::from_fn(|| old.take_ready()) {
+            if contiguous && unit.messages > 0 {
+                self.spans
+                    .insert(unit.first_seq, unit.first_seq + unit.messages as Seq - 1);
+            }
+            self.carried.push_back(unit);
+        }
         self.plan = plan;
     }
 
@@ -238,7 +248,7 @@ impl Core {
     pub fn start(&mut self, n: usize) -> Vec<Unit> {
         // Without a throttle or windows, the former's events are consecutive runs of what was
         // read, so one of m messages covers first..first+m-1 wholly (gaps are records the queue
-        // skipped). Carried events may come from a plan that had either: none of those.
+        // skipped). Carried events got theirs from the plan that formed them (`on_plan`).
         let (carried, contiguous) = (
             self.carried.len(),
             self.plan.throttle.is_none() && self.plan.aggregate.is_none(),
@@ -662,6 +672,34 @@ mod tests {
         core.on_finished(Ticket::of(&units[0]), Some(Outcome::Delivered));
         assert_eq!(core.ack_through(), Some(5));
         assert_eq!(core.accepted_ahead(), [], "in order: no range needed");
+    }
+
+    #[test]
+    fn events_carried_over_a_new_plan_are_reported_as_runs_once_accepted() {
+        let start = std::time::Instant::now();
+        let mut core = Core::new(Arc::new(plan(1, Duration::ZERO)), Arc::default());
+        core.on_read(entries(0..5), at(start, 0));
+        let slow = core.start(1);
+        assert_eq!(
+            slow[0].first_seq, 0,
+            "the oldest goes first and stays in flight"
+        );
+        core.on_plan(Arc::new(plan(2, Duration::ZERO)), at(start, 10));
+        let carried = core.start(4);
+        assert_eq!(
+            carried.len(),
+            4,
+            "formed under the old plan: one event each"
+        );
+        for unit in &carried {
+            core.on_finished(Ticket::of(unit), Some(Outcome::Delivered));
+        }
+        assert_eq!(
+            core.accepted_ahead(),
+            [(1, 1), (2, 2), (3, 3), (4, 4)],
+            "accepted while the first is in flight: recorded, so a crash does not replay them"
+        );
+        assert_eq!(core.ack_through(), None, "the first is still in flight");
     }
 
     #[test]
