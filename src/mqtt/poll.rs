@@ -246,8 +246,8 @@ impl Poller {
             }
             Action::ForgetHeld => self.held = None,
             Action::ResetBackoff => self.backoff = reconnect_backoff(),
-            Action::Subscribe(answered) => {
-                let event = SubscriberEvent::SubscribeUnanswered(answered);
+            Action::Subscribe(standing) => {
+                let event = SubscriberEvent::SubscribeUnanswered(standing);
                 let _ = self.channels.subscriber.send(event);
             }
             Action::Answer(waiter, result) => {

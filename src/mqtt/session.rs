@@ -24,7 +24,7 @@
 //! replies, ingest hands acknowledgements), so the session reaches them through [`Shared`],
 //! which tests implement over plain values.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::acks::AckLine;
@@ -72,6 +72,45 @@ pub fn unanswered(current: Vec<(String, u8)>, answered: &Answered) -> Vec<(Strin
     current
         .into_iter()
         .filter(|(filter, qos)| answered.get(filter) != Some(qos))
+        .collect()
+}
+
+/// What the broker's session may hold, as far as this process knows: what it answered, and
+/// every filter asked for on it and not answered by an UNSUBACK since.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Standing {
+    /// What it answered with a SUBACK: need not be asked again.
+    pub answered: Answered,
+    /// Named by a SUBSCRIBE (answered or not: the SUBACK may have been lost) or an UNSUBSCRIBE
+    /// on this session, and not unsubscribed with an UNSUBACK since.
+    pub asked: BTreeSet<String>,
+}
+
+impl Standing {
+    /// A request is on its way: the broker's session may hold its filters until an UNSUBACK
+    /// says it does not (an UNSUBSCRIBE may be of one a previous process subscribed).
+    fn note(&mut self, request: &Request) {
+        match request {
+            Request::Subscribe(filters) => {
+                let asked = filters.iter().map(|(filter, _, _)| filter.clone());
+                self.asked.extend(asked);
+            }
+            Request::Unsubscribe(filter) => {
+                self.asked.insert(filter.clone());
+            }
+        }
+    }
+}
+
+/// Of the filters the broker's session may hold, those no rule in `current` uses any more,
+/// sorted: their UNSUBSCRIBE was lost with its connection (or is still on its way, and a
+/// second one is harmless), so the broker would go on sending what matches them.
+pub fn forgotten(current: &[(String, u8)], standing: &Standing) -> Vec<String> {
+    standing
+        .asked
+        .iter()
+        .filter(|filter| !current.iter().any(|(f, _)| f == *filter))
+        .cloned()
         .collect()
 }
 
@@ -168,8 +207,9 @@ pub enum Action<W> {
     /// Start the reconnect backoff over.
     ResetBackoff,
     /// Subscribe each filter of the rules in force that is not answered with the QoS it
-    /// wants ([`unanswered`] says which, in rule order).
-    Subscribe(Answered),
+    /// wants ([`unanswered`] says which, in rule order), and unsubscribe each the session may
+    /// hold that no rule uses ([`forgotten`]).
+    Subscribe(Standing),
     /// Answer a reply's waiter.
     Answer(W, Result<(), String>),
     /// Write these acknowledgements behind the one just sent.
@@ -234,9 +274,9 @@ impl Requested {
 #[derive(Debug, Default)]
 pub struct Session {
     requested: Requested,
-    /// What the broker's session answered; empty at the start of a process (what the session
-    /// holds from before is not known) and after a new session.
-    answered: Answered,
+    /// What the broker's session answered and was asked; empty at the start of a process
+    /// (what the session holds from before is not known) and after a new session.
+    standing: Standing,
     outage: Option<Outage>,
     received: u64,
     pauses: u64,
@@ -277,6 +317,7 @@ impl Session {
                 self.lost(error, retry_in, held, unreported, now, shared)
             }
             SessionEvent::Requested(request) => {
+                self.standing.note(&request);
                 self.requested.queued.push_back(request);
                 Vec::new()
             }
@@ -345,12 +386,17 @@ impl Session {
         }));
         // A new session has no subscriptions. A resumed one has those answered, and maybe
         // some whose SUBSCRIBE reached the broker before the connection died: asking again
-        // is harmless, missing one leaves its rule deaf until a restart.
+        // is harmless, missing one leaves its rule deaf until a restart. It may also still
+        // have filters no rule uses, whose UNSUBSCRIBE was lost: the subscriber asks again.
         self.requested.on_connected(session_present);
         if !session_present {
-            self.answered.clear();
+            // Requests still queued go out on the new session: their filters it may hold.
+            self.standing = Standing::default();
+            for request in &self.requested.queued {
+                self.standing.note(request);
+            }
         }
-        actions.push(Action::Subscribe(self.answered.clone()));
+        actions.push(Action::Subscribe(self.standing.clone()));
         actions
     }
 
@@ -441,7 +487,7 @@ impl Session {
         };
         let mut actions = Vec::new();
         for ((filter, qos, rules), granted) in filters.into_iter().zip(granted) {
-            self.answered.insert(filter.clone(), qos);
+            self.standing.answered.insert(filter.clone(), qos);
             // One line per rule, so each rule's subscription can be found by its name.
             for rule in rules {
                 let note = match &granted {
@@ -468,7 +514,8 @@ impl Session {
         };
         let note = match refused {
             None => {
-                self.answered.remove(&filter);
+                self.standing.answered.remove(&filter);
+                self.standing.asked.remove(&filter);
                 Note::Unsubscribed(filter)
             }
             Some(reason) => Note::UnsubscribeRefused { filter, reason },
@@ -616,7 +663,9 @@ mod tests {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Subscribe(answered) => Some(unanswered(current.clone(), answered)),
+                Action::Subscribe(standing) => {
+                    Some(unanswered(current.clone(), &standing.answered))
+                }
                 _ => None,
             })
             .collect()
@@ -714,6 +763,48 @@ mod tests {
         assert_eq!(subscribed(&back, &[("a", 1)]), owned(&[("a", 1)]));
     }
 
+    /// The filters the subscriber unsubscribes after `actions`, with `current` in force.
+    fn unsubscribed(actions: &[Action<u32>], current: &[(&str, u8)]) -> Vec<Vec<String>> {
+        let current: Vec<(String, u8)> = current.iter().map(|(f, q)| (f.to_string(), *q)).collect();
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Subscribe(standing) => Some(forgotten(&current, standing)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_unsubscribe_lost_with_its_connection_is_asked_again_on_the_resumed_session() {
+        let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
+        session.on(connected(false), now, &shared);
+        ask(&mut session, &shared, &["a", "b"], 1);
+        session.on(suback(1, 2), now, &shared);
+        // A reload removes "b"; its UNSUBSCRIBE dies with the connection.
+        let unsubscribe = Request::Unsubscribe("b".into());
+        session.on(SessionEvent::Requested(unsubscribe), now, &shared);
+        session.on(SessionEvent::RequestSent(2), now, &shared);
+        session.on(lost("reset", vec![]), now, &shared);
+        let back = session.on(connected(true), now, &shared);
+        assert_eq!(unsubscribed(&back, &[("a", 1)]), [vec!["b".to_owned()]]);
+        // Answered: a later resumed session asks nothing; a new one holds nothing.
+        let unsubscribe = Request::Unsubscribe("b".into());
+        session.on(SessionEvent::Requested(unsubscribe), now, &shared);
+        session.on(SessionEvent::RequestSent(3), now, &shared);
+        let unsuback = SessionEvent::UnsubAck {
+            pkid: 3,
+            refused: None,
+        };
+        session.on(unsuback, now, &shared);
+        session.on(lost("reset", vec![]), now, &shared);
+        let again = session.on(connected(true), now, &shared);
+        assert_eq!(unsubscribed(&again, &[("a", 1)]), [Vec::<String>::new()]);
+        session.on(lost("reset", vec![]), now, &shared);
+        let new = session.on(connected(false), now, &shared);
+        assert_eq!(unsubscribed(&new, &[]), [Vec::<String>::new()]);
+    }
+
     #[test]
     fn a_resumed_session_expects_repeated_releases_and_a_new_one_does_not() {
         let (mut session, shared, now) = (Session::new(), Plain::default(), Instant::now());
@@ -803,7 +894,7 @@ mod tests {
         let hand_back = back.iter().position(|a| *a == Action::HandBackHeld);
         let subscribe = back
             .iter()
-            .position(|a| matches!(a, Action::Subscribe(answered) if answered.is_empty()));
+            .position(|a| matches!(a, Action::Subscribe(standing) if standing.answered.is_empty()));
         assert!(hand_back.is_some() && subscribe.is_some());
         for pkid in [1, 2, 3] {
             session.on(SessionEvent::PublishSent(pkid), now, &shared);

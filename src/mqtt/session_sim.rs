@@ -2,13 +2,14 @@
 //! (tests only; the whole-path simulation of buffer, delivery and reload is
 //! `tests/simulation.rs`, which cannot reach this private module).
 //!
-//! One generator schedules connects (the broker keeping or losing the session), SUBSCRIBEs
-//! going out, reaching the broker and being answered, connections breaking in between, and
-//! reloads adding rules. The session is fed each event as the poll task feeds it; its
-//! `Subscribe` is performed as the subscriber performs it (the filters in force that the
-//! broker's session has not answered, one request). Invariant, whenever the connection is up and no request is outstanding: the
-//! broker has a subscription for every filter in force — a SUBSCRIBE lost with its connection
-//! is sent again on a resumed session.
+//! One generator schedules connects (the broker keeping or losing the session), SUBSCRIBEs and
+//! UNSUBSCRIBEs going out, reaching the broker and being answered, connections breaking in
+//! between, and reloads adding and removing rules. The session is fed each event as the poll
+//! task feeds it; its `Subscribe` is performed as the subscriber performs it (an UNSUBSCRIBE
+//! for each filter the session may hold that no rule uses, then the filters in force that the
+//! broker's session has not answered, one request). Invariant, whenever the connection is up
+//! and no request is outstanding: the broker's subscriptions are exactly the filters in force —
+//! a SUBSCRIBE or an UNSUBSCRIBE lost with its connection is sent again on a resumed session.
 //!
 //! `SIM_SEED=S` replays one seed, `SIM_SEEDS=N` runs N.
 
@@ -18,7 +19,9 @@ use std::time::{Duration, Instant};
 use super::acks::AckLine;
 use super::protocol::Granted;
 use super::replies::ReplyBook;
-use super::session::{Action, Request, RequestsHeld, Session, SessionEvent, Shared, unanswered};
+use super::session::{
+    Action, Request, RequestsHeld, Session, SessionEvent, Shared, forgotten, unanswered,
+};
 
 /// No reply book and no ack line: this simulation is about subscriptions only.
 struct Nothing;
@@ -32,6 +35,13 @@ impl Shared<()> for Nothing {
     }
 }
 
+/// A request on its way: a SUBSCRIBE of some filters or an UNSUBSCRIBE of one.
+#[derive(Debug, Clone)]
+enum Req {
+    Sub(Vec<String>),
+    Unsub(String),
+}
+
 /// The simulated broker and connection.
 #[derive(Default)]
 struct Broker {
@@ -40,15 +50,15 @@ struct Broker {
     has_session: bool,
     subscriptions: BTreeSet<String>,
     /// Handed to the event loop, not yet sent: they survive a broken connection.
-    queued: VecDeque<Vec<String>>,
+    queued: VecDeque<Req>,
     /// How many of `queued` (the oldest) rumqttc moved to its pending list when the
     /// connection broke; a new session drops those. The rest were handed during the outage
     /// and wait in its request channel, which a new session leaves alone.
     pending: usize,
     /// Sent on this connection, not yet at the broker: lost when it breaks.
-    sent: VecDeque<(u16, Vec<String>)>,
+    sent: VecDeque<(u16, Req)>,
     /// At the broker, not yet answered.
-    arrived: VecDeque<(u16, usize)>,
+    arrived: VecDeque<(u16, Req)>,
     next_pkid: u16,
 }
 
@@ -59,6 +69,8 @@ struct SessionWorld {
     broker: Broker,
     /// The filters of the rules in force.
     filters: BTreeSet<String>,
+    /// Rules added so far (each gets a filter of its own).
+    added: usize,
     now: Instant,
 }
 
@@ -77,6 +89,7 @@ impl SessionWorld {
                 ..Broker::default()
             },
             filters,
+            added: 0,
             now: Instant::now(),
         }
     }
@@ -84,9 +97,13 @@ impl SessionWorld {
     fn feed(&mut self, event: SessionEvent) {
         self.now += Duration::from_millis(10);
         for action in self.session.on::<()>(event, self.now, &Nothing) {
-            if let Action::Subscribe(answered) = action {
-                let current = self.filters.iter().map(|f| (f.clone(), 1)).collect();
-                let asked: Vec<String> = unanswered(current, &answered)
+            if let Action::Subscribe(standing) = action {
+                let current: Vec<(String, u8)> =
+                    self.filters.iter().map(|f| (f.clone(), 1)).collect();
+                for filter in forgotten(&current, &standing) {
+                    self.unrequest(filter);
+                }
+                let asked: Vec<String> = unanswered(current, &standing.answered)
                     .into_iter()
                     .map(|(filter, _)| filter)
                     .collect();
@@ -103,8 +120,14 @@ impl SessionWorld {
             .iter()
             .map(|f| (f.clone(), 1, vec![f.clone()]))
             .collect();
-        self.broker.queued.push_back(filters);
+        self.broker.queued.push_back(Req::Sub(filters));
         self.feed(SessionEvent::Requested(Request::Subscribe(named)));
+    }
+
+    /// The subscriber hands an UNSUBSCRIBE to the event loop.
+    fn unrequest(&mut self, filter: String) {
+        self.broker.queued.push_back(Req::Unsub(filter.clone()));
+        self.feed(SessionEvent::Requested(Request::Unsubscribe(filter)));
     }
 
     fn step(&mut self) {
@@ -130,24 +153,39 @@ impl SessionWorld {
                     max_packet_size: None,
                 });
             }
-            2 | 3 if b.connected && !b.queued.is_empty() => {
-                let filters = b.queued.pop_front().unwrap_or_default();
+            2 | 3 if b.connected => {
+                let Some(req) = b.queued.pop_front() else {
+                    return;
+                };
                 b.next_pkid = b.next_pkid.wrapping_add(1).max(1);
                 let pkid = b.next_pkid;
-                b.sent.push_back((pkid, filters));
+                b.sent.push_back((pkid, req));
                 self.feed(SessionEvent::RequestSent(pkid));
             }
             4 | 5 if b.connected && !b.sent.is_empty() => {
-                if let Some((pkid, filters)) = b.sent.pop_front() {
-                    b.arrived.push_back((pkid, filters.len()));
-                    b.subscriptions.extend(filters);
+                if let Some((pkid, req)) = b.sent.pop_front() {
+                    match &req {
+                        Req::Sub(filters) => b.subscriptions.extend(filters.iter().cloned()),
+                        Req::Unsub(filter) => {
+                            b.subscriptions.remove(filter);
+                        }
+                    }
+                    b.arrived.push_back((pkid, req));
                 }
             }
             6 | 7 if b.connected && !b.arrived.is_empty() => {
-                if let Some((pkid, n)) = b.arrived.pop_front() {
-                    let granted = vec![Granted::Qos(1); n];
-                    self.feed(SessionEvent::SubAck { pkid, granted });
-                }
+                let answer = match b.arrived.pop_front() {
+                    Some((pkid, Req::Sub(filters))) => SessionEvent::SubAck {
+                        pkid,
+                        granted: vec![Granted::Qos(1); filters.len()],
+                    },
+                    Some((pkid, Req::Unsub(_))) => SessionEvent::UnsubAck {
+                        pkid,
+                        refused: None,
+                    },
+                    None => return,
+                };
+                self.feed(answer);
             }
             8 if b.connected => {
                 b.connected = false;
@@ -168,10 +206,19 @@ impl SessionWorld {
                 });
             }
             9 => {
-                // A reload adds a rule; the subscriber sends its SUBSCRIBE.
-                let filter = format!("t/{}/#", self.filters.len());
-                self.filters.insert(filter.clone());
-                self.request(vec![filter]);
+                let removable: Vec<String> = self.filters.iter().cloned().collect();
+                if removable.len() > 1 && self.rng.bool() {
+                    // A reload removes a rule; the subscriber sends its UNSUBSCRIBE.
+                    let filter = removable[self.rng.usize(0..removable.len())].clone();
+                    self.filters.remove(&filter);
+                    self.unrequest(filter);
+                } else {
+                    // A reload adds a rule; the subscriber sends its SUBSCRIBE.
+                    self.added += 1;
+                    let filter = format!("t/{}/#", self.added);
+                    self.filters.insert(filter.clone());
+                    self.request(vec![filter]);
+                }
             }
             _ => {}
         }
@@ -184,13 +231,22 @@ impl SessionWorld {
         if !quiet || !b.arrived.is_empty() {
             return Ok(());
         }
-        match self.filters.difference(&b.subscriptions).next() {
-            None => Ok(()),
-            Some(missing) => Err(format!(
+        if let Some(missing) = self.filters.difference(&b.subscriptions).next() {
+            return Err(format!(
                 "seed {} step {step}: Unsubscribed: filter {missing} is in force but the broker \
                  has no subscription for it, and nothing is outstanding that would make one (a \
                  SUBSCRIBE lost with its connection is not sent again on a resumed session) \
                  (replay: SIM_SEED={} cargo nextest run --lib session_sim)",
+                self.seed, self.seed
+            ));
+        }
+        match b.subscriptions.difference(&self.filters).next() {
+            None => Ok(()),
+            Some(stale) => Err(format!(
+                "seed {} step {step}: Stale: filter {stale} is used by no rule but the broker \
+                 still has a subscription for it, and nothing is outstanding that would remove \
+                 it (an UNSUBSCRIBE lost with its connection is not sent again on a resumed \
+                 session) (replay: SIM_SEED={} cargo nextest run --lib session_sim)",
                 self.seed, self.seed
             )),
         }

@@ -1,7 +1,8 @@
 //! The subscriber task sends every SUBSCRIBE and UNSUBSCRIBE: on each connection, the filters
 //! of the current rules the broker's session has not answered (the session says which are
-//! answered; a new session and a process start have none), and what a reload adds or removes
-//! ([`Subscriptions`]) on the same connection and session.
+//! answered; a new session and a process start have none) and an UNSUBSCRIBE for each filter
+//! it answered that no rule uses any more (one lost with its connection), and what a reload
+//! adds or removes ([`Subscriptions`]) on the same connection and session.
 //!
 //! Invariant: being the only sender, it notes each request for the session (through the poll
 //! task) before handing it to rumqttc, in the order sent, so a SUBACK names the filters and
@@ -14,13 +15,14 @@ use tokio::sync::mpsc;
 
 use super::Sink;
 use super::protocol::Client;
-use super::session::{Answered, Request, unanswered};
+use super::session::{Request, Standing, forgotten, unanswered};
 
 /// What the subscriber task is asked to do.
 #[derive(Debug)]
 pub(super) enum SubscriberEvent {
-    /// Subscribe each filter of the rules in force not answered so (the session decided).
-    SubscribeUnanswered(Answered),
+    /// Subscribe each filter of the rules in force not answered so, and unsubscribe those the
+    /// session may hold that no rule uses (the session says what it holds).
+    SubscribeUnanswered(Standing),
     /// A reload added these filters (or raised their QoS).
     Subscribe(Vec<(String, u8)>),
     /// No rule uses these filters any more.
@@ -70,17 +72,14 @@ pub(super) async fn subscriber<S: Sink>(
 ) {
     while let Some(event) = events.recv().await {
         let filters = match event {
-            SubscriberEvent::SubscribeUnanswered(answered) => {
-                unanswered(routes.subscriptions(), &answered)
+            SubscriberEvent::SubscribeUnanswered(standing) => {
+                let current = routes.subscriptions();
+                unsubscribe(&client, &notes, forgotten(&current, &standing)).await;
+                unanswered(current, &standing.answered)
             }
             SubscriberEvent::Subscribe(filters) => filters,
             SubscriberEvent::Unsubscribe(filters) => {
-                for filter in filters {
-                    let _ = notes.send(Request::Unsubscribe(filter.clone()));
-                    if let Err(err) = client.unsubscribe(filter).await {
-                        tracing::error!(error = %err, "cannot queue the unsubscribe request");
-                    }
-                }
+                unsubscribe(&client, &notes, filters).await;
                 continue;
             }
         };
@@ -94,6 +93,20 @@ pub(super) async fn subscriber<S: Sink>(
         let _ = notes.send(Request::Subscribe(named));
         if let Err(err) = client.subscribe_many(filters).await {
             tracing::error!(error = %err, "cannot queue the subscription request");
+        }
+    }
+}
+
+/// One UNSUBSCRIBE per filter, each noted for the session first.
+async fn unsubscribe(
+    client: &Client,
+    notes: &mpsc::UnboundedSender<Request>,
+    filters: Vec<String>,
+) {
+    for filter in filters {
+        let _ = notes.send(Request::Unsubscribe(filter.clone()));
+        if let Err(err) = client.unsubscribe(filter).await {
+            tracing::error!(error = %err, "cannot queue the unsubscribe request");
         }
     }
 }
