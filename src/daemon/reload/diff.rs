@@ -83,6 +83,14 @@ fn restart_settings(config: &Config) -> Vec<(&'static str, String)> {
             "metrics.listen",
             format!("{:?}", config.metrics.as_ref().map(|m| &m.listen)),
         ),
+        (
+            "telemetry.topic",
+            format!("{:?}", config.telemetry.as_ref().map(|t| &t.topic)),
+        ),
+        (
+            "telemetry.interval",
+            format!("{:?}", config.telemetry.as_ref().map(|t| t.interval)),
+        ),
         ("http.listen", format!("{:?}", config.http.listen)),
         (
             "http.token_file",

@@ -56,6 +56,7 @@
 
 mod families;
 mod process;
+pub mod telemetry;
 
 use std::fmt;
 use std::sync::Arc;
@@ -448,7 +449,7 @@ mod tests {
 
     /// A buffer that is always writable and empty.
     #[derive(Default)]
-    struct Writable(crate::core::stats::BufferCounters);
+    pub(super) struct Writable(pub(super) crate::core::stats::BufferCounters);
 
     impl crate::core::stats::BufferReport for Writable {
         fn counters(&self) -> &crate::core::stats::BufferCounters {
@@ -463,6 +464,9 @@ mod tests {
         }
         fn writable(&self) -> bool {
             true
+        }
+        fn max_bytes(&self) -> u64 {
+            64 * 1024
         }
     }
 
