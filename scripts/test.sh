@@ -3,8 +3,9 @@
 #   scripts/test.sh
 # Installs what is missing (mosquitto, systemd-analyze, prometheus, MiniStack, hadolint,
 # cargo-nextest, cross toolchains, qemu), then checks formatting, lints, the systemd unit
-# (scripts/check-unit.sh) and the alerts and dashboards (scripts/check-dashboards.sh), cross-compiles the ARM binaries for the qemu tests, runs every unit,
-# property and integration test, and checks the packaging: the Dockerfile (hadolint, build-stage
+# (scripts/check-unit.sh) and the alerts and dashboards (scripts/check-dashboards.sh),
+# cross-compiles the ARM binaries for the qemu tests, runs every unit, property and integration
+# test, and checks the packaging: the Dockerfile (hadolint, build-stage
 # replay) and the Debian package (install, check, remove, purge; as root).
 #   scripts/test.sh -E 'test(/pattern/)'   # with arguments: only those tests, no packaging
 set -euo pipefail
