@@ -28,6 +28,7 @@
 //! mlb_invocation_duration_seconds{rule}        histogram  each attempt, 10 ms … 30 s buckets
 //! mlb_buffer_messages{rule}                    gauge    buffered, not yet acknowledged
 //! mlb_buffer_bytes{rule}                       gauge    size of the rule's segment files
+//! mlb_buffer_max_bytes{rule}                   gauge    the rule's share of buffer.max_size
 //! mlb_buffer_oldest_age_seconds{rule}          gauge    age of the oldest buffered message that
 //!                                                       delivery holds (0 when none)
 //! mlb_rule_stalled{rule}                       gauge    1 while the rule delivers nothing: its
