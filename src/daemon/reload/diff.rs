@@ -309,4 +309,20 @@ mod tests {
         );
         assert_eq!(effective(&old, new).http.listen, None);
     }
+
+    #[test]
+    fn telemetry_settings_need_a_restart() {
+        let old = config("", &[("a", "s/#", "f")]);
+        let new = config(
+            "[telemetry]
+topic = \"gw/health\"
+interval = \"5s\"",
+            &[("a", "s/#", "f")],
+        );
+        assert_eq!(
+            diff(&old, &new).needs_restart,
+            vec!["telemetry.topic", "telemetry.interval"]
+        );
+        assert!(effective(&old, new).telemetry.is_none());
+    }
 }
