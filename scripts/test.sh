@@ -2,9 +2,10 @@
 # The whole test suite, from a fresh Debian or Ubuntu machine with Rust:
 #   scripts/test.sh
 # Installs what is missing (mosquitto, systemd-analyze, prometheus, MiniStack, hadolint,
-# cargo-nextest, cross toolchains, qemu), then checks formatting, lints and the systemd unit
-# (scripts/check-unit.sh), cross-compiles the ARM binaries for the qemu tests, runs every unit,
-# property and integration test, and checks the packaging: the Dockerfile (hadolint, build-stage
+# cargo-nextest, cross toolchains, qemu), then checks formatting, lints, the systemd unit
+# (scripts/check-unit.sh) and the alerts and dashboards (scripts/check-dashboards.sh),
+# cross-compiles the ARM binaries for the qemu tests, runs every unit, property and integration
+# test, and checks the packaging: the Dockerfile (hadolint, build-stage
 # replay) and the Debian package (install, check, remove, purge; as root).
 #   scripts/test.sh -E 'test(/pattern/)'   # with arguments: only those tests, no packaging
 set -euo pipefail
@@ -23,6 +24,8 @@ cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 step "systemd unit: verify and security"
 scripts/check-unit.sh
+step "Prometheus alerts and Grafana dashboard queries: promtool check rules"
+scripts/check-dashboards.sh
 
 step "cross-compiling the ARM binaries (profile $CROSS_PROFILE)"
 for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do

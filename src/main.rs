@@ -209,6 +209,13 @@ fn check(path: &Path, aws: bool) -> ExitCode {
                 if loaded.rules.len() == 1 { "" } else { "s" }
             );
             explain_replies(&loaded);
+            if let Some(t) = &loaded.telemetry {
+                println!(
+                    "telemetry: a JSON snapshot of the metrics every {} to {} (QoS 1, retained)",
+                    humantime::format_duration(t.interval.0),
+                    t.topic
+                );
+            }
             if aws {
                 runtime.block_on(check_aws(&loaded))
             } else {

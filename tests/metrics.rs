@@ -8,98 +8,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use support::fake_lambda::{FakeLambdaServer, Reply};
+use support::scrape::{Prometheus, get, request, sample, scrape_until, wait_status, with_metrics};
 use support::{Daemon, Mosquitto, PATIENCE, Publisher, config, free_port, wait_for_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A response as the test saw it.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    content_type: String,
-    body: String,
-}
-
-/// One HTTP/1.1 request over a fresh connection (the client closes it).
-async fn request(port: u16, method: &str, path: &str, accept: Option<&str>) -> Answer {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect to the metrics listener");
-    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
-    let head =
-        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{accept}Connection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).await.expect("send");
-    let mut raw = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw))
-        .await
-        .expect("the server answers and closes")
-        .expect("read");
-    let text = String::from_utf8(raw).expect("utf-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-type")
-                .then(|| v.trim().to_owned())
-        })
-        .unwrap_or_default();
-    Answer {
-        status,
-        content_type,
-        body: body.to_owned(),
-    }
-}
-
-async fn get(port: u16, path: &str) -> Answer {
-    request(port, "GET", path, None).await
-}
-
-/// The value of one sample (`name{labels}` exactly as the exposition writes it).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-        value.split_whitespace().next()?.parse().ok()
-    })
-}
-
-/// Scrapes until `done` holds over the exposition, or fails after [`PATIENCE`].
-async fn scrape_until(port: u16, what: &str, done: impl Fn(&str) -> bool) -> String {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let answer = get(port, "/metrics").await;
-        assert_eq!(answer.status, 200);
-        if done(&answer.body) {
-            return answer.body;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not reached; last scrape:\n{}",
-            answer.body
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Requests `path` until it answers `status`, or fails after [`PATIENCE`].
-async fn wait_status(port: u16, path: &str, status: u16) -> Answer {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let answer = get(port, path).await;
-        if answer.status == status {
-            return answer;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{path} never answered {status}; last: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Runs `promtool check metrics` on `text`: Prometheus's own parser and linter.
 async fn promtool_check(text: &str) {
@@ -120,10 +31,6 @@ async fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn with_metrics(config: String, port: u16) -> String {
-    format!("{config}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
 }
 
 const TWO_RULES: &str = r#"
@@ -473,81 +380,6 @@ async fn a_bad_listen_address_is_one_line_naming_metrics_listen_also_from_the_en
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("lisen"), "{stderr}");
-}
-
-/// A Prometheus server on its own port, scraping the bridge every second; killed on drop.
-struct Prometheus {
-    port: u16,
-    child: tokio::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    async fn start(target_port: u16) -> Prometheus {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
-             scrape_configs:\n  - job_name: mqtt-lambda-bridge\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
-        );
-        let config_path = dir.path().join("prometheus.yml");
-        std::fs::write(&config_path, config).expect("write prometheus.yml");
-        let port = free_port();
-        let child = tokio::process::Command::new("prometheus")
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("prometheus (Debian package prometheus; scripts/install-deps.sh installs it)");
-        wait_for_port(port).await;
-        Prometheus {
-            port,
-            child,
-            _dir: dir,
-        }
-    }
-
-    /// Runs an instant query; the JSON answer.
-    async fn query(&self, query: &str) -> serde_json::Value {
-        let encoded: String = query
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        let answer = get(self.port, &format!("/api/v1/query?query={encoded}")).await;
-        assert_eq!(answer.status, 200, "{answer:?}");
-        serde_json::from_str(&answer.body).expect("JSON from Prometheus")
-    }
-
-    /// Waits until `query` returns exactly one series with `value`; returns the series.
-    async fn wait_value(&self, query: &str, value: &str) -> serde_json::Value {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let answer = self.query(query).await;
-            let result = &answer["data"]["result"];
-            if result.as_array().is_some_and(|r| r.len() == 1) && result[0]["value"][1] == value {
-                return result[0].clone();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "Prometheus never saw {query} = {value}; last answer {answer}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
 }
 
 #[tokio::test]

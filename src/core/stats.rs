@@ -161,6 +161,8 @@ pub trait BufferReport: Send + Sync {
     fn stats(&self) -> QueueStats;
     /// Whether the last write succeeded.
     fn writable(&self) -> bool;
+    /// The most bytes its segments may hold: the rule's share of `buffer.max_size`.
+    fn max_bytes(&self) -> u64;
 }
 
 /// What the queue counted since it opened (recovery included).

@@ -123,6 +123,8 @@ struct Daemon<I> {
     supervisor: Option<tokio::task::JoinHandle<()>>,
     clock_watch: tokio::task::JoinHandle<()>,
     metrics: metrics::Metrics,
+    /// Publishes `[telemetry]` snapshots, when configured.
+    telemetry: Option<tokio::task::JoinHandle<()>>,
     shutdown_timeout: std::time::Duration,
     /// Held until the daemon has stopped: no other process may use the buffers meanwhile.
     _lock: BufferLock,
@@ -149,6 +151,7 @@ impl<I: Invoke> Daemon<I> {
         let (stop_delivery, drain) = shutdown::channel();
         let (subscriptions, subscription_requests) = mqtt::subscriptions();
         let (link, replier) = mqtt::link(options, subscription_requests);
+        let telemetry = telemetry(&config, &board, &health, &replier);
         let shutdown_timeout = config.shutdown_timeout.0;
         let notifier = Arc::new(notify::Notifier::from_env());
         let watchdog = notify::watchdog_ping_interval().filter(|_| notifier.enabled());
@@ -199,6 +202,7 @@ impl<I: Invoke> Daemon<I> {
             supervisor,
             clock_watch: tokio::spawn(clock::watch()),
             metrics,
+            telemetry,
             shutdown_timeout,
             _lock: lock,
         })
@@ -232,6 +236,10 @@ impl<I: Invoke> Daemon<I> {
     /// queued is delivered), then the MQTT connection, then the reporters.
     async fn stop(self) {
         self.notifier.stopping();
+        // A snapshot waiting for its PUBACK is not worth holding the stop for.
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.abort();
+        }
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         tracing::info!(
             timeout = ?self.shutdown_timeout,
@@ -279,6 +287,33 @@ fn open_buffers(config: &Config) -> Result<(BufferLock, Vec<Arc<DiskQueue>>), Ru
         }
     }
     Ok((lock, queues))
+}
+
+/// `[telemetry]`: snapshots of the board published through the MQTT connection (QoS 1,
+/// retained), when configured.
+fn telemetry(
+    config: &Config,
+    board: &crate::core::stats::Board,
+    health: &Arc<health::Health>,
+    replier: &mqtt::replies::Replier,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let section = config.telemetry.as_ref()?;
+    let (replier, topic) = (replier.clone(), section.topic.clone());
+    let publish = move |payload: Vec<u8>| {
+        let (replier, topic) = (replier.clone(), topic.clone());
+        async move {
+            // Not a reply to anything: no request id, no correlation data.
+            let request = crate::core::reply::Request {
+                id: String::new(),
+                topic: String::new(),
+                response_topic: None,
+                correlation_data: None,
+            };
+            let published = replier.publish(topic, payload, true, &request).await;
+            published.map_err(|err| err.to_string())
+        }
+    };
+    metrics::telemetry::start(Some(section), board.clone(), health.clone(), publish)
 }
 
 /// The service manager's supervisor (systemd notify, watchdog), when one is listening.

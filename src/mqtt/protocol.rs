@@ -226,7 +226,12 @@ impl Client {
                 let properties = p5::PublishProperties {
                     correlation_data: reply.correlation_data,
                     content_type: Some(REPLY_CONTENT_TYPE.into()),
-                    user_properties: vec![("request_id".into(), reply.request_id)],
+                    // Telemetry answers no request: no `request_id` then.
+                    user_properties: Some(reply.request_id)
+                        .filter(|id| !id.is_empty())
+                        .map(|id| ("request_id".into(), id))
+                        .into_iter()
+                        .collect(),
                     ..Default::default()
                 };
                 c.try_publish_with_properties(

@@ -4,6 +4,7 @@
 
 pub mod fake_lambda;
 pub mod relay;
+pub mod scrape;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -215,6 +215,10 @@ impl crate::core::stats::BufferReport for DiskQueue {
     fn writable(&self) -> bool {
         DiskQueue::writable(self)
     }
+
+    fn max_bytes(&self) -> u64 {
+        self.shared.config.max_size
+    }
 }
 
 /// One segment file as the queue tracks it.

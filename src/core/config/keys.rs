@@ -132,6 +132,12 @@ pub const KEYS: &[(&str, Expect)] = &[
     ("buffer.segment_size", Expect::Size("8MiB")),
     ("metrics", Expect::Table("[metrics]")),
     ("metrics.listen", Expect::Text("127.0.0.1:9464")),
+    ("telemetry", Expect::Table("[telemetry]")),
+    (
+        "telemetry.topic",
+        Expect::Text("gateways/gw-01/bridge/health"),
+    ),
+    ("telemetry.interval", Expect::Duration("60s")),
     ("http", Expect::Table("[http]")),
     ("http.listen", Expect::Text("127.0.0.1:8080")),
     (

@@ -15,6 +15,7 @@
 //! - `buffer`: `[buffer]`.
 //! - `http`: `[http]` (HTTP ingest).
 //! - `metrics`: `[metrics]`.
+//! - `telemetry`: `[telemetry]`.
 //! - `rules`: each `[[rules]]` entry's own keys; `rule_tables`: its sub-tables (batch,
 //!   rate_limit, throttle, aggregate, reply).
 //! - `units`: [`HumanDuration`] and [`Size`], the value types keys are written in.
@@ -41,6 +42,7 @@ mod metrics;
 mod mqtt;
 mod rule_tables;
 mod rules;
+mod telemetry;
 mod units;
 mod validate;
 
@@ -61,6 +63,7 @@ pub use rules::{
     EVENT_DEFAULT_MAX_CONCURRENCY, EVENT_PAYLOAD_LIMIT, InvocationType,
     REQUEST_RESPONSE_PAYLOAD_LIMIT, RESERVED_RULE_NAMES, RuleConfig,
 };
+pub use telemetry::{MIN_TELEMETRY_INTERVAL, TelemetryConfig};
 pub use units::{HumanDuration, Size};
 pub use validate::Issue;
 
@@ -83,6 +86,9 @@ pub struct Config {
     /// The HTTP listener for `/metrics`, `/healthz` and `/readyz`; absent: none.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// A retained JSON snapshot of the metrics on a local topic at an interval; absent: none.
+    #[serde(default)]
+    pub telemetry: Option<TelemetryConfig>,
     /// HTTP ingest (`POST /topics/<topic>`); without `http.listen`, none.
     #[serde(default)]
     pub http: HttpConfig,

@@ -1,5 +1,5 @@
 //! The one place every section's problems are collected, in the order `check` prints them:
-//! `[mqtt]`, `[aws]`, `[buffer]`, `[metrics]`, `[http]`, then each `[[rules]]` entry and the
+//! `[mqtt]`, `[aws]`, `[buffer]`, `[metrics]`, `[telemetry]`, `[http]`, then each `[[rules]]` entry and the
 //! rules' replies. Each section's own module says what is wrong with it as [`Issue`]s (key and
 //! message); `load` places them in the file. None stops the others, and none touches the file
 //! system or the network: that is `preflight`'s job.
@@ -32,6 +32,8 @@ impl Config {
         issues.extend(self.aws.validate());
         issues.extend(self.buffer.validate(self.rules.len()));
         issues.extend(self.metrics.iter().flat_map(MetricsConfig::validate));
+        let telemetry = self.telemetry.as_ref();
+        issues.extend(telemetry.into_iter().flat_map(|t| t.validate(&self.rules)));
         issues.extend(self.http.validate());
         issues.extend(rules::validate(&self.rules));
         issues.extend(rule_tables::replies(&self.rules, self.mqtt.protocol));

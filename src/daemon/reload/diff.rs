@@ -83,6 +83,14 @@ fn restart_settings(config: &Config) -> Vec<(&'static str, String)> {
             "metrics.listen",
             format!("{:?}", config.metrics.as_ref().map(|m| &m.listen)),
         ),
+        (
+            "telemetry.topic",
+            format!("{:?}", config.telemetry.as_ref().map(|t| &t.topic)),
+        ),
+        (
+            "telemetry.interval",
+            format!("{:?}", config.telemetry.as_ref().map(|t| t.interval)),
+        ),
         ("http.listen", format!("{:?}", config.http.listen)),
         (
             "http.token_file",
@@ -300,5 +308,21 @@ mod tests {
             vec!["http.listen", "http.max_body"]
         );
         assert_eq!(effective(&old, new).http.listen, None);
+    }
+
+    #[test]
+    fn telemetry_settings_need_a_restart() {
+        let old = config("", &[("a", "s/#", "f")]);
+        let new = config(
+            "[telemetry]
+topic = \"gw/health\"
+interval = \"5s\"",
+            &[("a", "s/#", "f")],
+        );
+        assert_eq!(
+            diff(&old, &new).needs_restart,
+            vec!["telemetry.topic", "telemetry.interval"]
+        );
+        assert!(effective(&old, new).telemetry.is_none());
     }
 }

@@ -185,43 +185,60 @@ fn messages(encoder: &mut DescriptorEncoder, routes: &[RuleReport]) -> fmt::Resu
 
 /// The samples of `mlb_messages_dropped`: every reason of every rule.
 fn dropped(routes: &[RuleReport]) -> Vec<(Labels, u64)> {
-    let get = RuleStats::get;
     let mut dropped = Vec::new();
     for r in routes {
-        let (s, q) = (&r.stats, r.buffer.counters());
-        let throttled = get(&s.throttled_min_interval)
-            + get(&s.throttled_unchanged)
-            + get(&s.throttled_deadband);
-        let reasons = [
-            ("drop_oldest", get(&q.dropped_oldest)),
-            ("drop_newest", get(&q.dropped_newest)),
-            ("expired", get(&q.expired)),
-            ("throttled", throttled),
-            ("oversize", get(&s.set_aside)),
-            ("corrupt", get(&q.lost)),
-        ];
-        for (reason, value) in reasons {
+        for (reason, value) in drop_reasons(r) {
             dropped.push((with(rule_label(r), "reason", reason), value));
         }
     }
     dropped
 }
 
+/// A rule's dropped messages by reason, every reason (0 included), as `/metrics` and the
+/// telemetry snapshot name them.
+pub(super) fn drop_reasons(r: &RuleReport) -> [(&'static str, u64); 6] {
+    let get = RuleStats::get;
+    let (s, q) = (&r.stats, r.buffer.counters());
+    let throttled =
+        get(&s.throttled_min_interval) + get(&s.throttled_unchanged) + get(&s.throttled_deadband);
+    [
+        ("drop_oldest", get(&q.dropped_oldest)),
+        ("drop_newest", get(&q.dropped_newest)),
+        ("expired", get(&q.expired)),
+        ("throttled", throttled),
+        ("oversize", get(&s.set_aside)),
+        ("corrupt", get(&q.lost)),
+    ]
+}
+
+/// A rule's invocation attempts by result, every result (0 included).
+pub(super) fn invocation_results(s: &RuleStats) -> [(&'static str, u64); 4] {
+    let get = RuleStats::get;
+    [
+        ("ok", get(&s.invocations)),
+        ("throttled", get(&s.attempts_throttled)),
+        ("error", get(&s.attempts_error)),
+        ("dead_lettered", get(&s.attempts_refused)),
+    ]
+}
+
+/// Age in seconds of the oldest message a rule's delivery holds, at `now_ms` (ms since the
+/// epoch); 0 when its buffer holds none.
+pub(super) fn oldest_age_seconds(r: &RuleReport, pending: u64, now_ms: f64) -> f64 {
+    let oldest = RuleStats::get(&r.stats.oldest_unacked_ms);
+    if pending == 0 || oldest == 0 {
+        0.0
+    } else {
+        ((now_ms - oldest as f64) / 1000.0).max(0.0)
+    }
+}
+
 /// Invocation attempts per rule, by result.
 fn invocations(encoder: &mut DescriptorEncoder, routes: &[RuleReport]) -> fmt::Result {
     let mut invocations = Vec::new();
     for r in routes {
-        let s = &r.stats;
-        for (result, counter) in [
-            ("ok", &s.invocations),
-            ("throttled", &s.attempts_throttled),
-            ("error", &s.attempts_error),
-            ("dead_lettered", &s.attempts_refused),
-        ] {
-            invocations.push((
-                with(rule_label(r), "result", result),
-                RuleStats::get(counter),
-            ));
+        for (result, value) in invocation_results(&r.stats) {
+            invocations.push((with(rule_label(r), "result", result), value));
         }
     }
     counters(
@@ -302,20 +319,20 @@ fn buffers(encoder: &mut DescriptorEncoder, routes: &[RuleReport]) -> fmt::Resul
         "Bytes of the rule's buffer segment files.",
         stats.iter().map(|(r, s)| (rule_label(r), s.bytes)),
     )?;
+    gauges(
+        encoder,
+        "mlb_buffer_max_bytes",
+        "Bytes the rule's buffer may hold: its share of buffer.max_size.",
+        routes.iter().map(|r| (rule_label(r), r.buffer.max_bytes())),
+    )?;
     let now_ms = now_seconds() * 1000.0;
     gauges(
         encoder,
         "mlb_buffer_oldest_age_seconds",
         "Age of the oldest buffered message (0 when the buffer is empty).",
-        stats.iter().map(|(r, s)| {
-            let oldest = RuleStats::get(&r.stats.oldest_unacked_ms);
-            let age = if s.pending == 0 || oldest == 0 {
-                0.0
-            } else {
-                ((now_ms - oldest as f64) / 1000.0).max(0.0)
-            };
-            (rule_label(r), age)
-        }),
+        stats
+            .iter()
+            .map(|(r, s)| (rule_label(r), oldest_age_seconds(r, s.pending, now_ms))),
     )?;
     gauges(
         encoder,

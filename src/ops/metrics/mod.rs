@@ -28,6 +28,7 @@
 //! mlb_invocation_duration_seconds{rule}        histogram  each attempt, 10 ms … 30 s buckets
 //! mlb_buffer_messages{rule}                    gauge    buffered, not yet acknowledged
 //! mlb_buffer_bytes{rule}                       gauge    size of the rule's segment files
+//! mlb_buffer_max_bytes{rule}                   gauge    the rule's share of buffer.max_size
 //! mlb_buffer_oldest_age_seconds{rule}          gauge    age of the oldest buffered message that
 //!                                                       delivery holds (0 when none)
 //! mlb_rule_stalled{rule}                       gauge    1 while the rule delivers nothing: its
@@ -56,6 +57,7 @@
 
 mod families;
 mod process;
+pub mod telemetry;
 
 use std::fmt;
 use std::sync::Arc;
@@ -448,7 +450,7 @@ mod tests {
 
     /// A buffer that is always writable and empty.
     #[derive(Default)]
-    struct Writable(crate::core::stats::BufferCounters);
+    pub(super) struct Writable(pub(super) crate::core::stats::BufferCounters);
 
     impl crate::core::stats::BufferReport for Writable {
         fn counters(&self) -> &crate::core::stats::BufferCounters {
@@ -463,6 +465,9 @@ mod tests {
         }
         fn writable(&self) -> bool {
             true
+        }
+        fn max_bytes(&self) -> u64 {
+            64 * 1024
         }
     }
 

@@ -38,13 +38,13 @@ pub(super) fn encode(encoder: &mut DescriptorEncoder, start_time: f64) -> fmt::R
             p.virtual_bytes,
         )?;
     }
-    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+    if let Some(fds) = open_fds() {
         single(
             encoder,
             "process_open_fds",
             "Number of open file descriptors.",
             MetricType::Gauge,
-            fds.count() as f64,
+            fds as f64,
         )?;
     }
     if let Some(max) = max_fds() {
@@ -67,16 +67,17 @@ pub(super) fn encode(encoder: &mut DescriptorEncoder, start_time: f64) -> fmt::R
 
 /// What `/proc/self/stat` says of the process, in base units.
 #[derive(Debug, Clone, PartialEq)]
-struct ProcessStat {
-    cpu_seconds: f64,
-    virtual_bytes: f64,
-    resident_bytes: f64,
+pub(super) struct ProcessStat {
+    pub(super) cpu_seconds: f64,
+    pub(super) virtual_bytes: f64,
+    pub(super) resident_bytes: f64,
     /// Since boot, in seconds.
     started_after_boot: f64,
 }
 
 impl ProcessStat {
-    fn read() -> Option<ProcessStat> {
+    /// What /proc says of this process now, or `None` where it cannot be read.
+    pub(super) fn read() -> Option<ProcessStat> {
         let text = std::fs::read_to_string("/proc/self/stat").ok()?;
         // SAFETY: sysconf only reads a system constant.
         let (ticks, page) = unsafe {
@@ -118,6 +119,11 @@ pub(super) fn start_time() -> Option<f64> {
         .parse()
         .ok()?;
     Some(boot as f64 + ProcessStat::read()?.started_after_boot)
+}
+
+/// The file descriptors open now.
+pub(super) fn open_fds() -> Option<u64> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
 }
 
 /// The soft limit on open file descriptors.
