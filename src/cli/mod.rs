@@ -1,6 +1,7 @@
-//! The command line's own work beside `run`: the `buffer` commands ([`admin`]) and the
-//! container health probe ([`probe`]). `main.rs` parses the arguments and maps results to exit
+//! The command line's own work beside `run`: the `buffer` commands ([`admin`]), what a
+//! configuration costs ([`cost`]) and the container health probe ([`probe`]). `main.rs` parses the arguments and maps results to exit
 //! codes.
 
 pub mod admin;
+pub mod cost;
 pub mod probe;

@@ -173,10 +173,10 @@ fn covers(filter: &str, inner: &str) -> bool {
 
 /// The rates of one rule's `streams` (those that reach it) through its plan.
 pub fn flow(plan: &RulePlan, streams: &[Stream], assume: &Assumptions) -> Flow {
-    let matched: f64 = streams.iter().map(|s| s.per_second).sum();
+    let matched = total(streams.iter().map(|s| s.per_second));
     let kept = matched * assume.keep;
     let topics = throttled(plan, &topics(streams, assume), assume);
-    let passed: f64 = topics.iter().map(|(_, r)| r).sum();
+    let passed = total(topics.iter().map(|(_, r)| *r));
     let (per_event, events, limit, capacity) = match &plan.aggregate {
         Some(spec) => windows(plan, spec, &topics, assume),
         None => batches(plan, streams, passed, assume),
@@ -205,15 +205,20 @@ pub fn flow(plan: &RulePlan, streams: &[Stream], assume: &Assumptions) -> Flow {
     flow
 }
 
+/// The sum of `rates`; 0 (not the -0 of `Iterator::sum`) when there are none.
+pub fn total(rates: impl Iterator<Item = f64>) -> f64 {
+    rates.fold(0.0, |a, b| a + b)
+}
+
 /// Each topic's kept rate: one per stream, or `assume.topics` topics sharing the total evenly.
 fn topics(streams: &[Stream], assume: &Assumptions) -> Vec<(String, f64)> {
     let kept = |r: f64| r * assume.keep;
     match assume.topics {
         Some(n) if n > 0 => {
-            let total: f64 = streams.iter().map(|s| kept(s.per_second)).sum();
+            let all = total(streams.iter().map(|s| kept(s.per_second)));
             let base = streams.first().map_or("", |s| s.topic.as_str());
             (0..n)
-                .map(|i| (format!("{base}/{i}"), total / n as f64))
+                .map(|i| (format!("{base}/{i}"), all / n as f64))
                 .collect()
         }
         _ => streams
@@ -224,7 +229,11 @@ fn topics(streams: &[Stream], assume: &Assumptions) -> Vec<(String, f64)> {
 }
 
 /// Each topic's rate after the rule's throttle.
-fn throttled(plan: &RulePlan, topics: &[(String, f64)], assume: &Assumptions) -> Vec<(String, f64)> {
+fn throttled(
+    plan: &RulePlan,
+    topics: &[(String, f64)],
+    assume: &Assumptions,
+) -> Vec<(String, f64)> {
     let Some(spec) = &plan.throttle else {
         return topics.to_vec();
     };
@@ -280,10 +289,10 @@ fn windows(
     assume: &Assumptions,
 ) -> (f64, f64, Limit, f64) {
     let window = spec.window_ms as f64 / 1000.0;
-    let rate: f64 = topics.iter().map(|(_, r)| r).sum();
+    let rate = total(topics.iter().map(|(_, r)| *r));
     let groups = group_rates(&spec.group_by, topics, assume.topics.is_some());
     // A group quieter than one message per window is in a window only part of the time.
-    let active: f64 = groups.iter().map(|r| (r * window).min(1.0)).sum();
+    let active = total(groups.iter().map(|r| (r * window).min(1.0)));
     let windows_per_second = rate.min(1.0 / window);
     let chunks = window_chunks(plan, spec, topics, active);
     let events = windows_per_second * chunks;
@@ -345,7 +354,9 @@ fn sample_window(spec: &AggregateSpec, key: &str, n: usize) -> Window {
     Window {
         start_ms: 0,
         end_ms: spec.window_ms,
-        groups: (0..n).map(|i| (format!("{key}{i}"), group.clone())).collect(),
+        groups: (0..n)
+            .map(|i| (format!("{key}{i}"), group.clone()))
+            .collect(),
         last_seq: 0,
         first_seq: 0,
         messages: n as u64,
@@ -427,7 +438,10 @@ mod tests {
         let p = plan("[batch]\nmax_messages = 100\nmax_wait = \"5s\"\n");
         let f = flow(&p, &one("t/a", 2.0), &Assumptions::default());
         assert_eq!((f.limit, f.per_event), (Limit::MaxWait, 11.0));
-        assert_eq!(f.per_month().round(), (2.0 / 11.0 * SECONDS_PER_MONTH).round());
+        assert_eq!(
+            f.per_month().round(),
+            (2.0 / 11.0 * SECONDS_PER_MONTH).round()
+        );
         // Without max_wait every message leaves alone.
         let p = plan("[batch]\nmax_messages = 100\nmax_wait = \"0s\"\n");
         let f = flow(&p, &one("t/a", 2.0), &Assumptions::default());
@@ -564,7 +578,10 @@ mod tests {
         assert_eq!(total("sensors/+/temp"), (3.0, vec!["sensors/#".to_owned()]));
         assert_eq!(
             total("sensors/a/temp"),
-            (1.0, vec!["sensors/+/temp".to_owned(), "sensors/#".to_owned()])
+            (
+                1.0,
+                vec!["sensors/+/temp".to_owned(), "sensors/#".to_owned()]
+            )
         );
         assert_eq!(total("$share/g/sensors/+/temp").0, 3.0);
         assert_eq!(total("#").0, 15.0);

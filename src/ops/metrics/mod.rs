@@ -33,6 +33,8 @@
 //! mlb_rule_stalled{rule}                       gauge    1 while the rule delivers nothing: its
 //!                                                       buffer cannot be read (retried) or its
 //!                                                       delivery stopped (/readyz says why)
+//! mlb_rule_start_time_seconds{rule}           gauge    when the rule's counters began (the start,
+//!                                                       or the reload that added the rule)
 //! mlb_mqtt_qos0_dropped_total                  counter  QoS 0 messages dropped on arrival: ingest
 //!                                                       far behind, reads unable to pause
 //! mlb_mqtt_connected                           gauge    1 while the broker connection is up
