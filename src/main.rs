@@ -329,6 +329,7 @@ fn cost(args: &mqtt_lambda_bridge::cli::cost::CostArgs) -> ExitCode {
                 Ok(text) => {
                     Rates::Observed(cost::scrape::Observed::parse(&text), cost::now_seconds())
                 }
+                Err(err @ cost::scrape::ScrapeError::Url(_)) => return usage(&err),
                 Err(err) => {
                     eprintln!("mqtt-lambda-bridge cost: {err}");
                     return ExitCode::from(EX_UNAVAILABLE);
