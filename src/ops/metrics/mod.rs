@@ -448,6 +448,30 @@ mod tests {
         assert_eq!(endpoints.readiness.not_ready(), None);
     }
 
+    #[test]
+    fn each_rule_says_when_its_counters_began() {
+        let stats = RuleStats {
+            since: crate::core::stats::Since(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_000_500),
+            ),
+            ..RuleStats::default()
+        };
+        let buffer: Arc<dyn crate::core::stats::BufferReport> = Arc::new(Writable::default());
+        let routes = Board::new(std::sync::RwLock::new(vec![RuleReport {
+            name: "added-by-reload".into(),
+            replies: false,
+            stats: Arc::new(stats),
+            buffer,
+        }]));
+        let endpoints = Endpoints::new("mqtt://broker.lan:1883", routes, Arc::new(Health::new()));
+        let text = String::from_utf8_lossy(&endpoints.metrics(false).body).into_owned();
+        assert!(
+            text.lines()
+                .any(|l| l == "mlb_rule_start_time_seconds{rule=\"added-by-reload\"} 1000.5"),
+            "{text}"
+        );
+    }
+
     /// A buffer that is always writable and empty.
     #[derive(Default)]
     struct Writable(crate::core::stats::BufferCounters);
