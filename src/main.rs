@@ -320,22 +320,14 @@ fn cost(args: &mqtt_lambda_bridge::cli::cost::CostArgs) -> ExitCode {
             Ok(streams) => Rates::Given(streams),
             Err(err) => return usage(&err),
         },
-        Ok(Some(url)) => {
-            let runtime = match current_thread_runtime() {
-                Ok(runtime) => runtime,
-                Err(code) => return code,
-            };
-            match runtime.block_on(cost::scrape::fetch(url)) {
-                Ok(text) => {
-                    Rates::Observed(cost::scrape::Observed::parse(&text), cost::now_seconds())
-                }
-                Err(err @ cost::scrape::ScrapeError::Url(_)) => return usage(&err),
-                Err(err) => {
-                    eprintln!("mqtt-lambda-bridge cost: {err}");
-                    return ExitCode::from(EX_UNAVAILABLE);
-                }
+        Ok(Some(url)) => match cost::scrape::fetch(url) {
+            Ok(text) => Rates::Observed(cost::scrape::Observed::parse(&text), cost::now_seconds()),
+            Err(err @ cost::scrape::ScrapeError::Url(_)) => return usage(&err),
+            Err(err) => {
+                eprintln!("mqtt-lambda-bridge cost: {err}");
+                return ExitCode::from(EX_UNAVAILABLE);
             }
-        }
+        },
     };
     match cost::report(&config, args, &rates) {
         Ok(report) if args.json => {

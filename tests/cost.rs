@@ -264,7 +264,7 @@ async fn from_takes_each_rules_average_rate_since_it_began_from_a_running_bridge
     let url = format!("http://127.0.0.1:{port}/metrics");
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let observed = loop {
-        let observed = Observed::parse(&fetch(&url).await.expect("scrape"));
+        let observed = Observed::parse(&fetch(&url).expect("scrape"));
         if observed.rules.get("counted").map(|c| c.received) == Some(MESSAGES as f64) {
             break observed;
         }

@@ -14,14 +14,15 @@
 //! refuses others), so label values need no unescaping.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use crate::cli::probe::{resolve, send_get, split_url};
 
-/// Connecting, asking and reading the answer together get this long.
+/// Connecting, sending and each read of the answer get this long.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most of an answer read: a bridge's metrics take a few KiB per rule.
+const MAX_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Why the metrics could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -126,49 +127,29 @@ fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// GETs `url` (`http://HOST:PORT[/PATH]`, `/metrics` when no path) and returns the body.
-pub async fn fetch(url: &str) -> Result<String, ScrapeError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ScrapeError::Url(url.to_owned()))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) if rest.len() > i + 1 => (&rest[..i], &rest[i..]),
-        Some(i) => (&rest[..i], "/metrics"),
-        None => (rest, "/metrics"),
-    };
-    if authority.is_empty() {
-        return Err(ScrapeError::Url(url.to_owned()));
-    }
+pub fn fetch(url: &str) -> Result<String, ScrapeError> {
+    let (authority, path) = split_url(url).ok_or_else(|| ScrapeError::Url(url.to_owned()))?;
+    let path = if path == "/" { "/metrics" } else { path };
     let unreachable = |why: String| ScrapeError::Unreachable(url.to_owned(), why);
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(authority)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(connection);
-        let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, authority)
-            .body(Empty::<Bytes>::new())
-            .map_err(|_| ScrapeError::Url(url.to_owned()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let status = response.status().as_u16();
-        if status != 200 {
-            return Err(ScrapeError::Status(url.to_owned(), status));
-        }
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+    let addrs =
+        resolve(authority).ok_or_else(|| unreachable(format!("{authority} has no address")))?;
+    let stream = send_get(addrs[0], authority, path, FETCH_TIMEOUT)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut answer = Vec::new();
+    stream
+        .take(MAX_ANSWER_BYTES)
+        .read_to_end(&mut answer)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(&answer) {
+        Ok(httparse::Status::Complete(len)) => len,
+        _ => return Err(unreachable("the answer is not HTTP".into())),
     };
-    tokio::time::timeout(FETCH_TIMEOUT, exchange)
-        .await
-        .map_err(|_| unreachable(format!("no answer within {}s", FETCH_TIMEOUT.as_secs())))?
+    match response.code {
+        Some(200) => Ok(String::from_utf8_lossy(&answer[head_len..]).into_owned()),
+        code => Err(ScrapeError::Status(url.to_owned(), code.unwrap_or(0))),
+    }
 }
 
 #[cfg(test)]
@@ -214,19 +195,17 @@ mod tests {
         assert_eq!(label("reason=\"x\"", "rule"), None);
     }
 
-    #[tokio::test]
-    async fn urls_other_than_plain_http_are_refused_and_silence_is_unreachable() {
+    #[test]
+    fn urls_other_than_plain_http_are_refused_and_silence_is_unreachable() {
         assert!(matches!(
-            fetch("https://127.0.0.1:1/metrics").await,
+            fetch("https://127.0.0.1:1/metrics"),
             Err(ScrapeError::Url(_))
         ));
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("port")
             .port();
-        let err = fetch(&format!("http://127.0.0.1:{port}"))
-            .await
-            .expect_err("nothing listens");
+        let err = fetch(&format!("http://127.0.0.1:{port}")).expect_err("nothing listens");
         assert!(matches!(err, ScrapeError::Unreachable(..)), "{err}");
     }
 }
