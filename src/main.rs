@@ -276,13 +276,7 @@ fn policy(path: &Path, account_id: Option<&str>) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let region = config
-        .aws
-        .region
-        .clone()
-        .or_else(|| env("AWS_REGION"))
-        .or_else(|| env("AWS_DEFAULT_REGION"));
+    let region = mqtt_lambda_bridge::cli::configured_region(&config);
     match mqtt_lambda_bridge::delivery::invoker::policy::policy(
         &config.rules,
         region.as_deref(),

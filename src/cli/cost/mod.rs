@@ -176,7 +176,7 @@ pub fn report(config: &Config, args: &CostArgs, rates: &Rates) -> Result<Report,
     let keep = per_rule(&args.keep, "--keep", &names, fraction)?;
     let changes = per_rule(&args.changes, "--changes", &names, fraction)?;
     let topics = per_rule(&args.topics, "--topics", &names, topic_count)?;
-    let region = region(config);
+    let region = super::configured_region(config);
     let prices = Prices::for_region(
         region.as_deref(),
         args.price_per_million,
@@ -315,17 +315,6 @@ fn priced(
         flow,
         notes,
     }
-}
-
-/// The Region priced: `aws.region`, else `AWS_REGION` or `AWS_DEFAULT_REGION`.
-fn region(config: &Config) -> Option<String> {
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    config
-        .aws
-        .region
-        .clone()
-        .or_else(|| env("AWS_REGION"))
-        .or_else(|| env("AWS_DEFAULT_REGION"))
 }
 
 /// Seconds since the epoch, now (for `--from`'s averages).
