@@ -30,7 +30,7 @@
 //! | [`delivery`] | per rule: read, shape, invoke (the Lambda client), reply, acknowledge | core, shaping, buffer, mqtt, rule |
 //! | [`ops`] | `/metrics`, `/healthz`, `/readyz`, systemd notify | core, http |
 //! | [`daemon`] | the wiring: start, reload, stop; preflight checks; signals | everything above |
-//! | [`cli`] | the `buffer` commands and the container health probe | everything above, daemon included |
+//! | [`cli`] | the `buffer` commands, `cost` (what a configuration costs in Lambda) and the container health probe | everything above, daemon included |
 //!
 //! Two state machines carry the modes of the daemon, each a pure function tested with event
 //! sequences and driven by a thin async loop: the MQTT session ([`mqtt`]'s `session.rs`) and a

@@ -87,6 +87,13 @@ enum Command {
         #[command(subcommand)]
         command: BufferCommand,
     },
+    /// What the configuration costs per 30-day month in Lambda requests and compute, per rule
+    /// and in total, for given message rates or a running bridge's.
+    ///
+    /// Each rule's invocations follow its batching, windows, throttle and rate limit (the
+    /// README states each formula). Exit 64 for a flag it cannot use, 78 for a bad
+    /// configuration, 69 when --from cannot be read.
+    Cost(mqtt_lambda_bridge::cli::cost::CostArgs),
     /// GET a loopback URL (e.g. http://127.0.0.1:9898/readyz): exit 0 on 200, else 1 with the
     /// reason on stderr. For container health checks, where there is no curl.
     Probe {
@@ -154,6 +161,7 @@ fn main() -> ExitCode {
         Command::Check { config, aws } => check(&config, aws),
         Command::Policy { config, account_id } => policy(&config, account_id.as_deref()),
         Command::Buffer { command } => buffer_command(command),
+        Command::Cost(args) => cost(&args),
         Command::Probe { url } => match mqtt_lambda_bridge::cli::probe::probe(&url) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
@@ -275,13 +283,7 @@ fn policy(path: &Path, account_id: Option<&str>) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let region = config
-        .aws
-        .region
-        .clone()
-        .or_else(|| env("AWS_REGION"))
-        .or_else(|| env("AWS_DEFAULT_REGION"));
+    let region = mqtt_lambda_bridge::cli::configured_region(&config);
     match mqtt_lambda_bridge::delivery::invoker::policy::policy(
         &config.rules,
         region.as_deref(),
@@ -297,6 +299,47 @@ fn policy(path: &Path, account_id: Option<&str>) -> ExitCode {
             }
             ExitCode::from(EX_CONFIG)
         }
+    }
+}
+
+/// `cost`: the table (or JSON) on stdout; a flag it cannot use exits 64, a bad configuration
+/// 78, a --from URL it cannot read 69.
+fn cost(args: &mqtt_lambda_bridge::cli::cost::CostArgs) -> ExitCode {
+    use mqtt_lambda_bridge::cli::cost::{self, Rates};
+    use mqtt_lambda_bridge::delivery::invoker::dry_run::EX_UNAVAILABLE;
+    let usage = |err: &dyn std::fmt::Display| {
+        eprintln!("mqtt-lambda-bridge cost: {err}");
+        ExitCode::from(EX_USAGE)
+    };
+    let config = match load(&args.config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let rates = match args.source() {
+        Err(err) => return usage(&err),
+        Ok(None) => match args.streams() {
+            Ok(streams) => Rates::Given(streams),
+            Err(err) => return usage(&err),
+        },
+        Ok(Some(url)) => match cost::scrape::fetch(url) {
+            Ok(text) => Rates::Observed(cost::scrape::Observed::parse(&text), cost::now_seconds()),
+            Err(err @ cost::scrape::ScrapeError::Url(_)) => return usage(&err),
+            Err(err) => {
+                eprintln!("mqtt-lambda-bridge cost: {err}");
+                return ExitCode::from(EX_UNAVAILABLE);
+            }
+        },
+    };
+    match cost::report(&config, args, &rates) {
+        Ok(report) if args.json => {
+            println!("{:#}", cost::json(&report));
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{}", cost::table(&report));
+            ExitCode::SUCCESS
+        }
+        Err(err) => usage(&err),
     }
 }
 

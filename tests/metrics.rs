@@ -484,6 +484,12 @@ async fn a_rule_added_by_a_reload_is_scraped_and_a_removed_one_goes_once_drained
     .await;
     daemon.wait_for_log("subscribed").await;
     wait_for_port(port).await;
+    let process_start = sample(
+        &get(port, "/metrics").await.body,
+        "process_start_time_seconds",
+    )
+    .expect("process start");
+    let before_reload = mqtt_lambda_bridge::cli::cost::now_seconds();
 
     // Add rule b and remove a: edit the file (keeping the buffer where it is) and send SIGHUP.
     let edited = with_metrics(
@@ -507,6 +513,14 @@ async fn a_rule_added_by_a_reload_is_scraped_and_a_removed_one_goes_once_drained
     assert_eq!(
         sample(&text, "mlb_messages_received_total{rule=\"b\"}"),
         Some(1.0)
+    );
+    // Rule b's counters began at the reload, not at the process start: its average rate is
+    // over its own time.
+    let b_start = sample(&text, "mlb_rule_start_time_seconds{rule=\"b\"}").expect("b's start");
+    assert!(b_start >= before_reload, "{b_start} < {before_reload}");
+    assert!(
+        b_start > process_start + 0.001,
+        "{b_start} vs {process_start}"
     );
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");

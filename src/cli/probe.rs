@@ -1,6 +1,7 @@
 //! `probe URL`: one HTTP GET to a loopback address, exit 0 when the answer is 200. It is the
 //! container HEALTHCHECK (`probe http://127.0.0.1:PORT/readyz`) in an image that has no curl.
 //! Plain HTTP/1.0 over std::net only, and only to loopback: it is a health probe, not a client.
+//! Its request ([`send_get`]) also serves `cost --from`, which reads the whole answer.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -28,32 +29,13 @@ pub enum ProbeError {
 
 /// GETs `url`; Ok when the server answers 200.
 pub fn probe(url: &str) -> Result<(), ProbeError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ProbeError::Url(url.to_owned()))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let addrs: Vec<SocketAddr> = authority
-        .to_socket_addrs()
-        .map_err(|_| ProbeError::Url(url.to_owned()))?
-        .collect();
-    let addr = addrs
-        .first()
-        .copied()
-        .ok_or_else(|| ProbeError::Url(url.to_owned()))?;
+    let (authority, path) = split_url(url).ok_or_else(|| ProbeError::Url(url.to_owned()))?;
+    let addrs = resolve(authority).ok_or_else(|| ProbeError::Url(url.to_owned()))?;
     if !addrs.iter().all(|a| a.ip().is_loopback()) {
         return Err(ProbeError::NotLoopback(authority.to_owned()));
     }
     let io = |e| ProbeError::Io(url.to_owned(), e);
-    let mut stream = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).map_err(io)?;
-    stream.set_read_timeout(Some(PROBE_TIMEOUT)).map_err(io)?;
-    stream.set_write_timeout(Some(PROBE_TIMEOUT)).map_err(io)?;
-    // One write: a request split over several segments can meet a server that answers after
-    // the first and resets the connection over the unread rest.
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).map_err(io)?;
+    let mut stream = send_get(addrs[0], authority, path, PROBE_TIMEOUT).map_err(io)?;
     let mut head = Vec::with_capacity(STATUS_LINE_MAX);
     let mut buf = [0u8; STATUS_LINE_MAX];
     while !head.contains(&b'\n') && head.len() < STATUS_LINE_MAX {
@@ -71,6 +53,40 @@ pub fn probe(url: &str) -> Result<(), ProbeError> {
     } else {
         Err(ProbeError::Status(url.to_owned(), status_line))
     }
+}
+
+/// `http://HOST:PORT/PATH` → (`HOST:PORT`, `/PATH`); the path is `/` when absent.
+pub(crate) fn split_url(url: &str) -> Option<(&str, &str)> {
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    (!authority.is_empty()).then_some((authority, path))
+}
+
+/// The addresses `HOST:PORT` names, at least one.
+pub(crate) fn resolve(authority: &str) -> Option<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = authority.to_socket_addrs().ok()?.collect();
+    (!addrs.is_empty()).then_some(addrs)
+}
+
+/// Connects to `addr` and sends `GET path` (HTTP/1.0, so the server closes after its answer);
+/// the answer is read from the stream returned. Each step gets `timeout`.
+pub(crate) fn send_get(
+    addr: SocketAddr,
+    authority: &str,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    // One write: a request split over several segments can meet a server that answers after
+    // the first and resets the connection over the unread rest.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    Ok(stream)
 }
 
 #[cfg(test)]

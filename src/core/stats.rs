@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Counters of one rule, for the rule summary and metrics.
 #[derive(Debug, Default)]
@@ -50,6 +50,29 @@ pub struct RuleStats {
     /// Why the rule delivers nothing now (its buffer cannot be read, or its delivery stopped),
     /// for `/readyz` and `mlb_rule_stalled`; clear while it delivers.
     pub stalled: Stalled,
+    /// When these counters began: a rate since then is a count over the time since `since`
+    /// (`mlb_rule_start_time_seconds`, read by `cost --from`).
+    pub since: Since,
+}
+
+/// When a rule's counters began counting: when they were created, at the start or at the
+/// reload that added the rule (a changed rule keeps its counters and their start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since(pub SystemTime);
+
+impl Default for Since {
+    fn default() -> Self {
+        Since(SystemTime::now())
+    }
+}
+
+impl Since {
+    /// Seconds since the Unix epoch.
+    pub fn epoch_seconds(self) -> f64 {
+        self.0
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    }
 }
 
 /// Why a rule cannot deliver now, as one line that completes "rule X …" (e.g. "cannot read

@@ -7,6 +7,7 @@
 
 pub mod aggregate;
 pub mod batch;
+pub mod cost;
 pub mod plan;
 pub mod ratelimit;
 pub mod throttle;

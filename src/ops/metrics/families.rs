@@ -341,6 +341,14 @@ fn buffers(encoder: &mut DescriptorEncoder, routes: &[RuleReport]) -> fmt::Resul
         routes
             .iter()
             .map(|r| (rule_label(r), u64::from(r.stats.stalled.is_stalled()))),
+    )?;
+    gauges(
+        encoder,
+        "mlb_rule_start_time_seconds",
+        "When the rule's counters began, in seconds since the Unix epoch: the start, or the reload that added the rule. A counter over the time since is the rule's average rate.",
+        routes
+            .iter()
+            .map(|r| (rule_label(r), r.stats.since.epoch_seconds())),
     )
 }
 

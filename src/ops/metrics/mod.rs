@@ -34,6 +34,8 @@
 //! mlb_rule_stalled{rule}                       gauge    1 while the rule delivers nothing: its
 //!                                                       buffer cannot be read (retried) or its
 //!                                                       delivery stopped (/readyz says why)
+//! mlb_rule_start_time_seconds{rule}           gauge    when the rule's counters began (the start,
+//!                                                       or the reload that added the rule)
 //! mlb_mqtt_qos0_dropped_total                  counter  QoS 0 messages dropped on arrival: ingest
 //!                                                       far behind, reads unable to pause
 //! mlb_mqtt_connected                           gauge    1 while the broker connection is up
@@ -446,6 +448,30 @@ mod tests {
         );
         stats.stalled.clear();
         assert_eq!(endpoints.readiness.not_ready(), None);
+    }
+
+    #[test]
+    fn each_rule_says_when_its_counters_began() {
+        let stats = RuleStats {
+            since: crate::core::stats::Since(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_000_500),
+            ),
+            ..RuleStats::default()
+        };
+        let buffer: Arc<dyn crate::core::stats::BufferReport> = Arc::new(Writable::default());
+        let routes = Board::new(std::sync::RwLock::new(vec![RuleReport {
+            name: "added-by-reload".into(),
+            replies: false,
+            stats: Arc::new(stats),
+            buffer,
+        }]));
+        let endpoints = Endpoints::new("mqtt://broker.lan:1883", routes, Arc::new(Health::new()));
+        let text = String::from_utf8_lossy(&endpoints.metrics(false).body).into_owned();
+        assert!(
+            text.lines()
+                .any(|l| l == "mlb_rule_start_time_seconds{rule=\"added-by-reload\"} 1000.5"),
+            "{text}"
+        );
     }
 
     /// A buffer that is always writable and empty.
