@@ -162,31 +162,8 @@ impl SessionWorld {
                 b.sent.push_back((pkid, req));
                 self.feed(SessionEvent::RequestSent(pkid));
             }
-            4 | 5 if b.connected && !b.sent.is_empty() => {
-                if let Some((pkid, req)) = b.sent.pop_front() {
-                    match &req {
-                        Req::Sub(filters) => b.subscriptions.extend(filters.iter().cloned()),
-                        Req::Unsub(filter) => {
-                            b.subscriptions.remove(filter);
-                        }
-                    }
-                    b.arrived.push_back((pkid, req));
-                }
-            }
-            6 | 7 if b.connected && !b.arrived.is_empty() => {
-                let answer = match b.arrived.pop_front() {
-                    Some((pkid, Req::Sub(filters))) => SessionEvent::SubAck {
-                        pkid,
-                        granted: vec![Granted::Qos(1); filters.len()],
-                    },
-                    Some((pkid, Req::Unsub(_))) => SessionEvent::UnsubAck {
-                        pkid,
-                        refused: None,
-                    },
-                    None => return,
-                };
-                self.feed(answer);
-            }
+            4 | 5 if b.connected => self.arrive(),
+            6 | 7 if b.connected => self.answer(),
             8 if b.connected => {
                 b.connected = false;
                 b.sent.clear();
@@ -205,22 +182,53 @@ impl SessionWorld {
                     requests,
                 });
             }
-            9 => {
-                let removable: Vec<String> = self.filters.iter().cloned().collect();
-                if removable.len() > 1 && self.rng.bool() {
-                    // A reload removes a rule; the subscriber sends its UNSUBSCRIBE.
-                    let filter = removable[self.rng.usize(0..removable.len())].clone();
-                    self.filters.remove(&filter);
-                    self.unrequest(filter);
-                } else {
-                    // A reload adds a rule; the subscriber sends its SUBSCRIBE.
-                    self.added += 1;
-                    let filter = format!("t/{}/#", self.added);
-                    self.filters.insert(filter.clone());
-                    self.request(vec![filter]);
+            9 => self.reload(),
+            _ => {}
+        }
+    }
+
+    /// The oldest request on the wire reaches the broker.
+    fn arrive(&mut self) {
+        let b = &mut self.broker;
+        if let Some((pkid, req)) = b.sent.pop_front() {
+            match &req {
+                Req::Sub(filters) => b.subscriptions.extend(filters.iter().cloned()),
+                Req::Unsub(filter) => {
+                    b.subscriptions.remove(filter);
                 }
             }
-            _ => {}
+            b.arrived.push_back((pkid, req));
+        }
+    }
+
+    /// The broker answers the oldest request it has.
+    fn answer(&mut self) {
+        let answer = match self.broker.arrived.pop_front() {
+            Some((pkid, Req::Sub(filters))) => SessionEvent::SubAck {
+                pkid,
+                granted: vec![Granted::Qos(1); filters.len()],
+            },
+            Some((pkid, Req::Unsub(_))) => SessionEvent::UnsubAck {
+                pkid,
+                refused: None,
+            },
+            None => return,
+        };
+        self.feed(answer);
+    }
+
+    /// A reload adds a rule or removes one; the subscriber sends its SUBSCRIBE or UNSUBSCRIBE.
+    fn reload(&mut self) {
+        let removable: Vec<String> = self.filters.iter().cloned().collect();
+        if removable.len() > 1 && self.rng.bool() {
+            let filter = removable[self.rng.usize(0..removable.len())].clone();
+            self.filters.remove(&filter);
+            self.unrequest(filter);
+        } else {
+            self.added += 1;
+            let filter = format!("t/{}/#", self.added);
+            self.filters.insert(filter.clone());
+            self.request(vec![filter]);
         }
     }
 
