@@ -26,7 +26,8 @@
 //! - **sustained**: peak RSS at a target of 10,000 msg/s for 10 s, with the rate the broker
 //!   actually saw acknowledged.
 //!
-//! Rows are printed as the README's table rows; run details go to stderr.
+//! Rows are printed as the README's table rows; run details go to stderr. `BENCH_BRIDGE_BIN`
+//! runs another build of the bridge instead (to compare two versions, alternating runs).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
