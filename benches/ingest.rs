@@ -402,6 +402,13 @@ async fn drain_once(
         cpu.map_or("-".to_owned(), |c| c.to_string()),
         peak_kib as f64 / 1024.0
     );
+    let tenths: Vec<String> = (1..=10)
+        .map(|k| ms(proxy.nth_puback((n * k / 10) as u64)))
+        .collect();
+    eprintln!(
+        "{label}: PUBACKs at each tenth of the backlog (ms from spawn): {}",
+        tenths.join(" ")
+    );
     Drained {
         rate: n as f64 / (last - spawned).as_secs_f64(),
         peak_kib,
