@@ -3,7 +3,7 @@
 //!     cargo bench --bench ingest            (needs mosquitto and mosquitto_sub; Python 3 and
 //!                                            PyPI for the slow-uplink baseline)
 //!
-//! Sections (`BENCH_ONLY=ingest,delivery,uplink,invocations,sustained` picks some):
+//! Sections (`BENCH_ONLY=ingest,delivery,flood,uplink,invocations,sustained` picks some):
 //! - **ingest**: a QoS 1 backlog of `BENCH_N` (100,000) messages taken from mosquitto by the
 //!   bridge (appended, fsync'd, then PUBACK) and by `mosquitto_sub -q 1`, alternately,
 //!   `BENCH_PAIRS` (5) times, each run on a fresh backlog. Both connect through a relay
@@ -14,7 +14,10 @@
 //!   100, concurrency at its default, or `BENCH_DELIVERY_CONCURRENCY` to compare) to the
 //!   in-process fake Lambda, from the bridge's process start to the arrival of the last event;
 //!   alternating with `mosquitto_sub` from its process start to the broker's receipt of its
-//!   last PUBACK.
+//!   last PUBACK. The bridge's peak RSS (VmHWM) in those runs is printed too.
+//! - **flood**: `BENCH_FLOOD_RUNS` (9) runs of the bridge alone, each on a fresh
+//!   `BENCH_DELIVERY_N` backlog delivered as in **delivery**: peak RSS (VmHWM) and drain rate,
+//!   medians, ranges and how far the furthest run is from the median.
 //! - **uplink**: the fake Lambda answers every Invoke after 25 ms; a `BENCH_SLOW_N` (5,000)
 //!   backlog, one message per invocation, the bridge with the default configuration, with
 //!   `max_concurrency = 32`, and a naive 8-thread Python bridge (`bench/python_bridge.py`).
@@ -23,7 +26,8 @@
 //! - **sustained**: peak RSS at a target of 10,000 msg/s for 10 s, with the rate the broker
 //!   actually saw acknowledged.
 //!
-//! Rows are printed as the README's table rows; run details go to stderr.
+//! Rows are printed as the README's table rows; run details go to stderr. `BENCH_BRIDGE_BIN`
+//! runs another build of the bridge instead (to compare two versions, alternating runs).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -103,6 +107,13 @@ async fn run() {
         // Single delivery pairs swing widely on a shared 2-core machine: more pairs by default.
         let pairs = common::env_number("BENCH_DELIVERY_PAIRS", DELIVERY_PAIRS).max(1);
         delivery(common::env_number("BENCH_DELIVERY_N", 50_000), pairs).await;
+    }
+    if common::selected("flood") {
+        flood(
+            common::env_number("BENCH_DELIVERY_N", 50_000),
+            common::env_number("BENCH_FLOOD_RUNS", 9usize).max(1),
+        )
+        .await;
     }
     if common::selected("uplink") {
         uplink(
@@ -327,26 +338,171 @@ fn ms_after(start: Instant, at: Option<Instant>) -> String {
     })
 }
 
+/// One bridge run of the delivery section: its drain rate, peak RSS and invocations.
+struct Drained {
+    /// Messages per second from process start to the arrival of the last event.
+    rate: f64,
+    /// VmHWM of the bridge process just before it was killed.
+    peak_kib: u64,
+    invocations: usize,
+}
+
+/// Spawns the bridge on a backlog of `n` already queued for its session, waits until the fake
+/// Lambda has all of it and the broker every PUBACK, and prints the run's timeline.
+async fn drain_once(
+    proxy: &AckProxy,
+    n: usize,
+    label: &str,
+    config: impl Fn(&Path, &str) -> String,
+) -> Drained {
+    let lambda = FakeLambdaServer::start_on(0, FakeLambda::lean()).await;
+    let bridge = Bridge::spawn(|dir| config(dir, &lambda.endpoint()));
+    let (got, _) =
+        common::poll_until(bridge.spawned, n, STEP_PATIENCE, || delivered(&lambda)).await;
+    assert!(
+        got >= n,
+        "the fake Lambda received {got} of {n}; log:\n{}",
+        bridge.log_text()
+    );
+    // The arrival of the last event, not the moment the poll noticed it.
+    let last = lambda
+        .fake
+        .with_invocations(|all| all.iter().map(|i| i.at).max())
+        .expect("invocations");
+    // Not timed: the broker must have every PUBACK before the bridge is killed, or the next
+    // run would get this backlog again.
+    let acked = nth_puback(proxy, n, || bridge.log_text()).await;
+    eprintln!(
+        "{label}: the broker had the bridge's last PUBACK {:.0} ms after the last event reached the fake Lambda",
+        acked.saturating_duration_since(last).as_secs_f64() * 1000.0
+    );
+    let spawned = bridge.spawned;
+    let cpu = bridge.cpu_ms();
+    let peak_kib = bridge.peak_rss_kib().unwrap_or(0);
+    bridge.kill().await;
+    let invocations = lambda.fake.with_invocations(|all| all.len());
+    let ms = |at: Option<Instant>| ms_after(spawned, at);
+    let (first_invoke, half_delivered) = lambda.fake.with_invocations(|all| {
+        let mut sum = 0;
+        let half = all.iter().find_map(|i| {
+            sum += i.messages;
+            (sum >= n / 2).then_some(i.at)
+        });
+        (all.iter().map(|i| i.at).min(), half)
+    });
+    eprintln!(
+        "{label}: bridge timeline (ms from spawn): connected {}, first PUBACK {}, half PUBACKs {}, first event {}, half delivered {}, last event {}, last PUBACK {}; CPU {} ms; peak RSS {:.1} MiB",
+        ms(proxy.first_connect()),
+        ms(proxy.nth_puback(1)),
+        ms(proxy.nth_puback(n as u64 / 2)),
+        ms(first_invoke),
+        ms(half_delivered),
+        ms(Some(last)),
+        ms(Some(acked)),
+        cpu.map_or("-".to_owned(), |c| c.to_string()),
+        peak_kib as f64 / 1024.0
+    );
+    let tenths: Vec<String> = (1..=10)
+        .map(|k| ms(proxy.nth_puback((n * k / 10) as u64)))
+        .collect();
+    eprintln!(
+        "{label}: PUBACKs at each tenth of the backlog (ms from spawn): {}",
+        tenths.join(" ")
+    );
+    Drained {
+        rate: n as f64 / (last - spawned).as_secs_f64(),
+        peak_kib,
+        invocations,
+    }
+}
+
+/// The delivery rule (batches of 100) and how its concurrency is described:
+/// `BENCH_DELIVERY_CONCURRENCY=4` sets the rule's max_concurrency, to compare settings.
+fn delivery_rules() -> (String, String) {
+    match std::env::var("BENCH_DELIVERY_CONCURRENCY").ok() {
+        Some(c) => (
+            RULE_BATCH_100.replace(
+                "function = \"sink\"",
+                &format!("function = \"sink\"\nmax_concurrency = {c}"),
+            ),
+            format!("`max_concurrency = {c}`"),
+        ),
+        None => (RULE_BATCH_100.to_owned(), "default concurrency".to_owned()),
+    }
+}
+
+/// Runs of the bridge alone, each on a fresh backlog of `n`: its peak RSS and drain rate, with
+/// their medians, ranges and the run furthest from the median.
+async fn flood(n: usize, runs: usize) {
+    let broker = Mosquitto::start().await;
+    let proxy = AckProxy::start(broker.port);
+    let publisher = Publisher::connect(broker.port).await;
+    let (rules, concurrency_label) = delivery_rules();
+    let (mut rates, mut peaks) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let id = format!("bench-flood-{run}");
+        let config =
+            |dir: &Path, endpoint: &str| bridge_config(proxy.port, &id, endpoint, dir, &rules);
+        {
+            let lambda = FakeLambdaServer::start_on(0, FakeLambda::lean()).await;
+            register_bridge(|dir| config(dir, &lambda.endpoint())).await;
+        }
+        proxy.wait_idle(STEP_PATIENCE).await;
+        publish_backlog(&publisher, n, (run + 1) * n).await;
+        proxy.reset();
+        let drained = drain_once(&proxy, n, &format!("flood run {}", run + 1), config).await;
+        proxy.wait_idle(STEP_PATIENCE).await;
+        eprintln!(
+            "flood run {}: {} msg/s, peak RSS {:.1} MiB",
+            run + 1,
+            thousands(drained.rate),
+            drained.peak_kib as f64 / 1024.0
+        );
+        rates.push(drained.rate);
+        peaks.push(drained.peak_kib as f64 / 1024.0);
+        forget_session(broker.port, &id).await;
+    }
+    let backlog = thousands(n as f64);
+    row(
+        &format!(
+            "peak RSS (VmHWM) draining a {backlog}-message QoS 1 backlog, `max_messages = 100`, {concurrency_label}, to an in-process fake Lambda, median of {runs}"
+        ),
+        &mib_spread(&peaks),
+        "≤ 16 MiB",
+    );
+    let mid = median(&rates);
+    let furthest = rates
+        .iter()
+        .map(|r| (r - mid).abs() / mid)
+        .fold(0.0, f64::max);
+    let (lo, hi) = range(&rates);
+    row(
+        &format!("drain rate in the same runs, from process start, median of {runs}"),
+        &format!(
+            "{} msg/s ({}–{}; furthest run {:.0}% from the median)",
+            thousands(mid),
+            thousands(lo),
+            thousands(hi),
+            furthest * 100.0
+        ),
+        "every run within 20% of the median",
+    );
+}
+
+/// `12.3 MiB (11.9–12.8)`: the median and range of figures in MiB.
+fn mib_spread(values: &[f64]) -> String {
+    let (lo, hi) = range(values);
+    format!("{:.1} MiB ({lo:.1}–{hi:.1})", median(values))
+}
+
 async fn delivery(n: usize, pairs: usize) {
     let broker = Mosquitto::start().await;
     let proxy = AckProxy::start(broker.port);
     let publisher = Publisher::connect(broker.port).await;
 
-    let (mut bridge_rates, mut sub_rates) = (Vec::new(), Vec::new());
+    let (mut bridge_rates, mut sub_rates, mut peaks) = (Vec::new(), Vec::new(), Vec::new());
     let mut invocations = 0;
-    // To compare settings: `BENCH_DELIVERY_CONCURRENCY=4` sets the rule's max_concurrency.
-    let concurrency = std::env::var("BENCH_DELIVERY_CONCURRENCY").ok();
-    let rules = match &concurrency {
-        Some(c) => RULE_BATCH_100.replace(
-            "function = \"sink\"",
-            &format!("function = \"sink\"\nmax_concurrency = {c}"),
-        ),
-        None => RULE_BATCH_100.to_owned(),
-    };
-    let concurrency_label = match &concurrency {
-        Some(c) => format!("`max_concurrency = {c}`"),
-        None => "default concurrency".to_owned(),
-    };
+    let (rules, concurrency_label) = delivery_rules();
     for pair in 0..pairs {
         let (bridge_id, sub_id) = pair_sessions("delivery", pair);
         let config = |dir: &Path, endpoint: &str| {
@@ -363,57 +519,12 @@ async fn delivery(n: usize, pairs: usize) {
             proxy.reset();
             let rate = match side {
                 Side::Bridge => {
-                    let lambda = FakeLambdaServer::start_on(0, FakeLambda::lean()).await;
-                    let bridge = Bridge::spawn(|dir| config(dir, &lambda.endpoint()));
-                    let (got, _) =
-                        common::poll_until(bridge.spawned, n, STEP_PATIENCE, || delivered(&lambda))
-                            .await;
-                    assert!(
-                        got >= n,
-                        "the fake Lambda received {got} of {n}; log:\n{}",
-                        bridge.log_text()
-                    );
-                    // The arrival of the last event, not the moment the poll noticed it.
-                    let last = lambda
-                        .fake
-                        .with_invocations(|all| all.iter().map(|i| i.at).max())
-                        .expect("invocations");
-                    // Not timed: the broker must have every PUBACK before the bridge is
-                    // killed, or the next run would get this backlog again.
-                    let acked = nth_puback(&proxy, n, || bridge.log_text()).await;
-                    eprintln!(
-                        "delivery pair {}: the broker had the bridge's last PUBACK {:.0} ms after the last event reached the fake Lambda",
-                        pair + 1,
-                        acked.saturating_duration_since(last).as_secs_f64() * 1000.0
-                    );
-                    let spawned = bridge.spawned;
-                    let cpu = bridge.cpu_ms();
-                    bridge.kill().await;
-                    invocations = lambda.fake.with_invocations(|all| all.len());
-                    let ms = |at: Option<Instant>| ms_after(spawned, at);
-                    let (first_invoke, half_delivered) = lambda.fake.with_invocations(|all| {
-                        let mut sum = 0;
-                        let half = all.iter().find_map(|i| {
-                            sum += i.messages;
-                            (sum >= n / 2).then_some(i.at)
-                        });
-                        (all.iter().map(|i| i.at).min(), half)
-                    });
-                    eprintln!(
-                        "delivery pair {}: bridge timeline (ms from spawn): connected {}, first PUBACK {}, half PUBACKs {}, first event {}, half delivered {}, last event {}, last PUBACK {}; CPU {} ms",
-                        pair + 1,
-                        ms(proxy.first_connect()),
-                        ms(proxy.nth_puback(1)),
-                        ms(proxy.nth_puback(n as u64 / 2)),
-                        ms(first_invoke),
-                        ms(half_delivered),
-                        ms(Some(last)),
-                        ms(Some(acked)),
-                        cpu.map_or("-".to_owned(), |c| c.to_string())
-                    );
-                    let rate = n as f64 / (last - spawned).as_secs_f64();
-                    bridge_rates.push(rate);
-                    rate
+                    let run =
+                        drain_once(&proxy, n, &format!("delivery pair {}", pair + 1), config).await;
+                    peaks.push(run.peak_kib as f64 / 1024.0);
+                    bridge_rates.push(run.rate);
+                    invocations = run.invocations;
+                    run.rate
                 }
                 Side::Sub => {
                     let spawned = Instant::now();
@@ -458,6 +569,11 @@ async fn delivery(n: usize, pairs: usize) {
         &sub_rates,
         "ratio delivered / `mosquitto_sub`",
         "≥ 0.85",
+    );
+    row(
+        "peak RSS of the bridge in those runs (VmHWM)",
+        &mib_spread(&peaks),
+        "≤ 16 MiB",
     );
 }
 

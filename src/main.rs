@@ -343,17 +343,37 @@ fn cost(args: &mqtt_lambda_bridge::cli::cost::CostArgs) -> ExitCode {
     }
 }
 
+/// Threads for blocking work (buffer reads, unsynced ack writes, dead letters, opening a
+/// reloaded rule's buffer): each queue keeps at most one read and one ack write in flight, so
+/// a few are enough; tokio's default allows 512, each with its own stack.
+const MAX_BLOCKING_THREADS: usize = 8;
+
 /// The runtime `run` uses: two workers are plenty for one MQTT connection and the delivery
-/// tasks, and leave the gateway's other cores alone.
+/// tasks, and leave the gateway's other cores alone. Called before any other thread starts.
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    one_malloc_arena();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
         .map_err(|err| {
             eprintln!("mqtt-lambda-bridge: cannot start the async runtime: {err}");
             ExitCode::FAILURE
         })
+}
+
+/// One malloc arena for the whole process. glibc gives each thread that allocates an arena of
+/// its own (up to eight per core), and each arena keeps the pages of the most its thread ever
+/// held: under a flood the runtime's workers, the buffer's writer and the blocking threads
+/// each kept their own peak, about 5 MiB more RSS in all. Each thread's malloc cache still
+/// serves most allocations without the arena's lock. Must run before other threads start.
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a malloc parameter; no other thread is running yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }
 
 /// The runtime of the one-shot commands (`check`, `buffer`): one thread is enough for what

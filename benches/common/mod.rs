@@ -91,9 +91,11 @@ pub fn range(values: &[f64]) -> (f64, f64) {
         })
 }
 
-/// The release binary cargo built for this benchmark.
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_mqtt-lambda-bridge")
+/// The release binary cargo built for this benchmark, or `BENCH_BRIDGE_BIN` (another build, to
+/// compare two versions run after run on the same busy machine).
+pub fn binary() -> String {
+    std::env::var("BENCH_BRIDGE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_mqtt-lambda-bridge").to_owned())
 }
 
 /// Isolates the daemon from the machine's AWS setup (the fake Lambda ignores signatures).

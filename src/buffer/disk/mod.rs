@@ -95,8 +95,8 @@
 //! waits (no append carried the position), it writes the `ack` file, deletes the segments
 //! behind it and reuses the newest one if worthwhile. Readers
 //! read the fsync'd part of the segments with their own file handle, on tokio's blocking
-//! threads; what a read brings in waits in a hand-over list, so a caller that stops waiting
-//! (a cancelled `select!` branch) loses nothing. Acks move a shared position (or add a range)
+//! threads, one read at a time per queue; what a read brings in waits in a hand-over list, so
+//! a caller that stops waiting (a cancelled `select!` branch) loses nothing. Acks move a shared position (or add a range)
 //! and wake the writer; every [`ACK_WRITE_EVERY`] acks they also hand one unsynced `pwrite` of
 //! the `ack` file's third slot to a blocking thread.
 //!
@@ -283,6 +283,14 @@ struct Shared {
     acks_written: AtomicU64,
     /// An unsynced write is queued or running.
     volatile_busy: AtomicBool,
+    /// A disk read is queued or running (`reader::fill_ready`): at most one per queue, however
+    /// many callers stopped waiting for theirs.
+    fetching: AtomicBool,
+    /// Wakes callers that found a disk read in flight, when it ends.
+    fetched: Notify,
+    /// Disk reads started so far.
+    #[cfg(test)]
+    reads_started: AtomicU64,
 }
 
 impl Shared {
@@ -468,7 +476,7 @@ impl DiskQueue {
     }
 }
 
-fn join_error(e: tokio::task::JoinError) -> QueueError {
+pub(super) fn join_error(e: tokio::task::JoinError) -> QueueError {
     QueueError::Io(io::Error::other(format!(
         "the buffer read task stopped: {e}"
     )))
@@ -510,15 +518,8 @@ impl Queue for DiskQueue {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let fetch = self.shared.to_fetch(max);
-        if fetch > 0 {
-            let shared = self.shared.clone();
-            let ack_moved = tokio::task::spawn_blocking(move || shared.read_into_ready(fetch))
-                .await
-                .map_err(join_error)??;
-            if ack_moved {
-                self.signal_ack();
-            }
+        if reader::fill_ready(&self.shared, max).await? {
+            self.signal_ack();
         }
         // Entries leave the hand-over list only here, after the last await: a caller that stops
         // waiting earlier leaves them for the next read.

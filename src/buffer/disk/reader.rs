@@ -7,6 +7,13 @@
 //! (`Shared::ready`) until a caller takes it.
 //!
 //! Invariants kept here:
+//! - At most one disk read per queue is queued or running ([`fill_ready`]). A caller that
+//!   stopped waiting for its read (delivery's `select!` drops it whenever an invocation ends
+//!   first) leaves that read running; the next caller waits for it instead of starting another.
+//!   So a read starts only when the hand-over list holds fewer entries than asked for, and the
+//!   list never holds more than one request plus one read-ahead ([`READ_AHEAD_ENTRIES`],
+//!   [`READ_AHEAD_BYTES`]), and a flood of cancelled reads neither piles up blocking threads
+//!   nor entries in memory.
 //! - Only durable bytes are read: below the segment's length in the shared state, which the
 //!   writer moves only after an fsync. Those bytes never change while a segment is open here;
 //!   the one thing that rewrites them, reusing the segment, takes the reader lock and closes
@@ -28,10 +35,11 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::segment::MAGIC_LEN;
-use super::{Entry, QueueError, Segment, Seq, Shared};
+use super::{Entry, QueueError, Segment, Seq, Shared, join_error};
 use crate::buffer::record::{self, Decoded};
 use crate::buffer::storage::{OpenMode, StorageFile};
 use crate::core::clock::Reading;
@@ -47,6 +55,46 @@ const READ_AHEAD_BYTES: usize = 1024 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// Bytes read at a time while scanning past corruption.
 const SCAN_CHUNK: usize = 64 * 1024;
+
+/// Brings entries into the hand-over list until it holds `max` or the disk holds nothing more
+/// that is durable, with at most one disk read per queue in flight (see the invariants).
+/// Returns whether expiry moved the ack position.
+pub(super) async fn fill_ready(shared: &Arc<Shared>, max: usize) -> Result<bool, QueueError> {
+    loop {
+        if shared.to_fetch(max) == 0 {
+            return Ok(false);
+        }
+        let ended = shared.fetched.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if shared.fetching.swap(true, Ordering::AcqRel) {
+            // Another read (perhaps one whose caller stopped waiting) is bringing entries in.
+            ended.await;
+            continue;
+        }
+        let fetching = Fetching(shared.clone());
+        // Asked again now that no other read can be filling the list.
+        let fetch = shared.to_fetch(max);
+        if fetch == 0 {
+            return Ok(false);
+        }
+        #[cfg(test)]
+        shared.reads_started.fetch_add(1, Ordering::Relaxed);
+        return tokio::task::spawn_blocking(move || fetching.0.read_into_ready(fetch))
+            .await
+            .map_err(join_error)?;
+    }
+}
+
+/// The one disk read of a queue in flight: ends it, and wakes whoever waits, when dropped.
+struct Fetching(Arc<Shared>);
+
+impl Drop for Fetching {
+    fn drop(&mut self) {
+        self.0.fetching.store(false, Ordering::Release);
+        self.0.fetched.notify_waiters();
+    }
+}
 
 /// The reader's position: which segment file is open and where.
 #[derive(Default)]
@@ -571,6 +619,46 @@ mod tests {
         assert_eq!(seqs(&shared.take_ready(2)), [10, 11]);
         assert_eq!(shared.take_ready(100).len(), 8);
         assert_eq!(shared.to_fetch(5), 0, "nothing unread on disk");
+    }
+
+    #[tokio::test]
+    async fn reads_whose_callers_stopped_waiting_run_one_at_a_time_and_bound_the_hand_over_list() {
+        use crate::buffer::Queue;
+        use crate::buffer::storage::FaultStorage;
+        const RECORDS: usize = 5 * READ_AHEAD_ENTRIES;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let records: Vec<(Seq, String)> = (0..RECORDS).map(|i| (i as Seq, i.to_string())).collect();
+        let records: Vec<(Seq, &str)> = records.iter().map(|(s, p)| (*s, p.as_str())).collect();
+        std::fs::write(segment_path(dir.path(), 0), segment_bytes(&records)).expect("write");
+        let storage = FaultStorage::new();
+        let queue =
+            DiskQueue::open_with(config(dir.path()), Arc::new(storage.clone())).expect("open");
+        // The first read is slow (it opens the segment), as under a flood the reader lock is
+        // held while the next caller comes.
+        storage.slow_opens(std::time::Duration::from_millis(100));
+        // As delivery's loop does when invocations keep ending first: each read is started
+        // (polled once) and dropped, unless the hand-over list could answer it at once. (50
+        // reads of 10 take less than one read-ahead: however slow this loop, one read is
+        // enough.)
+        let mut taken = Vec::new();
+        for _ in 0..50 {
+            let once = tokio::time::timeout(std::time::Duration::ZERO, queue.read_ready(10));
+            if let Ok(entries) = once.await {
+                taken.extend(seqs(&entries.expect("read")));
+            }
+        }
+        // One read started; the other callers waited for it.
+        assert_eq!(queue.shared.reads_started.load(Ordering::Relaxed), 1);
+        fill_ready(&queue.shared, 1).await.expect("read");
+        let held = queue.shared.lock_ready().len();
+        assert!(held <= 10 + READ_AHEAD_ENTRIES, "{held} entries held");
+        // Nothing was lost or handed out twice.
+        while taken.len() < RECORDS {
+            let entries = queue.read_ready(256).await.expect("read");
+            assert!(!entries.is_empty(), "the read stopped at {}", taken.len());
+            taken.extend(seqs(&entries));
+        }
+        assert_eq!(taken, (0..RECORDS as Seq).collect::<Vec<_>>());
     }
 
     /// A segment of messages received `ages` seconds ago, one per sequence from 0.

@@ -126,6 +126,10 @@ pub(super) fn open(
         volatile: recovered.ack.volatile(),
         acks_written: AtomicU64::new(0),
         volatile_busy: AtomicBool::new(false),
+        fetching: AtomicBool::new(false),
+        fetched: Notify::new(),
+        #[cfg(test)]
+        reads_started: AtomicU64::new(0),
     });
     let mut writer = Writer::new(
         shared.clone(),
