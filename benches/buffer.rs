@@ -59,6 +59,7 @@ fn config(dir: &Path) -> DiskQueueConfig {
         max_size: 64 * 1024 * 1024 * 1024,
         when_full: WhenFull::Block,
         max_age: None,
+        max_ack_delay: std::time::Duration::ZERO,
     }
 }
 

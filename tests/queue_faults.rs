@@ -32,6 +32,7 @@ fn config(dir: &Path) -> DiskQueueConfig {
         max_size: 256 * 1024 * 1024,
         when_full: WhenFull::DropOldest,
         max_age: None,
+        max_ack_delay: std::time::Duration::ZERO,
     }
 }
 

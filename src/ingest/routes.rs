@@ -559,6 +559,7 @@ mod tests {
                 max_size,
                 when_full: WhenFull::DropNewest,
                 max_age: None,
+                max_ack_delay: std::time::Duration::ZERO,
             })
             .expect("open");
             Arc::new(Route {

@@ -199,6 +199,9 @@ pub struct DiskQueueConfig {
     pub when_full: WhenFull,
     /// Records older than this are dropped when read (`None`: never).
     pub max_age: Option<Duration>,
+    /// How long a group commit may wait for more appends after its first (`buffer.max_ack_delay`;
+    /// zero: it never waits). See `writer/gather.rs`.
+    pub max_ack_delay: Duration,
 }
 
 pub use crate::core::stats::{BufferCounters as Counters, QueueStats};
@@ -302,9 +305,13 @@ enum WriterMsg {
     Append {
         messages: Vec<Message>,
         reply: oneshot::Sender<io::Result<Appended>>,
+        /// When it was sent: `max_ack_delay` counts from the first append of a group.
+        sent: std::time::Instant,
     },
     /// The ack position moved.
     Acked,
+    /// Shutdown has begun: write what waits for `max_ack_delay` now, and wait no more.
+    Hurry,
     Close {
         reply: oneshot::Sender<()>,
     },
@@ -368,6 +375,14 @@ impl DiskQueue {
     /// disk, a read-only file system, an I/O error) until an append succeeds again.
     pub fn writable(&self) -> bool {
         self.shared.writable.load(Ordering::Relaxed)
+    }
+
+    /// Shutdown has begun: appends waiting for `max_ack_delay` are written now, and later ones
+    /// do not wait, so a stop never waits the delay out.
+    pub fn hurry(&self) {
+        if !self.shared.config.max_ack_delay.is_zero() {
+            let _ = self.send(WriterMsg::Hurry);
+        }
     }
 
     /// Persists the ack position and stops the writer; later appends fail.
@@ -480,7 +495,12 @@ impl Queue for DiskQueue {
             self.wait_for_room(size).await?;
         }
         let (reply, done) = oneshot::channel();
-        self.send(WriterMsg::Append { messages, reply })?;
+        let sent = std::time::Instant::now();
+        self.send(WriterMsg::Append {
+            messages,
+            reply,
+            sent,
+        })?;
         match done.await {
             Ok(Ok(appended)) => Ok(appended),
             Ok(Err(e)) => Err(QueueError::Io(e)),
@@ -591,6 +611,7 @@ pub(crate) mod tests {
             max_size: 1 << 30,
             when_full: WhenFull::Block,
             max_age: None,
+            max_ack_delay: Duration::ZERO,
         }
     }
 

@@ -13,6 +13,7 @@
 //!   stands in for a durable one.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::Writer;
@@ -122,10 +123,9 @@ impl Writer {
         let (acks, _, ranges) = self.ack_snapshot();
         let ranges: Vec<(Seq, Seq)> = ranges.into_iter().filter(|&(s, _)| s > seq).collect();
         self.ack.write(&*self.shared.storage, seq, &ranges)?;
+        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.last_sync = Some(Instant::now());
-        self.shared
-            .acks_written
-            .fetch_max(acks, std::sync::atomic::Ordering::AcqRel);
+        self.shared.acks_written.fetch_max(acks, Ordering::AcqRel);
         self.acks_synced = acks;
         Ok(())
     }
