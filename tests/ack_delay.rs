@@ -1,18 +1,13 @@
 //! `buffer.max_ack_delay` end to end: the daemon against real mosquitto and the fake Invoke
 //! API, a trickle from several publishers, with and without the delay: fewer fsyncs per
-//! message (`mlb_buffer_fsyncs_total`), every message delivered; and at the queue level with
-//! the fault-injecting storage: a failed fsync fails the whole waiting group, and the share of
-//! `max_size` holds while appends wait together.
+//! message (`mlb_buffer_fsyncs_total`), every message delivered; and what `check` says of it.
+//! (The queue under storage faults with a delay: `tests/queue_faults.rs`.)
 
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use mqtt_lambda_bridge::buffer::disk::DEFAULT_SEGMENT_SIZE;
-use mqtt_lambda_bridge::buffer::{DiskQueue, DiskQueueConfig, FaultStorage, Queue, QueueError};
-use mqtt_lambda_bridge::core::config::WhenFull;
-use mqtt_lambda_bridge::core::envelope::Message;
 use support::fake_lambda::FakeLambdaServer;
 use support::{Daemon, Mosquitto, Publisher, config, free_port, metric, scrape_metrics};
 
@@ -113,14 +108,15 @@ async fn a_delay_cuts_the_fsyncs_of_a_trickle_and_loses_nothing() {
     eprintln!("without a delay: {without:?}; with 100ms: {with:?}");
     assert_eq!(without.received, MESSAGES as f64);
     assert_eq!(with.received, MESSAGES as f64);
-    // 100 msg/s: without a delay nearly every message is a group commit of its own; with
-    // 100 ms about ten share one (plus the ack file's syncs while delivery acknowledges).
+    // 100 msg/s. Without a delay a group commit takes what arrived during the previous fsync:
+    // on an idle machine that is one message, on a busy one a few. With 100 ms about ten share
+    // one (the ack position rides along; the ack file is synced at most every 100 ms).
     assert!(
-        without.fsyncs_per_message() > 0.6,
-        "without a delay: {without:?}"
+        with.fsyncs_per_message() <= 0.2,
+        "with 100ms: {with:?}, without: {without:?}"
     );
     assert!(
-        with.fsyncs_per_message() < without.fsyncs_per_message() / 3.0,
+        with.fsyncs_per_message() < without.fsyncs_per_message() / 2.0,
         "with 100ms: {with:?}, without: {without:?}"
     );
 }
@@ -163,127 +159,4 @@ async fn check_says_what_the_delay_costs() {
             && stderr.contains("got \"5s\""),
         "{stderr}"
     );
-}
-
-fn queue_config(dir: &std::path::Path, delay: Duration) -> DiskQueueConfig {
-    DiskQueueConfig {
-        dir: dir.to_owned(),
-        segment_size: DEFAULT_SEGMENT_SIZE,
-        max_size: 256 * 1024 * 1024,
-        when_full: WhenFull::DropOldest,
-        max_age: None,
-        max_ack_delay: delay,
-    }
-}
-
-fn message(n: u64, size: usize) -> Message {
-    let mut payload = format!("{n:08}").into_bytes();
-    payload.resize(size.max(8), b'x');
-    Message::received(format!("m/{n}"), payload, 1, false, SystemTime::now())
-}
-
-/// `n` appends of one message each, sent together; their answers in order.
-async fn together(
-    queue: &Arc<DiskQueue>,
-    first: u64,
-    n: u64,
-    size: usize,
-) -> Vec<Result<u64, QueueError>> {
-    let tasks: Vec<_> = (first..first + n)
-        .map(|i| {
-            let queue = queue.clone();
-            tokio::spawn(
-                async move { queue.append(vec![message(i, size)]).await.map(|a| a.stored) },
-            )
-        })
-        .collect();
-    let mut out = Vec::new();
-    for task in tasks {
-        out.push(task.await.expect("appender"));
-    }
-    out
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_fsync_fails_every_append_that_waited_for_it_and_the_next_group_is_written() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let storage = FaultStorage::new();
-    let queue = Arc::new(
-        DiskQueue::open_with(
-            queue_config(dir.path(), Duration::from_millis(200)),
-            Arc::new(storage.clone()),
-        )
-        .expect("open"),
-    );
-    storage.fail_next_fsync();
-    let failed = together(&queue, 0, 5, 200).await;
-    assert!(failed.iter().all(|r| r.is_err()), "{failed:?}");
-    let stored = together(&queue, 5, 5, 200).await;
-    assert!(stored.iter().all(|r| matches!(r, Ok(1))), "{stored:?}");
-    let read = queue.read(100).await.expect("read");
-    let numbers: Vec<u64> = read
-        .iter()
-        .map(|e| e.message.topic[2..].parse().expect("number"))
-        .collect();
-    let mut sorted = numbers.clone();
-    sorted.sort_unstable();
-    assert_eq!(
-        sorted,
-        [5, 6, 7, 8, 9],
-        "nothing of the failed group is readable"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn appends_waiting_together_never_take_a_share_past_its_cap() {
-    const MAX_SIZE: u64 = 64 * 1024;
-    for when_full in [WhenFull::DropOldest, WhenFull::DropNewest, WhenFull::Block] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = DiskQueueConfig {
-            segment_size: 16 * 1024,
-            max_size: MAX_SIZE,
-            when_full,
-            ..queue_config(dir.path(), Duration::from_millis(50))
-        };
-        let queue = Arc::new(DiskQueue::open(config).expect("open"));
-        // Deliver as a rule would, so that `block` finds room again.
-        let reader = tokio::spawn({
-            let queue = queue.clone();
-            async move {
-                loop {
-                    match queue.read(20).await {
-                        Ok(entries) => {
-                            if let Some(last) = entries.last() {
-                                queue.ack(last.seq).await.expect("ack");
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
-            }
-        });
-        let start = Instant::now();
-        let mut next = 0;
-        while next < 600 {
-            let answers = together(&queue, next, 30, 1000).await;
-            assert!(
-                answers.iter().all(|r| r.is_ok()),
-                "{when_full:?}: {answers:?}"
-            );
-            next += 30;
-            let on_disk: u64 = std::fs::read_dir(dir.path())
-                .expect("list")
-                .filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().starts_with("segment-"))
-                .map(|e| e.metadata().map_or(0, |m| m.len()))
-                .sum();
-            assert!(
-                on_disk <= MAX_SIZE,
-                "{when_full:?}: {on_disk} bytes on disk"
-            );
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "{when_full:?}");
-        queue.close().await;
-        reader.abort();
-    }
 }

@@ -199,6 +199,16 @@ mod tests {
         }
     }
 
+    /// A queue with `delay` on a fault-injecting storage (to count fsyncs), and the fsyncs of
+    /// its first segment so far (its creation's).
+    fn open(dir: &std::path::Path, delay: Duration) -> (DiskQueue, FaultStorage, u64) {
+        let storage = FaultStorage::new();
+        let queue =
+            DiskQueue::open_with(delayed(dir, delay), Arc::new(storage.clone())).expect("open");
+        let before = storage.syncs_of(FIRST);
+        (queue, storage, before)
+    }
+
     /// `n` appenders of one message each, all started at once; each one's answer and how long
     /// it took.
     async fn appenders(queue: &Arc<DiskQueue>, n: usize) -> Vec<(Appended, Duration)> {
@@ -224,14 +234,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_within_the_delay_share_one_fsync_and_wait_at_most_the_delay() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let storage = FaultStorage::new();
         let delay = 300 * MS;
-        let queue = Arc::new(
-            DiskQueue::open_with(delayed(dir.path(), delay), Arc::new(storage.clone()))
-                .expect("open"),
-        );
+        let (queue, storage, before) = open(dir.path(), delay);
+        let queue = Arc::new(queue);
         let fsyncs = || queue.counters().fsyncs.load(Ordering::Relaxed);
-        let (before, counted) = (storage.syncs_of(FIRST), fsyncs());
+        let counted = fsyncs();
         let answers = appenders(&queue, 8).await;
         assert!(answers.iter().all(|(a, _)| a.stored == 1), "{answers:?}");
         assert_eq!(storage.syncs_of(FIRST), before + 1, "one group commit");
@@ -272,13 +279,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_group_does_not_wait_out_the_delay() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let storage = FaultStorage::new();
-        let queue = DiskQueue::open_with(
-            delayed(dir.path(), Duration::from_secs(1)),
-            Arc::new(storage.clone()),
-        )
-        .expect("open");
-        let before = storage.syncs_of(FIRST);
+        let (queue, storage, before) = open(dir.path(), Duration::from_secs(1));
         let start = Instant::now();
         let batch = (0..FULL_GROUP_MESSAGES).map(|i| message(&i.to_string()));
         queue.append(batch.collect()).await.expect("append");
@@ -289,13 +290,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn closing_or_hurrying_does_not_wait_out_the_delay() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let storage = FaultStorage::new();
-        let queue = DiskQueue::open_with(
-            delayed(dir.path(), Duration::from_secs(1)),
-            Arc::new(storage.clone()),
-        )
-        .expect("open");
-        let before = storage.syncs_of(FIRST);
+        let (queue, storage, before) = open(dir.path(), Duration::from_secs(1));
         let start = Instant::now();
         // Shutdown begins while the group waits: it is written now, and later ones do not wait.
         let (stored, ()) = tokio::join!(queue.append(vec![message("a")]), async {
