@@ -120,8 +120,10 @@
 //! ranges.rs       the acknowledged ranges above the position (pure)
 //! recovery.rs     opening: the newest segment, the ack position, what to cut, rename, delete
 //! reader.rs       reads into the hand-over list; skipping ack records, leftovers, corruption
+//! append.rs       handing an append to the writer: room for `block`, when its wait starts
 //! writer/mod.rs   the writer thread: group commit, rollover, drop_oldest, deleting behind
 //! writer/ack.rs   when the ack state goes into the `ack` file, synced or not
+//! writer/gather.rs what the writer takes for one group commit; `max_ack_delay`'s wait
 //! writer/reuse.rs reusing the newest segment in place
 //! ```
 //!
@@ -130,6 +132,7 @@
 //! [`FaultStorage`]: super::storage::FaultStorage
 
 mod ackfile;
+mod append;
 mod ranges;
 mod reader;
 mod recovery;
@@ -146,7 +149,6 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 
-use super::record;
 use super::storage::{RealStorage, Storage};
 use super::{Appended, Entry, Queue, QueueError, Seq};
 use crate::core::config::WhenFull;
@@ -443,42 +445,6 @@ impl DiskQueue {
     }
 }
 
-impl DiskQueue {
-    /// `block`: waits until `size` more bytes fit under the cap beside what is on disk and
-    /// what other appenders reserved, then reserves them (the writer releases them once
-    /// written). When nothing waits for delivery and nothing is reserved it goes ahead anyway:
-    /// the writer frees the delivered records first (`writer/admit.rs`), and an append larger
-    /// than the whole cap could never fit. No await lies between the reservation and the
-    /// hand-over to the writer, so a cancelled append reserves nothing.
-    async fn wait_for_room(&self, size: u64) -> Result<(), QueueError> {
-        let mut waited = false;
-        loop {
-            let freed = self.shared.freed.notified();
-            {
-                let mut state = self.shared.lock();
-                if state.closed {
-                    return Err(QueueError::Closed);
-                }
-                let fits = state.bytes + state.reserved + size + GROUP_OVERHEAD
-                    <= self.shared.config.max_size;
-                let idle = state.reserved == 0 && state.durable_seq == state.ack_next;
-                if fits || idle {
-                    state.reserved += size;
-                    return Ok(());
-                }
-            }
-            if !waited {
-                waited = true;
-                tracing::debug!(
-                    dir = %self.shared.config.dir.display(),
-                    "buffer full (buffer.when_full = block): holding new messages back until Lambda takes some"
-                );
-            }
-            freed.await;
-        }
-    }
-}
-
 fn join_error(e: tokio::task::JoinError) -> QueueError {
     QueueError::Io(io::Error::other(format!(
         "the buffer read task stopped: {e}"
@@ -487,25 +453,20 @@ fn join_error(e: tokio::task::JoinError) -> QueueError {
 
 impl Queue for DiskQueue {
     async fn append(&self, messages: Vec<Message>) -> Result<Appended, QueueError> {
-        if messages.is_empty() {
-            return Ok(Appended::default());
-        }
-        if self.shared.config.when_full == WhenFull::Block {
-            let size: u64 = messages.iter().map(|m| record::encoded_len(m) as u64).sum();
-            self.wait_for_room(size).await?;
-        }
-        let (reply, done) = oneshot::channel();
-        let sent = std::time::Instant::now();
-        self.send(WriterMsg::Append {
-            messages,
-            reply,
-            sent,
-        })?;
-        match done.await {
-            Ok(Ok(appended)) => Ok(appended),
-            Ok(Err(e)) => Err(QueueError::Io(e)),
-            Err(_) => Err(QueueError::Closed),
-        }
+        self.append_sent(messages, std::time::Instant::now()).await
+    }
+
+    async fn append_gathered(&self, messages: Vec<Message>) -> Result<Appended, QueueError> {
+        // Its wait is over: as if sent a whole delay ago.
+        let now = std::time::Instant::now();
+        let sent = now
+            .checked_sub(self.shared.config.max_ack_delay)
+            .unwrap_or(now);
+        self.append_sent(messages, sent).await
+    }
+
+    fn max_ack_delay(&self) -> Duration {
+        self.shared.config.max_ack_delay
     }
 
     async fn read(&self, max: usize) -> Result<Vec<Entry>, QueueError> {

@@ -11,9 +11,11 @@
 //! - No append is answered before its fsync: waiting only moves the write and the fsync later;
 //!   admission (`admit.rs`: `max_size`, `when_full`) runs on the whole group when it is written,
 //!   exactly as for appends that arrived together.
-//! - The wait ends at the delay after the *first* append of the group was sent (its `sent`
-//!   time, not when the writer took it), so that append's answer waits at most the delay plus
-//!   the write and fsync.
+//! - The wait ends at the delay after the *first* append of the group was sent (the earliest
+//!   `sent` time, not when the writer took it), so that append's answer waits at most the
+//!   delay plus the write and fsync. An append its producer already held back for the delay
+//!   (`DiskQueue::append_gathered`: MQTT ingest, which takes one group at a time and so could
+//!   never add to a waiting one) counts as sent a delay ago: it and its group go at once.
 //! - A full group goes at once: once it holds [`FULL_GROUP_BYTES`] of records or
 //!   [`FULL_GROUP_MESSAGES`] messages, waiting longer saves the card little.
 //! - A close (shutdown, a removed rule) or an abandon ends the wait at once, and after
@@ -37,7 +39,7 @@ use crate::core::config::{FULL_GROUP_BYTES, FULL_GROUP_MESSAGES};
 pub(super) struct Turn {
     /// The appends of the group, in the order they came.
     pub(super) appends: Vec<PendingAppend>,
-    /// When the group's first append was sent: the wait counts from it.
+    /// When the group's earliest append was sent: the wait counts from it.
     first_sent: Option<Instant>,
     /// The group's size so far (counted only while a delay is in force).
     size: GroupSize,
@@ -86,7 +88,7 @@ impl Writer {
                 reply,
                 sent,
             } => {
-                turn.first_sent.get_or_insert(sent);
+                turn.first_sent = Some(turn.first_sent.map_or(sent, |first| first.min(sent)));
                 if !self.delay().is_zero() {
                     turn.size.messages += messages.len() as u64;
                     turn.size.bytes += messages
