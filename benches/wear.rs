@@ -9,7 +9,8 @@
 //!                                    includes whatever else writes to that disk)
 //!
 //! Sections (`BENCH_ONLY=bytes,window,drain` picks some):
-//! - **bytes**: `BENCH_WEAR_PUBLISHERS` (10) publishers, each publishing a 200-byte QoS 1
+//! - **bytes**: against the test broker (`max_inflight_messages 100`),
+//!   `BENCH_WEAR_PUBLISHERS` (10) publishers, each publishing a 200-byte QoS 1
 //!   message every 100 ms, out of step (100 msg/s in all), for `BENCH_WEAR_SECS` (20) s, to a
 //!   bridge with one rule (defaults: one message per invocation) and `max_ack_delay` 0 and
 //!   100 ms, alternating, `BENCH_WEAR_RUNS` (3) times each; also at 10 msg/s (one publisher),
@@ -20,9 +21,9 @@
 //!   (`mlb_buffer_fsyncs_total`); the time from each PUBLISH leaving its publisher to the
 //!   bridge's PUBACK reaching the broker (through the PUBACK-counting relay).
 //! - **window**: a backlog of `BENCH_WEAR_BACKLOG` (3,000) QoS 1 messages queued at the broker
-//!   for the bridge's session, taken with `max_ack_delay` 0 and 100 ms, with mosquitto's
-//!   default `max_inflight_messages` (20) and with 100: the rate from the bridge's TCP
-//!   connection to the broker's last PUBACK (through the PUBACK-counting relay).
+//!   (the test broker: `max_inflight_messages 100`) for the bridge's session, taken with
+//!   `max_ack_delay` 0 and 100 ms: the rate from the bridge's TCP connection to the broker's
+//!   last PUBACK (through the PUBACK-counting relay).
 //! - **drain**: `BENCH_WEAR_DRAIN` (20,000) messages buffered while Lambda is down, then
 //!   delivered by a fresh process (one message per invocation, the default): its bytes written
 //!   per message, from its start until every message is delivered and the ack file is synced.
@@ -165,7 +166,7 @@ async fn wait_delivered(lambda: &FakeLambdaServer, n: usize) {
 
 /// One run of the bytes section: `publishers` publishers, 10 msg/s each, for `secs`.
 async fn wear_run(delay: &str, publishers: usize, secs: u64, name: &str) -> Wear {
-    let broker = Mosquitto::start_with("max_inflight_messages 20").await;
+    let broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start_on(0, FakeLambda::lean()).await;
     let proxy = AckProxy::start(broker.port);
     let metrics_port = support::free_port();
@@ -330,9 +331,9 @@ async fn bytes_section() {
     }
 }
 
-/// The rate at which the bridge takes a backlog of `n` from a broker with `inflight`.
-async fn window_run(delay: &str, inflight: u16, n: usize, name: &str) -> f64 {
-    let broker = Mosquitto::start_with(&format!("max_inflight_messages {inflight}")).await;
+/// The rate at which the bridge takes a backlog of `n` from the broker.
+async fn window_run(delay: &str, n: usize, name: &str) -> f64 {
+    let broker = Mosquitto::start().await;
     let lambda = FakeLambdaServer::start_on(0, FakeLambda::lean()).await;
     let proxy = AckProxy::start(broker.port);
     let dir = run_dir(name);
@@ -363,7 +364,7 @@ async fn window_run(delay: &str, inflight: u16, n: usize, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("the broker got only {} of {n} PUBACKs", proxy.pubacks()));
     bridge.kill().await;
     let rate = n as f64 / last.duration_since(connected).as_secs_f64();
-    eprintln!("{name}: max_ack_delay {delay}, max_inflight_messages {inflight}: {rate:.0} msg/s");
+    eprintln!("{name}: max_ack_delay {delay}: {rate:.0} msg/s");
     let _ = std::fs::remove_dir_all(&dir);
     rate
 }
@@ -371,30 +372,19 @@ async fn window_run(delay: &str, inflight: u16, n: usize, name: &str) -> f64 {
 async fn window_section() {
     let n = env_number("BENCH_WEAR_BACKLOG", 3000usize);
     let runs = env_number("BENCH_WEAR_WINDOW_RUNS", 3usize);
-    for inflight in [20u16, 100] {
-        for delay in DELAYS {
-            let mut rates = Vec::new();
-            for run in 0..runs {
-                rates.push(
-                    window_run(
-                        delay,
-                        inflight,
-                        n,
-                        &format!("window-{inflight}-{delay}-{run}"),
-                    )
-                    .await,
-                );
-            }
-            row(
-                &format!(
-                    "a {}-message QoS 1 backlog taken from mosquitto with `max_inflight_messages {inflight}`{}, `max_ack_delay = \"{delay}\"`, until mosquitto has every PUBACK, median of {runs}",
-                    thousands(n as f64),
-                    if inflight == 20 { " (its default)" } else { "" }
-                ),
-                &figure(&rates, "msg/s"),
-                "",
-            );
+    for delay in DELAYS {
+        let mut rates = Vec::new();
+        for run in 0..runs {
+            rates.push(window_run(delay, n, &format!("window-{delay}-{run}")).await);
         }
+        row(
+            &format!(
+                "a {}-message QoS 1 backlog taken from mosquitto (`max_inflight_messages 100`), `max_ack_delay = \"{delay}\"`, until mosquitto has every PUBACK, median of {runs}",
+                thousands(n as f64),
+            ),
+            &figure(&rates, "msg/s"),
+            "",
+        );
     }
 }
 
