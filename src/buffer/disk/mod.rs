@@ -90,8 +90,9 @@
 //! # Life cycle
 //!
 //! One writer thread per queue owns every file mutation. Appends queue up for it; it writes all
-//! pending appends and a moved ack position, fsyncs once for all of them (group commit), answers
-//! each, and deletes the segments behind the position. When the ack deadline passes while it
+//! pending appends (with `max_ack_delay`, also those coming within the delay of the first:
+//! `writer/gather.rs`) and a moved ack position, fsyncs once for all of them (group commit),
+//! answers each, and deletes the segments behind the position. When the ack deadline passes while it
 //! waits (no append carried the position), it writes the `ack` file, deletes the segments
 //! behind it and reuses the newest one if worthwhile. Readers
 //! read the fsync'd part of the segments with their own file handle, on tokio's blocking
