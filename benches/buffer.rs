@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{median, range, row, thousands};
+use common::{device_writes, median, range, row, thousands};
 use mqtt_lambda_bridge::buffer::{DiskQueue, DiskQueueConfig, Queue};
 use mqtt_lambda_bridge::core::config::WhenFull;
 use mqtt_lambda_bridge::core::envelope::Message;
@@ -59,6 +59,7 @@ fn config(dir: &Path) -> DiskQueueConfig {
         max_size: 64 * 1024 * 1024 * 1024,
         when_full: WhenFull::Block,
         max_age: None,
+        max_ack_delay: std::time::Duration::ZERO,
     }
 }
 
@@ -75,23 +76,6 @@ fn disk_writes() -> u64 {
                 .and_then(|n| n.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// Bytes written to the whole block device holding `dir` (its journal included, and every
-/// other process's writes too), when the device can be found.
-fn device_writes(dir: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(dir).ok()?.dev();
-    // Linux's encoding of st_dev.
-    let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff);
-    let minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff);
-    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
-    const SECTOR: u64 = 512;
-    stat.split_whitespace()
-        .nth(6)?
-        .parse::<u64>()
-        .ok()
-        .map(|s| s * SECTOR)
 }
 
 fn peak_rss_kib() -> u64 {

@@ -224,6 +224,7 @@ fn check(path: &Path, aws: bool) -> ExitCode {
                     t.topic
                 );
             }
+            explain_ack_delay(&loaded);
             if aws {
                 runtime.block_on(check_aws(&loaded))
             } else {
@@ -243,6 +244,18 @@ fn explain_replies(config: &Config) {
         if let Some(spec) = RulePlan::from_config(rule).reply {
             println!("rule {}: {}", rule.name, reply::explain(&spec));
         }
+    }
+}
+
+/// `check`: what `buffer.max_ack_delay` costs, when it is set.
+fn explain_ack_delay(config: &Config) {
+    use mqtt_lambda_bridge::core::config::MqttProtocol;
+    let window = match config.mqtt.protocol {
+        MqttProtocol::V5 => Some(config.mqtt.receive_maximum()),
+        MqttProtocol::V311 => None,
+    };
+    if let Some(line) = config.buffer.explain_ack_delay(window) {
+        println!("{line}");
     }
 }
 

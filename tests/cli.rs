@@ -972,6 +972,7 @@ async fn queued(rule_dir: &Path, max_age: Duration) -> Vec<Message> {
         max_size: 256 * 1024 * 1024,
         when_full: mqtt_lambda_bridge::core::config::WhenFull::DropOldest,
         max_age: Some(max_age),
+        max_ack_delay: std::time::Duration::ZERO,
     })
     .expect("open queue");
     let messages = queue

@@ -378,6 +378,7 @@ async fn a_blocked_append_goes_in_once_everything_before_it_is_acknowledged() {
             max_size: MAX_SIZE,
             when_full: WhenFull::Block,
             max_age: None,
+            max_ack_delay: std::time::Duration::ZERO,
         })
         .expect("open the queue"),
     );

@@ -32,6 +32,7 @@ fn config(dir: &Path) -> DiskQueueConfig {
         max_size: 256 * 1024 * 1024,
         when_full: WhenFull::DropOldest,
         max_age: None,
+        max_ack_delay: std::time::Duration::ZERO,
     }
 }
 
@@ -1122,4 +1123,112 @@ async fn invoke_until(
     }
     in_flight.abort_all();
     (again, acks, started.elapsed())
+}
+
+// buffer.max_ack_delay: appends that waited for one group commit share its fate and its cap.
+
+/// `n` appends of one message each, sent together; their answers in order.
+async fn together(
+    queue: &Arc<DiskQueue>,
+    first: u64,
+    n: u64,
+    size: usize,
+) -> Vec<Result<u64, mqtt_lambda_bridge::buffer::QueueError>> {
+    let tasks: Vec<_> = (first..first + n)
+        .map(|i| {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.append(vec![msg(i, size)]).await.map(|a| a.stored) })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.expect("appender"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_max_ack_delay_a_failed_fsync_fails_every_append_that_waited_for_it_and_the_next_group_is_written()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = FaultStorage::new();
+    let queue = Arc::new(
+        DiskQueue::open_with(
+            DiskQueueConfig {
+                max_ack_delay: Duration::from_millis(200),
+                ..config(dir.path())
+            },
+            Arc::new(storage.clone()),
+        )
+        .expect("open"),
+    );
+    storage.fail_next_fsync();
+    let failed = together(&queue, 0, 5, 200).await;
+    assert!(failed.iter().all(|r| r.is_err()), "{failed:?}");
+    let stored = together(&queue, 5, 5, 200).await;
+    assert!(stored.iter().all(|r| matches!(r, Ok(1))), "{stored:?}");
+    let read = queue.read(100).await.expect("read");
+    let numbers: Vec<u64> = read.iter().map(number).collect();
+    let mut sorted = numbers.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        [5, 6, 7, 8, 9],
+        "nothing of the failed group is readable"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_max_ack_delay_appends_waiting_together_never_take_a_share_past_its_cap() {
+    const MAX_SIZE: u64 = 64 * 1024;
+    for when_full in [WhenFull::DropOldest, WhenFull::DropNewest, WhenFull::Block] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = DiskQueueConfig {
+            segment_size: 16 * 1024,
+            max_size: MAX_SIZE,
+            when_full,
+            max_ack_delay: Duration::from_millis(50),
+            ..config(dir.path())
+        };
+        let queue = Arc::new(DiskQueue::open(config).expect("open"));
+        // Deliver as a rule would, so that `block` finds room again.
+        let reader = tokio::spawn({
+            let queue = queue.clone();
+            async move {
+                loop {
+                    match queue.read(20).await {
+                        Ok(entries) => {
+                            if let Some(last) = entries.last() {
+                                queue.ack(last.seq).await.expect("ack");
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+        let start = Instant::now();
+        let mut next = 0;
+        while next < 600 {
+            let answers = together(&queue, next, 30, 1000).await;
+            assert!(
+                answers.iter().all(|r| r.is_ok()),
+                "{when_full:?}: {answers:?}"
+            );
+            next += 30;
+            let on_disk: u64 = std::fs::read_dir(dir.path())
+                .expect("list")
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("segment-"))
+                .map(|e| e.metadata().map_or(0, |m| m.len()))
+                .sum();
+            assert!(
+                on_disk <= MAX_SIZE,
+                "{when_full:?}: {on_disk} bytes on disk"
+            );
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{when_full:?}");
+        queue.close().await;
+        reader.abort();
+    }
 }

@@ -19,6 +19,7 @@ fn config(dir: &Path) -> DiskQueueConfig {
         max_size: 1 << 30,
         when_full: WhenFull::Block,
         max_age: None,
+        max_ack_delay: std::time::Duration::ZERO,
     }
 }
 

@@ -190,24 +190,6 @@ invocation = "request_response"
 topic = "replies/{topic}"
 "#;
 
-/// The daemon's `/metrics` text.
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect to the metrics listener");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("send the request");
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .await
-        .expect("read the answer");
-    answer
-}
-
 /// The message id the function saw in each invocation, in order.
 fn invoked_ids(lambda: &FakeLambdaServer) -> Vec<String> {
     lambda
@@ -274,7 +256,7 @@ async fn mqtt5_replies_go_to_the_response_topic_with_correlation_data_else_to_th
     }
     // Each request was invoked once and answered once; nothing is left in the buffer.
     daemon.wait_for_log_count("reply published", 3).await;
-    let metrics = scrape(metrics_port).await;
+    let metrics = support::scrape_metrics(metrics_port).await;
     assert!(
         metrics.contains("mlb_replies_total{rule=\"cmd\",result=\"published\"} 3"),
         "{metrics}"

@@ -228,6 +228,17 @@ impl Bridge {
         Some(ticks * 1000 / per_second)
     }
 
+    /// Bytes the process has caused to be written to storage so far (`/proc/PID/io`
+    /// `write_bytes`: a page counts each time it goes from clean to dirty).
+    pub fn write_bytes(&self) -> Option<u64> {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.child.id()?)).ok()?;
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Peak resident memory so far (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
@@ -244,6 +255,23 @@ impl Bridge {
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// Bytes written to the whole block device holding `dir` (its journal included, and every
+/// other process's writes too), when the device can be found.
+pub fn device_writes(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    // Linux's encoding of st_dev.
+    let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff);
+    let minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff);
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    const SECTOR: u64 = 512;
+    stat.split_whitespace()
+        .nth(6)?
+        .parse::<u64>()
+        .ok()
+        .map(|s| s * SECTOR)
 }
 
 /// Polls `count` until it reaches `n` or `cap` has passed since `start`; returns the count and

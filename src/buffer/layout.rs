@@ -74,6 +74,7 @@ pub fn queue_config(config: &Config, rule: &RuleConfig) -> DiskQueueConfig {
         max_size: share,
         when_full: config.buffer.when_full,
         max_age: Some(config.buffer.max_age.0),
+        max_ack_delay: config.buffer.max_ack_delay.0,
     }
 }
 

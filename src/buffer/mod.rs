@@ -93,6 +93,22 @@ pub trait Queue: Send + Sync + 'static {
         messages: Vec<Message>,
     ) -> impl Future<Output = Result<Appended, QueueError>> + Send;
 
+    /// [`Queue::append`] for messages a producer already held back for the queue's
+    /// [`Queue::max_ack_delay`] (MQTT ingest gathers its publishes for it): they are written
+    /// without waiting again.
+    fn append_gathered(
+        &self,
+        messages: Vec<Message>,
+    ) -> impl Future<Output = Result<Appended, QueueError>> + Send {
+        self.append(messages)
+    }
+
+    /// How long an append may wait for company before it is written (`buffer.max_ack_delay`;
+    /// zero for queues that never wait).
+    fn max_ack_delay(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// Waits until at least one unread message exists, then returns up to `max` of them in
     /// order. Cancel safe: when the future is dropped, nothing it read is lost; the next read
     /// returns it.

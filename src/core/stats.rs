@@ -201,6 +201,9 @@ pub struct BufferCounters {
     pub lost: AtomicU64,
     /// Bytes skipped or truncated because they were not valid records.
     pub corrupt_bytes: AtomicU64,
+    /// File fsyncs made: group commits of the segments and syncs of the `ack` file (each
+    /// rewrites at least one page of the disk; directory fsyncs are not counted).
+    pub fsyncs: AtomicU64,
 }
 
 /// A snapshot for `buffer stats` and logs.

@@ -246,6 +246,11 @@ impl<I: Invoke> Daemon<I> {
             "stopping: no new messages; delivering what is queued"
         );
         self.stop_ingest.trigger();
+        // Appends waiting for buffer.max_ack_delay are written now, so the stores under way
+        // finish (and are acknowledged) instead of being given up.
+        for route in self.rules.routes() {
+            route.queue.hurry();
+        }
         if tokio::time::timeout_at(deadline, self.ingest_stopped)
             .await
             .is_err()

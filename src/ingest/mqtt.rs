@@ -3,9 +3,11 @@
 //! group to the broker only when this returns `true`.
 //!
 //! A group is matched against, and stored by, one snapshot of the rules: a message matched to
-//! a rule is appended to it even when a reload removes the rule meanwhile.
+//! a rule is appended to it even when a reload removes the rule meanwhile. With
+//! `buffer.max_ack_delay` the connection holds each group back for the delay before storing it
+//! ([`Sink::gather_for`]), and the buffers write it without waiting again.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::buffer::Queue;
 use crate::core::shutdown::Shutdown;
@@ -23,7 +25,9 @@ impl<Q: Queue> Sink for RouteTable<Q> {
             retain: p.retain,
             properties: p.properties.clone(),
         });
-        let admission = routes.admit(received, SystemTime::now());
+        let mut admission = routes.admit(received, SystemTime::now());
+        // The ingest loop held the group back for `gather_for` already.
+        admission.gathered = true;
         // A rule's drop_newest drop is acknowledged too: the broker cannot be told, and the
         // drop is the configured policy (counted and logged by the buffer).
         if !routes.store(admission, shutdown).await.is_done() {
@@ -35,6 +39,12 @@ impl<Q: Queue> Sink for RouteTable<Q> {
 
     fn subscriptions(&self) -> Vec<(String, u8)> {
         self.current().subscriptions()
+    }
+
+    fn gather_for(&self) -> Duration {
+        let routes = self.current();
+        let delays = routes.iter().map(|r| r.queue.max_ack_delay());
+        delays.max().unwrap_or(Duration::ZERO)
     }
 
     fn rules_of(&self, filter: &str) -> Vec<String> {

@@ -71,6 +71,9 @@ pub struct Admission {
     pub set_aside: Vec<(usize, Message, usize)>,
     /// Messages that matched no rule.
     pub unmatched: usize,
+    /// The producer already held these messages back for the buffers' `max_ack_delay` (MQTT
+    /// ingest): the buffers write them without waiting again.
+    pub gathered: bool,
 }
 
 /// What [`Routes::store`] did with an admission.
@@ -204,11 +207,19 @@ impl<Q: Queue> Routes<Q> {
                 continue;
             }
             let (route, shutdown) = (route.clone(), shutdown.clone());
+            let gathered = admission.gathered;
             appends.spawn(async move {
                 let queue = route.queue.clone();
                 let append = move || {
                     let (queue, messages) = (queue.clone(), messages.clone());
-                    async move { queue.append(messages).await.map_err(|e| e.to_string()) }
+                    async move {
+                        let appended = if gathered {
+                            queue.append_gathered(messages).await
+                        } else {
+                            queue.append(messages).await
+                        };
+                        appended.map_err(|e| e.to_string())
+                    }
                 };
                 let appended: Option<Appended> =
                     retry_until_stored(&route.plan.name, "the buffer", &shutdown, append).await;
@@ -559,6 +570,7 @@ mod tests {
                 max_size,
                 when_full: WhenFull::DropNewest,
                 max_age: None,
+                max_ack_delay: std::time::Duration::ZERO,
             })
             .expect("open");
             Arc::new(Route {

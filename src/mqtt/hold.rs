@@ -102,11 +102,12 @@ impl Hold {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::mqtt::protocol::Ack;
 
-    fn publish(qos: u8, bytes: usize) -> Inbound {
+    /// A publish of `bytes` payload bytes.
+    pub(in crate::mqtt) fn publish(qos: u8, bytes: usize) -> Inbound {
         Inbound {
             topic: "t".into(),
             payload: vec![0; bytes].into(),

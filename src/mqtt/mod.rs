@@ -106,6 +106,13 @@ pub trait Sink: Clone + Send + Sync + 'static {
     /// Every filter of the rules in force with its highest QoS, in rule order.
     fn subscriptions(&self) -> Vec<(String, u8)>;
 
+    /// How long a group of publishes may wait for more after its first before it is stored
+    /// (`buffer.max_ack_delay`): the ingest loop takes what arrives meanwhile into the same
+    /// group, so it shares one fsync per rule.
+    fn gather_for(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// The names of the rules in force that subscribe `filter` (for the log of a SUBACK).
     fn rules_of(&self, filter: &str) -> Vec<String>;
 }

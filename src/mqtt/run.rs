@@ -121,6 +121,7 @@ impl Ingest<'_> {
                     if n == 0 {
                         break;
                     }
+                    gather(&mut rx, &mut publishes, routes.gather_for(), shutdown).await;
                     self.hold.release(&publishes);
                     if !beat.alive_while(routes.store(&publishes, shutdown)).await {
                         break;
@@ -172,6 +173,46 @@ impl Ingest<'_> {
     }
 }
 
+/// `buffer.max_ack_delay`: takes the publishes arriving within `delay` of the group's first
+/// into the same group, so that each rule stores them with one fsync, and the wait is paid
+/// once (the buffers do not wait again for a gathered group). Ingest takes one group at a time,
+/// so a wait anywhere behind it would hold the next group back as long again, and the broker's
+/// in-flight window would hold both. A full group (`FULL_GROUP_MESSAGES` publishes or
+/// `FULL_GROUP_BYTES` of payloads), shutdown or the channel's end stop the wait.
+async fn gather(
+    rx: &mut mpsc::UnboundedReceiver<Inbound>,
+    publishes: &mut Vec<Inbound>,
+    delay: std::time::Duration,
+    shutdown: &Shutdown,
+) {
+    use crate::core::config::{FULL_GROUP_BYTES, FULL_GROUP_MESSAGES};
+    if delay.is_zero() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + delay;
+    let mut bytes: usize = publishes.iter().map(|p| p.payload.len()).sum();
+    loop {
+        let full = publishes.len() as u64 >= FULL_GROUP_MESSAGES
+            || bytes as u64 >= FULL_GROUP_BYTES
+            || publishes.len() >= INGEST_BATCH;
+        if full {
+            return;
+        }
+        let before = publishes.len();
+        tokio::select! {
+            biased;
+            _ = shutdown.wait() => return,
+            _ = tokio::time::sleep_until(deadline) => return,
+            n = rx.recv_many(publishes, INGEST_BATCH - before) => {
+                if n == 0 {
+                    return;
+                }
+                bytes += publishes[before..].iter().map(|p| p.payload.len()).sum::<usize>();
+            }
+        }
+    }
+}
+
 /// Says DISCONNECT once the QoS 2 messages acknowledged are released (or after
 /// [`RELEASE_WAIT`]), and waits for it to go out.
 async fn disconnect(
@@ -197,5 +238,82 @@ async fn disconnect(
         .is_err()
     {
         poll_task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::core::config::FULL_GROUP_MESSAGES;
+    use crate::core::shutdown;
+    use crate::mqtt::hold::tests::publish;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A channel with a publish arriving at each of `at` (ms after now, virtual time).
+    fn arrivals(at: &[u64]) -> mpsc::UnboundedReceiver<Inbound> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let at = at.to_vec();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            for ms in at {
+                tokio::time::sleep_until(start + Duration::from_millis(ms)).await;
+                let _ = tx.send(publish(1, 200));
+            }
+            // Keep the channel open: the wait must end by its own rule.
+            std::future::pending::<()>().await;
+        });
+        rx
+    }
+
+    /// Takes a first group as the ingest loop does, then gathers for `delay`; the group's size
+    /// and how long it took.
+    async fn group(at: &[u64], delay: Duration, stop: Option<u64>) -> (usize, Duration) {
+        let (trigger, shutdown) = shutdown::channel();
+        if let Some(ms) = stop {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                trigger.trigger();
+            });
+        } else {
+            std::mem::forget(trigger);
+        }
+        let mut rx = arrivals(at);
+        let mut publishes = Vec::new();
+        rx.recv_many(&mut publishes, INGEST_BATCH).await;
+        let start = tokio::time::Instant::now();
+        gather(&mut rx, &mut publishes, delay, &shutdown).await;
+        (publishes.len(), start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publishes_within_the_delay_join_the_group_and_the_wait_ends_at_the_delay() {
+        // Ten sensors, 10 ms apart; the group starts with the first.
+        let at: Vec<u64> = (0..10).map(|i| i * 10).collect();
+        assert_eq!(group(&at, 100 * MS, None).await, (10, 100 * MS));
+        // A publish after the delay belongs to the next group.
+        assert_eq!(group(&[0, 50, 150], 100 * MS, None).await, (2, 100 * MS));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_delay_the_group_is_what_arrived_together() {
+        assert_eq!(
+            group(&[0, 0, 10], Duration::ZERO, None).await,
+            (2, Duration::ZERO)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_group_or_shutdown_ends_the_wait() {
+        let full = vec![0; FULL_GROUP_MESSAGES as usize + 5];
+        let (n, took) = group(&full, Duration::from_secs(1), None).await;
+        assert!(n >= FULL_GROUP_MESSAGES as usize, "{n}");
+        assert_eq!(took, Duration::ZERO);
+        assert_eq!(
+            group(&[0, 10], Duration::from_secs(1), Some(30)).await,
+            (2, 30 * MS)
+        );
     }
 }

@@ -263,6 +263,7 @@ impl World {
             max_size: spec.max_size,
             when_full: spec.when_full,
             max_age: None,
+            max_ack_delay: std::time::Duration::ZERO,
         };
         let open = || DiskQueue::open_with(config.clone(), Arc::new(self.storage.clone()));
         // A start that fails on a fault is retried once the fault is gone (systemd restarts

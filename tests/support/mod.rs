@@ -687,3 +687,31 @@ pub fn config_for(
         Protocol::V5 => text.replacen("[mqtt]\n", "[mqtt]\nprotocol = \"5\"\n", 1),
     }
 }
+
+/// The daemon's `/metrics` exposition, from `metrics.listen` on `port` (the body only).
+pub async fn scrape_metrics(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the metrics listener");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send the request");
+    let mut answer = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut answer))
+        .await
+        .expect("the metrics listener answers")
+        .expect("read the answer");
+    answer
+        .split_once("\r\n\r\n")
+        .map_or(answer.clone(), |(_, body)| body.to_owned())
+}
+
+/// The value of one sample in an exposition (`name{labels}` exactly as it is written).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}

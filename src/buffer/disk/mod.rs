@@ -90,8 +90,9 @@
 //! # Life cycle
 //!
 //! One writer thread per queue owns every file mutation. Appends queue up for it; it writes all
-//! pending appends and a moved ack position, fsyncs once for all of them (group commit), answers
-//! each, and deletes the segments behind the position. When the ack deadline passes while it
+//! pending appends (with `max_ack_delay`, also those coming within the delay of the first:
+//! `writer/gather.rs`) and a moved ack position, fsyncs once for all of them (group commit),
+//! answers each, and deletes the segments behind the position. When the ack deadline passes while it
 //! waits (no append carried the position), it writes the `ack` file, deletes the segments
 //! behind it and reuses the newest one if worthwhile. Readers
 //! read the fsync'd part of the segments with their own file handle, on tokio's blocking
@@ -120,8 +121,10 @@
 //! ranges.rs       the acknowledged ranges above the position (pure)
 //! recovery.rs     opening: the newest segment, the ack position, what to cut, rename, delete
 //! reader.rs       reads into the hand-over list; skipping ack records, leftovers, corruption
+//! append.rs       handing an append to the writer: room for `block`, when its wait starts
 //! writer/mod.rs   the writer thread: group commit, rollover, drop_oldest, deleting behind
 //! writer/ack.rs   when the ack state goes into the `ack` file, synced or not
+//! writer/gather.rs what the writer takes for one group commit; `max_ack_delay`'s wait
 //! writer/reuse.rs reusing the newest segment in place
 //! ```
 //!
@@ -130,6 +133,7 @@
 //! [`FaultStorage`]: super::storage::FaultStorage
 
 mod ackfile;
+mod append;
 mod ranges;
 mod reader;
 mod recovery;
@@ -146,7 +150,6 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 
-use super::record;
 use super::storage::{RealStorage, Storage};
 use super::{Appended, Entry, Queue, QueueError, Seq};
 use crate::core::config::WhenFull;
@@ -199,6 +202,9 @@ pub struct DiskQueueConfig {
     pub when_full: WhenFull,
     /// Records older than this are dropped when read (`None`: never).
     pub max_age: Option<Duration>,
+    /// How long a group commit may wait for more appends after its first (`buffer.max_ack_delay`;
+    /// zero: it never waits). See `writer/gather.rs`.
+    pub max_ack_delay: Duration,
 }
 
 pub use crate::core::stats::{BufferCounters as Counters, QueueStats};
@@ -314,9 +320,13 @@ enum WriterMsg {
     Append {
         messages: Vec<Message>,
         reply: oneshot::Sender<io::Result<Appended>>,
+        /// When it was sent: `max_ack_delay` counts from the first append of a group.
+        sent: std::time::Instant,
     },
     /// The ack position moved.
     Acked,
+    /// Shutdown has begun: write what waits for `max_ack_delay` now, and wait no more.
+    Hurry,
     Close {
         reply: oneshot::Sender<()>,
     },
@@ -382,6 +392,14 @@ impl DiskQueue {
         self.shared.writable.load(Ordering::Relaxed)
     }
 
+    /// Shutdown has begun: appends waiting for `max_ack_delay` are written now, and later ones
+    /// do not wait, so a stop never waits the delay out.
+    pub fn hurry(&self) {
+        if !self.shared.config.max_ack_delay.is_zero() {
+            let _ = self.send(WriterMsg::Hurry);
+        }
+    }
+
     /// Persists the ack position and stops the writer; later appends fail.
     pub async fn close(&self) {
         let (reply, done) = oneshot::channel();
@@ -440,42 +458,6 @@ impl DiskQueue {
     }
 }
 
-impl DiskQueue {
-    /// `block`: waits until `size` more bytes fit under the cap beside what is on disk and
-    /// what other appenders reserved, then reserves them (the writer releases them once
-    /// written). When nothing waits for delivery and nothing is reserved it goes ahead anyway:
-    /// the writer frees the delivered records first (`writer/admit.rs`), and an append larger
-    /// than the whole cap could never fit. No await lies between the reservation and the
-    /// hand-over to the writer, so a cancelled append reserves nothing.
-    async fn wait_for_room(&self, size: u64) -> Result<(), QueueError> {
-        let mut waited = false;
-        loop {
-            let freed = self.shared.freed.notified();
-            {
-                let mut state = self.shared.lock();
-                if state.closed {
-                    return Err(QueueError::Closed);
-                }
-                let fits = state.bytes + state.reserved + size + GROUP_OVERHEAD
-                    <= self.shared.config.max_size;
-                let idle = state.reserved == 0 && state.durable_seq == state.ack_next;
-                if fits || idle {
-                    state.reserved += size;
-                    return Ok(());
-                }
-            }
-            if !waited {
-                waited = true;
-                tracing::debug!(
-                    dir = %self.shared.config.dir.display(),
-                    "buffer full (buffer.when_full = block): holding new messages back until Lambda takes some"
-                );
-            }
-            freed.await;
-        }
-    }
-}
-
 pub(super) fn join_error(e: tokio::task::JoinError) -> QueueError {
     QueueError::Io(io::Error::other(format!(
         "the buffer read task stopped: {e}"
@@ -484,20 +466,20 @@ pub(super) fn join_error(e: tokio::task::JoinError) -> QueueError {
 
 impl Queue for DiskQueue {
     async fn append(&self, messages: Vec<Message>) -> Result<Appended, QueueError> {
-        if messages.is_empty() {
-            return Ok(Appended::default());
-        }
-        if self.shared.config.when_full == WhenFull::Block {
-            let size: u64 = messages.iter().map(|m| record::encoded_len(m) as u64).sum();
-            self.wait_for_room(size).await?;
-        }
-        let (reply, done) = oneshot::channel();
-        self.send(WriterMsg::Append { messages, reply })?;
-        match done.await {
-            Ok(Ok(appended)) => Ok(appended),
-            Ok(Err(e)) => Err(QueueError::Io(e)),
-            Err(_) => Err(QueueError::Closed),
-        }
+        self.append_sent(messages, std::time::Instant::now()).await
+    }
+
+    async fn append_gathered(&self, messages: Vec<Message>) -> Result<Appended, QueueError> {
+        // Its wait is over: as if sent a whole delay ago.
+        let now = std::time::Instant::now();
+        let sent = now
+            .checked_sub(self.shared.config.max_ack_delay)
+            .unwrap_or(now);
+        self.append_sent(messages, sent).await
+    }
+
+    fn max_ack_delay(&self) -> Duration {
+        self.shared.config.max_ack_delay
     }
 
     async fn read(&self, max: usize) -> Result<Vec<Entry>, QueueError> {
@@ -596,6 +578,7 @@ pub(crate) mod tests {
             max_size: 1 << 30,
             when_full: WhenFull::Block,
             max_age: None,
+            max_ack_delay: Duration::ZERO,
         }
     }
 

@@ -130,6 +130,7 @@ pub const KEYS: &[(&str, Expect)] = &[
     ),
     ("buffer.max_age", Expect::Duration("7d")),
     ("buffer.segment_size", Expect::Size("8MiB")),
+    ("buffer.max_ack_delay", Expect::Duration("100ms")),
     ("metrics", Expect::Table("[metrics]")),
     ("metrics.listen", Expect::Text("127.0.0.1:9464")),
     ("telemetry", Expect::Table("[telemetry]")),

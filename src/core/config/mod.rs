@@ -47,7 +47,9 @@ mod units;
 mod validate;
 
 pub use aws::{AwsConfig, IotConfig};
-pub use buffer::{BufferConfig, MIN_QUEUE_SIZE, WhenFull};
+pub use buffer::{
+    BufferConfig, FULL_GROUP_BYTES, FULL_GROUP_MESSAGES, MAX_ACK_DELAY, MIN_QUEUE_SIZE, WhenFull,
+};
 pub use group_by::GroupBy;
 pub use http::HttpConfig;
 pub use load::{ConfigError, DEFAULT_CONFIG_PATH, ENV_PREFIX, Problem, Source};

@@ -114,6 +114,10 @@ fn restart_settings(config: &Config) -> Vec<(&'static str, String)> {
         ("buffer.when_full", format!("{:?}", buffer.when_full)),
         ("buffer.max_age", format!("{:?}", buffer.max_age)),
         ("buffer.segment_size", buffer.segment_size.0.to_string()),
+        (
+            "buffer.max_ack_delay",
+            format!("{:?}", buffer.max_ack_delay),
+        ),
     ]
 }
 

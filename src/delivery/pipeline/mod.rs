@@ -930,6 +930,7 @@ mod tests {
             max_size: 1 << 30,
             when_full: crate::core::config::WhenFull::Block,
             max_age: None,
+            max_ack_delay: std::time::Duration::ZERO,
         };
         DiskQueue::open_with(config, storage).expect("open")
     }

@@ -479,6 +479,7 @@ mod tests {
             max_size,
             when_full,
             max_age: None,
+            max_ack_delay: std::time::Duration::ZERO,
         };
         let queue = Arc::new(DiskQueue::open_with(config, Arc::new(storage)).expect("open queue"));
         let route = Arc::new(Route {

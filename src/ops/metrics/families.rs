@@ -304,7 +304,7 @@ fn durations(encoder: &mut DescriptorEncoder, routes: &[RuleReport]) -> fmt::Res
     Ok(())
 }
 
-/// What each rule's buffer holds: messages, bytes, and the age of the oldest.
+/// What each rule's buffer holds: messages, bytes, and the age of the oldest; its fsyncs.
 fn buffers(encoder: &mut DescriptorEncoder, routes: &[RuleReport]) -> fmt::Result {
     let stats: Vec<_> = routes.iter().map(|r| (r, r.buffer.stats())).collect();
     gauges(
@@ -333,6 +333,19 @@ fn buffers(encoder: &mut DescriptorEncoder, routes: &[RuleReport]) -> fmt::Resul
         stats
             .iter()
             .map(|(r, s)| (rule_label(r), oldest_age_seconds(r, s.pending, now_ms))),
+    )?;
+    counters(
+        encoder,
+        "mlb_buffer_fsyncs",
+        "File fsyncs of the rule's buffer (group commits of its segments, syncs of its ack file); each rewrites at least one page of the disk.",
+        routes.iter().map(|r| {
+            let fsyncs = r
+                .buffer
+                .counters()
+                .fsyncs
+                .load(std::sync::atomic::Ordering::Relaxed);
+            (rule_label(r), fsyncs)
+        }),
     )?;
     gauges(
         encoder,

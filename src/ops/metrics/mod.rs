@@ -31,6 +31,8 @@
 //! mlb_buffer_max_bytes{rule}                   gauge    the rule's share of buffer.max_size
 //! mlb_buffer_oldest_age_seconds{rule}          gauge    age of the oldest buffered message that
 //!                                                       delivery holds (0 when none)
+//! mlb_buffer_fsyncs_total{rule}                counter  file fsyncs of the rule's buffer (group
+//!                                                       commits, ack file syncs)
 //! mlb_rule_stalled{rule}                       gauge    1 while the rule delivers nothing: its
 //!                                                       buffer cannot be read (retried) or its
 //!                                                       delivery stopped (/readyz says why)
@@ -368,6 +370,7 @@ mod tests {
                 max_size: 1024 * 1024,
                 when_full: crate::core::config::WhenFull::DropOldest,
                 max_age: None,
+                max_ack_delay: std::time::Duration::ZERO,
             },
             Arc::new(storage.clone()),
         )

@@ -13,6 +13,7 @@
 //!   stands in for a durable one.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::Writer;
@@ -45,13 +46,16 @@ impl Writer {
     /// fsync per interval for fewer than [`ACK_SYNC_EVERY`] acks, none while appends keep
     /// coming and acks come in order). Once [`ACK_SYNC_EVERY`] acks are not durable, it is due
     /// now: a power cut then replays at most that many beyond what was in flight, at any rate.
+    /// With `max_ack_delay` the interval is longer by the delay: under steady traffic group
+    /// commits come that far apart, and the next one should carry the position instead of an
+    /// ack-file fsync of its own.
     pub(super) fn schedule_ack(&mut self) {
         let now = Instant::now();
         let unsynced = self.shared.lock().acks - self.acks_synced;
         let due = if unsynced >= ACK_SYNC_EVERY {
             now
         } else {
-            now + ACK_PERSIST_INTERVAL
+            now + ACK_PERSIST_INTERVAL + self.shared.config.max_ack_delay
         };
         // A due time set earlier stays: set only once the position moved after the last
         // ack-file write, it spaces the writes for a trickle of acks an interval apart.
@@ -122,10 +126,9 @@ impl Writer {
         let (acks, _, ranges) = self.ack_snapshot();
         let ranges: Vec<(Seq, Seq)> = ranges.into_iter().filter(|&(s, _)| s > seq).collect();
         self.ack.write(&*self.shared.storage, seq, &ranges)?;
+        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.last_sync = Some(Instant::now());
-        self.shared
-            .acks_written
-            .fetch_max(acks, std::sync::atomic::Ordering::AcqRel);
+        self.shared.acks_written.fetch_max(acks, Ordering::AcqRel);
         self.acks_synced = acks;
         Ok(())
     }

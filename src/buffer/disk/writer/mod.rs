@@ -1,6 +1,7 @@
 //! The writer thread: the one owner of every file mutation of a queue.
 //!
-//! Appends queue up for it on a channel. It takes all that are waiting, writes them and a
+//! Appends queue up for it on a channel. It takes all that are waiting (and, with
+//! `buffer.max_ack_delay`, those coming soon after: `gather.rs`), writes them and a
 //! moved ack position in one write, fsyncs once for all of them (group commit), answers each,
 //! and deletes the segments behind the position. When the ack deadline passes while it waits
 //! (no append carried the position), it writes the `ack` file, deletes the segments behind it
@@ -42,10 +43,12 @@ use crate::core::envelope::Message;
 
 mod ack;
 mod admit;
+mod gather;
 mod reuse;
 
 pub use admit::GROUP_OVERHEAD;
 use admit::Group;
+use gather::Turn;
 
 /// One append waiting for the group commit, with where its answer goes.
 pub(super) type PendingAppend = (Vec<Message>, Reply);
@@ -85,6 +88,8 @@ pub(super) struct Writer {
     /// Set while an append waits for room at the cap: the newest segment is then reused as
     /// soon as everything in it is delivered (`reuse.rs`).
     short_of_room: bool,
+    /// Shutdown has begun: no group waits for company any more (`gather.rs`).
+    hurry: bool,
     buf: Vec<u8>,
 }
 
@@ -120,11 +125,13 @@ impl Writer {
             failing: false,
             untrusted: false,
             short_of_room: false,
+            hurry: false,
             buf: Vec::new(),
         })
     }
 
-    /// The thread's loop: until the queue closes, takes every waiting message at once.
+    /// The thread's loop: until the queue closes, takes every waiting message at once, waits
+    /// for more when `max_ack_delay` says so (`gather.rs`), and writes the group.
     pub(super) fn run(mut self, rx: mpsc::Receiver<WriterMsg>) {
         loop {
             // Wait for work, but no longer than until the ack position is due on disk.
@@ -142,28 +149,22 @@ impl Writer {
                     Err(mpsc::RecvError) => break,
                 },
             };
-            let mut appends = Vec::new();
-            let mut close = None;
+            let mut turn = Turn::default();
             for msg in std::iter::once(first).chain(rx.try_iter()) {
-                match msg {
-                    WriterMsg::Append { messages, reply } => appends.push((messages, reply)),
-                    WriterMsg::Acked => {
-                        self.shared.ack_signalled.store(false, Ordering::Release);
-                        self.schedule_ack();
-                    }
-                    WriterMsg::Close { reply } => close = Some(reply),
-                    WriterMsg::Abandon => {
-                        self.shared.lock().closed = true;
-                        self.wake_all();
-                        return;
-                    }
-                }
+                self.take(msg, &mut turn);
             }
+            self.gather(&rx, &mut turn);
+            if turn.abandon {
+                self.shared.lock().closed = true;
+                self.wake_all();
+                return;
+            }
+            let appends = std::mem::take(&mut turn.appends);
             if !appends.is_empty() {
                 self.append_all(appends);
             }
             self.persist_ack_if_due();
-            if let Some(reply) = close {
+            if let Some(reply) = turn.close {
                 self.stop();
                 let _ = reply.send(());
                 return;
@@ -291,6 +292,7 @@ impl Writer {
             );
             return Err(e);
         }
+        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.len += self.buf.len() as u64;
         self.next_seq += messages.len() as u64;
         if carried.is_some() {
