@@ -4,3 +4,4 @@
 
 pub mod admin;
 pub mod probe;
+pub mod try_message;

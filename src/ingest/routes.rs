@@ -32,6 +32,7 @@ use crate::buffer::{Appended, Queue};
 use crate::core::envelope::{self, Message};
 use crate::core::rules::RuleSet;
 use crate::core::shutdown::Shutdown;
+use crate::core::sql::{self, Statement};
 use crate::core::stats::RuleStats;
 use crate::rule::Route;
 use crate::shaping::plan::RulePlan;
@@ -71,6 +72,10 @@ pub struct Admission {
     pub set_aside: Vec<(usize, Message, usize)>,
     /// Messages that matched no rule.
     pub unmatched: usize,
+    /// Messages a rule's SQL WHERE did not keep: route index, the message's id, and which
+    /// condition was not true (`Statement::condition`). Nothing is stored for them;
+    /// [`Routes::store`] counts them once the rest is stored.
+    pub filtered: Vec<(usize, uuid::Uuid, usize)>,
 }
 
 /// What [`Routes::store`] did with an admission.
@@ -152,12 +157,27 @@ impl<Q: Queue> Routes<Q> {
             // Every rule's copy carries the same id; the last rule takes the message itself.
             let message = Message::received(r.topic, r.payload, r.qos, r.retain, now)
                 .with_properties(r.properties);
+            let id = message.id;
             let copies = std::iter::repeat_n(message, matched.len());
+            // The payload as JSON, parsed once for every SQL rule that reads it.
+            let mut parsed: Option<Option<serde_json::Value>> = None;
             for (i, copy) in matched.into_iter().zip(copies) {
-                let copy = if self.routes[i].plan.reply.is_some() {
+                let plan = &self.routes[i].plan;
+                let copy = if plan.reply.is_some() {
                     copy
                 } else {
                     copy.without_reply_fields()
+                };
+                let copy = match &plan.sql {
+                    None => copy,
+                    Some(statement) => match apply_sql(statement, copy, &mut parsed) {
+                        Ok(copy) => copy,
+                        Err(condition) => {
+                            tracing::debug!(rule = %plan.name, id = %id, condition = statement.condition(condition), "the rule's SQL WHERE does not keep this message: acknowledged, not stored");
+                            admission.filtered.push((i, id, condition));
+                            continue;
+                        }
+                    },
                 };
                 match self.routes[i].plan.oversize(&copy) {
                     Some(size) => admission.set_aside.push((i, copy, size)),
@@ -174,6 +194,7 @@ impl<Q: Queue> Routes<Q> {
     /// shutdown came first, and then nothing may be acknowledged.
     pub async fn store(&self, admission: Admission, shutdown: &Shutdown) -> StoreOutcome {
         let now = SystemTime::now();
+        let filtered = admission.filtered;
         for (i, message, size) in admission.set_aside {
             let route = &self.routes[i];
             log_oversize(&route.plan, &message, size);
@@ -234,6 +255,9 @@ impl<Q: Queue> Routes<Q> {
             return StoreOutcome::Stopping;
         }
         dropped.sort_unstable_by_key(|(i, _, _)| *i);
+        for (i, _, _) in filtered {
+            RuleStats::add(&self.routes[i].stats.filtered, 1);
+        }
         StoreOutcome::Done {
             dropped: dropped.into_iter().map(|(_, rule, n)| (rule, n)).collect(),
         }
@@ -432,6 +456,30 @@ where
                     _ = shutdown.wait() => return None,
                 }
             }
+        }
+    }
+}
+
+/// A rule's SQL statement applied to its copy of a message: the copy to store, its payload the
+/// SELECT result, or the WHERE condition that did not keep it. `parsed` holds the payload as
+/// JSON once a statement needed it, for the message's other rules.
+fn apply_sql(
+    statement: &Statement,
+    mut copy: Message,
+    parsed: &mut Option<Option<serde_json::Value>>,
+) -> Result<Message, usize> {
+    let payload = parsed.get_or_insert_with(|| sql::parse_payload(&copy.payload));
+    let input = sql::Input {
+        topic: &copy.topic,
+        payload: payload.as_ref(),
+        received_ms: copy.received_at_ms(),
+    };
+    match statement.apply(&input) {
+        sql::Outcome::Filtered(condition) => Err(condition),
+        sql::Outcome::Kept(None) => Ok(copy),
+        sql::Outcome::Kept(Some(payload)) => {
+            copy.payload = payload;
+            Ok(copy)
         }
     }
 }
