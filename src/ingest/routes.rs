@@ -681,6 +681,57 @@ mod tests {
         table.released_before(g2).await;
     }
 
+    #[tokio::test]
+    async fn a_message_no_sql_rule_keeps_is_not_stored_and_each_rule_gets_its_select_result() {
+        let (_dir, routes) = routes(&["s/+", "s/+", "s/#"]);
+        let mut r: Vec<Arc<Route<MemoryQueue>>> = routes.iter().cloned().collect();
+        let with_sql = |route: &Arc<Route<MemoryQueue>>, sql: &str| {
+            let mut plan = (*route.plan).clone();
+            plan.sql = Some(Arc::new(crate::core::sql::compile(sql).expect("sql")));
+            Arc::new(Route {
+                plan: Arc::new(plan),
+                filter: route.filter.clone(),
+                qos: 1,
+                queue: route.queue.clone(),
+                stats: route.stats.clone(),
+                dead_letters: route.dead_letters.clone(),
+            })
+        };
+        r[0] = with_sql(&r[0], "SELECT t AS hot FROM 's/+' WHERE t > 50");
+        r[1] = with_sql(&r[1], "SELECT topic(2) AS dev FROM 's/+' WHERE t < 0");
+        let routes = Routes::new(r);
+        let admission = routes.admit(
+            [
+                received("s/a", br#"{"t":60}"#.to_vec()),
+                received("s/b", br#"{"t":10}"#.to_vec()),
+            ],
+            SystemTime::now(),
+        );
+        assert_eq!(admission.append[0].len(), 1);
+        assert_eq!(admission.append[0][0].payload, br#"{"hot":60}"#);
+        assert!(admission.append[1].is_empty());
+        // The rule without SQL gets both, untouched.
+        assert_eq!(admission.append[2].len(), 2);
+        assert_eq!(admission.append[2][0].payload, br#"{"t":60}"#);
+        let filtered: Vec<(usize, usize)> = admission
+            .filtered
+            .iter()
+            .map(|(i, _, condition)| (*i, *condition))
+            .collect();
+        assert_eq!(filtered, [(1, 0), (0, 0), (1, 0)]);
+        let (_trigger, shutdown) = crate::core::shutdown::channel();
+        let outcome = routes.store(admission, &shutdown).await;
+        assert_eq!(outcome, StoreOutcome::Done { dropped: vec![] });
+        let r: Vec<_> = routes.iter().cloned().collect();
+        let counts = |i: usize| {
+            (
+                RuleStats::get(&r[i].stats.queued),
+                RuleStats::get(&r[i].stats.filtered),
+            )
+        };
+        assert_eq!((counts(0), counts(1), counts(2)), ((1, 1), (0, 2), (2, 0)));
+    }
+
     #[test]
     fn each_filter_is_subscribed_once_with_the_highest_qos() {
         let (_dir, routes) = routes(&["a/#", "b/#", "a/#"]);

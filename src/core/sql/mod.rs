@@ -25,6 +25,7 @@
 //! (a string, not a table) is not standard SQL. Evaluation is `eval.rs`.
 
 mod compile;
+mod cursor;
 mod eval;
 
 use std::fmt;
@@ -154,3 +155,6 @@ impl Statement {
         Outcome::Kept(serde_json::to_vec(&Value::Object(out)).ok())
     }
 }
+
+#[cfg(test)]
+mod tests;
