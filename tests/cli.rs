@@ -88,7 +88,7 @@ fn the_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("valid (3 rules)"), "{stdout}");
+    assert!(stdout.contains("valid (4 rules)"), "{stdout}");
     // Where the replying rule's replies may go, in words.
     assert!(
         stdout.contains(

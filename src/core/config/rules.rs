@@ -178,8 +178,8 @@ impl RuleConfig {
         } else if self.topic.is_empty() {
             issues.push(Issue::new(
                 key("topic"),
-                "missing: give the rule topic = \"sensors/#\" (an MQTT filter), or sql = \
-                 \"SELECT * FROM 'sensors/#' WHERE …\"",
+                "the filter is empty: give the rule topic = \"sensors/#\" (an MQTT filter), or \
+                 sql = \"SELECT * FROM 'sensors/#' WHERE …\"",
             ));
         } else if let Err(message) = rules::validate_topic(&self.topic) {
             issues.push(Issue::new(key("topic"), message));
