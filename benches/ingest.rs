@@ -168,7 +168,7 @@ fn sql_evaluation(n: usize, runs: usize) {
         let start = Instant::now();
         for i in 0..n {
             let raw = &payloads[i % payloads.len()];
-            let parsed = sql::parse_payload(raw);
+            let parsed = statement.parse_payload(raw);
             let input = Input {
                 topic: TOPIC,
                 payload: parsed.as_ref(),

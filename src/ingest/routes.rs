@@ -461,14 +461,21 @@ where
 }
 
 /// A rule's SQL statement applied to its copy of a message: the copy to store, its payload the
-/// SELECT result, or the WHERE condition that did not keep it. `parsed` holds the payload as
-/// JSON once a statement needed it, for the message's other rules.
+/// SELECT result, or the WHERE condition that did not keep it. `parsed` holds the whole payload
+/// as JSON once a `SELECT *` statement needed it, for the message's other rules; the others read
+/// only the fields they name.
 fn apply_sql(
     statement: &Statement,
     mut copy: Message,
     parsed: &mut Option<Option<serde_json::Value>>,
 ) -> Result<Message, usize> {
-    let payload = parsed.get_or_insert_with(|| sql::parse_payload(&copy.payload));
+    let own;
+    let payload = if statement.reads_whole_payload() {
+        parsed.get_or_insert_with(|| sql::parse_payload(&copy.payload))
+    } else {
+        own = statement.parse_payload(&copy.payload);
+        &own
+    };
     let input = sql::Input {
         topic: &copy.topic,
         payload: payload.as_ref(),

@@ -162,11 +162,13 @@ impl Parser<'_> {
                 ),
             });
         }
+        let roots = super::payload::roots(&select, conditions.iter().map(|c| &c.expr));
         Ok(Statement {
             text: sql.to_owned(),
             from,
             select,
             conditions,
+            roots,
         })
     }
 

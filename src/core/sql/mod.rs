@@ -27,6 +27,7 @@
 mod compile;
 mod cursor;
 mod eval;
+mod payload;
 
 use std::fmt;
 
@@ -44,6 +45,8 @@ pub struct Statement {
     select: Vec<eval::Item>,
     /// The WHERE clause split at its top-level ANDs, each with its text as written.
     conditions: Vec<Condition>,
+    /// The payload's top-level fields the statement reads; `None` when it selects `*`.
+    roots: Option<Vec<String>>,
 }
 
 /// One top-level AND condition of a WHERE clause.
@@ -102,6 +105,23 @@ fn position(at: Option<(u64, u64)>) -> String {
 /// The payload as JSON, or `None` when it is not JSON (empty, text, binary): it has no fields.
 pub fn parse_payload(payload: &[u8]) -> Option<Value> {
     serde_json::from_slice(payload).ok()
+}
+
+impl Statement {
+    /// Whether this statement needs the whole payload ([`parse_payload`], which several rules
+    /// may share); otherwise [`Statement::parse_payload`] reads only the fields it names.
+    pub fn reads_whole_payload(&self) -> bool {
+        self.roots.is_none()
+    }
+
+    /// The payload as this statement sees it: only the top-level fields it names (all of them
+    /// with `*`); `None` when it is not JSON.
+    pub fn parse_payload(&self, payload: &[u8]) -> Option<Value> {
+        match &self.roots {
+            None => parse_payload(payload),
+            Some(roots) => payload::parse_fields(payload, roots),
+        }
+    }
 }
 
 impl Statement {

@@ -10,7 +10,22 @@ const RECEIVED_MS: u64 = 1_764_000_000_123;
 
 fn run(sql: &str, payload: &[u8]) -> Outcome {
     let statement = compile(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let parsed = parse_payload(payload);
+    let parsed = statement.parse_payload(payload);
+    // Reading only the named fields sees what the whole payload shows.
+    let whole = parse_payload(payload);
+    let named = |v: &Option<Value>| {
+        v.as_ref()
+            .and_then(Value::as_object)
+            .map(|o| match &statement.roots {
+                Some(roots) => o
+                    .iter()
+                    .filter(|(k, _)| roots.contains(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                None => o.clone(),
+            })
+    };
+    assert_eq!(named(&parsed), named(&whole), "{sql}");
     statement.apply(&Input {
         topic: TOPIC,
         payload: parsed.as_ref(),
