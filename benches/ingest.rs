@@ -3,7 +3,7 @@
 //!     cargo bench --bench ingest            (needs mosquitto and mosquitto_sub; Python 3 and
 //!                                            PyPI for the slow-uplink baseline)
 //!
-//! Sections (`BENCH_ONLY=ingest,delivery,flood,uplink,invocations,sustained` picks some):
+//! Sections (`BENCH_ONLY=ingest,delivery,flood,uplink,invocations,sustained,sql` picks some):
 //! - **ingest**: a QoS 1 backlog of `BENCH_N` (100,000) messages taken from mosquitto by the
 //!   bridge (appended, fsync'd, then PUBACK) and by `mosquitto_sub -q 1`, alternately,
 //!   `BENCH_PAIRS` (5) times, each run on a fresh backlog. Both connect through a relay
@@ -14,7 +14,8 @@
 //!   100, concurrency at its default, or `BENCH_DELIVERY_CONCURRENCY` to compare) to the
 //!   in-process fake Lambda, from the bridge's process start to the arrival of the last event;
 //!   alternating with `mosquitto_sub` from its process start to the broker's receipt of its
-//!   last PUBACK. The bridge's peak RSS (VmHWM) in those runs is printed too.
+//!   last PUBACK. The bridge's peak RSS (VmHWM) in those runs is printed too. With `BENCH_DELIVERY_SQL=1` the rule is [`RULE_SQL_KEEP_ALL`]: an SQL rule
+//!   whose WHERE keeps every message and whose SELECT reshapes it (the cost of SQL itself).
 //! - **flood**: `BENCH_FLOOD_RUNS` (9) runs of the bridge alone, each on a fresh
 //!   `BENCH_DELIVERY_N` backlog delivered as in **delivery**: peak RSS (VmHWM) and drain rate,
 //!   medians, ranges and how far the furthest run is from the median.
@@ -25,6 +26,9 @@
 //! - **invocations**: invocations needed for 10,000 messages with and without batching.
 //! - **sustained**: peak RSS at a target of 10,000 msg/s for 10 s, with the rate the broker
 //!   actually saw acknowledged.
+//! - **sql**: the SQL evaluator alone, in this process on one thread: [`SQL_TYPICAL`] applied to
+//!   `BENCH_SQL_N` (1,000,000) benchmark payloads, each parsed from its bytes as ingest does,
+//!   half kept; `BENCH_SQL_RUNS` (5) runs, median and spread.
 //!
 //! Rows are printed as the README's table rows; run details go to stderr. `BENCH_BRIDGE_BIN`
 //! runs another build of the bridge instead (to compare two versions, alternating runs).
@@ -65,6 +69,22 @@ function = "sink"
 max_messages = 100
 max_wait = "200ms"
 "#;
+
+/// [`RULE_BATCH_100`] with an SQL statement instead of `topic`: every benchmark payload has
+/// `status = 'ok'`, so every message is kept, reshaped by the SELECT.
+const RULE_SQL_KEEP_ALL: &str = r#"
+[[rules]]
+name = "bench"
+sql = "SELECT seq, temperature AS t, humidity, topic(2) AS device FROM 'bench/#' WHERE status = 'ok' AND temperature > -40"
+function = "sink"
+[rules.batch]
+max_messages = 100
+max_wait = "200ms"
+"#;
+
+/// A typical filtering rule for the `sql` section: two conditions, a reshaping SELECT.
+const SQL_TYPICAL: &str = "SELECT seq, temperature AS t, topic(2) AS device, timestamp() AS ts \
+     FROM 'bench/#' WHERE status = 'ok' AND temperature > 21.5";
 
 /// One rule, one message per invocation, everything at its default.
 const RULE_PLAIN: &str = r#"
@@ -128,6 +148,71 @@ async fn run() {
     if common::selected("sustained") {
         sustained_rss().await;
     }
+    if common::selected("sql") {
+        sql_evaluation(
+            common::env_number("BENCH_SQL_N", 1_000_000),
+            common::env_number("BENCH_SQL_RUNS", 5usize).max(1),
+        );
+    }
+}
+
+/// Messages per second through [`SQL_TYPICAL`] on one thread: payload bytes parsed as JSON,
+/// the WHERE evaluated, the SELECT result encoded for the kept half.
+fn sql_evaluation(n: usize, runs: usize) {
+    use mqtt_lambda_bridge::core::sql::{self, Input, Outcome};
+    let statement = sql::compile(SQL_TYPICAL).expect("the typical statement compiles");
+    // Half the readings are over 21.5: temperature alternates 21.53 and 21.43.
+    let payloads: Vec<Vec<u8>> = (0..1000)
+        .map(|i| {
+            let p = payload(i);
+            if i % 2 == 0 {
+                p
+            } else {
+                p.replace("21.53", "21.43")
+            }
+            .into_bytes()
+        })
+        .collect();
+    let mut rates = Vec::new();
+    for run in 0..runs {
+        let (mut kept, mut bytes) = (0usize, 0usize);
+        let start = Instant::now();
+        for i in 0..n {
+            let raw = &payloads[i % payloads.len()];
+            let parsed = statement.parse_payload(raw);
+            let input = Input {
+                topic: TOPIC,
+                payload: parsed.as_ref(),
+                received_ms: 1_764_000_000_000,
+            };
+            if let Outcome::Kept(out) = statement.apply(&input) {
+                kept += 1;
+                bytes += out.map_or(0, |o| o.len());
+            }
+        }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        assert_eq!(kept, n / 2, "half the payloads are kept");
+        eprintln!(
+            "sql run {}: {} msg/s, {kept} kept, {bytes} bytes of SELECT results",
+            run + 1,
+            thousands(rate)
+        );
+        rates.push(rate);
+    }
+    let (lo, hi) = range(&rates);
+    row(
+        &format!(
+            "SQL evaluation on one thread: {} ~200-byte JSON payloads parsed, `WHERE status = 'ok' AND temperature > 21.5` (half kept), `SELECT seq, temperature AS t, topic(2) AS device, timestamp() AS ts` encoded, median of {runs}",
+            thousands(n as f64)
+        ),
+        &format!(
+            "{} msg/s ({}–{})",
+            thousands(median(&rates)),
+            thousands(lo),
+            thousands(hi)
+        ),
+        "",
+    );
 }
 
 /// Which client takes its backlog first in a pair: alternating, so neither always runs on a
@@ -419,16 +504,26 @@ async fn drain_once(
 /// The delivery rule (batches of 100) and how its concurrency is described:
 /// `BENCH_DELIVERY_CONCURRENCY=4` sets the rule's max_concurrency, to compare settings.
 fn delivery_rules() -> (String, String) {
-    match std::env::var("BENCH_DELIVERY_CONCURRENCY").ok() {
+    let with_sql = std::env::var("BENCH_DELIVERY_SQL").is_ok_and(|v| v == "1");
+    let rule = if with_sql {
+        RULE_SQL_KEEP_ALL
+    } else {
+        RULE_BATCH_100
+    };
+    let (rules, mut label) = match std::env::var("BENCH_DELIVERY_CONCURRENCY").ok() {
         Some(c) => (
-            RULE_BATCH_100.replace(
+            rule.replace(
                 "function = \"sink\"",
                 &format!("function = \"sink\"\nmax_concurrency = {c}"),
             ),
             format!("`max_concurrency = {c}`"),
         ),
-        None => (RULE_BATCH_100.to_owned(), "default concurrency".to_owned()),
+        None => (rule.to_owned(), "default concurrency".to_owned()),
+    };
+    if with_sql {
+        label.push_str(", an SQL rule keeping every message (`WHERE status = 'ok' AND temperature > -40`, a reshaping SELECT)");
     }
+    (rules, label)
 }
 
 /// Runs of the bridge alone, each on a fresh backlog of `n`: its peak RSS and drain rate, with

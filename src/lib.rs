@@ -20,7 +20,7 @@
 //!
 //! | part | owns | uses |
 //! |---|---|---|
-//! | [`core`] | configuration, topic rules, the envelope, time, the reply templates, and the shared facts parts write and reporters read (counters, health, the stop signal) | nothing |
+//! | [`core`] | configuration, topic rules, SQL rules (compiled and evaluated), the envelope, time, the reply templates, and the shared facts parts write and reporters read (counters, health, the stop signal) | nothing |
 //! | [`shaping`] | what a rule does ([`shaping::plan`]), throttles, windows, batches, token bucket and adaptive concurrency; pure, no tokio | core |
 //! | [`buffer`] | the durable per-rule queue (segment log, ack position, recovery), dead letters, the buffer directory's layout and lock | core |
 //! | [`mqtt`] | the MQTT connection: options, the session, subscriptions, acknowledgements on the wire, publishing replies | core |

@@ -66,6 +66,29 @@ enum Command {
         #[arg(long)]
         aws: bool,
     },
+    /// Show what each rule would do with one message: `filtered out` (and the WHERE condition
+    /// that is not true), or the exact event its function would receive for this message
+    /// alone, with its size against Lambda's limit. Rules the topic does not match are not
+    /// listed.
+    ///
+    /// Nothing is connected, stored or invoked. Exit 0 when some rule would invoke its
+    /// function, 1 when none would, 78 when the configuration is invalid, 66 when
+    /// --payload-file cannot be read.
+    #[command(group(clap::ArgGroup::new("message").required(true).args(["payload", "payload_file"])))]
+    Try {
+        /// The configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The topic the message is published on.
+        #[arg(long)]
+        topic: String,
+        /// The payload, as text.
+        #[arg(long)]
+        payload: Option<String>,
+        /// A file holding the payload (any bytes).
+        #[arg(long)]
+        payload_file: Option<PathBuf>,
+    },
     /// Print the least-privilege IAM policy: lambda:InvokeFunction on exactly the configured
     /// functions' ARNs, qualifiers included.
     ///
@@ -160,6 +183,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config, aws } => check(&config, aws),
         Command::Policy { config, account_id } => policy(&config, account_id.as_deref()),
+        Command::Try {
+            config,
+            topic,
+            payload,
+            payload_file,
+        } => try_message(&config, &topic, payload, payload_file.as_deref()),
         Command::Buffer { command } => buffer_command(command),
         Command::Cost(args) => cost(&args),
         Command::Probe { url } => match mqtt_lambda_bridge::cli::probe::probe(&url) {
@@ -288,6 +317,64 @@ async fn check_aws(config: &Config) -> ExitCode {
         println!("{result}");
     }
     ExitCode::from(dry_run::exit_code(results.iter().map(|r| &r.status)))
+}
+
+/// `try`: one paragraph per rule the message matches; exit 0 when some rule would invoke.
+fn try_message(
+    path: &Path,
+    topic: &str,
+    payload: Option<String>,
+    payload_file: Option<&Path>,
+) -> ExitCode {
+    use mqtt_lambda_bridge::cli::try_message::{Verdict, try_message};
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let payload = match (payload, payload_file) {
+        (Some(text), _) => text.into_bytes(),
+        (None, Some(file)) => match std::fs::read(file) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                eprintln!("--payload-file {}: cannot read it: {err}", file.display());
+                return ExitCode::from(EX_NOINPUT);
+            }
+        },
+        (None, None) => Vec::new(),
+    };
+    let verdicts = try_message(&config, topic, payload, std::time::SystemTime::now());
+    if verdicts.is_empty() {
+        println!(
+            "no rule matches the topic {topic:?}: the message would be acknowledged and dropped"
+        );
+    }
+    for (rule, verdict) in &verdicts {
+        match verdict {
+            Verdict::Invoke { event, limit } => {
+                let function = config
+                    .rules
+                    .iter()
+                    .find(|r| &r.name == rule)
+                    .map_or("", |r| r.function.as_str());
+                let pretty = mqtt_lambda_bridge::cli::try_message::pretty(event);
+                println!(
+                    "rule {rule}: invokes {function} with this event ({} bytes; Lambda accepts at most {limit} for this invocation type):\n{pretty}",
+                    event.len()
+                );
+            }
+            Verdict::Filtered(condition) => {
+                println!("rule {rule}: filtered out: WHERE {condition} is not true");
+            }
+            Verdict::TooLarge { size, limit } => println!(
+                "rule {rule}: not invoked: its event would be {size} bytes, over the {limit} Lambda accepts for this invocation type; it would go to the dead-letter store"
+            ),
+        }
+    }
+    if verdicts.iter().any(|(_, v)| v.invokes()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// `policy`: the IAM policy document on stdout, or what is missing on stderr (exit 78).

@@ -88,7 +88,7 @@ fn the_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("valid (3 rules)"), "{stdout}");
+    assert!(stdout.contains("valid (4 rules)"), "{stdout}");
     // Where the replying rule's replies may go, in words.
     assert!(
         stdout.contains(
@@ -1197,4 +1197,168 @@ fn every_unusable_mqtt_file_is_reported_not_only_the_first() {
             ),
         ]
     );
+}
+
+const SQL_RULES: &str = r#"
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+client_id = "gw"
+
+[[rules]]
+name = "hot"
+function = "alarm"
+sql = "SELECT temperature AS t, topic(2) AS device FROM 'sensors/+/temperature' WHERE temperature > 50"
+[rules.batch]
+max_messages = 10
+
+[[rules]]
+name = "other"
+function = "f"
+topic = "elsewhere/#"
+"#;
+
+fn try_message(config: &Path, topic: &str, payload: &str) -> Output {
+    bridge(config.parent().unwrap_or(Path::new("/")))
+        .args(["try", "--config"])
+        .arg(config)
+        .args(["--topic", topic, "--payload", payload])
+        .output()
+        .expect("run try")
+}
+
+#[test]
+fn check_refuses_sql_it_cannot_run_naming_the_rule_the_key_and_the_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        r#"
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+client_id = "gw"
+
+[[rules]]
+name = "shadow"
+function = "f"
+sql = "SELECT get_thing_shadow('t', 'role') FROM 'a/#'"
+
+[[rules]]
+name = "both"
+function = "f"
+topic = "b/#"
+sql = "SELECT * FROM 'b/#'"
+
+[[rules]]
+name = "typo"
+function = "f"
+sql = "SELECT * FROM 'c/#' WHERE temprature >"
+
+[[rules]]
+name = "unknown"
+function = "f"
+sql = "SELECT avg(t) FROM 'd/#'"
+
+[[rules]]
+name = "badfrom"
+function = "f"
+sql = "SELECT * FROM 'e/#/x'"
+
+[[rules]]
+name = "nested"
+function = "f"
+sql = "SELECT (SELECT 1) AS one FROM 'g/#'"
+"#,
+    );
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    let err = stderr(&out);
+    let line = |key: &str| -> String {
+        err.lines()
+            .find(|l| l.contains(key))
+            .unwrap_or_else(|| panic!("no line for {key}: {err}"))
+            .to_owned()
+    };
+    let config = path.display().to_string();
+    assert_eq!(
+        line("rules[0].sql"),
+        format!(
+            "{config}:9: rules[0].sql: column 8: the AWS IoT function get_thing_shadow() is not supported on the gateway"
+        )
+    );
+    assert!(line("rules[1].sql").contains("give either topic or sql, not both"));
+    assert!(
+        line("rules[2].sql").contains(
+            "column 39: cannot parse: expected a value, a field or a function, found the end"
+        ),
+        "{err}"
+    );
+    assert!(line("rules[3].sql").contains("column 8: unknown function avg()"));
+    assert!(line("rules[4].sql").contains("column 15: FROM \"e/#/x\" is not a valid topic filter"));
+    assert!(line("rules[5].sql").contains("a nested SELECT is not supported on the gateway"));
+    assert_eq!(err.lines().count(), 6, "{err}");
+}
+
+#[test]
+fn try_prints_the_event_a_rule_would_send_and_exits_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), SQL_RULES);
+    let out = try_message(&path, "sensors/dev7/temperature", r#"{"temperature": 61}"#);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let (head, json) = text.split_once('\n').expect("a head line and the event");
+    assert!(
+        head.starts_with("rule hot: invokes alarm with this event (")
+            && head.ends_with("bytes; Lambda accepts at most 1048576 for this invocation type):"),
+        "{head}"
+    );
+    let event: serde_json::Value = serde_json::from_str(json).expect("the event is JSON");
+    let size = head
+        .split('(')
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .expect("size");
+    assert_eq!(size, serde_json::to_vec(&event).expect("json").len());
+    assert_eq!(event["rule"], "hot");
+    let message = &event["messages"][0];
+    assert_eq!(
+        message["payload"],
+        serde_json::json!({"device": "dev7", "t": 61})
+    );
+    assert_eq!(message["topic"], "sensors/dev7/temperature");
+    assert!(
+        !text.contains("rule other"),
+        "unmatched rules are not listed: {text}"
+    );
+}
+
+#[test]
+fn try_names_the_condition_that_filtered_and_exits_1_when_no_rule_would_invoke() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), SQL_RULES);
+    let out = try_message(&path, "sensors/dev7/temperature", r#"{"temperature": 20}"#);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "rule hot: filtered out: WHERE temperature > 50 is not true\n"
+    );
+    let out = try_message(&path, "nowhere", "x");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("no rule matches the topic \"nowhere\""));
+}
+
+#[test]
+fn try_exits_78_on_a_bad_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        &SQL_RULES.replace("WHERE temperature > 50", "WHERE temperature >"),
+    );
+    let out = try_message(&path, "sensors/dev7/temperature", "{}");
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        stderr(&out).contains("rules[0].sql: column"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).is_empty());
 }

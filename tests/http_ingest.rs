@@ -608,3 +608,41 @@ async fn tls_with_a_self_signed_certificate() {
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
 }
+
+#[tokio::test]
+async fn a_post_an_sql_rule_does_not_keep_is_answered_202_naming_the_rule_and_never_stored() {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let rules = r#"
+[[rules]]
+name = "hot"
+function = "alarm"
+sql = "SELECT t, topic(2) AS device FROM 'sensors/+/temp' WHERE t > 50"
+"#;
+    let (daemon, port) = start(&broker, &lambda.endpoint(), "", rules).await;
+    let cold = post(port, "/topics/sensors/dev1/temp", br#"{"t": 20}"#)
+        .await
+        .expect("post");
+    assert_eq!(cold.status, 202, "{cold:?}");
+    assert_eq!(cold.json()["rules"], serde_json::json!([]));
+    assert_eq!(cold.json()["filtered"], serde_json::json!(["hot"]));
+    let hot = post(port, "/topics/sensors/dev2/temp", br#"{"t": 60}"#)
+        .await
+        .expect("post");
+    assert_eq!(hot.json()["rules"], serde_json::json!(["hot"]), "{hot:?}");
+    assert!(hot.json().get("filtered").is_none());
+    let elsewhere = post(port, "/topics/other", b"{}").await.expect("post");
+    assert_eq!(elsewhere.status, 404, "no rule's filter matches");
+    lambda
+        .fake
+        .wait_until("the hot message", |all| !messages(all).is_empty())
+        .await;
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    let seen = lambda.fake.with_invocations(messages);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].1["payload"],
+        serde_json::json!({"t": 60, "device": "dev2"})
+    );
+}

@@ -624,3 +624,44 @@ async fn a_rule_that_cannot_read_its_buffer_is_not_ready_and_stalled_until_it_re
     assert_eq!(errors, 1, "logged once per outage:\n{log}");
     assert!(log.contains("the rule's buffer reads again"), "{log}");
 }
+
+#[tokio::test]
+async fn messages_an_sql_where_does_not_keep_are_counted_as_filtered_not_received() {
+    let broker = Mosquitto::start().await;
+    let lambda = FakeLambdaServer::start().await;
+    let rules = r#"
+[[rules]]
+name = "hot"
+function = "f"
+sql = "SELECT * FROM 's/+' WHERE t > 50"
+"#;
+    let port = free_port();
+    let daemon = Daemon::start(&with_metrics(
+        config(&broker.url(), &lambda.endpoint(), rules),
+        port,
+    ))
+    .await;
+    daemon.wait_for_log("subscribed").await;
+    wait_for_port(port).await;
+    let publisher = Publisher::connect(broker.port).await;
+    for t in [10, 60, 20] {
+        publisher
+            .publish("s/1", 1, format!(r#"{{"t": {t}}}"#))
+            .await;
+    }
+    publisher.publish("s/2", 1, "not json").await;
+    publisher.wait_acked(4).await;
+    let text = scrape_until(port, "one delivered, three filtered", |t| {
+        sample(t, "mlb_messages_delivered_total{rule=\"hot\"}") == Some(1.0)
+            && sample(t, "mlb_messages_filtered_total{rule=\"hot\"}") == Some(3.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "mlb_messages_received_total{rule=\"hot\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    promtool_check(&text).await;
+    let (code, _) = daemon.terminate().await;
+    assert_eq!(code, Some(0));
+}

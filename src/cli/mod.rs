@@ -17,3 +17,4 @@ pub fn configured_region(config: &crate::core::config::Config) -> Option<String>
         .or_else(|| env("AWS_REGION"))
         .or_else(|| env("AWS_DEFAULT_REGION"))
 }
+pub mod try_message;

@@ -14,4 +14,5 @@ pub mod reply;
 pub mod retry;
 pub mod rules;
 pub mod shutdown;
+pub mod sql;
 pub mod stats;

@@ -12,6 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct RuleStats {
     /// Messages appended to the rule's queue.
     pub queued: AtomicU64,
+    /// Messages matched to the rule that its SQL WHERE did not keep (never stored).
+    pub filtered: AtomicU64,
     /// Messages in events Lambda accepted.
     pub delivered: AtomicU64,
     /// Successful invocations.

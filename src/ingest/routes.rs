@@ -32,6 +32,7 @@ use crate::buffer::{Appended, Queue};
 use crate::core::envelope::{self, Message};
 use crate::core::rules::RuleSet;
 use crate::core::shutdown::Shutdown;
+use crate::core::sql::{self, Statement};
 use crate::core::stats::RuleStats;
 use crate::rule::Route;
 use crate::shaping::plan::RulePlan;
@@ -74,6 +75,10 @@ pub struct Admission {
     /// The producer already held these messages back for the buffers' `max_ack_delay` (MQTT
     /// ingest): the buffers write them without waiting again.
     pub gathered: bool,
+    /// Messages a rule's SQL WHERE did not keep: route index, the message's id, and which
+    /// condition was not true (`Statement::condition`). Nothing is stored for them;
+    /// [`Routes::store`] counts them once the rest is stored.
+    pub filtered: Vec<(usize, uuid::Uuid, usize)>,
 }
 
 /// What [`Routes::store`] did with an admission.
@@ -155,12 +160,27 @@ impl<Q: Queue> Routes<Q> {
             // Every rule's copy carries the same id; the last rule takes the message itself.
             let message = Message::received(r.topic, r.payload, r.qos, r.retain, now)
                 .with_properties(r.properties);
+            let id = message.id;
             let copies = std::iter::repeat_n(message, matched.len());
+            // The payload as JSON, parsed once for every SQL rule that reads it.
+            let mut parsed: Option<Option<serde_json::Value>> = None;
             for (i, copy) in matched.into_iter().zip(copies) {
-                let copy = if self.routes[i].plan.reply.is_some() {
+                let plan = &self.routes[i].plan;
+                let copy = if plan.reply.is_some() {
                     copy
                 } else {
                     copy.without_reply_fields()
+                };
+                let copy = match &plan.sql {
+                    None => copy,
+                    Some(statement) => match apply_sql(statement, copy, &mut parsed) {
+                        Ok(copy) => copy,
+                        Err(condition) => {
+                            tracing::debug!(rule = %plan.name, id = %id, condition = statement.condition(condition), "the rule's SQL WHERE does not keep this message: acknowledged, not stored");
+                            admission.filtered.push((i, id, condition));
+                            continue;
+                        }
+                    },
                 };
                 match self.routes[i].plan.oversize(&copy) {
                     Some(size) => admission.set_aside.push((i, copy, size)),
@@ -177,6 +197,7 @@ impl<Q: Queue> Routes<Q> {
     /// shutdown came first, and then nothing may be acknowledged.
     pub async fn store(&self, admission: Admission, shutdown: &Shutdown) -> StoreOutcome {
         let now = SystemTime::now();
+        let filtered = admission.filtered;
         for (i, message, size) in admission.set_aside {
             let route = &self.routes[i];
             log_oversize(&route.plan, &message, size);
@@ -245,6 +266,9 @@ impl<Q: Queue> Routes<Q> {
             return StoreOutcome::Stopping;
         }
         dropped.sort_unstable_by_key(|(i, _, _)| *i);
+        for (i, _, _) in filtered {
+            RuleStats::add(&self.routes[i].stats.filtered, 1);
+        }
         StoreOutcome::Done {
             dropped: dropped.into_iter().map(|(_, rule, n)| (rule, n)).collect(),
         }
@@ -447,6 +471,37 @@ where
     }
 }
 
+/// A rule's SQL statement applied to its copy of a message: the copy to store, its payload the
+/// SELECT result, or the WHERE condition that did not keep it. `parsed` holds the whole payload
+/// as JSON once a `SELECT *` statement needed it, for the message's other rules; the others read
+/// only the fields they name.
+fn apply_sql(
+    statement: &Statement,
+    mut copy: Message,
+    parsed: &mut Option<Option<serde_json::Value>>,
+) -> Result<Message, usize> {
+    let own;
+    let payload = if statement.reads_whole_payload() {
+        parsed.get_or_insert_with(|| sql::parse_payload(&copy.payload))
+    } else {
+        own = statement.parse_payload(&copy.payload);
+        &own
+    };
+    let input = sql::Input {
+        topic: &copy.topic,
+        payload: payload.as_ref(),
+        received_ms: copy.received_at_ms(),
+    };
+    match statement.apply(&input) {
+        sql::Outcome::Filtered(condition) => Err(condition),
+        sql::Outcome::Kept(None) => Ok(copy),
+        sql::Outcome::Kept(Some(payload)) => {
+            copy.payload = payload;
+            Ok(copy)
+        }
+    }
+}
+
 fn log_oversize(plan: &RulePlan, message: &Message, size: usize) {
     tracing::error!(
         rule = %plan.name, topic = %message.topic, id = %message.id,
@@ -643,6 +698,57 @@ mod tests {
         drop(fresh);
         released.await.expect("released");
         table.released_before(g2).await;
+    }
+
+    #[tokio::test]
+    async fn a_message_no_sql_rule_keeps_is_not_stored_and_each_rule_gets_its_select_result() {
+        let (_dir, routes) = routes(&["s/+", "s/+", "s/#"]);
+        let mut r: Vec<Arc<Route<MemoryQueue>>> = routes.iter().cloned().collect();
+        let with_sql = |route: &Arc<Route<MemoryQueue>>, sql: &str| {
+            let mut plan = (*route.plan).clone();
+            plan.sql = Some(Arc::new(crate::core::sql::compile(sql).expect("sql")));
+            Arc::new(Route {
+                plan: Arc::new(plan),
+                filter: route.filter.clone(),
+                qos: 1,
+                queue: route.queue.clone(),
+                stats: route.stats.clone(),
+                dead_letters: route.dead_letters.clone(),
+            })
+        };
+        r[0] = with_sql(&r[0], "SELECT t AS hot FROM 's/+' WHERE t > 50");
+        r[1] = with_sql(&r[1], "SELECT topic(2) AS dev FROM 's/+' WHERE t < 0");
+        let routes = Routes::new(r);
+        let admission = routes.admit(
+            [
+                received("s/a", br#"{"t":60}"#.to_vec()),
+                received("s/b", br#"{"t":10}"#.to_vec()),
+            ],
+            SystemTime::now(),
+        );
+        assert_eq!(admission.append[0].len(), 1);
+        assert_eq!(admission.append[0][0].payload, br#"{"hot":60}"#);
+        assert!(admission.append[1].is_empty());
+        // The rule without SQL gets both, untouched.
+        assert_eq!(admission.append[2].len(), 2);
+        assert_eq!(admission.append[2][0].payload, br#"{"t":60}"#);
+        let filtered: Vec<(usize, usize)> = admission
+            .filtered
+            .iter()
+            .map(|(i, _, condition)| (*i, *condition))
+            .collect();
+        assert_eq!(filtered, [(1, 0), (0, 0), (1, 0)]);
+        let (_trigger, shutdown) = crate::core::shutdown::channel();
+        let outcome = routes.store(admission, &shutdown).await;
+        assert_eq!(outcome, StoreOutcome::Done { dropped: vec![] });
+        let r: Vec<_> = routes.iter().cloned().collect();
+        let counts = |i: usize| {
+            (
+                RuleStats::get(&r[i].stats.queued),
+                RuleStats::get(&r[i].stats.filtered),
+            )
+        };
+        assert_eq!((counts(0), counts(1), counts(2)), ((1, 1), (0, 2), (2, 0)));
     }
 
     #[test]

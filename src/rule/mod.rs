@@ -51,6 +51,7 @@ pub fn summary(route: &Route<DiskQueue>) {
     tracing::info!(
         rule = %route.plan.name,
         queued = get(&stats.queued),
+        filtered = get(&stats.filtered),
         delivered = get(&stats.delivered),
         accepted_invocations = get(&stats.invocations),
         failed_invocation_attempts = get(&stats.failed_attempts),

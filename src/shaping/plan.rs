@@ -4,11 +4,13 @@
 //! by the delivery loop (`delivery/pipeline.rs`); what they count goes to
 //! [`crate::core::stats::RuleStats`]. Pure: no I/O.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::core::config::{InvocationType, KeepConfig, RuleConfig};
 use crate::core::envelope::{self, Message};
 use crate::core::reply::ReplySpec;
+use crate::core::sql::Statement;
 use crate::shaping::aggregate::{AggregateSpec, GroupBy};
 use crate::shaping::ratelimit::EVENT_DEFAULT_MAX_CONCURRENCY;
 use crate::shaping::throttle::{Keep, ThrottleSpec};
@@ -54,6 +56,8 @@ pub struct RulePlan {
     pub slow_start: bool,
     /// Where the function's response is published, when the rule replies.
     pub reply: Option<ReplySpec>,
+    /// The rule's SQL statement, when it has one: evaluated at ingest, before storing.
+    pub sql: Option<Arc<Statement>>,
 }
 
 impl RulePlan {
@@ -109,6 +113,7 @@ impl RulePlan {
                 allow: r.allow.clone(),
                 retain: r.retain,
             }),
+            sql: rule.statement.clone(),
         }
     }
 
@@ -129,6 +134,7 @@ impl RulePlan {
             max_concurrency: 1,
             slow_start: false,
             reply: None,
+            sql: None,
         }
     }
 

@@ -159,6 +159,10 @@ pub const KEYS: &[(&str, Expect)] = &[
     ("rules[]", Expect::Table("[[rules]]")),
     ("rules[].name", Expect::Text("temperature")),
     ("rules[].topic", Expect::Text("sensors/+/temperature")),
+    (
+        "rules[].sql",
+        Expect::Text("SELECT * FROM 'sensors/+/temperature' WHERE temperature > 50"),
+    ),
     ("rules[].function", Expect::Text("ingest-temperature")),
     ("rules[].qualifier", Expect::Text("live")),
     (

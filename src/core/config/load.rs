@@ -111,8 +111,9 @@ impl Config {
         self.validate_with(&Source::new(file_name, text, &env))
     }
 
-    fn validate_with(self, source: &Source) -> Result<Config, ConfigError> {
-        let issues = self.issues();
+    fn validate_with(mut self, source: &Source) -> Result<Config, ConfigError> {
+        let mut issues = self.compile_sql();
+        issues.extend(self.issues());
         if issues.is_empty() {
             Ok(self)
         } else {

@@ -266,8 +266,9 @@ pub(super) fn replies(rules: &[RuleConfig], protocol: MqttProtocol) -> Vec<Issue
                         topic_key,
                         format!(
                             "a reply to a request on {own:?} would go to {sample:?}, which \
-                             rules[{j}].topic {:?} takes: replies would come back as requests, \
+                             rules[{j}].{} {:?} takes: replies would come back as requests, \
                              forever; choose a topic outside every replying rule's filter",
+                            other.filter_key(),
                             other.topic
                         ),
                     ));
@@ -321,10 +322,11 @@ fn allow_issues(rules: &[RuleConfig], key: &str, allow: &[String]) -> Vec<Issue>
             issues.push(Issue::new(
                 at,
                 format!(
-                    "{filter:?} overlaps rules[{k}].topic {:?}, which replies too: a device \
+                    "{filter:?} overlaps rules[{k}].{} {:?}, which replies too: a device \
                      could name a Response Topic there and its reply would come back as a \
                      request, forever; allow only topics outside every replying rule's filter, \
                      e.g. \"replies/#\"",
+                    other.filter_key(),
                     other.topic
                 ),
             ));

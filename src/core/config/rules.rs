@@ -6,11 +6,13 @@
 //! rule's on a case-insensitive file system); no two rules' topic filters conflict.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::{AggregateConfig, BatchConfig, Issue, RateLimitConfig, ReplyConfig, ThrottleConfig};
 use crate::core::rules;
+use crate::core::sql::{self, Statement};
 
 /// The adaptive cap on a rule's invocations in flight when it invokes asynchronously (`event`)
 /// and the user did not set `max_concurrency`.
@@ -53,8 +55,16 @@ const MAX_FUNCTION_LEN: usize = 170;
 pub struct RuleConfig {
     /// Unique name; it names the rule's queue and appears in every event as `rule`.
     pub name: String,
-    /// MQTT topic filter (`+` and `#` wildcards).
+    /// MQTT topic filter (`+` and `#` wildcards). With `sql`, filled from its `FROM` when the
+    /// configuration is validated (the file must not give both).
+    #[serde(default)]
     pub topic: String,
+    /// An AWS IoT SQL statement instead of `topic`: `FROM` is the filter, `WHERE` decides which
+    /// messages the rule keeps, `SELECT` what their payload becomes.
+    pub sql: Option<String>,
+    /// `sql` compiled, set by validation (never read from the file).
+    #[serde(skip)]
+    pub statement: Option<Arc<Statement>>,
     /// Function name, partial ARN or full ARN.
     pub function: String,
     /// Alias or version to invoke.
@@ -147,8 +157,11 @@ pub(super) fn validate(rules: &[RuleConfig]) -> Vec<Issue> {
             .find_map(|(j, r)| rules::conflict(&r.topic, &rule.topic).map(|why| (j, why)))
         {
             issues.push(Issue::new(
-                format!("{prefix}.topic"),
-                format!("conflicts with rules[{first}].topic: {why}"),
+                format!("{prefix}.{}", rule.filter_key()),
+                format!(
+                    "conflicts with rules[{first}].{}: {why}",
+                    rules[first].filter_key()
+                ),
             ));
         }
     }
@@ -160,7 +173,15 @@ impl RuleConfig {
     pub(super) fn validate(&self, prefix: &str) -> Vec<Issue> {
         let key = |field: &str| format!("{prefix}.{field}");
         let mut issues = Vec::new();
-        if let Err(message) = rules::validate_topic(&self.topic) {
+        if self.sql.is_some() {
+            // Its FROM was checked when it was compiled (`compile_sql`).
+        } else if self.topic.is_empty() {
+            issues.push(Issue::new(
+                key("topic"),
+                "the filter is empty: give the rule topic = \"sensors/#\" (an MQTT filter), or \
+                 sql = \"SELECT * FROM 'sensors/#' WHERE …\"",
+            ));
+        } else if let Err(message) = rules::validate_topic(&self.topic) {
             issues.push(Issue::new(key("topic"), message));
         }
         if let Err(message) = function(&self.function) {
@@ -193,6 +214,49 @@ impl RuleConfig {
             issues.extend(r.validate(&key("rate_limit")));
         }
         issues
+    }
+}
+
+/// Compiles each rule's `sql` and takes its `FROM` as the rule's topic; a statement that cannot
+/// run, or one beside a `topic`, is an issue of `rules[i].sql`. Compiling again a rule already
+/// compiled changes nothing.
+pub(super) fn compile_sql(rules: &mut [RuleConfig]) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    for (i, rule) in rules.iter_mut().enumerate() {
+        let Some(text) = &rule.sql else { continue };
+        if let Some(compiled) = &rule.statement
+            && compiled.text() == text
+            && compiled.from() == rule.topic
+        {
+            continue;
+        }
+        let key = format!("rules[{i}].sql");
+        if !rule.topic.is_empty() {
+            issues.push(Issue::new(
+                key,
+                format!(
+                    "give either topic or sql, not both: the statement's FROM is the rule's \
+                     topic filter (remove topic = {:?})",
+                    rule.topic
+                ),
+            ));
+            continue;
+        }
+        match sql::compile(text) {
+            Ok(statement) => {
+                rule.topic = statement.from().to_owned();
+                rule.statement = Some(Arc::new(statement));
+            }
+            Err(error) => issues.push(Issue::new(key, error.to_string())),
+        }
+    }
+    issues
+}
+
+impl RuleConfig {
+    /// The key that gives this rule's filter: `sql` or `topic`.
+    pub fn filter_key(&self) -> &'static str {
+        if self.sql.is_some() { "sql" } else { "topic" }
     }
 }
 

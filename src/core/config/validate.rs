@@ -26,6 +26,12 @@ impl Issue {
 }
 
 impl Config {
+    /// Compiles the rules' `sql` statements (each then has its topic): before [`Self::issues`],
+    /// which checks the filters.
+    pub(super) fn compile_sql(&mut self) -> Vec<Issue> {
+        rules::compile_sql(&mut self.rules)
+    }
+
     /// Every section's problems, in the order the module overview lists the sections.
     pub(super) fn issues(&self) -> Vec<Issue> {
         let mut issues = self.mqtt.validate();

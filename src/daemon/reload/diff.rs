@@ -209,6 +209,31 @@ mod tests {
     }
 
     #[test]
+    fn an_edited_sql_statement_is_a_rule_change_and_its_from_the_subscription() {
+        let sql_config = |sql: &str| {
+            let text = format!(
+                "[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\nclient_id = \"gw\"\n\
+                 [[rules]]\nname = \"hot\"\nfunction = \"f\"\nsql = \"{sql}\"\n"
+            );
+            Config::from_toml_str(
+                &text,
+                Path::new("t.toml"),
+                Env::prefixed("MLB_TEST_UNUSED_"),
+            )
+            .expect("valid config")
+        };
+        let old = sql_config("SELECT * FROM 's/+/t' WHERE t > 50");
+        assert!(diff(&old, &old.clone()).is_empty());
+        let d = diff(&old, &sql_config("SELECT * FROM 's/+/t' WHERE t > 60"));
+        assert_eq!(d.changed, vec!["hot"]);
+        assert!(d.subscribe.is_empty() && d.unsubscribe.is_empty(), "{d:?}");
+        let d = diff(&old, &sql_config("SELECT * FROM 's/#' WHERE t > 50"));
+        assert_eq!(d.changed, vec!["hot"]);
+        assert_eq!(d.subscribe, vec![("s/#".to_owned(), 1)]);
+        assert_eq!(d.unsubscribe, vec!["s/+/t"]);
+    }
+
+    #[test]
     fn the_same_file_changes_nothing() {
         let a = config("", &[("a", "s/+/t", "f"), ("b", "s/+/h", "g")]);
         let d = diff(&a, &a.clone());

@@ -44,13 +44,22 @@ fn closing(answer: Answer) -> Answer {
     )
 }
 
-/// 202: stored for `rules`, of which `set_aside` went to their dead-letter store.
-pub(super) fn stored(id: Uuid, rules: Vec<String>, set_aside: Vec<String>) -> Answer {
+/// 202: stored for `rules`, of which `set_aside` went to their dead-letter store; `filtered`
+/// matched it but their SQL WHERE did not keep it.
+pub(super) fn stored(
+    id: Uuid,
+    rules: Vec<String>,
+    set_aside: Vec<String>,
+    filtered: Vec<String>,
+) -> Answer {
     let mut body = serde_json::Map::new();
     body.insert("id".into(), id.hyphenated().to_string().into());
     body.insert("rules".into(), rules.into());
     if !set_aside.is_empty() {
         body.insert("set_aside".into(), set_aside.into());
+    }
+    if !filtered.is_empty() {
+        body.insert("filtered".into(), filtered.into());
     }
     json(StatusCode::ACCEPTED, &serde_json::Value::Object(body))
 }

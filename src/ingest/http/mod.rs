@@ -10,6 +10,8 @@
 //! 202  {"id":"<uuid>","rules":["a","b"]}        stored (fsync'd) in every matching rule's buffer;
 //!      [,"set_aside":["b"]]                     rules whose event would exceed Lambda's limit:
 //!                                               in their dead-letter store, never invoked
+//!      [,"filtered":["c"]]                      rules whose SQL WHERE did not keep it: not
+//!                                               stored for them ("rules" may then be empty)
 //! 400  {"error":"..."}   the topic is empty, holds + or # or NUL, starts with $, is not UTF-8 or
 //!                        has a bad %-escape; or the body was cut off or malformed
 //! 401                    no bearer token, or a wrong one (WWW-Authenticate: Bearer)
@@ -285,6 +287,8 @@ struct Destinations {
     /// Every rule it went to, in rule order.
     all: Vec<usize>,
     set_aside: Vec<usize>,
+    /// Rules it matched whose SQL WHERE did not keep it (nothing stored for them).
+    filtered: Vec<usize>,
 }
 
 impl Destinations {
@@ -305,10 +309,16 @@ impl Destinations {
         }
         all.extend(&set_aside);
         all.sort_unstable();
+        let mut filtered: Vec<usize> = Vec::new();
+        for (i, filtered_id, _) in &admission.filtered {
+            id = Some(*filtered_id);
+            filtered.push(*i);
+        }
         Some(Destinations {
             id: id?,
             all,
             set_aside,
+            filtered,
         })
     }
 }
@@ -416,7 +426,7 @@ impl Ingest {
             Stored::Done => {
                 let rules = names(&to.all);
                 tracing::debug!(topic = %topic, id = %to.id, rules = %rules.join(","), "HTTP message buffered");
-                answer::stored(to.id, rules, names(&to.set_aside))
+                answer::stored(to.id, rules, names(&to.set_aside), names(&to.filtered))
             }
             Stored::Dropped(rules) => {
                 let why = answer::dropped_reason(&rules);

@@ -165,6 +165,12 @@ fn messages(encoder: &mut DescriptorEncoder, routes: &[RuleReport]) -> fmt::Resu
     )?;
     counters(
         encoder,
+        "mlb_messages_filtered",
+        "Messages the rule's SQL WHERE did not keep: acknowledged, never stored.",
+        per_rule(routes, |s| get(&s.filtered)),
+    )?;
+    counters(
+        encoder,
         "mlb_messages_delivered",
         "Messages in events Lambda accepted.",
         per_rule(routes, |s| get(&s.delivered)),

@@ -16,6 +16,8 @@
 //!
 //! ```text
 //! mlb_messages_received_total{rule}            counter  matched to the rule and buffered
+//! mlb_messages_filtered_total{rule}            counter  matched, but the rule's SQL WHERE did
+//!                                                       not keep it: acknowledged, not stored
 //! mlb_messages_delivered_total{rule}           counter  in events Lambda accepted
 //! mlb_messages_dropped_total{rule,reason}      counter  drop_oldest | drop_newest | expired |
 //!                                                       throttled | oversize | corrupt
