@@ -9,6 +9,7 @@ beyond the thresholds.
 
 import argparse
 import csv
+import getpass
 import json
 import os
 import random
@@ -71,10 +72,13 @@ class Broker:
     def __init__(self, work, port):
         self.port = port
         self.conf = work / "mosquitto.conf"
-        (work / "mosquitto").mkdir()
+        self.db = work / "mosquitto" / "mosquitto.db"
+        self.db.parent.mkdir()
+        # `user`: started as root, mosquitto would switch to the user `mosquitto`, which cannot
+        # write the database here, and every restart would lose the sessions.
         self.conf.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {work / 'mosquitto'}/\nautosave_interval 0\n"
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
+            f"persistence true\npersistence_location {self.db.parent}/\nautosave_interval 0\n"
             "max_queued_messages 0\nmax_inflight_messages 100\n"
         )
         self.log = open(work / "mosquitto.log", "ab")
@@ -97,6 +101,9 @@ class Broker:
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
+        if not self.db.exists():
+            raise SystemExit(f"soak: mosquitto saved no database at {self.db} (see mosquitto.log): "
+                             "a restart would lose the sessions")
 
     def restart(self, down_for):
         self.stop()
