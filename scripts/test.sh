@@ -2,11 +2,12 @@
 # The whole test suite, from a fresh Debian or Ubuntu machine with Rust:
 #   scripts/test.sh
 # Installs what is missing (mosquitto, systemd-analyze, prometheus, MiniStack, hadolint,
-# cargo-nextest, cross toolchains, qemu), then checks formatting, lints, the systemd unit
+# cargo-nextest, cross toolchains, qemu, podman), then checks formatting, lints, the systemd unit
 # (scripts/check-unit.sh) and the alerts and dashboards (scripts/check-dashboards.sh),
 # cross-compiles the ARM binaries for the qemu tests, runs every unit, property and integration
-# test, and checks the packaging: the Dockerfile (hadolint, build-stage
-# replay) and the Debian package (install, check, remove, purge; as root).
+# test, and checks the packaging: the Dockerfile (hadolint, build-stage replay, and as root an
+# image built with podman and run: scripts/container-test.sh), the Debian package (install,
+# check, remove, purge; as root), and a 3-minute soak (bench/soak.sh).
 #   scripts/test.sh -E 'test(/pattern/)'   # with arguments: only those tests, no packaging
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,4 +49,14 @@ step "Dockerfile: hadolint"
 hadolint Dockerfile
 step "Dockerfile: replaying the build stage"
 PROFILE="$CROSS_PROFILE" scripts/docker-replay.sh
+if [ "$(id -u)" -eq 0 ]; then
+    step "container image: podman build of the Dockerfile, then run"
+    scripts/container-test.sh
+else
+    step "container test skipped: podman builds and runs images as root here, run as root (CI does)"
+fi
+# A 3-minute run of the soak (the README's is an hour). Its RSS bound is looser than the hour's
+# 1 MiB: three minutes are still warm-up (the first throttles and slow calls grow the allocator).
+step "soak, 3 minutes"
+SOAK_MAX_RSS_GROWTH_MIB=4 bench/soak.sh 3m
 step "done"
