@@ -3,11 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mqtt_lambda_bridge::buffer::layout::LayoutError;
-use mqtt_lambda_bridge::cli::admin::{self, AdminError};
+use mqtt_lambda_bridge::cli::admin::AdminError;
+use mqtt_lambda_bridge::cli::buffer_report as report;
+use mqtt_lambda_bridge::cli::check_report;
 use mqtt_lambda_bridge::core::config::{Config, DEFAULT_CONFIG_PATH, Source};
 
 /// sysexits.h EX_CONFIG: the configuration is wrong; restarting will not help.
@@ -245,15 +246,7 @@ fn check(path: &Path, aws: bool) -> ExitCode {
                 loaded.rules.len(),
                 if loaded.rules.len() == 1 { "" } else { "s" }
             );
-            explain_replies(&loaded);
-            if let Some(t) = &loaded.telemetry {
-                println!(
-                    "telemetry: a JSON snapshot of the metrics every {} to {} (QoS 1, retained)",
-                    humantime::format_duration(t.interval.0),
-                    t.topic
-                );
-            }
-            explain_ack_delay(&loaded);
+            check_report::explain(&loaded);
             if aws {
                 runtime.block_on(check_aws(&loaded))
             } else {
@@ -261,30 +254,6 @@ fn check(path: &Path, aws: bool) -> ExitCode {
             }
         }
         Err(code) => code,
-    }
-}
-
-/// `check`: where each replying rule's replies may go, one line per rule, so a Response Topic
-/// that `reply.allow` leaves out is no surprise.
-fn explain_replies(config: &Config) {
-    use mqtt_lambda_bridge::core::reply;
-    use mqtt_lambda_bridge::shaping::plan::RulePlan;
-    for rule in &config.rules {
-        if let Some(spec) = RulePlan::from_config(rule).reply {
-            println!("rule {}: {}", rule.name, reply::explain(&spec));
-        }
-    }
-}
-
-/// `check`: what `buffer.max_ack_delay` costs, when it is set.
-fn explain_ack_delay(config: &Config) {
-    use mqtt_lambda_bridge::core::config::MqttProtocol;
-    let window = match config.mqtt.protocol {
-        MqttProtocol::V5 => Some(config.mqtt.receive_maximum()),
-        MqttProtocol::V311 => None,
-    };
-    if let Some(line) = config.buffer.explain_ack_delay(window) {
-        println!("{line}");
     }
 }
 
@@ -543,72 +512,23 @@ fn buffer_command(command: BufferCommand) -> ExitCode {
 
 /// `buffer stats`: one row per rule.
 async fn buffer_stats(config: &Config) -> Result<ExitCode, AdminError> {
-    let rows = admin::stats(config).await?;
-    println!(
-        "{:<24} {:>10} {:>12} {:>14} {:>12}",
-        "RULE", "PENDING", "BYTES", "OLDEST", "DEAD LETTERS"
-    );
-    for row in rows {
-        // Whole seconds: the age is for a person, and sub-second digits only add noise.
-        let oldest = row.oldest.map_or_else(
-            || "-".to_owned(),
-            |d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string(),
-        );
-        println!(
-            "{:<24} {:>10} {:>12} {:>14} {:>12}",
-            row.rule, row.pending, row.bytes, oldest, row.dead_letters
-        );
-    }
+    report::print_stats(config).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// `buffer dead-letters list`: one line per dead letter (or its stored JSON), then the lines
-/// of the stores that are not dead letters, on stderr.
+/// `buffer dead-letters list`.
 fn list_dead_letters(
     config: &Config,
     rule: Option<&str>,
     json: bool,
 ) -> Result<ExitCode, AdminError> {
-    let listing = admin::list_dead_letters(config, rule)?;
-    for letter in &listing.letters {
-        if json {
-            println!("{}", serde_json::to_string(letter).unwrap_or_default());
-            continue;
-        }
-        let what = match letter.event["messages"].as_array() {
-            Some(messages) => format!("{} message(s)", messages.len()),
-            None if letter.event.get("window").is_some() => "a statistics window".to_owned(),
-            None => "no messages".to_owned(),
-        };
-        println!(
-            "{}  {}  {}  {what}, {} attempt(s): {}",
-            letter.last_attempt_at, letter.rule, letter.code, letter.attempts, letter.reason
-        );
-    }
-    for (path, line, why) in &listing.unreadable {
-        eprintln!("{}:{line}: not a dead-letter entry: {why}", path.display());
-    }
-    if !json {
-        eprintln!("{} dead letter(s)", listing.letters.len());
-    }
+    report::print_dead_letters(config, rule, json)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// `buffer dead-letters replay`: what went back, per rule, on stdout; what stayed, on stderr
-/// (and exit 65).
+/// `buffer dead-letters replay`: exit 65 when some stayed in the store.
 async fn replay_dead_letters(config: &Config, rule: Option<&str>) -> Result<ExitCode, AdminError> {
-    let mut kept_any = false;
-    for replayed in admin::replay_dead_letters(config, rule).await? {
-        println!(
-            "{}: {} message(s) back in the queue",
-            replayed.rule, replayed.restored
-        );
-        for line in &replayed.kept {
-            eprintln!("{line}");
-            kept_any = true;
-        }
-    }
-    Ok(if kept_any {
+    Ok(if report::print_replay(config, rule).await? {
         ExitCode::from(EX_DATAERR)
     } else {
         ExitCode::SUCCESS

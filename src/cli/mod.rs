@@ -1,8 +1,11 @@
-//! The command line's own work beside `run`: the `buffer` commands ([`admin`]), what a
+//! The command line's own work beside `run`: the `buffer` commands ([`admin`], printed by
+//! [`buffer_report`]), what a
 //! configuration costs ([`cost`]) and the container health probe ([`probe`]). `main.rs` parses the arguments and maps results to exit
 //! codes.
 
 pub mod admin;
+pub mod buffer_report;
+pub mod check_report;
 pub mod cost;
 pub mod probe;
 

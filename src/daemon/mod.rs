@@ -190,6 +190,11 @@ impl<I: Invoke> Daemon<I> {
             ingest_stopped_tx,
         ));
         let supervisor = supervise(&notifier, &health, watchdog, rules.board());
+        // Started: the loader's relocation table is never read again.
+        match crate::ops::memory::release_loader_pages() {
+            Ok(bytes) => tracing::debug!(bytes, "gave back the pages of the relocation table"),
+            Err(e) => tracing::debug!(error = %e, "kept the pages of the relocation table"),
+        }
         Ok(Daemon {
             rules,
             notifier,

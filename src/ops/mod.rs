@@ -4,5 +4,6 @@
 //! Invariant: operations read what the parts publish ([`crate::core::stats`],
 //! [`crate::core::health`]), never a part's internals, and change nothing of what they read.
 
+pub mod memory;
 pub mod metrics;
 pub mod notify;
