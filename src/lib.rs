@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Each folder is one part. A part may use the parts listed after "uses" and nothing else;
-//! `scripts/check-layers.sh` (run by CI) reads every `use crate::` and fails on any other
+//! `tests/layers.rs` (run by CI) reads every `use crate::` and fails on any other
 //! direction. Tests inside a module (`#[cfg(test)]`) may use anything.
 //!
 //! | part | owns | uses |
@@ -28,7 +28,7 @@
 //! | [`rule`] | one rule's shared state while it runs ([`rule::Route`]) and its life cycle | core, shaping, buffer |
 //! | [`ingest`] | messages in (MQTT, HTTP), matched, stored, then acknowledged | core, shaping, buffer, mqtt, http, rule |
 //! | [`delivery`] | per rule: read, shape, invoke (the Lambda client), reply, acknowledge | core, shaping, buffer, mqtt, rule |
-//! | [`ops`] | `/metrics`, `/healthz`, `/readyz`, systemd notify | core, http |
+//! | [`ops`] | `/metrics`, `/healthz`, `/readyz`, systemd notify, telemetry, giving back the loader's pages once started | core, http |
 //! | [`daemon`] | the wiring: start, reload, stop; preflight checks; signals | everything above |
 //! | [`cli`] | the `buffer` commands, `cost` (what a configuration costs in Lambda) and the container health probe | everything above, daemon included |
 //!
