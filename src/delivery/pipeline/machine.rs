@@ -198,15 +198,23 @@ impl Core {
         // Their spans are known now, under the plan that formed them: once accepted they are
         // reported as ranges like any other event (else an old event still in flight would
         // hold back every carried one's acknowledgement, and a crash would replay them all).
-        let contiguous = self.plan.throttle.is_none() && self.plan.aggregate.is_none();
         for unit in std::iter::from_fn(|| old.take_ready()) {
-            if contiguous && unit.messages > 0 {
-                self.spans
-                    .insert(unit.first_seq, unit.first_seq + unit.messages as Seq - 1);
-            }
+            self.note_span(&unit);
             self.carried.push_back(unit);
         }
         self.plan = plan;
+    }
+
+    /// Records the sequences `unit` covers, for [`Core::accepted_ahead`], when the plan in force
+    /// (the one that formed it) makes that known: without a throttle or windows, the former's
+    /// events are consecutive runs of what was read, so one of m messages covers
+    /// first..first+m-1 wholly (gaps are records the queue skipped).
+    fn note_span(&mut self, unit: &Unit) {
+        let contiguous = self.plan.throttle.is_none() && self.plan.aggregate.is_none();
+        if contiguous && unit.messages > 0 {
+            self.spans
+                .insert(unit.first_seq, unit.first_seq + unit.messages as Seq - 1);
+        }
     }
 
     /// The rule was removed: deliver what is queued, then stop (as at shutdown, for this rule).
@@ -249,13 +257,8 @@ impl Core {
 
     /// Takes up to `n` formed events to invoke now.
     pub fn start(&mut self, n: usize) -> Vec<Unit> {
-        // Without a throttle or windows, the former's events are consecutive runs of what was
-        // read, so one of m messages covers first..first+m-1 wholly (gaps are records the queue
-        // skipped). Carried events got theirs from the plan that formed them (`on_plan`).
-        let (carried, contiguous) = (
-            self.carried.len(),
-            self.plan.throttle.is_none() && self.plan.aggregate.is_none(),
-        );
+        // Carried events got their spans from the plan that formed them (`on_plan`).
+        let carried = self.carried.len();
         let units: Vec<Unit> = std::iter::from_fn(|| {
             self.carried
                 .pop_front()
@@ -264,9 +267,8 @@ impl Core {
         .take(n)
         .collect();
         for (i, unit) in units.iter().enumerate() {
-            if contiguous && i >= carried && unit.messages > 0 {
-                self.spans
-                    .insert(unit.first_seq, unit.first_seq + unit.messages as Seq - 1);
+            if i >= carried {
+                self.note_span(unit);
             }
             self.acks.begin(unit.first_seq);
             self.invoking += 1;
