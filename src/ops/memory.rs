@@ -31,6 +31,8 @@ pub enum MemoryError {
     Read(#[from] io::Error),
     #[error("the executable's headers are not as expected: {0}")]
     Layout(&'static str),
+    #[error("cannot give the relocation table's pages back: {0}")]
+    Advise(io::Error),
 }
 
 /// One program header, as far as this needs it.
@@ -208,7 +210,7 @@ pub fn release_loader_pages() -> Result<usize, MemoryError> {
         let done =
             unsafe { libc::madvise((base + from) as *mut libc::c_void, len, libc::MADV_DONTNEED) };
         if done != 0 {
-            return Err(MemoryError::Read(io::Error::last_os_error()));
+            return Err(MemoryError::Advise(io::Error::last_os_error()));
         }
         Ok(len)
     }
