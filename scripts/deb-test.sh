@@ -23,6 +23,9 @@ say() { printf 'deb-test: %s\n' "$*"; }
 if dpkg-query -W -f='${Status}' "$NAME" 2>/dev/null | grep installed >/dev/null; then
     fail "$NAME is installed on this machine already; not touching it"
 fi
+# The package must create no buffer; one already there would hide whether it did.
+[ ! -e /var/lib/$NAME ] \
+    || fail "/var/lib/$NAME exists before installing (left by a daemon run with the default buffer.dir); remove it and run again"
 
 if [ -n "${DEB_FILE:-}" ]; then
     deb="$DEB_FILE"
@@ -41,11 +44,21 @@ snapshot() {
         -o -print 2>/dev/null | sort
 }
 before="$(mktemp)"; after="$(mktemp)"
-trap 'rm -f "$before" "$after"' EXIT
+installed=no
+# A failed run purges what it installed, so the next run starts from the same machine.
+cleanup() {
+    rm -f "$before" "$after"
+    if [ "$installed" = yes ]; then
+        dpkg -P "$NAME" >/dev/null 2>&1 || true
+        rm -rf /var/lib/$NAME /var/lib/private/$NAME
+    fi
+}
+trap cleanup EXIT
 snapshot >"$before"
 changes() { snapshot >"$after"; comm -13 "$before" "$after"; }
 
 say "dpkg -i $(basename "$deb")"
+installed=yes
 dpkg -i "$deb"
 [ -x /usr/bin/$NAME ] || fail "no /usr/bin/$NAME"
 grep -q "^ExecStart=/usr/bin/$NAME run" /lib/systemd/system/$NAME.service \
@@ -101,5 +114,6 @@ dpkg -P "$NAME"
 left="$(changes | grep -vx /var/lib/private || true)"
 [ -z "$left" ] || { sed 's/^/    /' <<<"$left" >&2; fail "dpkg -P left files behind"; }
 grep -qx /var/lib/private "$before" || rmdir /var/lib/private 2>/dev/null || true
+installed=no
 say "dpkg -P left nothing behind"
 say "passed"

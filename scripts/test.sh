@@ -36,7 +36,15 @@ export BRIDGE_CROSS_AARCH64="$PWD/target/aarch64-unknown-linux-gnu/$CROSS_PROFIL
 export BRIDGE_CROSS_ARMV7="$PWD/target/armv7-unknown-linux-gnueabihf/$CROSS_PROFILE/mqtt-lambda-bridge"
 
 step "tests"
+# No test may write to the packaged default buffer.dir (the Debian package test checks that
+# installing leaves it absent).
+default_buffer=/var/lib/mqtt-lambda-bridge
+had_default_buffer=no; [ ! -e "$default_buffer" ] || had_default_buffer=yes
 cargo nextest run --locked --no-fail-fast "$@"
+if [ "$had_default_buffer" = no ] && [ -e "$default_buffer" ]; then
+    echo "test.sh: a test created $default_buffer: give its config a [buffer] dir" >&2
+    exit 1
+fi
 [ "$#" -eq 0 ] || exit 0
 
 if [ "$(id -u)" -eq 0 ]; then

@@ -330,19 +330,34 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_mqtt-lambda-bridge")
 }
 
+/// `config` with `dir = "<dir>"` in its `[buffer]` table when that table has no `dir` (or when
+/// there is no `[buffer]` table at all).
+pub fn with_buffer_dir(config: &str, dir: &Path) -> String {
+    let line = format!("dir = \"{}\"", dir.display());
+    let Some(start) = config.find("[buffer]\n") else {
+        return format!("{config}\n[buffer]\n{line}\n");
+    };
+    let body_start = start + "[buffer]\n".len();
+    let body_end = config[body_start..]
+        .find("\n[")
+        .map_or(config.len(), |end| body_start + end);
+    let names_dir = config[body_start..body_end]
+        .lines()
+        .any(|l| l.trim_start().starts_with("dir ") || l.trim_start().starts_with("dir="));
+    if names_dir {
+        return config.to_owned();
+    }
+    format!("{}{line}\n{}", &config[..body_start], &config[body_start..])
+}
+
 impl Daemon {
     /// Writes `config` to a temp file and runs `mqtt-lambda-bridge run` on it.
-    /// Without a `[buffer]` table the buffer goes into the daemon's own temp dir.
+    /// Unless `[buffer]` names a `dir`, the buffer goes into the daemon's own temp dir: a test
+    /// never writes to the packaged default (/var/lib/mqtt-lambda-bridge).
     pub async fn start(config: &str) -> Daemon {
         let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
         let config_path = dir.path().join("config.toml");
-        let mut text = config.to_owned();
-        if !text.contains("[buffer]") {
-            text.push_str(&format!(
-                "\n[buffer]\ndir = \"{}\"\n",
-                dir.path().join("buffer").display()
-            ));
-        }
+        let text = with_buffer_dir(config, &dir.path().join("buffer"));
         std::fs::write(&config_path, text).expect("write config");
         Self::start_at(config_path, dir).await
     }
