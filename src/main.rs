@@ -417,12 +417,16 @@ fn cost(args: &mqtt_lambda_bridge::cli::cost::CostArgs) -> ExitCode {
 /// a few are enough; tokio's default allows 512, each with its own stack.
 const MAX_BLOCKING_THREADS: usize = 8;
 
-/// The runtime `run` uses: two workers are plenty for one MQTT connection and the delivery
-/// tasks, and leave the gateway's other cores alone. Called before any other thread starts.
+/// The runtime `run` uses: one thread runs the MQTT event loop, ingest, delivery and the HTTP
+/// and metrics servers; fsyncs happen on each buffer's writer thread and reads on the blocking
+/// pool. On a gateway's two cores, busy with the broker too, two workers cost more than they
+/// gave: tasks woken across threads and stolen between them made a drain's CPU time vary by
+/// half and its rate flip between two modes (the README's "Memory and drain rate under a
+/// flood"); nothing here computes long enough to need a second worker. Nothing on it may
+/// block, as everywhere on tokio. Called before any other thread starts.
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     one_malloc_arena();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
