@@ -333,21 +333,16 @@ pub fn binary() -> &'static str {
 /// `config` with `dir = "<dir>"` in its `[buffer]` table when that table has no `dir` (or when
 /// there is no `[buffer]` table at all).
 pub fn with_buffer_dir(config: &str, dir: &Path) -> String {
-    let line = format!("dir = \"{}\"", dir.display());
-    let Some(start) = config.find("[buffer]\n") else {
-        return format!("{config}\n[buffer]\n{line}\n");
-    };
-    let body_start = start + "[buffer]\n".len();
-    let body_end = config[body_start..]
-        .find("\n[")
-        .map_or(config.len(), |end| body_start + end);
-    let names_dir = config[body_start..body_end]
-        .lines()
-        .any(|l| l.trim_start().starts_with("dir ") || l.trim_start().starts_with("dir="));
-    if names_dir {
-        return config.to_owned();
+    let mut doc: toml_edit::DocumentMut = config.parse().expect("a test config is TOML");
+    let buffer = doc
+        .entry("buffer")
+        .or_insert_with(toml_edit::table)
+        .as_table_like_mut()
+        .expect("[buffer] is a table");
+    if !buffer.contains_key("dir") {
+        buffer.insert("dir", toml_edit::value(dir.display().to_string()));
     }
-    format!("{}{line}\n{}", &config[..body_start], &config[body_start..])
+    doc.to_string()
 }
 
 impl Daemon {
