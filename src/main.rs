@@ -420,9 +420,9 @@ const MAX_BLOCKING_THREADS: usize = 8;
 /// The runtime `run` uses: one thread runs the MQTT event loop, ingest, delivery and the HTTP
 /// and metrics servers; fsyncs happen on each buffer's writer thread and reads on the blocking
 /// pool. On a gateway's two cores, busy with the broker too, two workers cost more than they
-/// gave: tasks woken across threads and stolen between them made a drain's CPU time vary by
-/// half and its rate flip between two modes (the README's "Memory and drain rate under a
-/// flood"); nothing here computes long enough to need a second worker. Nothing on it may
+/// gave: tasks woken across threads and stolen between them took more CPU for the same drain
+/// (230-410 ms against 230-320 for 50,000 messages; the README's "Memory and drain rate under
+/// a flood"); nothing here computes long enough to need a second worker. Nothing on it may
 /// block, as everywhere on tokio. Called before any other thread starts.
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     one_malloc_arena();
